@@ -1,0 +1,122 @@
+"""The ``lucid`` command: serve, init, check, plugins."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import click
+
+from lucid import __version__
+from lucid.config import ConfigError
+
+CONFIG_HELP = "cluster config file (TOML); without it, the built-in defaults"
+
+
+def _config_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="lucid")
+def main() -> None:
+    """Lucid: an API gateway whose capabilities are swappable plugins."""
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+def serve(config: str | None) -> None:
+    """Run the proxy and admin listeners until SIGTERM (SIGHUP reloads the config)."""
+    from lucid.server import serve_forever
+
+    sys.exit(serve_forever(_config_path(config)))
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+def check(config: str | None) -> None:
+    """Validate a config file and exit: 0 if usable, 2 if not."""
+    from lucid.gateway import load_plugins_and_config
+
+    try:
+        plugin_set, cfg = load_plugins_and_config(_config_path(config))
+        from lucid.plugins import Hooks
+
+        reasons = Hooks(plugin_set.pm).check_workers(cfg, cfg.server.workers)
+        if reasons:
+            raise ConfigError(config or "(built-in defaults)",
+                              [f"server.workers = {cfg.server.workers}: {r}" for r in reasons])
+        _prepare(plugin_set, cfg, _config_path(config))
+    except ConfigError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(2)
+    enabled = ", ".join(f"{p.capability}={p.name}" for p in plugin_set.plugins) or "none"
+    routes = len(getattr(getattr(cfg, "gateway", None), "routes", []))
+    click.echo(f"{config or '(built-in defaults)'}: ok (plugins: {enabled}; routes: {routes})")
+
+
+def _prepare(plugin_set: object, cfg: object, path: Path | None) -> None:
+    """Run the plugins' prepare hooks too, so a check catches what startup would."""
+    import asyncio
+
+    from lucid.gateway import Runtime
+
+    runtime = Runtime(plugin_set, cfg, path)  # type: ignore[arg-type]
+
+    async def prepare() -> None:
+        await runtime.hooks.prepare(runtime._generation(1, cfg))
+
+    asyncio.run(prepare())
+
+
+@main.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="overwrite an existing cluster.toml")
+def init(directory: str, force: bool) -> None:
+    """Write a commented starter cluster.toml (with a fresh admin secret) into DIRECTORY."""
+    target = Path(directory) / "cluster.toml"
+    if target.exists() and not force:
+        click.echo(f"lucid: {target} exists; use --force to overwrite it", err=True)
+        sys.exit(1)
+    template = files("lucid").joinpath("defaults/starter.toml").read_text()
+    text = template.replace("@ADMIN_SECRET@", secrets.token_urlsafe(32))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    target.chmod(0o600)  # it holds a secret
+    click.echo(f"wrote {target}; run: lucid serve --config {target}")
+
+
+@main.command("plugins")
+@click.option("--config", "config", metavar="FILE", help="show what this config enables")
+def plugins_command(config: str | None) -> None:
+    """List installed plugins: capability, whether enabled, hooks implemented."""
+    from lucid.config import plugin_choices, read_toml
+    from lucid.plugins import choose_plugins, hook_names_of, installed_plugins
+
+    path = _config_path(config)
+    try:
+        data = read_toml(path) if path else {}
+        enabled, _ = choose_plugins(plugin_choices(data, config or "(defaults)"), config or "")
+    except ConfigError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(2)
+    names = {p.name for p in enabled}
+    rows = []
+    for plugin in installed_plugins():
+        try:
+            capability, hooks = plugin.capability, ", ".join(hook_names_of(plugin.module))
+        except Exception as exc:
+            capability, hooks = "?", f"(failed to import: {exc})"
+        rows.append((plugin.name, capability, "yes" if plugin.name in names else "no",
+                     plugin.distribution, hooks))
+    header = ("plugin", "capability", "enabled", "package", "hooks")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True))
+                   + "  " + row[4])
+
+
+if __name__ == "__main__":
+    main()

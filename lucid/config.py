@@ -1,0 +1,237 @@
+"""Reading and validating ``cluster.toml``.
+
+Two passes, because the config's shape depends on the plugins it enables: the
+``[plugins]`` table is read first to choose plugins, then every section is validated
+against the models those plugins registered. Environment variables
+``LUCID_<SECTION>__<KEY>`` override the file. Every problem is reported with the
+file, the dotted key, the value found and what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from lucid.units import ByteSize, Duration
+
+ENV_PREFIX = "LUCID_"
+ENV_DELIMITER = "__"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` are lines ready to show an operator."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"lucid: invalid config {self.source}:"]
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected 'host:port', e.g. '127.0.0.1:8080' (port 0 picks a free one)")
+    return value
+
+
+class ServerConfig(BaseModel):
+    """``[server]``: listeners, processes and what the proxy trusts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    proxy: str = Field("127.0.0.1:8080", description="data-plane listener, host:port")
+    admin: str = Field("127.0.0.1:8081", description="admin API listener, host:port")
+    workers: int = Field(1, ge=1, le=64, description="proxy processes sharing the proxy port")
+    data_dir: str = Field("data", description="SQLite files and state; relative to the config")
+    grace_period: Duration = Field(10.0, ge=0, description="drain time on SIGTERM")
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list,
+        description="peers whose X-Forwarded-* headers are believed (CIDR)",
+    )
+    upstream_connections: int = Field(
+        1000, ge=1, description="keep-alive pool size across all upstreams"
+    )
+    upstream_keepalive: Duration = Field(30.0, gt=0, description="idle upstream connection life")
+    max_request_header_size: ByteSize = Field(
+        65536, ge=1024, description="larger request heads get 431"
+    )
+    via: str = Field("lucid", pattern=r"^[A-Za-z0-9._-]+$",
+                     description="pseudonym in the Via header")
+    admin_secret: str | None = Field(
+        None, min_length=32, description="key that signs admin API tokens (lucid init makes one)"
+    )
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+
+    @field_validator("proxy", "admin")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        return _listen(value)
+
+
+class _RootBase(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        case_sensitive=False,
+        frozen=True,
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file: that is what an override is for.
+        return env_settings, init_settings
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), ["is a directory, expected a TOML file"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+
+
+def plugin_choices(data: Mapping[str, Any], source: str) -> dict[str, str | bool]:
+    """The ``[plugins]`` table (capability -> plugin name, or false), env overrides applied."""
+    table = data.get("plugins", {})
+    if not isinstance(table, dict):
+        raise ConfigError(source, [f"plugins = {table!r}: expected a table"])
+    choices: dict[str, str | bool] = dict(table)
+    prefix = f"{ENV_PREFIX}PLUGINS{ENV_DELIMITER}"
+    for name, value in os.environ.items():
+        if name.upper().startswith(prefix):
+            lowered = value.strip().lower()
+            parsed: str | bool = {"false": False, "true": True}.get(lowered, value.strip())
+            choices[name[len(prefix):].lower()] = parsed
+    problems = [
+        f"plugins.{cap} = {val!r}: expected a plugin name, true or false"
+        for cap, val in choices.items()
+        if not isinstance(val, str | bool) or val == ""
+    ]
+    if problems:
+        raise ConfigError(source, problems)
+    return choices
+
+
+def build_root_model(sections: Mapping[str, type[BaseModel]]) -> type[BaseSettings]:
+    """The root settings model: ``[server]``, ``[plugins]`` and one field per plugin section."""
+    fields: dict[str, Any] = {
+        "server": (ServerConfig, Field(default_factory=ServerConfig)),
+        "plugins": (dict[str, str | bool], Field(default_factory=dict)),
+    }
+    for name, model in sections.items():
+        fields[name] = (model, Field(default_factory=model))
+    return create_model("LucidConfig", __base__=_RootBase, **fields)
+
+
+def validate_config(
+    data: Mapping[str, Any],
+    sections: Mapping[str, type[BaseModel]],
+    source: str,
+    ignored: frozenset[str] = frozenset(),
+) -> BaseSettings:
+    """Validate a whole config; raise ConfigError listing every problem."""
+    model = build_root_model(sections)
+    data = {k: v for k, v in data.items() if k not in ignored}
+    try:
+        return model(**data)
+    except ValidationError as exc:
+        raise ConfigError(source, describe_errors(exc, model, data)) from None
+
+
+def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any) -> list[str]:
+    """One line per problem: dotted key, the value found, what was expected."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = [p for p in error["loc"] if p not in _UNION_TAGS]
+        key = dotted(loc) or "(top level)"
+        kind = error["type"]
+        if kind == "missing":
+            problems.append(f"{key}: missing, required")
+        elif kind == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+            problems.append(f"{key}: unknown key{hint}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{key} = {error.get('input')!r}: {message}")
+        env = env_name(loc)
+        if env and env in {k.upper() for k in os.environ}:
+            problems[-1] += f" (set by environment variable {env})"
+    return problems
+
+
+_UNION_TAGS = {"str", "bool", "int", "float", "list[str]", "dict[str,any]"}
+
+
+def dotted(loc: list[Any] | tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def env_name(loc: list[Any]) -> str | None:
+    if not loc or any(isinstance(p, int) for p in loc):
+        return None
+    return ENV_PREFIX + ENV_DELIMITER.join(str(p).upper() for p in loc)
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = _inner_model(fields[part].annotation)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The BaseModel inside ``Model``, ``list[Model]``, ``dict[str, Model]`` or ``Model | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def data_dir(config: Any, config_path: Path | None) -> Path:
+    """``server.data_dir`` resolved against the config file's folder."""
+    path = Path(config.server.data_dir)
+    if not path.is_absolute() and config_path is not None:
+        path = config_path.parent / path
+    return path

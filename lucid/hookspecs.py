@@ -1,0 +1,241 @@
+"""Every hook Lucid calls, grouped by the stage of a request or of the process.
+
+Results policy, stated per hook:
+
+* **list** (the default): every implementation is called; the core combines the
+  results as the hook says. Implementations may return a plain value or an
+  awaitable; the core awaits only what is awaitable (see :func:`lucid.plugins.resolve`).
+* **firstresult**: only on synchronous "choose one" hooks. Stops at first non-None
+  result. An implementation of such a hook must not be ``async``: a coroutine is
+  never None, so it would always win.
+
+Hooks are called through :class:`lucid.plugins.Hooks`, never as ``pm.hook.x``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from quart import Blueprint
+
+    from lucid.gateway import Generation, Runtime
+    from lucid.model import Event, Exchange, Instance, Outcome, Rejection
+
+hookspec = pluggy.HookspecMarker("lucid")
+
+# ---------------------------------------------------------------------------
+# lifecycle
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def lucid_register_config(
+    register: Callable[..., None],
+) -> None:
+    """Contribute this plugin's config section model.
+
+    ``register(section, model, route_model=None)``: ``model`` validates ``[section]``
+    (use ``extra="forbid"`` so a typo is an error); ``route_model``, if given,
+    validates per-route overrides written as ``[gateway.routes.plugins.<section>]``.
+
+    :param register: callback that records a section; raises if the name is taken.
+    """
+
+
+@hookspec
+def lucid_register_admin(register: Callable[[Blueprint], None]) -> None:
+    """Contribute this plugin's admin blueprint (with its ``url_prefix`` set).
+
+    :param register: callback that mounts a blueprint on the admin app.
+    """
+
+
+@hookspec
+def lucid_check_workers(config: Any, workers: int) -> str | None:
+    """Say whether this plugin's state stays correct across ``workers`` processes.
+
+    Results: list; any string refuses startup with that reason, so state such as
+    rate-limit counters is never silently multiplied by the worker count.
+
+    :param config: the validated config (root model).
+    :param workers: the configured number of worker processes.
+    """
+
+
+@hookspec
+def lucid_prepare(generation: Generation) -> None | Awaitable[None]:
+    """Build whatever this plugin derives from a config, before it goes live.
+
+    Called at startup and on every reload, with the candidate generation, before the
+    swap. Store derived state with ``generation.state[plugin_name] = ...``. Raise
+    :class:`lucid.config.ConfigError` to reject the config; the running one stays.
+    Results: list, awaited.
+
+    :param generation: the candidate config generation.
+    """
+
+
+@hookspec
+def lucid_startup(runtime: Runtime) -> None | Awaitable[None]:
+    """Start this plugin's resources (stores, background tasks) once per process.
+
+    Results: list, awaited in plugin order.
+
+    :param runtime: the running gateway.
+    """
+
+
+@hookspec
+def lucid_shutdown(runtime: Runtime) -> None | Awaitable[None]:
+    """Stop this plugin's resources after in-flight requests have drained.
+
+    Results: list, awaited in reverse plugin order; an exception is logged, not fatal.
+
+    :param runtime: the running gateway.
+    """
+
+
+# ---------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lucid_match_route(exchange: Exchange, generation: Generation) -> Any | None:
+    """Match a request to a route; set ``exchange.route``, ``route_id``, ``service``,
+    ``path_params`` and ``upstream_path`` and return the route.
+
+    Synchronous. Stops at first non-None result. None everywhere answers 404.
+
+    :param exchange: the request, its path already normalised.
+    :param generation: the config generation this request runs under.
+    """
+
+
+@hookspec(firstresult=True)
+def lucid_resolve_instances(
+    exchange: Exchange, generation: Generation
+) -> Sequence[Instance] | None:
+    """Resolve the matched route's service to its candidate instances.
+
+    Synchronous, from memory (never a store read per request). Stops at first
+    non-None result. None everywhere, or an empty list, answers 503.
+
+    :param exchange: the request, with ``service`` set.
+    :param generation: the config generation this request runs under.
+    """
+
+
+# ---------------------------------------------------------------------------
+# selection
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lucid_select_instance(
+    exchange: Exchange, candidates: Sequence[Instance]
+) -> Instance | None:
+    """Choose one instance among the candidates (never one of ``exchange`` tried ones).
+
+    Synchronous. Stops at first non-None result. None everywhere: the core rotates
+    through the candidates in order.
+
+    :param exchange: the request.
+    :param candidates: non-empty; instances already tried by this request are removed.
+    """
+
+
+# ---------------------------------------------------------------------------
+# admission
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def lucid_admit_request(exchange: Exchange) -> Rejection | None | Awaitable[Rejection | None]:
+    """Allow (None) or reject a request before any upstream call.
+
+    Results: list, resolved in plugin order; the first Rejection answers the client
+    and the remaining implementations are not awaited. A plugin may add headers for
+    admitted requests to ``exchange.response_headers``.
+
+    :param exchange: the matched request (route, service and client IP known).
+    """
+
+
+# ---------------------------------------------------------------------------
+# failure
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def lucid_permit_call(
+    exchange: Exchange, instance: Instance
+) -> Rejection | None | Awaitable[Rejection | None]:
+    """Permit (None) or refuse a call to one instance, e.g. because a breaker is open.
+
+    Results: list; the first Rejection refuses. A refused instance is skipped like a
+    failed one; when no instance is left, the fallback hook answers.
+
+    :param exchange: the request.
+    :param instance: the instance about to be called.
+    """
+
+
+@hookspec
+def lucid_record_outcome(
+    exchange: Exchange, instance: Instance, outcome: Outcome
+) -> None | Awaitable[None]:
+    """Record how one upstream call ended (success, error status, timeout, connect error).
+
+    Called once per attempt, as soon as the status (or error) is known. Results: list.
+
+    :param exchange: the request.
+    :param instance: the instance that was called.
+    :param outcome: kind, status, duration in seconds, error text.
+    """
+
+
+@hookspec
+def lucid_fallback_response(
+    exchange: Exchange, rejection: Rejection
+) -> Rejection | None | Awaitable[Rejection | None]:
+    """Supply the answer when every instance was refused or failed.
+
+    Results: list, resolved in plugin order; the first non-None answer is sent.
+    None everywhere sends ``rejection`` itself (a 502/503/504 JSON body).
+
+    :param exchange: the request.
+    :param rejection: what the core would answer without a fallback.
+    """
+
+
+# ---------------------------------------------------------------------------
+# observation
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def lucid_observe_exchange(exchange: Exchange) -> None | Awaitable[None]:
+    """See every finished exchange: timings, sizes, status, route, instance, identity.
+
+    Called after the response is sent, so it never delays the client. Results: list;
+    an exception is logged and swallowed.
+
+    :param exchange: the finished request.
+    """
+
+
+@hookspec
+def lucid_observe_event(event: Event) -> None | Awaitable[None]:
+    """See a lifecycle event: instance registered/deregistered/health changed,
+    breaker transition, limit rejection, config reloaded.
+
+    Results: list; an exception is logged and swallowed.
+
+    :param event: kind and data.
+    """

@@ -1,0 +1,110 @@
+"""HTTP details of proxying: path normalisation, hop-by-hop headers, forwarding headers,
+request ids and trace context. Pure functions, so the data plane stays readable."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+# RFC 9110 §7.6.1 plus the ones every proxy also treats as connection-specific.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "proxy-authenticate", "proxy-authorization",
+    }
+)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_path(path: str) -> str | None:
+    """Resolve dot-segments and duplicate slashes (RFC 3986 §5.2.4); None if unusable.
+
+    ``path`` is the ASGI path, already percent-decoded once, so ``%2e%2e`` and ``%2f``
+    arrive here as ``..`` and ``/`` and are resolved like their plain forms: what a
+    route matches is exactly what the upstream receives. ``..`` never climbs above
+    the root.
+    """
+    if not path.startswith("/") or "\x00" in path:
+        return None
+    if "//" not in path and "/." not in path:
+        return path
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment and segment != ".":
+            segments.append(segment)
+    normalised = "/" + "/".join(segments)
+    if segments and (path.endswith("/") or path.endswith("/.") or path.endswith("/..")):
+        normalised += "/"
+    return normalised
+
+
+def connection_tokens(value: str | None) -> frozenset[str]:
+    """Header names listed in a Connection header; they are hop-by-hop too."""
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def request_id_from(value: str | None) -> str:
+    """Keep a well-formed incoming request id, else make one."""
+    if value and _REQUEST_ID.match(value):
+        return value
+    return new_request_id()
+
+
+def traceparent_from(value: str | None) -> tuple[str, bool]:
+    """The W3C traceparent to forward, and whether the incoming one was kept.
+
+    A valid incoming header is propagated unchanged (Lucid reports no spans, so it
+    must not become a parent); a missing or malformed one starts a new trace.
+    """
+    if value:
+        m = _TRACEPARENT.match(value.strip())
+        if (
+            m
+            and m.group(1) != "ff"
+            and m.group(2) != "0" * 32
+            and m.group(3) != "0" * 16
+        ):
+            return value.strip(), True
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00", False
+
+
+def is_trusted(ip: str, trusted: Sequence[Network]) -> bool:
+    if not trusted:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in net for net in trusted)
+
+
+def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """The original client: the right-most X-Forwarded-For entry not added by a trusted
+    proxy, believed only when the peer itself is trusted."""
+    if not forwarded_for or not is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def json_body(status: int, message: str, request_id: str, **extra: Any) -> bytes:
+    return json.dumps({"error": message, "status": status, "request_id": request_id, **extra}).encode()

@@ -1,0 +1,169 @@
+"""The objects hooks receive and return on the data path.
+
+They are plain slotted classes rather than pydantic models: one of each is made per
+request, and validation already happened when the config or admin payload was read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+OutcomeKind = Literal["success", "error_status", "timeout", "connect_error", "upstream_error"]
+
+
+def parse_upstream_url(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of an instance URL, or ValueError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r}: give scheme, host and port only")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"{url!r}: bad port") from None
+    return parts.scheme, parts.hostname, port
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    """One upstream instance of a service."""
+
+    id: str
+    url: str
+    service: str
+    weight: int = 1
+    zone: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    status: str = "passing"
+
+    @property
+    def base(self) -> str:
+        return self.url.rstrip("/")
+
+    @classmethod
+    def from_url(cls, service: str, url: str, **kwargs: Any) -> Instance:
+        scheme, host, port = parse_upstream_url(url)
+        base = f"{scheme}://{host}:{port}"
+        return cls(id=kwargs.pop("id", base), url=base, service=service, **kwargs)
+
+
+@dataclass(slots=True)
+class RetryBudget:
+    """Envoy-style retry budget: retries in flight stay under a share of active requests."""
+
+    percent: float = 20.0
+    min_concurrency: int = 3
+    active_requests: int = 0
+    active_retries: int = 0
+
+    def allows_retry(self) -> bool:
+        limit = max(self.min_concurrency, self.active_requests * self.percent / 100.0)
+        return self.active_retries < limit
+
+
+@dataclass(slots=True, eq=False)
+class RoutePolicy:
+    """How the core proxies for one route; the routing plugin builds one per route."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    total_timeout: float = 60.0
+    attempts: int = 2
+    retry_on_status: frozenset[int] = frozenset({502, 503, 504})
+    max_body_size: int | None = None
+    preserve_host: bool = False
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    client_timeout: Any = None
+
+    def __post_init__(self) -> None:
+        import aiohttp
+
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=self.total_timeout, sock_connect=self.connect_timeout,
+            sock_read=self.read_timeout,
+        )
+
+
+DEFAULT_POLICY = RoutePolicy()
+
+
+@dataclass(slots=True)
+class Rejection:
+    """An answer given instead of calling the upstream (auth failure, rate limit, breaker)."""
+
+    status: int
+    body: bytes | str | dict[str, Any] = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    reason: str = ""
+    retry_after: float | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one upstream call ended, as failure hooks see it."""
+
+    kind: OutcomeKind
+    status: int | None
+    duration: float
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "success"
+
+
+@dataclass(slots=True)
+class Event:
+    """A lifecycle event: ``instance_registered``, ``breaker_transition``, ``config_reloaded`` …"""
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One request through the proxy, from arrival to the last byte of the response.
+
+    Hooks read it and may annotate it: ``identity`` (set by auth), ``attributes``
+    (free-form, for one plugin to leave something for another) and
+    ``response_headers`` (added to whatever response the client gets, e.g. rate-limit
+    headers on an admitted request).
+    """
+
+    request_id: str
+    method: str
+    path: str  # normalised, percent-decoded
+    query: str
+    host: str
+    scheme: str
+    client_ip: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    started: float
+    route: Any = None  # the routing plugin's route object, once matched
+    policy: RoutePolicy = DEFAULT_POLICY
+    route_id: str = ""
+    service: str = ""
+    path_params: dict[str, str] = field(default_factory=dict)
+    upstream_path: str = ""
+    instance: Instance | None = None
+    attempts: int = 0
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_started: float = 0.0
+    upstream_duration: float = 0.0
+    duration: float = 0.0
+    outcome: Outcome | None = None
+    rejection: Rejection | None = None
+    error: str = ""
+    identity: dict[str, Any] | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    response_headers: list[tuple[str, str]] = field(default_factory=list)

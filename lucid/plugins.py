@@ -1,0 +1,341 @@
+"""Finding, choosing and calling plugins.
+
+Built-in and third-party plugins alike are entry points in the ``lucid`` group. Each
+provides one capability (its module's ``LUCID_CAPABILITY``, else the entry-point
+name); ``[plugins]`` in the config picks which installed plugin provides each
+capability, or disables it. The core calls hooks only through :class:`Hooks`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pluggy
+
+from lucid import hookspecs
+from lucid.config import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from quart import Blueprint
+
+    from lucid.gateway import Generation, Runtime
+    from lucid.model import Event, Exchange, Instance, Outcome, Rejection
+
+hookimpl = pluggy.HookimplMarker("lucid")
+log = logging.getLogger("lucid.plugins")
+
+ENTRY_POINT_GROUP = "lucid"
+# Call order on the data path: authentication before rate limits keyed by identity,
+# breakers before balancing, monitoring last so it sees what the others decided.
+CAPABILITY_ORDER = (
+    "gateway", "registry", "circuitbreaker", "ratelimiter", "loadbalancer", "monitoring",
+)
+
+T = TypeVar("T")
+
+
+async def resolve(value: T | Awaitable[T]) -> T:
+    """Await ``value`` if it is awaitable; plain values cost no await."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+@dataclass(frozen=True)
+class InstalledPlugin:
+    """An entry point in the ``lucid`` group, imported on first use."""
+
+    name: str
+    target: str
+    distribution: str
+
+    @property
+    def module(self) -> ModuleType:
+        return _import(self.target)
+
+    @property
+    def capability(self) -> str:
+        return str(getattr(self.module, "LUCID_CAPABILITY", self.name))
+
+
+@cache
+def _import(target: str) -> ModuleType:
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def installed_plugins() -> list[InstalledPlugin]:
+    found = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        found.append(InstalledPlugin(ep.name, ep.value, dist))
+    return sorted(found, key=lambda p: p.name)
+
+
+def choose_plugins(
+    choices: Mapping[str, str | bool],
+    source: str,
+    installed: Sequence[InstalledPlugin] | None = None,
+) -> tuple[list[InstalledPlugin], frozenset[str]]:
+    """The enabled plugins in call order, and the capabilities switched off.
+
+    A capability left out of ``[plugins]`` gets the plugin named after it, or its only
+    provider. Naming a plugin that is not installed is an error listing those that are.
+    """
+    installed = list(installed_plugins() if installed is None else installed)
+    by_name = {p.name: p for p in installed}
+    problems: list[str] = []
+    providers: dict[str, list[InstalledPlugin]] = {}
+    for plugin in installed:
+        try:
+            providers.setdefault(plugin.capability, []).append(plugin)
+        except Exception as exc:  # a broken third-party package must not hide the others
+            problems.append(f"plugin {plugin.name!r} ({plugin.target}) failed to import: {exc}")
+    names = ", ".join(sorted(by_name)) or "none"
+    enabled: list[InstalledPlugin] = []
+    disabled: set[str] = set()
+    for capability, choice in choices.items():
+        if isinstance(choice, str) and choice not in by_name:
+            problems.append(
+                f"plugins.{capability} = {choice!r}: no such plugin is installed "
+                f"(installed: {names})"
+            )
+        elif isinstance(choice, str) and by_name[choice].capability != capability:
+            problems.append(
+                f"plugins.{capability} = {choice!r}: that plugin provides "
+                f"{by_name[choice].capability!r}, not {capability!r}"
+            )
+        elif choice is True and capability not in providers:
+            problems.append(
+                f"plugins.{capability} = true: no installed plugin provides it "
+                f"(installed: {names})"
+            )
+    for capability, candidates in providers.items():
+        choice = choices.get(capability, True)
+        if choice is False:
+            disabled.add(capability)
+        elif isinstance(choice, str):
+            if choice in by_name and by_name[choice].capability == capability:
+                enabled.append(by_name[choice])
+        elif len(candidates) == 1 or capability in by_name:
+            enabled.append(by_name.get(capability) or candidates[0])
+        else:
+            options = ", ".join(p.name for p in candidates)
+            problems.append(
+                f"plugins.{capability}: several installed plugins provide it ({options}); "
+                "name one"
+            )
+    if problems:
+        raise ConfigError(source, problems)
+    rank = {c: i for i, c in enumerate(CAPABILITY_ORDER)}
+    enabled.sort(key=lambda p: (rank.get(p.capability, len(rank)), p.capability))
+    return enabled, frozenset(disabled)
+
+
+@dataclass
+class PluginSet:
+    """The enabled plugins, registered with one pluggy manager, and what they contributed."""
+
+    plugins: list[InstalledPlugin]
+    disabled: frozenset[str] = frozenset()
+    pm: pluggy.PluginManager = field(init=False)
+    sections: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
+    route_models: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pm = pluggy.PluginManager("lucid")
+        self.pm.add_hookspecs(hookspecs)
+        # pluggy calls the last registered first; register in reverse for call order.
+        for plugin in reversed(self.plugins):
+            self.pm.register(plugin.module, name=plugin.name)
+        self.pm.check_pending()
+        self.pm.hook.lucid_register_config(register=self._register_section)
+
+    def _register_section(
+        self, section: str, model: type[BaseModel], route_model: type[BaseModel] | None = None
+    ) -> None:
+        if section in ("server", "plugins") or section in self.sections:
+            raise ValueError(f"config section [{section}] is already taken")
+        self.sections[section] = model
+        if route_model is not None:
+            self.route_models[section] = route_model
+
+    def hook_names(self, plugin: InstalledPlugin) -> list[str]:
+        obj = self.pm.get_plugin(plugin.name)
+        return sorted(
+            caller.name for caller in self.pm.get_hookcallers(obj) or () if caller.name
+        )
+
+
+def hook_names_of(module: object) -> list[str]:
+    """Hooks a plugin object implements, without registering it anywhere."""
+    return sorted(n for n in dir(module) if n.startswith("lucid_") and callable(getattr(module, n)))
+
+
+class Hooks:
+    """The only way the core calls hooks: one typed method per hook.
+
+    Data-path hooks are resolved once into plain lists of functions in pluggy's call
+    order and called directly: a hook nobody implements costs nothing, and a
+    "first answer wins" hook stops calling plugins once one has answered (an auth
+    rejection must not spend a rate-limit token). Hook wrappers are therefore not
+    supported on data-path hooks; the manager refuses them at startup.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self._pm = pm
+        h = pm.hook
+        self._match_route = _direct(h.lucid_match_route, ("exchange", "generation"))
+        self._resolve_instances = _direct(h.lucid_resolve_instances, ("exchange", "generation"))
+        self._select_instance = _direct(h.lucid_select_instance, ("exchange", "candidates"))
+        self._admit_request = _direct(h.lucid_admit_request, ("exchange",))
+        self._permit_call = _direct(h.lucid_permit_call, ("exchange", "instance"))
+        self._record_outcome = _direct(
+            h.lucid_record_outcome, ("exchange", "instance", "outcome")
+        )
+        self._fallback_response = _direct(h.lucid_fallback_response, ("exchange", "rejection"))
+        self._observe_exchange = _direct(h.lucid_observe_exchange, ("exchange",))
+        self._observe_event = _direct(h.lucid_observe_event, ("event",))
+        self.observes_exchanges = bool(self._observe_exchange)
+
+    # lifecycle -------------------------------------------------------------
+    def register_admin(self, register: Callable[[Blueprint], None]) -> None:
+        self._pm.hook.lucid_register_admin(register=register)
+
+    def check_workers(self, config: Any, workers: int) -> list[str]:
+        return [r for r in self._pm.hook.lucid_check_workers(config=config, workers=workers) if r]
+
+    async def prepare(self, generation: Generation) -> None:
+        for fn in _direct(self._pm.hook.lucid_prepare, ("generation",)):
+            await resolve(fn(generation))
+
+    async def startup(self, runtime: Runtime) -> None:
+        for fn in _direct(self._pm.hook.lucid_startup, ("runtime",)):
+            await resolve(fn(runtime))
+
+    async def shutdown(self, runtime: Runtime) -> None:
+        for fn in reversed(_direct(self._pm.hook.lucid_shutdown, ("runtime",))):
+            try:
+                await resolve(fn(runtime))
+            except Exception:
+                log.exception("a plugin failed to shut down cleanly")
+
+    # routing ---------------------------------------------------------------
+    def match_route(self, exchange: Exchange, generation: Generation) -> Any | None:
+        """Stops at first non-None result."""
+        for fn in self._match_route:
+            result = fn(exchange, generation)
+            if result is not None:
+                return result
+        return None
+
+    def resolve_instances(
+        self, exchange: Exchange, generation: Generation
+    ) -> Sequence[Instance] | None:
+        """Stops at first non-None result."""
+        for fn in self._resolve_instances:
+            result = fn(exchange, generation)
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    # selection -------------------------------------------------------------
+    def select_instance(
+        self, exchange: Exchange, candidates: Sequence[Instance]
+    ) -> Instance | None:
+        """Stops at first non-None result."""
+        for fn in self._select_instance:
+            result = fn(exchange, candidates)
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    # admission -------------------------------------------------------------
+    async def admit_request(self, exchange: Exchange) -> Rejection | None:
+        for fn in self._admit_request:
+            result = fn(exchange)
+            if result is not None and (result := await resolve(result)) is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    # failure ---------------------------------------------------------------
+    async def permit_call(self, exchange: Exchange, instance: Instance) -> Rejection | None:
+        for fn in self._permit_call:
+            result = fn(exchange, instance)
+            if result is not None and (result := await resolve(result)) is not None:
+                return result  # type: ignore[no-any-return]
+        return None
+
+    async def record_outcome(
+        self, exchange: Exchange, instance: Instance, outcome: Outcome
+    ) -> None:
+        for fn in self._record_outcome:
+            result = fn(exchange, instance, outcome)
+            if result is not None:
+                await resolve(result)
+
+    async def fallback_response(self, exchange: Exchange, rejection: Rejection) -> Rejection:
+        for fn in self._fallback_response:
+            result = fn(exchange, rejection)
+            if result is not None and (result := await resolve(result)) is not None:
+                return result  # type: ignore[no-any-return]
+        return rejection
+
+    # observation -----------------------------------------------------------
+    async def observe_exchange(self, exchange: Exchange) -> None:
+        """Observers must never break a request: each failure is logged and swallowed."""
+        for fn in self._observe_exchange:
+            try:
+                result = fn(exchange)
+                if result is not None:
+                    await resolve(result)
+            except Exception:
+                log.exception("an observer raised in lucid_observe_exchange")
+
+    async def observe_event(self, event: Event) -> None:
+        for fn in self._observe_event:
+            try:
+                result = fn(event)
+                if result is not None:
+                    await resolve(result)
+            except Exception:
+                log.exception("an observer raised in lucid_observe_event (%s)", event.kind)
+
+
+def _direct(caller: Any, spec_args: tuple[str, ...]) -> list[Callable[..., Any]]:
+    """A hook's implementations as plain functions taking the spec's arguments in order.
+
+    pluggy passes only the arguments an implementation names; so does this, once,
+    at build time instead of on every call.
+    """
+    functions: list[Callable[..., Any]] = []
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            raise ConfigError(
+                "plugins",
+                [f"plugin {impl.plugin_name!r}: hook wrappers are not supported on {caller.name}"],
+            )
+        names = tuple(impl.argnames)
+        if names == spec_args:
+            functions.append(impl.function)
+        else:
+            positions = tuple(spec_args.index(n) for n in names)
+            functions.append(_reorder(impl.function, positions))
+    return functions
+
+
+def _reorder(function: Callable[..., Any], positions: tuple[int, ...]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        return function(*(args[i] for i in positions))
+
+    return call

@@ -1,0 +1,188 @@
+"""Two listeners in one process (proxy and admin), optional extra proxy workers, and
+the signals that drive them: SIGTERM/SIGINT drain and exit 0, SIGHUP reloads.
+
+Sockets are bound here, before any worker starts, so that port 0 resolves to one
+real port that every worker shares and that can be announced on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+
+from lucid.admin import create_admin_app
+from lucid.config import ConfigError
+from lucid.gateway import Runtime, load_plugins_and_config
+from lucid.proxy import ProxyApp
+
+log = logging.getLogger("lucid")
+
+
+def bind_socket(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornConfig:
+    cfg = HypercornConfig()
+    cfg.bind = [f"fd://{sock.fileno()}"]
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger(f"lucid.{name}.server")
+    cfg.graceful_timeout = server.grace_period
+    cfg.h11_max_incomplete_size = server.max_request_header_size
+    cfg.keep_alive_timeout = 75
+    cfg.backlog = 2048
+    cfg.include_server_header = False
+    return cfg
+
+
+async def run_process(
+    runtime: Runtime,
+    proxy_sock: socket.socket,
+    admin_sock: socket.socket | None,
+    children: list[int],
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set (SIGTERM/SIGINT set it), then drain and stop plugins.
+
+    Signal handlers are installed only when no ``stop`` event is given, so tests and
+    embedders can run a gateway inside their own event loop.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        _install_signal_handlers(runtime, stop, children)
+    await runtime.start()
+    try:
+        server = runtime.config.server
+        runtime.listeners["proxy"] = address(proxy_sock)
+        serving = [serve(ProxyApp(runtime), hypercorn_config(proxy_sock, server, "proxy"),
+                         shutdown_trigger=stop.wait)]
+        if admin_sock is not None:
+            runtime.listeners["admin"] = address(admin_sock)
+            admin_app = create_admin_app(runtime)
+            serving.append(serve(admin_app, hypercorn_config(admin_sock, server, "admin"),
+                                 shutdown_trigger=stop.wait))
+        for name, where in runtime.listeners.items():
+            log.info("%s listening on http://%s (worker %d, pid %d)",
+                     name, where, runtime.worker_index, os.getpid())
+        if ready is not None:
+            ready.set()
+        await asyncio.gather(*serving)
+    finally:
+        # Hypercorn closed the listening fds it was handed; forget them here so they
+        # are not closed twice (the number may already belong to a new file).
+        for sock in (proxy_sock, admin_sock):
+            if sock is not None and sock.fileno() != -1:
+                sock.detach()
+        await runtime.stop()
+        log.info("worker %d stopped", runtime.worker_index)
+
+
+def _install_signal_handlers(runtime: Runtime, stop: asyncio.Event, children: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def forward(sig: int) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def on_stop() -> None:
+        forward(signal.SIGTERM)
+        stop.set()
+
+    def on_hup() -> None:
+        forward(signal.SIGHUP)
+        runtime.reload_in_background()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+
+def serve_forever(config_path: Path | None) -> int:
+    """``lucid serve``: load, bind, fork workers, serve. Returns the exit code."""
+    try:
+        plugin_set, config = load_plugins_and_config(config_path)
+        workers = config.server.workers
+        from lucid.plugins import Hooks
+
+        reasons = Hooks(plugin_set.pm).check_workers(config, workers)
+        if reasons:
+            source = str(config_path) if config_path else "(built-in defaults)"
+            raise ConfigError(source, [f"server.workers = {workers}: {r}" for r in reasons])
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    configure_logging(config.server.log_level)
+    try:
+        proxy_sock = bind_socket(config.server.proxy)
+        admin_sock = bind_socket(config.server.admin)
+    except OSError as exc:
+        print(f"lucid: {exc}", file=sys.stderr)
+        return 1
+    children: list[int] = []
+    for index in range(1, workers):
+        pid = os.fork()
+        if pid == 0:
+            admin_sock.close()
+            code = _run(Runtime(plugin_set, config, config_path), proxy_sock, None, [], index)
+            os._exit(code)
+        children.append(pid)
+    code = _run(Runtime(plugin_set, config, config_path), proxy_sock, admin_sock, children, 0)
+    for pid in children:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return code
+
+
+def _run(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket | None,
+         children: list[int], index: int) -> int:
+    runtime.worker_index = index
+    try:
+        import uvloop
+
+        uvloop.run(run_process(runtime, proxy_sock, admin_sock, children))
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        asyncio.run(run_process(runtime, proxy_sock, admin_sock, children))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

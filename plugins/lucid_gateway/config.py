@@ -1,0 +1,196 @@
+"""The ``[gateway]`` config section: routes and, until the registry plugin owns them, services."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lucid.units import ByteSize, Duration
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(Strict):
+    """Per-route upstream timeouts; each exceeded one answers 504."""
+
+    connect: Duration = Field(5.0, gt=0, description="establishing the upstream connection")
+    read: Duration = Field(30.0, gt=0, description="waiting for each chunk of the response")
+    total: Duration = Field(60.0, gt=0, description="the whole upstream exchange, body included")
+
+
+class Retries(Strict):
+    """Retries on another instance, bounded like Envoy's retry budget.
+
+    A retry is allowed while the route's retries in flight stay under
+    ``max(min_concurrency, budget_percent% of its active requests)``, so a failing
+    upstream cannot be hit with a retry storm.
+    """
+
+    attempts: int = Field(2, ge=1, le=10, description="total tries, the first one included")
+    on_status: list[int] = Field(
+        default_factory=lambda: [502, 503, 504],
+        description="upstream statuses that are retried (idempotent methods only)",
+    )
+    budget_percent: float = Field(20.0, ge=0, le=100)
+    min_concurrency: int = Field(3, ge=0)
+
+    @field_validator("on_status")
+    @classmethod
+    def _statuses(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if not 500 <= status <= 599 and status != 429:
+                raise ValueError(f"{status} is not a retryable status (5xx or 429)")
+        return value
+
+
+class Route(Strict):
+    """One route: what it matches and where it sends the request.
+
+    Exactly one of ``path`` (exact), ``prefix`` (whole path segments) or ``pattern``
+    (``/users/{id}``) is given. Precedence: exact > longest prefix > pattern; within
+    one kind and one path, the higher ``priority`` wins, then the earlier route.
+    """
+
+    id: str = Field("", description="name shown in logs and metrics; defaults to routes[N]")
+    service: str = Field(min_length=1)
+    hosts: list[str] = Field(default_factory=list, description="exact or *.example.com")
+    path: str | None = None
+    prefix: str | None = None
+    pattern: str | None = None
+    methods: list[str] = Field(default_factory=list, description="empty: every method")
+    headers: dict[str, str] = Field(default_factory=dict, description="exact values required")
+    priority: int = 0
+    strip_prefix: bool = False
+    rewrite: str | None = Field(
+        None, description="replaces the matched path (or prefix); {param}s are filled in"
+    )
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: Retries = Field(default_factory=Retries)
+    max_body_size: ByteSize | None = Field(None, description="larger request bodies get 413")
+    preserve_host: bool = Field(False, description="send the client's Host header upstream")
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-route overrides of other plugins' settings"
+    )
+
+    @field_validator("path", "prefix", "pattern", "rewrite")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        names: set[str] = set()
+        for segment in value.strip("/").split("/"):
+            if "{" in segment or "}" in segment:
+                m = _PARAM.match(segment)
+                if not m:
+                    raise ValueError(f"segment {segment!r} must be a whole '{{name}}'")
+                if m.group(1) in names:
+                    raise ValueError(f"parameter {m.group(1)!r} appears twice")
+                names.add(m.group(1))
+        if not names:
+            raise ValueError("a pattern needs at least one {param}; use 'path' instead")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        upper = [m.upper() for m in value]
+        for method in upper:
+            if method not in HTTP_METHODS:
+                raise ValueError(f"{method!r} is not an HTTP method")
+        return upper
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        lowered = [h.lower() for h in value]
+        for host in lowered:
+            if not _HOST.match(host):
+                raise ValueError(f"{host!r} is not a host name or *.domain wildcard")
+        return lowered
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        return {k.lower(): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _one_matcher(self) -> Route:
+        given = [k for k in ("path", "prefix", "pattern") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'path', 'prefix' or 'pattern'")
+        if self.strip_prefix and self.prefix is None:
+            raise ValueError("'strip_prefix' applies to 'prefix' routes only")
+        if self.strip_prefix and self.rewrite is not None:
+            raise ValueError("give 'strip_prefix' or 'rewrite', not both")
+        if self.rewrite and self.pattern:
+            params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.rewrite))
+            declared = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.pattern))
+            if unknown := params - declared:
+                raise ValueError(f"rewrite uses unknown parameters: {sorted(unknown)}")
+        return self
+
+    @property
+    def kind(self) -> Literal["exact", "prefix", "pattern"]:
+        if self.path is not None:
+            return "exact"
+        return "prefix" if self.prefix is not None else "pattern"
+
+
+class InstanceConfig(Strict):
+    url: str
+    weight: int = Field(1, ge=1)
+    zone: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from lucid.model import parse_upstream_url
+
+        parse_upstream_url(value)
+        return value
+
+
+class Service(Strict):
+    instances: list[InstanceConfig] = Field(min_length=1)
+
+    @field_validator("instances", mode="before")
+    @classmethod
+    def _strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"url": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class GatewayConfig(Strict):
+    """``[gateway]``: the route table and the services routes send traffic to."""
+
+    routes: list[Route] = Field(default_factory=list)
+    services: dict[str, Service] = Field(
+        default_factory=dict, description="static services: name -> instance URLs"
+    )
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        ids: set[str] = set()
+        for index, route in enumerate(self.routes):
+            if route.id and route.id in ids:
+                raise ValueError(f"routes[{index}]: id {route.id!r} is used twice")
+            ids.add(route.id)
+        return self
