@@ -139,7 +139,7 @@ def plugin_choices(data: Mapping[str, Any], source: str) -> dict[str, str | bool
 def build_root_model(sections: Mapping[str, type[BaseModel]]) -> type[BaseSettings]:
     """The root settings model: ``[server]``, ``[plugins]`` and one field per plugin section."""
     fields: dict[str, Any] = {
-        "server": (ServerConfig, Field(default_factory=ServerConfig)),
+        "server": (ServerConfig, Field(default_factory=lambda: ServerConfig())),
         "plugins": (dict[str, str | bool], Field(default_factory=dict)),
     }
     for name, model in sections.items():

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
     from quart import Blueprint
 
     from lucid.gateway import Generation, Runtime
@@ -123,8 +122,8 @@ def lucid_resolve_instances(
 ) -> Sequence[Instance] | None:
     """Resolve the matched route's service to its candidate instances.
 
-    Synchronous, from memory (never a store read per request). Stops at first
-    non-None result. None everywhere, or an empty list, answers 503.
+    Synchronous, from memory (never a store read per request).
+    Stops at first non-None result. None everywhere, or an empty list, answers 503.
 
     :param exchange: the request, with ``service`` set.
     :param generation: the config generation this request runs under.

@@ -107,4 +107,5 @@ def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) 
 
 
 def json_body(status: int, message: str, request_id: str, **extra: Any) -> bytes:
-    return json.dumps({"error": message, "status": status, "request_id": request_id, **extra}).encode()
+    body = {"error": message, "status": status, "request_id": request_id, **extra}
+    return json.dumps(body).encode()

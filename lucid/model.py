@@ -152,6 +152,7 @@ class Exchange:
     route_id: str = ""
     service: str = ""
     path_params: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # per-route plugin settings
     upstream_path: str = ""
     instance: Instance | None = None
     attempts: int = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
@@ -324,6 +324,14 @@ def _direct(caller: Any, spec_args: tuple[str, ...]) -> list[Callable[..., Any]]
             raise ConfigError(
                 "plugins",
                 [f"plugin {impl.plugin_name!r}: hook wrappers are not supported on {caller.name}"],
+            )
+        if caller.spec and caller.spec.opts.get("firstresult") and (
+            inspect.iscoroutinefunction(impl.function)
+        ):
+            raise ConfigError(
+                "plugins",
+                [f"plugin {impl.plugin_name!r}: {caller.name} must be synchronous "
+                 "(it stops at the first non-None result, and a coroutine is never None)"],
             )
         names = tuple(impl.argnames)
         if names == spec_args:

@@ -42,7 +42,7 @@ _SAFE_PATH = "/!$&'()*+,;=:@~"
 _JSON = (b"content-type", b"application/json")
 _FORWARDING = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "traceparent",
-     "host"}
+     "host", "via"}
 )
 
 
@@ -204,21 +204,24 @@ class ProxyApp:
         budget.active_requests += 1
         try:
             while exchange.attempts < policy.attempts:
+                retry = exchange.attempts > 0
+                if retry and not budget.allows_retry():
+                    break
                 candidates = [i for i in instances if i not in tried] if tried else instances
                 if not candidates:
                     break
                 instance = hooks.select_instance(exchange, candidates)
-                if instance is None:
-                    instance = candidates[self._rotation % len(candidates)]
-                    self._rotation += 1
+                if instance is None:  # no selection plugin: rotate the first pick
+                    if tried:
+                        instance = candidates[0]
+                    else:
+                        instance = candidates[self._rotation % len(candidates)]
+                        self._rotation += 1
                 tried.append(instance)
                 refused = await hooks.permit_call(exchange, instance)
                 if refused is not None:
                     failure = refused
                     continue
-                retry = exchange.attempts > 0
-                if retry and not budget.allows_retry():
-                    break
                 exchange.attempts += 1
                 exchange.instance = instance
                 if retry:
@@ -311,11 +314,17 @@ class ProxyApp:
             if name.lower() == b"connection":
                 drop = HOP_BY_HOP | connection_tokens(value.decode("latin-1"))
                 break
-        out = [(n, v) for n, v in raw if n.decode("latin-1").lower() not in drop]
+        via = self._via(exchange)
+        out = []
+        for name, value in raw:
+            lowered = name.decode("latin-1").lower()
+            if lowered == "via":
+                via = value + b", " + via
+            elif lowered not in drop:
+                out.append((name, value))
         out.append((b"x-request-id", exchange.request_id.encode()))
-        out.append((b"via", self._via(exchange)))
-        for name, value in exchange.response_headers:
-            out.append((name.encode("latin-1"), value.encode("latin-1")))
+        out.append((b"via", via))
+        out += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in exchange.response_headers]
         exchange.status = status
         await send.start(status, out)
         if exchange.method == "HEAD" or status in (204, 304):
@@ -332,7 +341,7 @@ class ProxyApp:
             async for chunk in content.iter_any():
                 exchange.bytes_out += len(chunk)
                 await send.body(chunk, more=True)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             # The status line is gone; closing the connection is the only honest signal.
             exchange.error = f"upstream failed mid-response: {type(exc).__name__}"
             log.warning("request %s: upstream %s failed mid-response (%s); closing the "
@@ -359,7 +368,8 @@ class ProxyApp:
         host = headers.get("x-forwarded-host") if trusted else None
         if host or exchange.host:
             out.append(("x-forwarded-host", host or exchange.host))
-        out.append(("via", self._via(exchange).decode("latin-1")))
+        via = self._via(exchange).decode("latin-1")
+        out.append(("via", f"{headers['via']}, {via}" if "via" in headers else via))
         out.append(("x-request-id", exchange.request_id))
         traceparent, kept = traceparent_from(headers.get("traceparent"))
         out.append(("traceparent", traceparent))

@@ -81,7 +81,8 @@ async def run_process(
     try:
         server = runtime.config.server
         runtime.listeners["proxy"] = address(proxy_sock)
-        serving = [serve(ProxyApp(runtime), hypercorn_config(proxy_sock, server, "proxy"),
+        proxy_app: Any = ProxyApp(runtime)
+        serving = [serve(proxy_app, hypercorn_config(proxy_sock, server, "proxy"),
                          shutdown_trigger=stop.wait)]
         if admin_sock is not None:
             runtime.listeners["admin"] = address(admin_sock)

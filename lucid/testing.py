@@ -161,7 +161,7 @@ async def echo(request: web.Request) -> web.StreamResponse:
     return web.json_response({
         "method": request.method,
         "path": request.raw_path.split("?")[0],
-        "query": request.query_string,
+        "query": request.raw_path.partition("?")[2],
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "body_size": len(body),
         "port": request.transport.get_extra_info("sockname")[1] if request.transport else None,

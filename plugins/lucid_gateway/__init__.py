@@ -122,6 +122,7 @@ def lucid_match_route(exchange: Exchange, generation: Any) -> Route | None:
     exchange.path_params = match.params
     exchange.upstream_path = match.upstream_path
     exchange.policy = state.policies[match.index]
+    exchange.overrides = state.overrides[match.index]
     return match.route
 
 
