@@ -7,6 +7,8 @@ import ipaddress
 import json
 import os
 import re
+import time
+from email.utils import formatdate
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,3 +111,15 @@ def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) 
 def json_body(status: int, message: str, request_id: str, **extra: Any) -> bytes:
     body = {"error": message, "status": status, "request_id": request_id, **extra}
     return json.dumps(body).encode()
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The Date header value, formatted at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True).encode())
+    return _date_cache[1]

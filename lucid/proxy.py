@@ -20,6 +20,7 @@ from yarl import URL
 
 from lucid.http import (
     HOP_BY_HOP,
+    http_date,
     client_ip,
     connection_tokens,
     is_trusted,
@@ -316,12 +317,16 @@ class ProxyApp:
                 break
         via = self._via(exchange)
         out = []
+        dated = False
         for name, value in raw:
             lowered = name.decode("latin-1").lower()
             if lowered == "via":
                 via = value + b", " + via
             elif lowered not in drop:
                 out.append((name, value))
+                dated = dated or lowered == "date"
+        if not dated:  # a proxy adds Date when the origin did not (RFC 9110 §6.6.1)
+            out.append((b"date", http_date()))
         out.append((b"x-request-id", exchange.request_id.encode()))
         out.append((b"via", via))
         out += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in exchange.response_headers]
@@ -411,6 +416,7 @@ class ProxyApp:
     ) -> None:
         exchange.status = status
         headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"date", http_date()))
         headers.append((b"x-request-id", exchange.request_id.encode()))
         for name, value in exchange.response_headers:
             headers.append((name.encode("latin-1"), value.encode("latin-1")))

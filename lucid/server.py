@@ -58,6 +58,7 @@ def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornCo
     cfg.keep_alive_timeout = 75
     cfg.backlog = 2048
     cfg.include_server_header = False
+    cfg.include_date_header = name != "proxy"  # the proxy passes the origin's Date on
     return cfg
 
 

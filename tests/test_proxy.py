@@ -582,3 +582,19 @@ async def test_an_invalid_reload_changes_nothing(lucid_upstream, lucid_gateway):
     assert gw.runtime.generation.number == 1
     async with gw.session.get(f"{gw.proxy_url}/still") as r:
         assert r.status == 200
+
+
+async def test_responses_carry_exactly_one_date_header(lucid_upstream, lucid_gateway):
+    async def dated(request: web.Request) -> web.Response:
+        return web.Response(body=b"x", headers={"Date": "Sun, 06 Nov 1994 08:49:37 GMT"})
+
+    upstream = await lucid_upstream(dated)
+    gw = await lucid_gateway(route_config(upstream.url))
+    async with gw.session.get(f"{gw.proxy_url}/x") as r:
+        assert r.headers.getall("Date") == ["Sun, 06 Nov 1994 08:49:37 GMT"]
+    async with gw.session.get(f"{gw.proxy_url}/x", headers={"x-request-id": "a b"}) as r:
+        assert len(r.headers.getall("Date")) == 1
+    gw2 = await lucid_gateway(route_config(f"http://127.0.0.1:{closed_port()}"))
+    async with gw2.session.get(f"{gw2.proxy_url}/x") as r:
+        assert r.status == 502
+        assert len(r.headers.getall("Date")) == 1

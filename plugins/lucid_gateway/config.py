@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lucid.http import normalize_path
 from lucid.units import ByteSize, Duration
 
 HTTP_METHODS = frozenset(
@@ -61,7 +62,10 @@ class Route(Strict):
     one kind and one path, the higher ``priority`` wins, then the earlier route.
     """
 
-    id: str = Field("", description="name shown in logs and metrics; defaults to routes[N]")
+    id: str = Field(
+        "", pattern=r"^([A-Za-z0-9._:-]+)?$",
+        description="name shown in logs and metrics; defaults to routes[N]",
+    )
     service: str = Field(min_length=1)
     hosts: list[str] = Field(default_factory=list, description="exact or *.example.com")
     path: str | None = None
@@ -85,8 +89,15 @@ class Route(Strict):
     @field_validator("path", "prefix", "pattern", "rewrite")
     @classmethod
     def _absolute(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("/"):
+        if value is None:
+            return value
+        if not value.startswith("/"):
             raise ValueError("must start with '/'")
+        # Requests are normalised before matching, so a route written with '//', '.'
+        # or '..' segments could never match: say so instead of failing silently.
+        normalised = normalize_path(value)
+        if normalised != value and normalised + "/" != value:
+            raise ValueError(f"write it normalised, as {normalised!r}")
         return value
 
     @field_validator("pattern")
@@ -139,11 +150,12 @@ class Route(Strict):
             raise ValueError("'strip_prefix' applies to 'prefix' routes only")
         if self.strip_prefix and self.rewrite is not None:
             raise ValueError("give 'strip_prefix' or 'rewrite', not both")
-        if self.rewrite and self.pattern:
+        if self.rewrite:
             params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.rewrite))
-            declared = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.pattern))
+            declared = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.pattern or ""))
             if unknown := params - declared:
-                raise ValueError(f"rewrite uses unknown parameters: {sorted(unknown)}")
+                raise ValueError(f"rewrite uses parameters the route does not capture: "
+                                 f"{sorted(unknown)}")
         return self
 
     @property
