@@ -8,8 +8,8 @@ import json
 import os
 import re
 import time
-from email.utils import formatdate
 from collections.abc import Sequence
+from email.utils import formatdate
 from typing import Any
 
 # RFC 9110 §7.6.1 plus the ones every proxy also treats as connection-specific.

@@ -20,9 +20,9 @@ from yarl import URL
 
 from lucid.http import (
     HOP_BY_HOP,
-    http_date,
     client_ip,
     connection_tokens,
+    http_date,
     is_trusted,
     json_body,
     normalize_path,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from lucid_gateway.config import GatewayConfig, Route
+from pydantic import ValidationError
 
 
 @pytest.mark.parametrize("field,value,message", [
