@@ -10,14 +10,21 @@ file, the dotted key, the value found and what was expected.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from lucid.units import ByteSize, Duration
 
@@ -160,6 +167,55 @@ def validate_config(
         return model(**data)
     except ValidationError as exc:
         raise ConfigError(source, describe_errors(exc, model, data)) from None
+    except SettingsError as exc:
+        # pydantic-settings decodes lists and tables from the environment as JSON
+        # itself, and its error names neither the variable nor the value.
+        raise ConfigError(source, undecodable_env(model) or [f"environment: {exc}"]) from None
+
+
+def undecodable_env(model: type[BaseModel]) -> list[str]:
+    """``LUCID_*`` variables that set a list or table but do not hold JSON."""
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        loc = name[len(ENV_PREFIX):].lower().split(ENV_DELIMITER)
+        if not _is_structured(_annotation_at(model, loc)):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            problems.append(
+                f"{dotted(loc)} = {value!r}: a list or table set from the environment must be "
+                f"JSON, e.g. '[\"a\", \"b\"]' (set by environment variable {name.upper()})"
+            )
+    return problems
+
+
+def _annotation_at(model: type[BaseModel], loc: list[str]) -> Any:
+    """The type of the setting at ``loc``; a part under a ``dict`` is one of its keys."""
+    annotation: Any = model
+    for part in loc:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+    return annotation
+
+
+def _is_structured(annotation: Any) -> bool:
+    """Whether pydantic-settings reads this type from the environment as JSON."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType):
+        return any(_is_structured(arg) for arg in get_args(annotation))
+    return origin in (list, dict, set, frozenset, tuple)
 
 
 def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any) -> list[str]:

@@ -41,6 +41,7 @@ class Generation:
     capabilities: frozenset[str] = frozenset()
     route_models: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    runtime: Any = None  # the Runtime this generation belongs to
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -84,6 +85,7 @@ class Runtime:
             number, config, self.source,
             capabilities=frozenset(p.capability for p in self.plugin_set.plugins),
             route_models=self.plugin_set.route_models,
+            runtime=self,
         )
 
     @property

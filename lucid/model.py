@@ -147,6 +147,7 @@ class Exchange:
     client_ip: str
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     started: float
+    generation: Any = None  # the config generation this request runs under
     route: Any = None  # the routing plugin's route object, once matched
     policy: RoutePolicy = DEFAULT_POLICY
     route_id: str = ""

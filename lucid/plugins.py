@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
@@ -59,8 +58,15 @@ class InstalledPlugin:
     distribution: str
 
     @property
-    def module(self) -> ModuleType:
+    def module(self) -> Any:
+        """What the entry point names: a module, an object, or a class."""
         return _import(self.target)
+
+    def instantiate(self) -> Any:
+        """The object to register: a class is instantiated, so each gateway (and each
+        test) gets a plugin with its own state; a module is registered as it is."""
+        target = self.module
+        return target() if isinstance(target, type) else target
 
     @property
     def capability(self) -> str:
@@ -68,7 +74,7 @@ class InstalledPlugin:
 
 
 @cache
-def _import(target: str) -> ModuleType:
+def _import(target: str) -> Any:
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
     return getattr(module, attr) if attr else module
@@ -157,7 +163,7 @@ class PluginSet:
         self.pm.add_hookspecs(hookspecs)
         # pluggy calls the last registered first; register in reverse for call order.
         for plugin in reversed(self.plugins):
-            self.pm.register(plugin.module, name=plugin.name)
+            self.pm.register(plugin.instantiate(), name=plugin.name)
         self.pm.check_pending()
         self.pm.hook.lucid_register_config(register=self._register_section)
 
@@ -169,12 +175,6 @@ class PluginSet:
         self.sections[section] = model
         if route_model is not None:
             self.route_models[section] = route_model
-
-    def hook_names(self, plugin: InstalledPlugin) -> list[str]:
-        obj = self.pm.get_plugin(plugin.name)
-        return sorted(
-            caller.name for caller in self.pm.get_hookcallers(obj) or () if caller.name
-        )
 
 
 def hook_names_of(module: object) -> list[str]:

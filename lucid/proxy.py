@@ -130,6 +130,7 @@ class ProxyApp:
             client_ip=client_ip(peer, headers.get("x-forwarded-for"), trusted) if trusted else peer,
             headers=headers,
             started=started,
+            generation=generation,
         )
         runtime.counters["requests"] += 1
         runtime.counters["in_flight"] += 1

@@ -1,0 +1,32 @@
+"""The embedded store: one SQLite file per plugin under ``server.data_dir``, in WAL mode.
+
+What the admin API accepts must survive a restart, ``kill -9`` included: every write
+is a committed transaction before the API answers. ``synchronous=NORMAL`` in WAL mode
+keeps committed transactions across a process crash (only an OS crash or power loss
+can cost the last ones), at a fraction of the cost of ``FULL``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosqlite
+
+
+async def open_database(path: Path, schema: Sequence[str] = ()) -> aiosqlite.Connection:
+    """Open (creating if needed) a SQLite file in WAL mode and apply ``schema``.
+
+    ``schema`` holds idempotent statements (``CREATE TABLE IF NOT EXISTS …``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path)
+    db.row_factory = aiosqlite.Row
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute("PRAGMA foreign_keys=ON")
+    await db.execute("PRAGMA busy_timeout=5000")
+    for statement in schema:
+        await db.execute(statement)
+    await db.commit()
+    return db
