@@ -96,13 +96,14 @@ def plugins_command(config: str | None) -> None:
     from lucid.plugins import choose_plugins, hook_names_of, installed_plugins
 
     path = _config_path(config)
+    source = config or "(built-in defaults)"
+    problem: ConfigError | None = None
+    names: set[str] = set()
     try:
         data = read_toml(path) if path else {}
-        enabled, _ = choose_plugins(plugin_choices(data, config or "(defaults)"), config or "")
+        names = {p.name for p in choose_plugins(plugin_choices(data, source), source)[0]}
     except ConfigError as exc:
-        click.echo(exc.render(), err=True)
-        sys.exit(2)
-    names = {p.name for p in enabled}
+        problem = exc  # still list what is installed: fixing the problem starts there
     rows = []
     for plugin in installed_plugins():
         try:
@@ -116,6 +117,9 @@ def plugins_command(config: str | None) -> None:
     for row in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True))
                    + "  " + row[4])
+    if problem is not None:
+        click.echo(problem.render(), err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -102,11 +102,14 @@ def choose_plugins(
     by_name = {p.name: p for p in installed}
     problems: list[str] = []
     providers: dict[str, list[InstalledPlugin]] = {}
+    capability_of: dict[str, str] = {}  # plugins that imported
     for plugin in installed:
         try:
-            providers.setdefault(plugin.capability, []).append(plugin)
+            capability_of[plugin.name] = plugin.capability
         except Exception as exc:  # a broken third-party package must not hide the others
             problems.append(f"plugin {plugin.name!r} ({plugin.target}) failed to import: {exc}")
+        else:
+            providers.setdefault(capability_of[plugin.name], []).append(plugin)
     names = ", ".join(sorted(by_name)) or "none"
     enabled: list[InstalledPlugin] = []
     disabled: set[str] = set()
@@ -116,10 +119,12 @@ def choose_plugins(
                 f"plugins.{capability} = {choice!r}: no such plugin is installed "
                 f"(installed: {names})"
             )
-        elif isinstance(choice, str) and by_name[choice].capability != capability:
+        elif isinstance(choice, str) and choice not in capability_of:
+            continue  # it failed to import, reported above
+        elif isinstance(choice, str) and capability_of[choice] != capability:
             problems.append(
                 f"plugins.{capability} = {choice!r}: that plugin provides "
-                f"{by_name[choice].capability!r}, not {capability!r}"
+                f"{capability_of[choice]!r}, not {capability!r}"
             )
         elif choice is True and capability not in providers:
             problems.append(
@@ -131,10 +136,12 @@ def choose_plugins(
         if choice is False:
             disabled.add(capability)
         elif isinstance(choice, str):
-            if choice in by_name and by_name[choice].capability == capability:
+            if capability_of.get(choice) == capability:
                 enabled.append(by_name[choice])
-        elif len(candidates) == 1 or capability in by_name:
-            enabled.append(by_name.get(capability) or candidates[0])
+        elif (named := by_name.get(capability)) is not None and named in candidates:
+            enabled.append(named)  # the plugin named after the capability, if it provides it
+        elif len(candidates) == 1:
+            enabled.append(candidates[0])
         else:
             options = ", ".join(p.name for p in candidates)
             problems.append(
@@ -162,9 +169,18 @@ class PluginSet:
         self.pm = pluggy.PluginManager("lucid")
         self.pm.add_hookspecs(hookspecs)
         # pluggy calls the last registered first; register in reverse for call order.
+        # A plugin that does not fit the hookspecs (unknown hook, wrong argument names)
+        # is a config problem naming that plugin, not a traceback.
         for plugin in reversed(self.plugins):
-            self.pm.register(plugin.instantiate(), name=plugin.name)
-        self.pm.check_pending()
+            try:
+                self.pm.register(plugin.instantiate(), name=plugin.name)
+            except pluggy.PluginValidationError as exc:
+                raise ValueError(f"plugin {plugin.name!r} ({plugin.target}): {exc}") from None
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin)
+            raise ValueError(f"plugin {name!r}: {exc}") from None
         self.pm.hook.lucid_register_config(register=self._register_section)
 
     def _register_section(

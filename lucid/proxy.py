@@ -379,7 +379,7 @@ class ProxyApp:
         out.append(("x-request-id", exchange.request_id))
         traceparent, kept = traceparent_from(headers.get("traceparent"))
         out.append(("traceparent", traceparent))
-        if not kept:
+        if not kept and "tracestate" in headers:  # a new trace has no vendor state
             out = [(k, v) for k, v in out if k != "tracestate"]
         if exchange.policy.preserve_host and exchange.host:
             out.append(("host", exchange.host))

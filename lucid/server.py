@@ -56,6 +56,9 @@ def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornCo
     cfg.graceful_timeout = server.grace_period
     cfg.h11_max_incomplete_size = server.max_request_header_size
     cfg.keep_alive_timeout = 75
+    # Hypercorn closes a client connection after 1,000 requests by default; a gateway
+    # should not force its clients to reconnect (Envoy sets no such limit either).
+    cfg.keep_alive_max_requests = 1_000_000
     cfg.backlog = 2048
     cfg.include_server_header = False
     cfg.include_date_header = name != "proxy"  # the proxy passes the origin's Date on
