@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 from importlib.resources import files
@@ -83,8 +84,12 @@ def init(directory: str, force: bool) -> None:
     template = files("lucid").joinpath("defaults/starter.toml").read_text()
     text = template.replace("@ADMIN_SECRET@", secrets.token_urlsafe(32))
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
-    target.chmod(0o600)  # it holds a secret
+    # It holds a secret: created 0600 (never readable by others, not even briefly);
+    # an existing file is replaced rather than rewritten in place with its old mode.
+    target.unlink(missing_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
     click.echo(f"wrote {target}; run: lucid serve --config {target}")
 
 

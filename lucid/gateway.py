@@ -39,6 +39,7 @@ class Generation:
     config: Any
     source: str
     capabilities: frozenset[str] = frozenset()
+    disabled: frozenset[str] = frozenset()  # capabilities switched off in [plugins]
     route_models: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     runtime: Any = None  # the Runtime this generation belongs to
@@ -84,6 +85,7 @@ class Runtime:
         return Generation(
             number, config, self.source,
             capabilities=frozenset(p.capability for p in self.plugin_set.plugins),
+            disabled=self.plugin_set.disabled,
             route_models=self.plugin_set.route_models,
             runtime=self,
         )

@@ -176,12 +176,22 @@ class PluginSet:
                 self.pm.register(plugin.instantiate(), name=plugin.name)
             except pluggy.PluginValidationError as exc:
                 raise ValueError(f"plugin {plugin.name!r} ({plugin.target}): {exc}") from None
+            except Exception as exc:  # a third-party constructor that raises
+                raise ValueError(f"plugin {plugin.name!r} ({plugin.target}) failed to start: "
+                                 f"{type(exc).__name__}: {exc}") from None
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             name = self.pm.get_name(exc.plugin)
             raise ValueError(f"plugin {name!r}: {exc}") from None
-        self.pm.hook.lucid_register_config(register=self._register_section)
+        for impl in reversed(self.pm.hook.lucid_register_config.get_hookimpls()):
+            try:
+                impl.function(register=self._register_section)
+            except ValueError:
+                raise
+            except Exception as exc:
+                raise ValueError(f"plugin {impl.plugin_name!r} failed in lucid_register_config: "
+                                 f"{type(exc).__name__}: {exc}") from None
 
     def _register_section(
         self, section: str, model: type[BaseModel], route_model: type[BaseModel] | None = None
@@ -232,8 +242,17 @@ class Hooks:
         return [r for r in self._pm.hook.lucid_check_workers(config=config, workers=workers) if r]
 
     async def prepare(self, generation: Generation) -> None:
-        for fn in _direct(self._pm.hook.lucid_prepare, ("generation",)):
-            await resolve(fn(generation))
+        """Every plugin derives its state; any failure rejects the generation."""
+        for impl in reversed(self._pm.hook.lucid_prepare.get_hookimpls()):
+            try:
+                await resolve(impl.function(generation=generation))
+            except ConfigError:
+                raise
+            except Exception as exc:
+                log.exception("plugin %s failed in lucid_prepare", impl.plugin_name)
+                raise ConfigError(generation.source, [
+                    f"plugin {impl.plugin_name!r} could not use this config: "
+                    f"{type(exc).__name__}: {exc}"]) from None
 
     async def startup(self, runtime: Runtime) -> None:
         for fn in _direct(self._pm.hook.lucid_startup, ("runtime",)):

@@ -39,6 +39,9 @@ def bind_socket(listen: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {listen}: {exc.strerror}") from None
+    # Listening now means a connection made right after the "listening" line waits
+    # in the backlog instead of being refused while the server starts.
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 

@@ -47,14 +47,21 @@ def policy_for(route: Route) -> RoutePolicy:
 
 
 def build_state(
-    config: GatewayConfig, route_models: dict[str, Any], source: str, registry: bool
+    config: GatewayConfig, route_models: dict[str, Any], source: str, registry: bool,
+    disabled: frozenset[str] = frozenset(),
 ) -> GatewayState:
-    """Compile a route table; every problem is reported with its dotted key."""
+    """Compile a route table; every problem is reported with its dotted key.
+
+    Per-route settings of a capability switched off in ``[plugins]`` are ignored, like
+    its config section, so switching a plugin off is one line.
+    """
     problems: list[str] = []
     overrides: list[dict[str, Any]] = []
     for index, route in enumerate(config.routes):
         validated: dict[str, Any] = {}
         for section, values in route.plugins.items():
+            if section in disabled:
+                continue
             key = f"gateway.routes[{index}].plugins.{section}"
             model = route_models.get(section)
             if model is None:
@@ -107,6 +114,7 @@ def lucid_prepare(generation: Any) -> None:
         generation.route_models,
         generation.source,
         "registry" in generation.capabilities,
+        generation.disabled,
     )
 
 

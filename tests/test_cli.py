@@ -1,0 +1,251 @@
+"""The ``lucid`` command, run for real in subprocesses: init, check, plugins, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from aiohttp import web
+
+from lucid import __version__
+from lucid.testing import GatewayProcess, start_upstream, wait_until, write_config
+
+
+def lucid_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``lucid`` subprocess: no stray ``LUCID_*`` overrides."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LUCID_")}
+    env.update(extra)
+    return env
+
+
+def run_lucid(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lucid", *args],
+        capture_output=True, text=True, timeout=60, env=lucid_env(**env),
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GatewayProcess passes os.environ on: overrides from outside must not leak in."""
+    for name in list(os.environ):
+        if name.upper().startswith("LUCID_"):
+            monkeypatch.delenv(name)
+
+
+def admin_secret(path: Path) -> str:
+    return str(tomllib.loads(path.read_text())["server"]["admin_secret"])
+
+
+# --- lucid --version -----------------------------------------------------------------------
+
+
+def test_version() -> None:
+    result = run_lucid("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"lucid, version {__version__}"
+    assert __version__ == version("lucid-gateway")
+
+
+# --- lucid init ----------------------------------------------------------------------------
+
+
+def test_init_writes_a_private_config_with_a_fresh_secret(tmp_path: Path) -> None:
+    first, second = tmp_path / "one" / "deeper", tmp_path / "two"
+    for directory in (first, second):
+        result = run_lucid("init", str(directory))
+        assert result.returncode == 0, result.stderr
+        assert f"wrote {directory / 'cluster.toml'}" in result.stdout
+
+    written = first / "cluster.toml"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    secret = admin_secret(written)
+    assert "@ADMIN_SECRET@" not in written.read_text()
+    assert len(secret) >= 32
+    assert secret != admin_secret(second / "cluster.toml")
+
+    check = run_lucid("check", "--config", str(written))
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == f"{written}: ok (plugins: gateway=gateway; routes: 1)"
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    assert run_lucid("init", str(tmp_path)).returncode == 0
+    target = tmp_path / "cluster.toml"
+    before = target.read_text()
+
+    refused = run_lucid("init", str(tmp_path))
+    assert refused.returncode == 1
+    assert f"{target} exists; use --force to overwrite it" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert target.read_text() == before
+
+    target.chmod(0o644)
+    forced = run_lucid("init", "--force", str(tmp_path))
+    assert forced.returncode == 0, forced.stderr
+    assert admin_secret(target) != tomllib.loads(before)["server"]["admin_secret"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+# --- lucid plugins -------------------------------------------------------------------------
+
+
+def plugin_rows(output: str) -> dict[str, list[str]]:
+    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``."""
+    header, *lines = output.splitlines()
+    assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
+    rows = {}
+    for line in lines:
+        name, capability, enabled, package, hooks = line.split(None, 4)
+        rows[name] = [capability, enabled, package, hooks]
+    return rows
+
+
+def test_plugins_lists_the_builtin_gateway() -> None:
+    result = run_lucid("plugins")
+    assert result.returncode == 0, result.stderr
+    capability, enabled, package, hooks = plugin_rows(result.stdout)["gateway"]
+    assert (capability, enabled, package) == ("gateway", "yes", "lucid-gateway")
+    assert hooks.split(", ") == [
+        "lucid_match_route", "lucid_prepare", "lucid_register_admin",
+        "lucid_register_config", "lucid_resolve_instances",
+    ]
+
+
+def test_plugins_shows_what_a_config_enables(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text("[plugins]\ngateway = false\n")
+    result = run_lucid("plugins", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert plugin_rows(result.stdout)["gateway"][1] == "no"
+
+
+# --- lucid serve ---------------------------------------------------------------------------
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nworkers = 2\ngrace_period = "10 fortnights"\n')
+    result = run_lucid("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"invalid config {path}:" in result.stderr
+    assert "server.grace_period = '10 fortnights': expected a duration" in result.stderr
+
+
+def test_serve_refuses_a_missing_config(tmp_path: Path) -> None:
+    path = tmp_path / "missing.toml"
+    result = run_lucid("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"invalid config {path}:\n  file not found" in result.stderr
+
+
+LISTENING = re.compile(r"proxy listening on (http://\S+) \(worker (\d+), pid (\d+)\)")
+
+
+async def test_serve_with_two_workers(tmp_path: Path) -> None:
+    """Two processes share the proxy port; both answer; SIGTERM stops both with 0."""
+    peer_ports: list[int] = []
+
+    async def echo_peer(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peer_ports.append(request.transport.get_extra_info("peername")[1])
+        return web.json_response({"path": request.path})
+
+    upstream = await start_upstream(echo_peer)
+    config = write_config(f"""
+[server]
+workers = 2
+
+[gateway.services.echo]
+instances = ["{upstream.url}"]
+
+[[gateway.routes]]
+prefix = "/"
+service = "echo"
+""", tmp_path)
+    process = GatewayProcess(config, env=lucid_env())
+    try:
+        await asyncio.to_thread(process.wait_for_line, r"worker 1, pid \d+\)")
+        await asyncio.to_thread(process.wait_ready)
+        workers = {}
+        for line in process.output.splitlines():
+            if m := LISTENING.search(line):
+                workers[int(m.group(2))] = (m.group(1), int(m.group(3)))
+        assert sorted(workers) == [0, 1]
+        (url0, pid0), (url1, pid1) = workers[0], workers[1]
+        assert url0 == url1 == process.proxy_url  # one port, shared
+        assert pid0 == process.proc.pid
+        assert pid1 != pid0
+        assert psutil.Process(pid1).ppid() == pid0
+
+        # A new connection per request, so the kernel hands them to either worker.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as client:
+
+            async def get(n: int) -> int:
+                async with client.get(f"{process.proxy_url}/r/{n}") as response:
+                    assert (await response.json())["path"] == f"/r/{n}"
+                    return response.status
+
+            async def answers() -> bool:
+                try:
+                    return await get(0) == 200
+                except aiohttp.ClientConnectionError:
+                    return False  # announced before hypercorn called listen()
+
+            await wait_until(answers, message="the proxy to answer")
+            statuses = await asyncio.gather(*(get(n) for n in range(1, 51)))
+            assert statuses == [200] * 50
+
+            def upstream_ports(pid: int) -> set[int]:
+                """Local ports of ``pid``'s pooled connections to the upstream."""
+                return {
+                    c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
+                    if c.raddr and c.raddr.port == upstream.port
+                }
+
+            async def served_by_both() -> bool:
+                served = {pid for pid in (pid0, pid1) if upstream_ports(pid) & set(peer_ports)}
+                if served == {pid0, pid1}:
+                    return True
+                await asyncio.gather(*(get(n) for n in range(10)))
+                return False
+
+            await wait_until(served_by_both, timeout=10,
+                             message="requests to reach the upstream from both workers")
+
+        process.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        assert not psutil.pid_exists(pid0)
+        assert not psutil.pid_exists(pid1)
+        assert "worker 1 stopped" in process.output
+        assert "worker 0 stopped" in process.output
+        assert "Traceback" not in process.output
+    finally:
+        process.stop()
+        await upstream.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_on_signal(sig: int, tmp_path: Path) -> None:
+    process = GatewayProcess(write_config("", tmp_path), env=lucid_env())
+    try:
+        process.wait_ready()
+        process.signal(sig)
+        assert process.wait(30) == 0
+        assert "worker 0 stopped" in process.output
+    finally:
+        process.stop()
