@@ -8,6 +8,7 @@ real port that every worker shares and that can be announced on stderr.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -75,11 +76,13 @@ async def run_process(
     children: list[int],
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
+    tune_gc: bool = False,
 ) -> None:
     """Serve until ``stop`` is set (SIGTERM/SIGINT set it), then drain and stop plugins.
 
-    Signal handlers are installed only when no ``stop`` event is given, so tests and
-    embedders can run a gateway inside their own event loop.
+    Signal handlers are installed, and the garbage collector tuned, only for the
+    ``lucid serve`` process itself: tests and embedders run a gateway inside their
+    own event loop and keep their own process settings.
     """
     if stop is None:
         stop = asyncio.Event()
@@ -99,6 +102,8 @@ async def run_process(
         for name, where in runtime.listeners.items():
             log.info("%s listening on http://%s (worker %d, pid %d)",
                      name, where, runtime.worker_index, os.getpid())
+        if tune_gc:
+            tune_garbage_collector()
         if ready is not None:
             ready.set()
         await asyncio.gather(*serving)
@@ -110,6 +115,20 @@ async def run_process(
                 sock.detach()
         await runtime.stop()
         log.info("worker %d stopped", runtime.worker_index)
+
+
+def tune_garbage_collector() -> None:
+    """Keep the cyclic GC off the request path (measured: 11% of CPU under load).
+
+    Everything alive once the gateway has started (modules, config, apps) lives until
+    exit, so it is frozen out of the collector's scans; and with 50 requests in
+    flight the default gen-0 threshold (700) is crossed by live objects alone, so a
+    collection ran every few requests and found little. Refcounting still frees
+    nearly everything a request allocates; cycles are collected, just less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _install_signal_handlers(runtime: Runtime, stop: asyncio.Event, children: list[int]) -> None:
@@ -179,9 +198,9 @@ def _run(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket 
     try:
         import uvloop
 
-        uvloop.run(run_process(runtime, proxy_sock, admin_sock, children))
+        uvloop.run(run_process(runtime, proxy_sock, admin_sock, children, tune_gc=True))
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        asyncio.run(run_process(runtime, proxy_sock, admin_sock, children))
+        asyncio.run(run_process(runtime, proxy_sock, admin_sock, children, tune_gc=True))
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
