@@ -10,6 +10,12 @@ the ratio isolates what Lucid's own code costs.
     python bench/proxy_bench.py [--duration 10] [--connections 50]
                                 [--json bench/results/proxy.json]
                                 [--extra-config more.toml] [--label lucid+auth]
+                                [--variant LABEL=FILE ...]
+
+Each ``--variant LABEL=FILE`` adds one more Lucid row, started from the same
+generated config plus FILE, measured in the same rounds, and reported as a
+ratio to the plain Lucid row and to the floor ("throughput with feature X is
+N% of the same run without it").
 
 Tools: wrk and nginx when on PATH (bench/setup.sh installs them), otherwise
 bench/loadgen.py and bench/upstream.py.  All traffic stays on 127.0.0.1.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -35,9 +42,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -47,6 +55,11 @@ try:
     import psutil
 except ImportError:  # CPU columns are a diagnostic, not a requirement
     psutil = None
+
+try:
+    import tomli_w  # a Lucid dependency: present wherever Lucid is installed
+except ImportError:
+    tomli_w = None  # type: ignore[assignment]
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -241,35 +254,128 @@ def floor_command(port: int, upstream_url: str) -> list[str]:
     ]
 
 
-def toml_str(value: str) -> str:
-    """Quote a string for TOML (JSON's escaping is valid TOML basic-string syntax)."""
-    return json.dumps(value)
+# The table in an --extra-config or --variant file whose keys go into the bench
+# route (the generated config's [[gateway.routes]] entry with id "bench").
+BENCH_ROUTE = "bench_route"
+
+
+class ConfigLayerError(ValueError):
+    """An --extra-config or --variant file that cannot be combined with the base."""
+
+
+def read_layer(path: Path) -> dict:
+    """Parse a config layer, checking its shape (a usage error, before anything runs)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigLayerError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigLayerError(f"{path}: not valid TOML: {exc}") from None
+    route = data.get(BENCH_ROUTE, {})
+    if not isinstance(route, dict):
+        raise ConfigLayerError(f"{path}: {BENCH_ROUTE} must be a table, e.g. [{BENCH_ROUTE}]")
+    return data
+
+
+def base_config(proxy_port: int, admin_port: int, upstream_url: str, data_dir: Path) -> dict:
+    """The cluster.toml contract Lucid's core reads, as a dict."""
+    return {
+        "server": {
+            "proxy": f"{HOST}:{proxy_port}",
+            "admin": f"{HOST}:{admin_port}",
+            "data_dir": str(data_dir),
+        },
+        "gateway": {
+            "routes": [{"id": "bench", "prefix": "/", "service": "bench"}],
+            "services": {"bench": {"instances": [upstream_url]}},
+        },
+    }
+
+
+def merge_layer(config: dict, layer: dict, source: str) -> None:
+    """Add ``layer`` to ``config`` in place.
+
+    Like appending the file to the generated TOML, new keys and tables are added
+    and a key the config already sets is an error -- except that tables merge
+    (so ``[gateway.services.other]`` or ``[server]`` with new keys work), arrays
+    of tables extend (``[[gateway.routes]]`` adds a route) and a table below an
+    array of tables goes into its last entry (``[gateway.routes.plugins.x]``, as
+    appended text would).  The layer's ``[bench_route]`` table is merged into the
+    bench route, and there a later value replaces an earlier one (tables merge
+    key by key).
+    """
+    layer = copy.deepcopy(layer)  # its tables go into config, which later layers change
+    route_extra = layer.pop(BENCH_ROUTE, {})
+    _merge_strict(config, layer, source, ())
+    route = next(r for r in config["gateway"]["routes"] if r.get("id") == "bench")
+    _merge_override(route, route_extra)
+
+
+def _merge_strict(into: dict, new: dict, source: str, at: tuple[str, ...]) -> None:
+    for key, value in new.items():
+        dotted = ".".join((*at, key))
+        old = into.get(key)
+        if key not in into:
+            into[key] = value
+        elif isinstance(old, dict) and isinstance(value, dict):
+            _merge_strict(old, value, source, (*at, key))
+        elif isinstance(old, list) and _table_array(old) and _table_array(value):
+            old.extend(value)
+        elif isinstance(old, list) and _table_array(old) and isinstance(value, dict):
+            # [gateway.routes.plugins.x] after the generated [[gateway.routes]]: appended
+            # TOML would put it in the array's last table, the bench route (or the last
+            # route --extra-config added); parsed alone it is a plain table.
+            _merge_strict(old[-1], value, source, (*at, f"{key}[{len(old) - 1}]"))
+        else:
+            hint = f"; per-route settings go in [{BENCH_ROUTE}]" if at[:1] == ("gateway",) else ""
+            raise ConfigLayerError(
+                f"{source}: {dotted} is already set (to {old!r}) by the generated config "
+                f"or --extra-config; a file adds keys, it cannot change them{hint}"
+            )
+
+
+def _table_array(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _merge_override(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(into.get(key), dict) and isinstance(value, dict):
+            _merge_override(into[key], value)
+        else:
+            into[key] = value
+
+
+def lucid_config(
+    proxy_port: int,
+    admin_port: int,
+    upstream_url: str,
+    data_dir: Path,
+    layers: list[tuple[str, dict]],
+) -> dict:
+    """Base config plus each ``(source, layer)`` in order (--extra-config, then a variant)."""
+    config = base_config(proxy_port, admin_port, upstream_url, data_dir)
+    for source, layer in layers:
+        merge_layer(config, layer, source)
+    return config
 
 
 def write_lucid_config(
-    tmp: Path, proxy_port: int, admin_port: int, upstream_url: str, extra: Path | None
+    workdir: Path,
+    proxy_port: int,
+    admin_port: int,
+    upstream_url: str,
+    layers: list[tuple[str, dict]],
 ) -> Path:
-    """The cluster.toml contract Lucid's core reads; --extra-config is appended."""
-    data_dir = tmp / "data"
-    data_dir.mkdir(exist_ok=True)
-    text = f"""\
-[server]
-proxy = {toml_str(f"{HOST}:{proxy_port}")}
-admin = {toml_str(f"{HOST}:{admin_port}")}
-data_dir = {toml_str(str(data_dir))}
-
-[[gateway.routes]]
-id = "bench"
-prefix = "/"
-service = "bench"
-
-[gateway.services.bench]
-instances = [{toml_str(upstream_url)}]
-"""
-    if extra is not None:
-        text += f"\n# ---- appended from {extra} ----\n" + extra.read_text()
-    path = tmp / "cluster.toml"
-    path.write_text(text)
+    """Write ``workdir/cluster.toml`` with its own data dir; see :func:`merge_layer`."""
+    data_dir = workdir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = lucid_config(proxy_port, admin_port, upstream_url, data_dir, layers)
+    sources = ", ".join(source for source, _ in layers) or "nothing"
+    path = workdir / "cluster.toml"
+    path.write_text(
+        f"# generated by bench/proxy_bench.py: base config + {sources}\n" + tomli_w.dumps(config)
+    )
     return path
 
 
@@ -303,13 +409,14 @@ class Target:
 
 
 def start_all(args: argparse.Namespace, tmp: Path, services: list[Service]) -> list[Target]:
-    """Start upstream, floor and Lucid (in that order) and wait for each.
+    """Start upstream, floor, Lucid and each --variant (in that order) and wait for each.
 
     Everything is started before any measuring so a broken Lucid fails the
     bench in seconds rather than after the reference runs.  Idle servers cost
     nothing measurable while another target is being driven.
     """
-    up_port, floor_port, proxy_port, admin_port = free_ports(4)
+    ports = free_ports(4 + 2 * len(args.variants))
+    up_port, floor_port = ports[:2]
     up_url = f"http://{HOST}:{up_port}"
 
     up_cmd = upstream_command(args.upstream_kind, tmp, up_port)
@@ -321,20 +428,40 @@ def start_all(args: argparse.Namespace, tmp: Path, services: list[Service]) -> l
     floor_url = f"http://{HOST}:{floor_port}/"
     wait_ready(floor, [floor_url])
 
-    config = write_lucid_config(tmp, proxy_port, admin_port, up_url, args.extra_config)
-    cmd = lucid_command(args.lucid_cmd, config, proxy_port, admin_port, up_url)
-    lucid = _start(services, args.label, cmd, tmp, "lucid", args.proxy_cpus)
-    lucid_url = f"http://{HOST}:{proxy_port}/"
-    checks = (
-        [lucid_url] if args.lucid_cmd else [f"http://{HOST}:{admin_port}/gateway/health", lucid_url]
-    )
-    wait_ready(lucid, checks)
-
-    return [
+    targets = [
         Target("upstream", up_url + "/", upstream),
         Target("floor", floor_url, floor, upstream),
-        Target(args.label, lucid_url, lucid, upstream),
     ]
+    base_layers = [(str(args.extra_config), args.extra_layer)] if args.extra_config else []
+    rows = [(args.label, base_layers, tmp)]
+    for i, variant in enumerate(args.variants, 1):
+        rows.append(
+            (
+                variant.label,
+                [*base_layers, (str(variant.path), variant.layer)],
+                tmp / f"variant-{i}",
+            )
+        )
+    for i, (label, layers, workdir) in enumerate(rows):
+        proxy_port, admin_port = ports[2 + 2 * i : 4 + 2 * i]
+        try:
+            config = write_lucid_config(workdir, proxy_port, admin_port, up_url, layers)
+        except ConfigLayerError as exc:  # checked in parse_args; kept as a safety net
+            raise BenchError(str(exc)) from None
+        cmd = lucid_command(args.lucid_cmd, config, proxy_port, admin_port, up_url)
+        lucid = _start(services, label, cmd, tmp, "lucid", args.proxy_cpus)
+        lucid_url = f"http://{HOST}:{proxy_port}/"
+        checks = (
+            [lucid_url]
+            if args.lucid_cmd
+            else [
+                f"http://{HOST}:{admin_port}/gateway/health",
+                lucid_url,
+            ]
+        )
+        wait_ready(lucid, checks)
+        targets.append(Target(label, lucid_url, lucid, upstream))
+    return targets
 
 
 def _start(
@@ -649,9 +776,10 @@ def measure_all(
 ) -> list[Summary]:
     """Drive every target, strictly one at a time.
 
-    The upstream reference is measured once.  The proxies are measured in
-    ``--rounds`` rounds whose order alternates (floor, lucid / lucid, floor /
-    ...) so slow drift of the machine hits both sides equally.
+    The upstream reference is measured once.  The proxies (floor, lucid and
+    each variant) are measured in ``--rounds`` rounds whose order alternates
+    (floor, lucid, v1 / v1, lucid, floor / ...) so slow drift of the machine
+    hits every row alike.
     """
     reference, *proxies = targets
     summaries = {target.name: Summary(target) for target in targets}
@@ -695,15 +823,19 @@ def format_table(summaries: list[Summary]) -> str:
     return "\n".join(lines)
 
 
+def _ratio(top: Summary | None, bottom: Summary | None) -> tuple[float | None, list[float]]:
+    """top/bottom on median req/s, and per round (both were measured in the same rounds)."""
+    if not top or not bottom:
+        return None, []
+    value = round(top.rps / bottom.rps, 3) if bottom.rps else None
+    pairs = zip(bottom.runs, top.runs, strict=True)
+    return value, [round(t.rps / b.rps, 3) for b, t in pairs if b.rps]
+
+
 def ratio_summary(summaries: list[Summary], label: str) -> dict:
     """Lucid/floor on median req/s, plus the per-round ratios as a noise gauge."""
     by_name = {s.target.name: s for s in summaries}
-    floor, lucid = by_name.get("floor"), by_name.get(label)
-    value = round(lucid.rps / floor.rps, 3) if floor and lucid and floor.rps else None
-    per_round = []
-    if floor and lucid:
-        pairs = zip(floor.runs, lucid.runs, strict=True)  # same rounds on both sides
-        per_round = [round(lr.rps / fr.rps, 3) for fr, lr in pairs if fr.rps]
+    value, per_round = _ratio(by_name.get(label), by_name.get("floor"))
     return {
         "name": f"{label}/floor",
         "value": value,
@@ -713,7 +845,35 @@ def ratio_summary(summaries: list[Summary], label: str) -> dict:
     }
 
 
-def print_report(summaries: list[Summary], ratio: dict) -> None:
+def variant_ratios(summaries: list[Summary], args: argparse.Namespace) -> list[dict]:
+    """For each --variant: its req/s as a ratio to the plain Lucid row and to the floor."""
+    by_name = {s.target.name: s for s in summaries}
+    out = []
+    for variant in args.variants:
+        row = by_name.get(variant.label)
+        vs_lucid, vs_lucid_rounds = _ratio(row, by_name.get(args.label))
+        vs_floor, vs_floor_rounds = _ratio(row, by_name.get("floor"))
+        out.append(
+            {
+                "label": variant.label,
+                "file": str(variant.path),
+                "settings": variant.layer,  # what FILE added (the temp config is removed)
+                "vs_lucid": {
+                    "name": f"{variant.label}/{args.label}",
+                    "value": vs_lucid,
+                    "per_round": vs_lucid_rounds,
+                },
+                "vs_floor": {
+                    "name": f"{variant.label}/floor",
+                    "value": vs_floor,
+                    "per_round": vs_floor_rounds,
+                },
+            }
+        )
+    return out
+
+
+def print_report(summaries: list[Summary], ratio: dict, variants: Sequence[dict] = ()) -> None:
     print()
     print(format_table(summaries))
     for s in summaries:
@@ -727,11 +887,24 @@ def print_report(summaries: list[Summary], ratio: dict) -> None:
             print(f"WARNING: {s.target.name}: {s.errors} errors {details}; its numbers are suspect")
     if ratio["value"] is None:
         print(f"ratio {ratio['name']}: n/a")
-        return
-    verdict = "met" if ratio["met"] else "NOT met"
-    print(f"ratio {ratio['name']} (req/s): {ratio['value']:.3f} -- goal {GOAL_RATIO:.2f} {verdict}")
-    if len(ratio["per_round"]) > 1:
-        print("per round: " + ", ".join(f"{r:.2f}" for r in ratio["per_round"]))
+    else:
+        verdict = "met" if ratio["met"] else "NOT met"
+        print(
+            f"ratio {ratio['name']} (req/s): {ratio['value']:.3f} -- goal {GOAL_RATIO:.2f} "
+            f"{verdict}"
+        )
+        if len(ratio["per_round"]) > 1:
+            print("per round: " + ", ".join(f"{r:.2f}" for r in ratio["per_round"]))
+    for variant in variants:
+        for key in ("vs_lucid", "vs_floor"):
+            r = variant[key]
+            if r["value"] is None:
+                print(f"ratio {r['name']}: n/a")
+                continue
+            rounds = ""
+            if len(r["per_round"]) > 1:
+                rounds = "; per round: " + ", ".join(f"{x:.2f}" for x in r["per_round"])
+            print(f"ratio {r['name']} (req/s): {r['value']:.3f} ({100 * r['value']:.1f}%){rounds}")
 
 
 def _version(dist: str) -> str | None:
@@ -755,7 +928,9 @@ def _git_commit() -> str | None:
     return None
 
 
-def build_payload(args: argparse.Namespace, summaries: list[Summary], ratio: dict) -> dict:
+def build_payload(
+    args: argparse.Namespace, summaries: list[Summary], ratio: dict, variants: Sequence[dict] = ()
+) -> dict:
     """Everything needed to compare two runs later, not just the numbers."""
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -781,6 +956,7 @@ def build_payload(args: argparse.Namespace, summaries: list[Summary], ratio: dic
         },
         "results": [s.to_json() for s in summaries],
         "ratio": ratio,
+        "variants": list(variants),
     }
 
 
@@ -813,7 +989,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="measure floor and Lucid this many times, alternating, and report medians "
+        help="measure floor, Lucid and the variants this many times, alternating, and report "
+        "medians "
         "(default 1; use 5 when judging the 0.90 goal: runs vary 10-20%% on a shared VM)",
     )
     parser.add_argument(
@@ -836,7 +1013,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--label", default="lucid", help="name of the Lucid row, e.g. 'lucid+auth'")
     parser.add_argument(
-        "--extra-config", type=Path, help="TOML file appended to the generated cluster.toml"
+        "--extra-config",
+        type=Path,
+        help="TOML file added to the generated cluster.toml (for the Lucid row and every "
+        f"variant); its [{BENCH_ROUTE}] table is merged into the bench route",
+    )
+    parser.add_argument(
+        "--variant",
+        dest="variant_specs",
+        action="append",
+        default=[],
+        metavar="LABEL=FILE",
+        help="one more Lucid row named LABEL: the same config plus FILE (TOML, added like "
+        "--extra-config), measured in the same rounds and reported as a ratio to the Lucid "
+        "row and to the floor; repeatable",
     )
     parser.add_argument(
         "--loadgen",
@@ -865,10 +1055,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--threads must not exceed --connections (wrk requirement)")
     if args.extra_config is not None and not args.extra_config.is_file():
         parser.error(f"--extra-config {args.extra_config}: no such file")
+    args.variants = _parse_variants(parser, args)
+    args.extra_layer = None
+    if args.extra_config is not None or args.variants:
+        if tomli_w is None:
+            parser.error("--extra-config and --variant need tomli_w (pip install tomli-w)")
+        # Build every config once now, so a bad file is a usage error, not a failed run.
+        try:
+            base: list[tuple[str, dict]] = []
+            if args.extra_config is not None:
+                args.extra_layer = read_layer(args.extra_config)
+                base = [(str(args.extra_config), args.extra_layer)]
+            lucid_config(0, 0, "http://x", Path("data"), base)
+            for variant in args.variants:
+                variant.layer = read_layer(variant.path)
+                lucid_config(
+                    0, 0, "http://x", Path("data"), [*base, (str(variant.path), variant.layer)]
+                )
+        except ConfigLayerError as exc:
+            parser.error(str(exc))
+    elif tomli_w is None:
+        parser.error("tomli_w is needed to write Lucid's config (pip install tomli-w)")
     args.tool = _resolve(args.loadgen, "wrk", "wrk", "python")
     args.upstream_kind = _resolve(args.upstream_kind, "nginx", "nginx", "asyncio")
     args.proxy_cpus, args.support_cpus = _cpu_split(args.pin)
     return args
+
+
+@dataclass
+class Variant:
+    """One --variant LABEL=FILE: a Lucid row with FILE added to the config."""
+
+    label: str
+    path: Path
+    layer: dict = field(default_factory=dict)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def _parse_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Variant]:
+    variants: list[Variant] = []
+    taken = {"upstream", "floor", args.label}
+    for spec in args.variant_specs:
+        label, sep, file = spec.partition("=")
+        if not sep or not label or not file:
+            parser.error(f"--variant {spec!r}: expected LABEL=FILE")
+        if not _LABEL.fullmatch(label):
+            parser.error(f"--variant {spec!r}: LABEL may hold letters, digits and _ . + -")
+        if label in taken:
+            parser.error(f"--variant {spec!r}: the label {label!r} is already used by another row")
+        path = Path(file)
+        if not path.is_file():
+            parser.error(f"--variant {spec!r}: {file}: no such file")
+        taken.add(label)
+        variants.append(Variant(label, path))
+    return variants
 
 
 def _cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
@@ -919,8 +1161,9 @@ def run(args: argparse.Namespace) -> int:
         targets = start_all(args, tmp, services)
         summaries = measure_all(targets, args, services)
         ratio = ratio_summary(summaries, args.label)
-        print_report(summaries, ratio)
-        write_json(args.json, build_payload(args, summaries, ratio))
+        variants = variant_ratios(summaries, args)
+        print_report(summaries, ratio, variants)
+        write_json(args.json, build_payload(args, summaries, ratio, variants))
         return 0
     except BenchError as exc:
         keep_tmp = True

@@ -10,15 +10,17 @@ import stat
 import subprocess
 import sys
 import tomllib
-from importlib.metadata import version
+from importlib.metadata import entry_points, version
 from pathlib import Path
 
 import aiohttp
+import lucid_gateway
 import psutil
 import pytest
 from aiohttp import web
 
-from lucid import __version__
+from lucid import __version__, hookspecs
+from lucid.plugins import InstalledPlugin
 from lucid.testing import GatewayProcess, start_upstream, wait_until, write_config
 
 
@@ -42,6 +44,20 @@ def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.upper().startswith("LUCID_"):
             monkeypatch.delenv(name)
+
+
+def builtin_plugins() -> dict[str, str]:
+    """Lucid's own plugins (the ``lucid`` entry points of the ``lucid-gateway`` package),
+    as ``name -> package``."""
+    return {ep.name: ep.dist.name for ep in entry_points(group="lucid")
+            if ep.dist is not None and ep.dist.name == "lucid-gateway"}
+
+
+def builtin_capabilities() -> dict[str, str]:
+    """Lucid's own plugins as ``name -> capability``."""
+    return {ep.name: InstalledPlugin(ep.name, ep.value, ep.dist.name).capability
+            for ep in entry_points(group="lucid")
+            if ep.dist is not None and ep.dist.name == "lucid-gateway"}
 
 
 def admin_secret(path: Path) -> str:
@@ -77,7 +93,15 @@ def test_init_writes_a_private_config_with_a_fresh_secret(tmp_path: Path) -> Non
 
     check = run_lucid("check", "--config", str(written))
     assert check.returncode == 0, check.stderr
-    assert check.stdout.strip() == f"{written}: ok (plugins: gateway=gateway; routes: 1)"
+    match = re.fullmatch(rf"{re.escape(str(written))}: ok \(plugins: (.*); routes: 1\)",
+                         check.stdout.strip())
+    assert match, check.stdout
+    # the starter config leaves every built-in on, each providing its own capability
+    enabled = [tuple(pair.split("=")) for pair in match.group(1).split(", ")]
+    assert sorted(enabled) == sorted(
+        (capability, name) for name, capability in builtin_capabilities().items()
+    )
+    assert ("gateway", "gateway") in enabled
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
@@ -102,25 +126,37 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 
 def plugin_rows(output: str) -> dict[str, list[str]]:
-    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``."""
+    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``.
+
+    Columns are cut where the header's words start, so a plugin implementing no hooks
+    (an empty last column) parses too, as ``""``."""
     header, *lines = output.splitlines()
     assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
     rows = {}
     for line in lines:
-        name, capability, enabled, package, hooks = line.split(None, 4)
-        rows[name] = [capability, enabled, package, hooks]
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
+        rows[cells[0]] = cells[1:]
     return rows
 
 
 def test_plugins_lists_the_builtin_gateway() -> None:
     result = run_lucid("plugins")
     assert result.returncode == 0, result.stderr
-    capability, enabled, package, hooks = plugin_rows(result.stdout)["gateway"]
+    rows = plugin_rows(result.stdout)
+    assert {name: row[2] for name, row in rows.items()} == builtin_plugins()
+    capability, enabled, package, hooks = rows["gateway"]
     assert (capability, enabled, package) == ("gateway", "yes", "lucid-gateway")
-    assert hooks.split(", ") == [
+    # every hook the gateway module implements, by name, sorted; the gateway grows hooks
+    # (auth, CORS, ...), so only its routing hooks are named here
+    implemented = sorted(name for name in vars(hookspecs) if name.startswith("lucid_")
+                         and callable(getattr(lucid_gateway, name, None)))
+    assert hooks.split(", ") == implemented
+    assert {
         "lucid_match_route", "lucid_prepare", "lucid_register_admin",
         "lucid_register_config", "lucid_resolve_instances",
-    ]
+    } <= set(implemented)
 
 
 def test_plugins_shows_what_a_config_enables(tmp_path: Path) -> None:
@@ -128,7 +164,15 @@ def test_plugins_shows_what_a_config_enables(tmp_path: Path) -> None:
     path.write_text("[plugins]\ngateway = false\n")
     result = run_lucid("plugins", "--config", str(path))
     assert result.returncode == 0, result.stderr
-    assert plugin_rows(result.stdout)["gateway"][1] == "no"
+    rows = plugin_rows(result.stdout)
+    assert rows["gateway"][1] == "no"
+    assert set(rows) == set(builtin_plugins())  # switched off is still listed
+    default = plugin_rows(run_lucid("plugins").stdout)
+    assert default["gateway"][1] == "yes"
+    # only the capability switched off changed
+    assert {n: r[1] for n, r in rows.items() if n != "gateway"} == {
+        n: r[1] for n, r in default.items() if n != "gateway"
+    }
 
 
 # --- lucid serve ---------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 
 from lucid.config import ConfigError
 from lucid.gateway import Generation, load_plugins_and_config
-from lucid.plugins import Hooks
+from lucid.plugins import Hooks, InstalledPlugin
 from lucid.units import parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +41,30 @@ def run_lucid(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "lucid", *args],
         capture_output=True, text=True, timeout=60, env=lucid_env(**env),
     )
+
+
+def builtin_plugins() -> list[InstalledPlugin]:
+    """Lucid's own plugins: the ``lucid`` entry points of the ``lucid-gateway`` package."""
+    return [InstalledPlugin(ep.name, ep.value, ep.dist.name)
+            for ep in entry_points(group="lucid")
+            if ep.dist is not None and ep.dist.name == "lucid-gateway"]
+
+
+def builtins_off_but(*keep: str) -> str:
+    """A ``[plugins]`` table switching off every built-in capability not in ``keep``."""
+    return "[plugins]\n" + "".join(f"{p.capability} = false\n" for p in builtin_plugins()
+                                   if p.capability not in keep)
+
+
+def check_ok(stdout: str, source: Path | str, routes: int) -> dict[str, str]:
+    """The plugins ``lucid check`` reports enabled (capability -> plugin), after checking
+    the rest of its one line of output."""
+    match = re.fullmatch(rf"{re.escape(str(source))}: ok \(plugins: (.*); routes: (\d+)\)",
+                         stdout.strip())
+    assert match, stdout
+    assert int(match.group(2)) == routes
+    pairs = [pair.split("=") for pair in match.group(1).split(", ")]
+    return {capability: name for capability, name in pairs}
 
 
 def load(path: Path) -> Any:
@@ -108,8 +134,10 @@ BAD_CONFIGS = {
         ["gateway.routes[0] = ", "'path': '/x'", "'prefix': '/y'",
          "give exactly one of 'path', 'prefix' or 'pattern'"],
     ),
+    # Only without a registry: with one, services may register at runtime.
     "route-to-undeclared-service": (
-        SERVICE + '[[gateway.routes]]\nprefix = "/g"\nservice = "ghost"\n',
+        "[plugins]\nregistry = false\n"
+        + SERVICE + '[[gateway.routes]]\nprefix = "/g"\nservice = "ghost"\n',
         ["gateway.routes[0].service = 'ghost'", "no such service in [gateway.services]",
          "declared: users"],
     ),
@@ -118,8 +146,10 @@ BAD_CONFIGS = {
         '[[gateway.routes]]\nprefix = "/b"\nservice = "users"\npriority = "high"\n',
         ["gateway.routes[1].priority = 'high'", "valid integer"],
     ),
+    # With no plugin taking per-route settings (the other built-ins switched off).
     "per-route-override-for-no-plugin": (
-        SERVICE + '[[gateway.routes]]\nprefix = "/u"\nservice = "users"\n'
+        builtins_off_but("gateway") + SERVICE
+        + '[[gateway.routes]]\nprefix = "/u"\nservice = "users"\n'
         "[gateway.routes.plugins.ratelimit]\nrate = 5\n",
         ["gateway.routes[0].plugins.ratelimit",
          "no enabled plugin takes per-route settings named 'ratelimit'", "known: none"],
@@ -315,7 +345,10 @@ timeouts = { connect = "250ms", read = "5m", total = "1h" }
 def test_check_accepts_the_example_cluster() -> None:
     result = run_lucid("check", "--config", str(CLUSTER_TOML))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{CLUSTER_TOML}: ok (plugins: gateway=gateway; routes: 1)"
+    # every built-in, each providing its own capability, and nothing else
+    assert check_ok(result.stdout, CLUSTER_TOML, routes=1) == {
+        p.capability: p.name for p in builtin_plugins()
+    }
     assert result.stderr == ""
 
 

@@ -10,6 +10,12 @@ Fixtures, under ``tests/fixtures/``:
 * ``rivals/``: ``quota-a`` and ``quota-b``, two providers of one capability;
 * ``broken/``: a plugin whose import fails;
 * ``badhook/``: a plugin implementing a misspelled hook.
+
+Lucid ships several built-in plugins (all entry points of the ``lucid-gateway``
+distribution) and gains more over time. These tests are about choosing plugins, not
+about which built-ins exist: they compute the built-in set from the entry points and
+assert the plugins under test exactly (membership and relative order), the other
+built-ins only where a test is about them.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,32 @@ THIRDPARTY = FIXTURES / "thirdparty"
 RIVALS = FIXTURES / "rivals"
 BROKEN = FIXTURES / "broken"
 BADHOOK = FIXTURES / "badhook"
+
+
+def builtin_plugins() -> list[InstalledPlugin]:
+    """Lucid's own plugins: the ``lucid`` entry points of the ``lucid-gateway`` package."""
+    return sorted(
+        (InstalledPlugin(ep.name, ep.value, ep.dist.name)
+         for ep in entry_points(group="lucid")
+         if ep.dist is not None and ep.dist.name == "lucid-gateway"),
+        key=lambda p: p.name,
+    )
+
+
+BUILTINS = [p.name for p in builtin_plugins()]  # sorted by name
+# The built-ins other than the router these tests swap and switch off.
+OTHER_BUILTINS = frozenset(BUILTINS) - {"gateway"}
+
+
+def under_test(names: list[str]) -> list[str]:
+    """``names`` (in their order) without the other built-ins: the plugins under test."""
+    return [n for n in names if n not in OTHER_BUILTINS]
+
+
+def other_builtins_off() -> str:
+    """``[plugins]`` lines switching every built-in capability but ``gateway`` off."""
+    return "".join(f"{p.capability} = false\n" for p in builtin_plugins()
+                   if p.name in OTHER_BUILTINS)
 
 
 def lucid_env(*installed: Path) -> dict[str, str]:
@@ -66,13 +100,18 @@ def enabled_names(path: Path) -> list[str]:
 
 
 def plugin_rows(output: str) -> dict[str, list[str]]:
-    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``."""
+    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``.
+
+    Columns are cut where the header's words start, so a plugin implementing no hooks
+    (an empty last column) parses too, as ``""``."""
     header, *lines = output.splitlines()
     assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
     rows = {}
     for line in lines:
-        name, capability, enabled, package, hooks = line.split(None, 4)
-        rows[name] = [capability, enabled, package, hooks]
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
+        rows[cells[0]] = cells[1:]
     return rows
 
 
@@ -98,16 +137,19 @@ def rivals(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_third_party_plugins_are_found_through_entry_points(thirdparty: None) -> None:
     found = {p.name: p for p in installed_plugins()}
-    assert sorted(found) == ["boom", "fakerouter", "gateway", "guard"]
+    assert sorted(found) == sorted([*BUILTINS, "boom", "fakerouter", "guard"])
     fake = found["fakerouter"]
     assert (fake.target, fake.distribution, fake.capability) == (
         "lucid_fake_router", "lucid-fake-router", "gateway",
     )
     assert found["gateway"].distribution == "lucid-gateway"
+    assert {found[name].distribution for name in BUILTINS} == {"lucid-gateway"}
 
 
 def test_without_the_folder_they_are_not_installed() -> None:
-    assert [p.name for p in installed_plugins()] == ["gateway"]
+    assert "gateway" in BUILTINS
+    assert [p.name for p in installed_plugins()] == BUILTINS
+    assert {p.distribution for p in installed_plugins()} == {"lucid-gateway"}
 
 
 def test_capability_left_out_goes_to_the_plugin_named_after_it(
@@ -115,7 +157,10 @@ def test_capability_left_out_goes_to_the_plugin_named_after_it(
 ) -> None:
     """Two plugins provide ``gateway``; the one *named* ``gateway`` wins by default, and
     a capability with a single provider (``boom``, ``guard``) gets that provider."""
-    assert enabled_names(write(tmp_path, "")) == ["gateway", "boom", "guard"]
+    names = enabled_names(write(tmp_path, ""))
+    assert under_test(names) == ["gateway", "boom", "guard"]
+    # the other built-ins are each the plugin named after their capability: all enabled
+    assert set(names) == OTHER_BUILTINS | {"gateway", "boom", "guard"}
 
 
 def test_capability_left_out_with_several_providers_is_an_error(
@@ -136,14 +181,14 @@ def test_capability_left_out_with_several_providers_is_an_error(
 def test_naming_one_of_several_providers(rivals: None, tmp_path: Path) -> None:
     path = write(tmp_path, '[plugins]\nquota = "quota-b"\n')
     plugin_set, config = load_plugins_and_config(path)
-    assert [p.name for p in plugin_set.plugins] == ["gateway", "quota-b"]
+    assert under_test([p.name for p in plugin_set.plugins]) == ["gateway", "quota-b"]
     assert config.quota.provider == "quota-b"  # its config model validated [quota]
 
 
 def test_switching_a_capability_off_ignores_its_section(rivals: None, tmp_path: Path) -> None:
     path = write(tmp_path, '[plugins]\nquota = false\n\n[quota]\nanything = "goes"\n')
     plugin_set, _ = load_plugins_and_config(path)
-    assert [p.name for p in plugin_set.plugins] == ["gateway"]
+    assert under_test([p.name for p in plugin_set.plugins]) == ["gateway"]
     assert plugin_set.disabled == frozenset({"quota"})
 
 
@@ -169,7 +214,7 @@ def test_environment_chooses_plugins_too(
     path = write(tmp_path, '[plugins]\ngateway = "gateway"\n')
     monkeypatch.setenv("LUCID_PLUGINS__GATEWAY", "fakerouter")
     monkeypatch.setenv("LUCID_PLUGINS__BOOM", "false")
-    assert enabled_names(path) == ["fakerouter", "guard"]
+    assert under_test(enabled_names(path)) == ["fakerouter", "guard"]
 
 
 # --- naming plugins that cannot be used -----------------------------------------------------
@@ -179,8 +224,8 @@ def test_naming_a_plugin_that_is_not_installed_lists_those_that_are(
     thirdparty: None, tmp_path: Path
 ) -> None:
     path = write(tmp_path, '[plugins]\ngateway = "nope"\n')
-    expected = ("plugins.gateway = 'nope': no such plugin is installed "
-                "(installed: boom, fakerouter, gateway, guard)")
+    installed = ", ".join(sorted([*BUILTINS, "boom", "fakerouter", "guard"]))
+    expected = f"plugins.gateway = 'nope': no such plugin is installed (installed: {installed})"
     with pytest.raises(ConfigError) as caught:
         load_plugins_and_config(path)
     assert caught.value.problems == [expected]
@@ -236,7 +281,7 @@ def test_lucid_plugins_shows_third_party_plugins(tmp_path: Path) -> None:
     result = run_lucid("plugins", installed=(THIRDPARTY,))
     assert result.returncode == 0, result.stderr
     rows = plugin_rows(result.stdout)
-    assert list(rows) == ["boom", "fakerouter", "gateway", "guard"]
+    assert list(rows) == sorted([*BUILTINS, "boom", "fakerouter", "guard"])
     assert rows["fakerouter"] == [
         "gateway", "no", "lucid-fake-router",
         "lucid_match_route, lucid_register_admin, lucid_register_config, "
@@ -251,7 +296,8 @@ def test_lucid_plugins_shows_third_party_plugins(tmp_path: Path) -> None:
     path = write(tmp_path, '[plugins]\ngateway = "fakerouter"\nboom = false\n')
     chosen = plugin_rows(run_lucid("plugins", "--config", str(path),
                                    installed=(THIRDPARTY,)).stdout)
-    assert {name: row[1] for name, row in chosen.items()} == {
+    assert list(chosen) == list(rows)
+    assert {name: row[1] for name, row in chosen.items() if name not in OTHER_BUILTINS} == {
         "boom": "no", "fakerouter": "yes", "gateway": "no", "guard": "yes",
     }
 
@@ -272,7 +318,7 @@ upstream = "{upstream.url}"
 prefix = "/api"
 """
     async with run_gateway(toml, tmp_path) as gateway:
-        assert [p.name for p in gateway.runtime.plugin_set.plugins] == [
+        assert under_test([p.name for p in gateway.runtime.plugin_set.plugins]) == [
             "fakerouter", "boom", "guard",
         ]
         async with gateway.session.get(f"{gateway.proxy_url}/api/users?page=2") as response:
@@ -297,10 +343,12 @@ def test_the_builtin_routers_section_is_unknown_once_it_is_swapped_out(
 
 
 def test_switching_routing_off_answers_404_to_everything(tmp_path: Path) -> None:
+    """With routing off nothing routes: the other built-ins are off too, so none of
+    them can answer in its place; the third-party admission plugins stay on."""
     config = write_config("""
 [plugins]
 gateway = false
-
+""" + other_builtins_off() + """
 [gateway.services.users]
 instances = ["http://127.0.0.1:9"]
 
