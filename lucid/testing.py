@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from lucid.gateway import Runtime, load_plugins_and_config
+from lucid.plugins import ENTRY_POINT_GROUP, InstalledPlugin
 from lucid.server import bind_socket, run_process
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -166,6 +168,56 @@ async def echo(request: web.Request) -> web.StreamResponse:
         "body_size": len(body),
         "port": request.transport.get_extra_info("sockname")[1] if request.transport else None,
     })
+
+
+def lucid_env(*installed: Path, **extra: str) -> dict[str, str]:
+    """The environment for a ``lucid`` subprocess: no stray ``LUCID_*`` overrides from
+    the caller's shell, the ``installed`` folders (plugin dist-infos) importable, and
+    ``extra`` variables set."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LUCID_")}
+    paths = [str(p) for p in installed]
+    if paths:
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra)
+    return env
+
+
+def run_lucid(
+    *args: str, installed: tuple[Path, ...] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``lucid`` command (``python -m lucid ARGS``) and capture what it says."""
+    return subprocess.run(
+        [sys.executable, "-m", "lucid", *args],
+        capture_output=True, text=True, timeout=60, env=lucid_env(*installed, **env),
+    )
+
+
+def builtin_plugins() -> list[InstalledPlugin]:
+    """Lucid's own plugins (the ``lucid`` entry points of ``lucid-gateway``), by name."""
+    return sorted(
+        (InstalledPlugin(ep.name, ep.value, ep.dist.name)
+         for ep in entry_points(group=ENTRY_POINT_GROUP)
+         if ep.dist is not None and ep.dist.name == "lucid-gateway"),
+        key=lambda p: p.name,
+    )
+
+
+def plugin_rows(output: str) -> dict[str, list[str]]:
+    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``.
+
+    Columns are cut where the header's words start, so a plugin implementing no hooks
+    (an empty last column) parses too, as ``""``."""
+    header, *lines = output.splitlines()
+    assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    rows = {}
+    for line in lines:
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
+        rows[cells[0]] = cells[1:]
+    return rows
 
 
 class GatewayProcess:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import stat
-import subprocess
-import sys
 import tomllib
-from importlib.metadata import entry_points, version
+from importlib.metadata import version
 from pathlib import Path
 
 import aiohttp
@@ -20,44 +17,21 @@ import pytest
 from aiohttp import web
 
 from lucid import __version__, hookspecs
-from lucid.plugins import InstalledPlugin
-from lucid.testing import GatewayProcess, start_upstream, wait_until, write_config
-
-
-def lucid_env(**extra: str) -> dict[str, str]:
-    """The environment for a ``lucid`` subprocess: no stray ``LUCID_*`` overrides."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LUCID_")}
-    env.update(extra)
-    return env
-
-
-def run_lucid(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lucid", *args],
-        capture_output=True, text=True, timeout=60, env=lucid_env(**env),
-    )
-
-
-@pytest.fixture(autouse=True)
-def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GatewayProcess passes os.environ on: overrides from outside must not leak in."""
-    for name in list(os.environ):
-        if name.upper().startswith("LUCID_"):
-            monkeypatch.delenv(name)
-
-
-def builtin_plugins() -> dict[str, str]:
-    """Lucid's own plugins (the ``lucid`` entry points of the ``lucid-gateway`` package),
-    as ``name -> package``."""
-    return {ep.name: ep.dist.name for ep in entry_points(group="lucid")
-            if ep.dist is not None and ep.dist.name == "lucid-gateway"}
+from lucid.testing import (
+    GatewayProcess,
+    builtin_plugins,
+    lucid_env,
+    plugin_rows,
+    run_lucid,
+    start_upstream,
+    wait_until,
+    write_config,
+)
 
 
 def builtin_capabilities() -> dict[str, str]:
     """Lucid's own plugins as ``name -> capability``."""
-    return {ep.name: InstalledPlugin(ep.name, ep.value, ep.dist.name).capability
-            for ep in entry_points(group="lucid")
-            if ep.dist is not None and ep.dist.name == "lucid-gateway"}
+    return {p.name: p.capability for p in builtin_plugins()}
 
 
 def admin_secret(path: Path) -> str:
@@ -125,27 +99,12 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 # --- lucid plugins -------------------------------------------------------------------------
 
 
-def plugin_rows(output: str) -> dict[str, list[str]]:
-    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``.
-
-    Columns are cut where the header's words start, so a plugin implementing no hooks
-    (an empty last column) parses too, as ``""``."""
-    header, *lines = output.splitlines()
-    assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
-    starts = [m.start() for m in re.finditer(r"\S+", header)]
-    rows = {}
-    for line in lines:
-        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
-        assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
-        rows[cells[0]] = cells[1:]
-    return rows
-
-
 def test_plugins_lists_the_builtin_gateway() -> None:
     result = run_lucid("plugins")
     assert result.returncode == 0, result.stderr
     rows = plugin_rows(result.stdout)
-    assert {name: row[2] for name, row in rows.items()} == builtin_plugins()
+    packages = {name: row[2] for name, row in rows.items()}
+    assert packages == {p.name: p.distribution for p in builtin_plugins()}
     capability, enabled, package, hooks = rows["gateway"]
     assert (capability, enabled, package) == ("gateway", "yes", "lucid-gateway")
     # every hook the gateway module implements, by name, sorted; the gateway grows hooks
@@ -166,7 +125,7 @@ def test_plugins_shows_what_a_config_enables(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = plugin_rows(result.stdout)
     assert rows["gateway"][1] == "no"
-    assert set(rows) == set(builtin_plugins())  # switched off is still listed
+    assert set(rows) == {p.name for p in builtin_plugins()}  # switched off is still listed
     default = plugin_rows(run_lucid("plugins").stdout)
     assert default["gateway"][1] == "yes"
     # only the capability switched off changed

@@ -10,11 +10,7 @@ CLI and the library are held to one standard.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +18,12 @@ import pytest
 
 from lucid.config import ConfigError
 from lucid.gateway import Generation, load_plugins_and_config
-from lucid.plugins import Hooks, InstalledPlugin
+from lucid.plugins import Hooks
+from lucid.testing import builtin_plugins, run_lucid
 from lucid.units import parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_TOML = REPO / "conf" / "cluster.toml"
-
-
-def lucid_env(**extra: str) -> dict[str, str]:
-    """The environment for a ``lucid`` subprocess: no stray ``LUCID_*`` overrides."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LUCID_")}
-    env.update(extra)
-    return env
-
-
-def run_lucid(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lucid", *args],
-        capture_output=True, text=True, timeout=60, env=lucid_env(**env),
-    )
-
-
-def builtin_plugins() -> list[InstalledPlugin]:
-    """Lucid's own plugins: the ``lucid`` entry points of the ``lucid-gateway`` package."""
-    return [InstalledPlugin(ep.name, ep.value, ep.dist.name)
-            for ep in entry_points(group="lucid")
-            if ep.dist is not None and ep.dist.name == "lucid-gateway"]
 
 
 def builtins_off_but(*keep: str) -> str:
@@ -77,14 +53,6 @@ def load(path: Path) -> Any:
     )
     asyncio.run(Hooks(plugin_set.pm).prepare(generation))
     return config
-
-
-@pytest.fixture(autouse=True)
-def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Overrides from the environment running the tests must not leak into them."""
-    for name in list(os.environ):
-        if name.upper().startswith("LUCID_"):
-            monkeypatch.delenv(name)
 
 
 # --- every error: file, dotted key, value, expectation; exit 2, no traceback ------------

@@ -22,11 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import subprocess
-import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +31,22 @@ import pytest
 from lucid.config import ConfigError
 from lucid.gateway import load_plugins_and_config
 from lucid.plugins import InstalledPlugin, choose_plugins, installed_plugins
-from lucid.testing import GatewayProcess, run_gateway, wait_until, write_config
+from lucid.testing import (
+    GatewayProcess,
+    builtin_plugins,
+    lucid_env,
+    plugin_rows,
+    run_gateway,
+    run_lucid,
+    wait_until,
+    write_config,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 THIRDPARTY = FIXTURES / "thirdparty"
 RIVALS = FIXTURES / "rivals"
 BROKEN = FIXTURES / "broken"
 BADHOOK = FIXTURES / "badhook"
-
-
-def builtin_plugins() -> list[InstalledPlugin]:
-    """Lucid's own plugins: the ``lucid`` entry points of the ``lucid-gateway`` package."""
-    return sorted(
-        (InstalledPlugin(ep.name, ep.value, ep.dist.name)
-         for ep in entry_points(group="lucid")
-         if ep.dist is not None and ep.dist.name == "lucid-gateway"),
-        key=lambda p: p.name,
-    )
 
 
 BUILTINS = [p.name for p in builtin_plugins()]  # sorted by name
@@ -71,23 +65,6 @@ def other_builtins_off() -> str:
                    if p.name in OTHER_BUILTINS)
 
 
-def lucid_env(*installed: Path) -> dict[str, str]:
-    """A subprocess environment with ``installed`` folders importable, no ``LUCID_*``."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LUCID_")}
-    paths = [str(p) for p in installed]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
-
-
-def run_lucid(*args: str, installed: tuple[Path, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lucid", *args],
-        capture_output=True, text=True, timeout=60, env=lucid_env(*installed),
-    )
-
-
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "cluster.toml"
     path.write_text(text)
@@ -97,29 +74,6 @@ def write(tmp_path: Path, text: str) -> Path:
 def enabled_names(path: Path) -> list[str]:
     plugin_set, _ = load_plugins_and_config(path)
     return [p.name for p in plugin_set.plugins]
-
-
-def plugin_rows(output: str) -> dict[str, list[str]]:
-    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``.
-
-    Columns are cut where the header's words start, so a plugin implementing no hooks
-    (an empty last column) parses too, as ``""``."""
-    header, *lines = output.splitlines()
-    assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
-    starts = [m.start() for m in re.finditer(r"\S+", header)]
-    rows = {}
-    for line in lines:
-        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
-        assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
-        rows[cells[0]] = cells[1:]
-    return rows
-
-
-@pytest.fixture(autouse=True)
-def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("LUCID_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
