@@ -22,10 +22,12 @@ async def open_database(path: Path, schema: Sequence[str] = ()) -> aiosqlite.Con
     path.parent.mkdir(parents=True, exist_ok=True)
     db = await aiosqlite.connect(path)
     db.row_factory = aiosqlite.Row
+    # busy_timeout first: two worker processes opening a new file at the same moment
+    # would otherwise race on switching it to WAL ("database is locked").
+    await db.execute("PRAGMA busy_timeout=5000")
     await db.execute("PRAGMA journal_mode=WAL")
     await db.execute("PRAGMA synchronous=NORMAL")
     await db.execute("PRAGMA foreign_keys=ON")
-    await db.execute("PRAGMA busy_timeout=5000")
     for statement in schema:
         await db.execute(statement)
     await db.commit()
