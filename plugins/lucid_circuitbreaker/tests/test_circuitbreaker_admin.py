@@ -1,0 +1,228 @@
+"""The admin API: all seven endpoints plus force-open and disable, bad input,
+static circuits, and persistence across a kill -9."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from lucid_circuitbreaker.testing import Switch, plugin_of
+
+
+def base(upstream: str, static: str = "") -> str:
+    return f"""
+[gateway.services.svc]
+instances = ["{upstream}"]
+[gateway.services.other]
+instances = ["{upstream}"]
+
+[[gateway.routes]]
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+{static}
+"""
+
+
+STATIC = """
+[circuitbreaker.circuits.fixed]
+service = "other"
+consecutive_failures = 5
+"""
+
+
+async def call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any
+               ) -> tuple[int, Any]:
+    async with session.request(method, url, **kw) as r:
+        return r.status, await r.json()
+
+
+class Admin:
+    def __init__(self, gw: Any):
+        self.gw = gw
+
+    async def __call__(self, method: str, path: str, json: Any = None, **kw: Any
+                       ) -> tuple[int, Any]:
+        return await call(self.gw.session, method,
+                          self.gw.admin_url + "/circuitbreaker" + path, json=json, **kw)
+
+    async def proxy(self, path: str = "/x") -> tuple[int, dict[str, str]]:
+        async with self.gw.session.get(self.gw.proxy_url + path) as r:
+            await r.read()
+            return r.status, dict(r.headers)
+
+
+@pytest.fixture
+async def setup(lucid_upstream: Any, lucid_gateway: Any) -> tuple[Admin, Switch]:
+    switch = Switch(500)
+    up = await lucid_upstream(switch)
+    gw = await lucid_gateway(base(up.url, STATIC))
+    return Admin(gw), switch
+
+
+async def test_create_list_replace_delete(setup: tuple[Admin, Switch]) -> None:
+    admin, switch = setup
+    code, body = await admin("POST", "/circuits", {
+        "id": "svc-breaker", "service": "svc", "consecutive_failures": 2,
+        "wait_duration_in_open_state": "30s", "fallback": {"status": 200, "body": "later"}})
+    assert code == 201, body
+    assert body["source"] == "api"
+    assert body["effective"]["wait_duration_in_open_state"] == 30
+    code, listing = await admin("GET", "/circuits")
+    assert code == 200
+    assert sorted(c["id"] for c in listing["circuits"]) == ["fixed", "svc-breaker"]
+    assert [(await admin.proxy())[0] for _ in range(3)] == [500, 500, 200]  # fallback
+    assert switch.calls == 2
+
+    code, body = await admin("PUT", "/circuits/svc-breaker",
+                             {"service": "svc", "consecutive_failures": 4})
+    assert code == 200 and body["definition"] == {"service": "svc", "consecutive_failures": 4}
+    code, status = await admin("GET", "/circuits/svc-breaker")
+    assert status["status"]["state"] == "closed"  # a changed definition starts closed
+    assert [(await admin.proxy())[0] for _ in range(5)] == [500] * 4 + [503]
+
+    code, body = await admin("DELETE", "/circuits/svc-breaker")
+    assert (code, body) == (200, {"deleted": "svc-breaker"})
+    assert (await admin("GET", "/circuits/svc-breaker"))[0] == 404
+    assert (await admin.proxy())[0] == 500  # no circuit any more
+
+
+async def test_health_and_status(setup: tuple[Admin, Switch]) -> None:
+    admin, _ = setup
+    code, health = await admin("GET", "/health")
+    assert (code, health["status"], health["circuits"], health["not_closed"]) == (
+        200, "ok", 1, [])
+    code, status = await admin("GET", "/status")
+    [fixed] = status["circuits"]
+    assert fixed["id"] == "fixed" and fixed["state"] == "closed"
+    for key in ("since", "failure_rate", "slow_call_rate", "calls_in_window", "next_probe_at"):
+        assert key in fixed
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({"id": "c", "service": "svc", "failure_rate_threshold": 150}, "failure_rate_threshold"),
+    ({"id": "c", "service": "svc", "failure_rate_threshold": -1}, "failure_rate_threshold"),
+    ({"id": "c", "service": "svc", "slow_call_rate_threshold": 101}, "slow_call_rate_threshold"),
+    ({"id": "c", "service": "svc", "sliding_window_size": 0}, "sliding_window_size"),
+    ({"id": "c", "service": "svc", "sliding_window_size": 5, "minimum_number_of_calls": 6},
+     "minimum_number_of_calls"),
+    ({"id": "c", "service": "svc", "wait_duration_in_open_state": "soon"},
+     "wait_duration_in_open_state"),
+    ({"id": "c", "service": "svc", "scope": "zone"}, "scope"),
+    ({"id": "c", "service": "svc", "failure_statuses": [700]}, "failure_statuses"),
+    ({"id": "c", "service": "svc", "bogus": 1}, "bogus"),
+    ({"id": "c"}, "service"),
+    ({"id": "bad id", "service": "svc"}, "id"),
+    ({"id": "c", "service": "svc", "fallback": {"service": "x", "body": "y"}}, "fallback"),
+])
+async def test_bad_input_is_422_naming_the_field_and_changes_nothing(
+    setup: tuple[Admin, Switch], payload: dict[str, Any], field: str
+) -> None:
+    admin, _ = setup
+    code, body = await admin("POST", "/circuits", payload)
+    assert code == 422, body
+    assert body["error"] == "validation failed"
+    assert any(f["field"].startswith(field) for f in body["fields"]), body
+    assert [c["id"] for c in (await admin("GET", "/circuits"))[1]["circuits"]] == ["fixed"]
+
+
+async def test_malformed_json_is_422(setup: tuple[Admin, Switch]) -> None:
+    admin, _ = setup
+    code, body = await admin("POST", "/circuits", data=b"{nope",
+                             headers={"content-type": "application/json"})
+    assert code == 422 and body["fields"][0]["field"] == "body"
+
+
+@pytest.mark.parametrize(("method", "path", "payload"), [
+    ("GET", "/circuits/nope", None),
+    ("PUT", "/circuits/nope", {"service": "svc"}),
+    ("DELETE", "/circuits/nope", None),
+    ("POST", "/circuits/nope/reset", None),
+    ("POST", "/circuits/nope/force-open", None),
+    ("POST", "/circuits/nope/disable", None),
+])
+async def test_unknown_circuit_is_404(setup: tuple[Admin, Switch], method: str, path: str,
+                                      payload: Any) -> None:
+    admin, _ = setup
+    code, body = await admin(method, path, payload)
+    assert code == 404 and body["field"] == "circuit_id"
+
+
+async def test_conflicts_are_409(setup: tuple[Admin, Switch]) -> None:
+    admin, _ = setup
+    code, body = await admin("DELETE", "/circuits/fixed")
+    assert code == 409 and "config file" in body["error"]
+    code, body = await admin("PUT", "/circuits/fixed", {"service": "other"})
+    assert code == 409
+    code, body = await admin("POST", "/circuits", {"id": "fixed", "service": "svc"})
+    assert code == 409 and body["field"] == "id"
+    code, body = await admin("POST", "/circuits", {"id": "again", "service": "other"})
+    assert code == 409 and body["field"] == "service"
+    assert (await admin("POST", "/circuits", {"id": "c1", "service": "svc"}))[0] == 201
+    assert (await admin("POST", "/circuits", {"id": "c1", "service": "svc"}))[0] == 409
+
+
+async def test_force_open_disable_reset(setup: tuple[Admin, Switch]) -> None:
+    admin, switch = setup
+    assert (await admin("POST", "/circuits", {
+        "id": "c", "service": "svc", "consecutive_failures": 2}))[0] == 201
+    code, body = await admin("POST", "/circuits/c/force-open")
+    assert code == 200 and body["state"] == "forced_open" and body["mode"] == "forced_open"
+    status, headers = await admin.proxy()
+    assert status == 503 and "Retry-After" not in headers and switch.calls == 0
+
+    code, body = await admin("POST", "/circuits/c/disable")
+    assert body["state"] == "metrics_only"
+    assert [(await admin.proxy())[0] for _ in range(4)] == [500] * 4  # never trips
+    code, body = await admin("GET", "/circuits/c")
+    assert body["status"]["failed_calls"] == 4  # but still counts
+
+    code, body = await admin("POST", "/circuits/c/reset")
+    assert (body["state"], body["mode"], body["calls_in_window"]) == ("closed", "normal", 0)
+    assert [(await admin.proxy())[0] for _ in range(3)] == [500, 500, 503]
+    code, status = await admin("GET", "/status")
+    assert status["transitions"]["closed->forced_open"] == 1
+    assert status["transitions"]["closed->open"] == 1
+
+
+async def test_static_circuits_can_be_forced_open(setup: tuple[Admin, Switch]) -> None:
+    admin, _ = setup
+    code, body = await admin("POST", "/circuits/fixed/force-open")
+    assert code == 200 and body["state"] == "forced_open"
+    assert plugin_of(admin.gw).circuits["fixed"].mode == "forced_open"
+
+
+async def test_definitions_and_modes_survive_kill_9(
+    lucid_upstream: Any, lucid_process: Any, tmp_path: Path
+) -> None:
+    switch = Switch(200)
+    up = await lucid_upstream(switch)
+    data_dir = str(tmp_path / "shared-data")
+    first = lucid_process(base(up.url, STATIC), data_dir=data_dir)
+    async with aiohttp.ClientSession() as session:
+        admin = first.admin_url + "/circuitbreaker"
+        code, _ = await call(session, "POST", admin + "/circuits",
+                             json={"id": "c", "service": "svc", "consecutive_failures": 3,
+                                   "fallback": {"service": "other"}})
+        assert code == 201
+        assert (await call(session, "POST", admin + "/circuits/c/force-open"))[0] == 200
+        assert (await call(session, "POST", admin + "/circuits/fixed/disable"))[0] == 200
+        assert (await call(session, "POST", admin + "/circuits",
+                           json={"id": "x", "service": "nowhere",
+                                 "failure_rate_threshold": 500}))[0] == 422
+    first.signal(signal.SIGKILL)
+    first.wait()
+
+    second = lucid_process(base(up.url, STATIC), data_dir=data_dir)
+    async with aiohttp.ClientSession() as session:
+        admin = second.admin_url + "/circuitbreaker"
+        code, listing = await call(session, "GET", admin + "/circuits")
+        modes = {c["id"]: (c["mode"], c["source"]) for c in listing["circuits"]}
+        assert modes == {"fixed": ("metrics_only", "static"), "c": ("forced_open", "api")}
+        async with session.get(second.proxy_url + "/x") as r:
+            assert r.status == 200  # refused, answered by the fallback service
+            assert r.headers["x-lucid-fallback"] == "c"
+        assert switch.calls == 1
