@@ -7,6 +7,7 @@ failure is 422 and names each bad field; nothing answers with a traceback.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,19 @@ def error_response(status: int, message: str, **extra: Any) -> Any:
     return response
 
 
+def _cache_quart_schema_adapters() -> None:
+    """quart-schema builds a new pydantic ``TypeAdapter`` for every dict or list a view
+    returns and for every payload it validates (measured: ~300 µs of a ~700 µs admin
+    request). Adapters are stateless, so one per type serves every request."""
+    import quart_schema.conversion as conversion
+    from pydantic import TypeAdapter
+
+    if conversion.TypeAdapter is TypeAdapter:  # once per process
+        conversion.TypeAdapter = functools.lru_cache(maxsize=512)(TypeAdapter)  # type: ignore[misc,assignment]
+
+
 def create_admin_app(rt: Runtime) -> Quart:
+    _cache_quart_schema_adapters()
     app = Quart("lucid.admin")
     app.request_class = AdminRequest
     app.config["PROPAGATE_EXCEPTIONS"] = False
