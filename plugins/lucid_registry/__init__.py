@@ -1,9 +1,105 @@
-"""Lucid's service registry plugin: registration, discovery, health, watches, persistence."""
+"""Lucid's service registry plugin: registration, discovery, health, watches, persistence.
+
+Routes name a service; this plugin resolves it to the service's usable instances
+from memory (one dict lookup per request) and returns None for services it does not
+know, so the gateway plugin's static ``[gateway.services]`` still resolve. Without a
+``[registry]`` section and without registrations it is inert: no store is opened
+until the admin API first writes, and every service lookup misses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from lucid.model import Exchange, Instance, Outcome
+from lucid.plugins import hookimpl
+from lucid_registry.config import RegistryConfig
+from lucid_registry.registry import RegisteredInstance, Registry
+from lucid_registry.store import SQLiteStore
 
 LUCID_CAPABILITY = "registry"
+DB_NAME = "registry.db"
+__all__ = ["RegistryConfig", "RegistryPlugin", "Registry"]
 
 
 class RegistryPlugin:
     """One instance per gateway (Lucid instantiates the class named by the entry point)."""
 
     LUCID_CAPABILITY = LUCID_CAPABILITY
+
+    def __init__(self) -> None:
+        self.registry: Registry | None = None
+        # service name -> candidate instances; the Registry rebuilds entries in place.
+        self.candidates: dict[str, list[Instance]] = {}
+
+    # lifecycle ---------------------------------------------------------------
+    @hookimpl
+    def lucid_register_config(self, register: Callable[..., None]) -> None:
+        register("registry", RegistryConfig)
+
+    @hookimpl
+    def lucid_register_admin(self, register: Callable[..., None]) -> None:
+        from lucid_registry.admin import blueprint
+
+        register(blueprint)
+
+    @hookimpl
+    def lucid_check_workers(self, config: Any, workers: int) -> str | None:
+        if workers > 1 and config.registry.model_fields_set:
+            return ("the registry keeps instances and their health in one process; "
+                    "run it with server.workers = 1")
+        return None
+
+    @hookimpl
+    def lucid_prepare(self, generation: Any) -> None:
+        generation.state["registry"] = generation.config.registry
+
+    @hookimpl
+    async def lucid_startup(self, runtime: Any) -> None:
+        config: RegistryConfig = runtime.config.registry
+        path = runtime.data_dir / DB_NAME
+        registry = Registry(runtime, config, SQLiteStore(path), self.candidates)
+        if runtime.config.server.workers > 1:
+            registry.read_only = ("the registry needs server.workers = 1: registrations "
+                                  "made here would not reach the other worker processes")
+        await registry.load(config.services, persisted=path.exists())
+        self.registry = registry
+
+    @hookimpl
+    async def lucid_shutdown(self, runtime: Any) -> None:
+        if self.registry is not None:
+            await self.registry.stop()
+            await self.registry.store.close()
+            self.registry = None
+
+    @hookimpl
+    def lucid_observe_event(self, event: Any) -> Awaitable[None] | None:
+        """After a reload, static services follow the file (other events cost nothing)."""
+        if event.kind != "config_reloaded" or self.registry is None:
+            return None
+        registry = self.registry
+        config: RegistryConfig = registry.runtime.config.registry
+        registry.config = config  # passive and max_wait follow the reload
+        return registry.sync_static(config.services)
+
+    # data path -----------------------------------------------------------------
+    @hookimpl
+    def lucid_resolve_instances(
+        self, exchange: Exchange, generation: Any
+    ) -> Sequence[Instance] | None:
+        return self.candidates.get(exchange.service)
+
+    @hookimpl
+    def lucid_record_outcome(
+        self, exchange: Exchange, instance: Instance, outcome: Outcome
+    ) -> None:
+        if instance.__class__ is not RegisteredInstance:
+            return
+        record = instance.record  # type: ignore[attr-defined]
+        if outcome.kind == "success":
+            if record.passive_failures or record.passive_connect:
+                record.passive_failures = record.passive_connect = 0
+            return
+        if self.registry is not None:
+            self.registry.record_failure(record, outcome)
