@@ -1,9 +1,245 @@
-"""Lucid's monitoring plugin: Prometheus metrics, alerts, dashboard, access logs, reports."""
+"""Lucid's monitoring plugin: Prometheus metrics, alerts, dashboard, access logs, reports.
+
+Per request it does only in-memory bookkeeping (:class:`~lucid_monitoring.metrics.Recorder`,
+a ring buffer, and a queue put when the access log is on); everything else runs in
+background tasks: window ticks, alert evaluation and notification, per-minute
+rollups to SQLite, and log writing in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from lucid.plugins import hookimpl
+from lucid_monitoring.accesslog import FLUSH_INTERVAL, AccessLogWriter, entry
+from lucid_monitoring.alerts import AlertEngine, alertmanager_payload, make_notifier
+from lucid_monitoring.config import AlertRule, MonitoringConfig, RouteMonitoring
+from lucid_monitoring.metrics import TICK, PrometheusCollector, Recorder
+from lucid_monitoring.reports import Rollups
+from lucid_monitoring.store import MonitoringStore
 
 LUCID_CAPABILITY = "monitoring"
+__all__ = ["MonitoringPlugin", "MonitoringConfig", "AlertRule"]
+
+log = logging.getLogger("lucid.monitoring")
 
 
 class MonitoringPlugin:
     """One instance per gateway (Lucid instantiates the class named by the entry point)."""
 
     LUCID_CAPABILITY = LUCID_CAPABILITY
+
+    def __init__(self) -> None:
+        self.runtime: Any = None
+        self.config = MonitoringConfig()
+        self.recorder: Recorder | None = None
+        self.ring: deque[tuple[Any, ...]] | None = None
+        self.writer: AccessLogWriter | None = None
+        self._put: Callable[[Any], None] | None = None
+        self.engine = AlertEngine()
+        self.notifiers: list[Any] = []
+        self.store: MonitoringStore | None = None
+        self.rollups: Rollups | None = None
+        self.registry: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._alerted = False  # an alert fired since the last rollup
+        self._rules_lock = asyncio.Lock()
+
+    # lifecycle ----------------------------------------------------------------
+    @hookimpl
+    def lucid_register_config(self, register: Callable[..., None]) -> None:
+        register("monitoring", MonitoringConfig, route_model=RouteMonitoring)
+
+    @hookimpl
+    def lucid_register_admin(self, register: Callable[..., None]) -> None:
+        from lucid_monitoring.admin import blueprint, metrics_blueprint
+
+        register(blueprint)
+        register(metrics_blueprint)
+
+    @hookimpl
+    def lucid_check_workers(self, config: Any, workers: int) -> str | None:
+        section = getattr(config, "monitoring", None)
+        if workers > 1 and section is not None and section.alerts:
+            return ("monitoring alert rules judge one process's traffic; with several "
+                    "workers each would see only its share (use workers = 1)")
+        return None
+
+    @hookimpl
+    def lucid_prepare(self, generation: Any) -> None:
+        # The recorder exists before any plugin starts: the registry emits
+        # instance_registered events from its own startup, which runs first.
+        cfg: MonitoringConfig = generation.config.monitoring
+        if self.recorder is None and self.runtime is None and cfg.metrics:
+            self.recorder = Recorder(cfg.buckets, cfg.max_clients)
+
+    @hookimpl
+    async def lucid_startup(self, runtime: Any) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.runtime = runtime
+        cfg: MonitoringConfig = runtime.config.monitoring
+        self.config = cfg
+        if cfg.metrics and self.recorder is None:
+            self.recorder = Recorder(cfg.buckets, cfg.max_clients)
+        if cfg.log_buffer:
+            self.ring = deque(maxlen=cfg.log_buffer)
+        loop = asyncio.get_running_loop()
+        if cfg.access_log.enabled:
+            self.writer = AccessLogWriter(cfg.access_log, runtime.data_dir)
+            self._put = self.writer.put
+            self._tasks.append(loop.create_task(self._every(FLUSH_INTERVAL, self._flush_log)))
+        self.registry = CollectorRegistry(auto_describe=False)
+        if self.recorder is not None:
+            self.registry.register(PrometheusCollector(
+                self.recorder, lambda: self.runtime, self._alert_samples))
+        if runtime.worker_index != 0:
+            return  # alerts, notifications and rollups run in the first worker only
+        self.store = await MonitoringStore.open(runtime.data_dir / "monitoring.db")
+        await self.load_rules()
+        self.notifiers = [make_notifier(n) for n in cfg.notifiers]
+        for notifier in self.notifiers:
+            notifier.start()
+        if self.recorder is not None:
+            self.rollups = Rollups(self.recorder)
+            self._tasks += [
+                loop.create_task(self._every(TICK, self._tick)),
+                loop.create_task(self._every(cfg.evaluation_interval, self.evaluate)),
+                loop.create_task(self._every(cfg.rollup_interval, self.rollup)),
+            ]
+
+    @hookimpl
+    async def lucid_shutdown(self, runtime: Any) -> None:
+        tasks = [*self._tasks, *self._reloads]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        if self.store is not None and self.rollups is not None:
+            try:
+                await self.rollup()  # keep the partial minute
+            except Exception:
+                log.exception("monitoring: final rollup failed")
+        for notifier in self.notifiers:
+            await notifier.stop()
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer = None
+            self._put = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+
+    # data path ------------------------------------------------------------------
+    @hookimpl
+    def lucid_observe_exchange(self, exchange: Any) -> None:
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.observe(exchange)
+        ring = self.ring
+        if ring is not None:
+            override = exchange.overrides.get("monitoring") if exchange.overrides else None
+            if override is not None and not override.access_log:
+                return
+            fields = entry(exchange, time.time())
+            ring.append(fields)
+            put = self._put
+            if put is not None:
+                put(fields)
+        elif self._put is not None:
+            override = exchange.overrides.get("monitoring") if exchange.overrides else None
+            if override is None or override.access_log:
+                self._put(entry(exchange, time.time()))
+
+    @hookimpl
+    def lucid_record_outcome(self, exchange: Any, instance: Any, outcome: Any) -> None:
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.outcome(exchange.service, instance.id, outcome)
+
+    @hookimpl
+    def lucid_observe_event(self, event: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.observe_event(event.kind, event.data)
+        if event.kind == "config_reloaded" and self.store is not None:
+            task = asyncio.get_running_loop().create_task(self._reloaded())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    # background -------------------------------------------------------------------
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("monitoring: background job %s failed", job.__name__)
+
+    async def _flush_log(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    async def _tick(self) -> None:
+        assert self.recorder is not None
+        self.recorder.tick()
+
+    async def _reloaded(self) -> None:
+        self.config = self.runtime.config.monitoring
+        await self.load_rules()
+
+    async def load_rules(self) -> None:
+        """Static rules from the live config, then those created through the API."""
+        assert self.store is not None
+        rules: list[tuple[AlertRule, bool]] = [(r, True) for r in self.config.alerts]
+        static = {r.name for r in self.config.alerts}
+        for definition in await self.store.rules():
+            rule = AlertRule.model_validate(definition)
+            if rule.name in static:
+                log.warning("monitoring: alert rule %r from the API is shadowed by the "
+                            "config's rule of that name", rule.name)
+                continue
+            rules.append((rule, False))
+        self.engine.set_rules(rules)
+
+    async def evaluate(self) -> list[Any]:
+        """Run every rule once; persist and notify the transitions."""
+        if self.recorder is None:
+            return []
+        now = time.time()
+        transitions = self.engine.evaluate(self.recorder, self.runtime, now)
+        if self.engine.firing():
+            self._alerted = True
+        if not transitions:
+            return transitions
+        if self.store is not None:
+            await self.store.record_transitions(
+                [(t.alert.rule.name, t.state, t.value, t.alert.rule.severity, t.alert.labels,
+                  t.at) for t in transitions], self.config.alert_history)
+        for t in transitions:
+            if t.state in ("firing", "resolved"):
+                payload = alertmanager_payload(t, self.config.external_url)
+                for notifier in self.notifiers:
+                    notifier.send(payload)
+        return transitions
+
+    async def rollup(self) -> None:
+        if self.rollups is None or self.store is None:
+            return
+        interval = self.config.rollup_interval
+        now = time.time()
+        minute = now - now % interval
+        alerting = self._alerted or self.engine.firing()
+        self._alerted = False
+        rows = self.rollups.take(minute, alerting)
+        await self.store.add_rollups(rows, now - self.config.retention)
+
+    def _alert_samples(self) -> list[tuple[str, str, str]]:
+        return [(a.rule.name, a.rule.severity, a.state) for a in self.engine.alerts.values()]

@@ -1,0 +1,222 @@
+"""Monitoring benchmark: what recording costs per request, and what it costs in throughput.
+
+1. In-process micro-costs (always): ``lucid_record_outcome`` and
+   ``lucid_observe_exchange`` on a finished exchange,
+   timed over many iterations with ``time.perf_counter_ns`` (median of several
+   repeats), for: metrics only; metrics + the /monitoring/logs ring buffer (the
+   default); and that plus the access log's queue put (full). The floor is an empty
+   hook implementation called the same way, measured in the same run.
+2. Proxy throughput (``--throughput``): runs ``bench/proxy_bench.py --rounds N`` with
+   two variants -- ``monitoring-off`` (``[plugins] monitoring = false``) and
+   ``monitoring-full`` (access log to a rotating file, alert rules evaluated, log
+   notifier) -- next to the plain Lucid row (monitoring on by default: metrics and
+   ring buffer). The goal: every monitoring row >= 0.95 x monitoring-off, per the
+   medians; per-round ratios are printed as a noise gauge.
+
+    python bench/bench_monitoring.py                       # micro-costs only
+    python bench/bench_monitoring.py --throughput --rounds 5 --duration 10
+
+Writes ``bench/results/monitoring.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results" / "monitoring.json"
+GOAL = 0.95
+
+OFF = """\
+[plugins]
+monitoring = false
+"""
+
+FULL = """\
+[monitoring]
+evaluation_interval = "1s"
+
+[monitoring.access_log]
+enabled = true
+target = "file"
+path = "access.log"
+max_bytes = "50MiB"
+backups = 1
+
+[[monitoring.alerts]]
+name = "HighErrorRate"
+metric = "error_rate"
+threshold = 0.05
+
+[[monitoring.alerts]]
+name = "SlowP99"
+metric = "p99_latency"
+threshold = 1.0
+for = "30s"
+
+[[monitoring.alerts]]
+name = "LowHealthyShare"
+metric = "healthy_instance_share"
+op = "<"
+threshold = 0.5
+
+[[monitoring.notifiers]]
+type = "log"
+"""
+
+
+# ---------------------------------------------------------------------------- micro
+def _exchange() -> Any:
+    from lucid.model import Exchange, Instance, Outcome
+
+    ex = Exchange(request_id="0af7651916cd43dd8448eb211c80319c", method="GET", path="/api/users",
+                  query="", host="example.com", scheme="http", client_ip="10.1.2.3",
+                  headers={}, started=time.perf_counter())
+    ex.route_id, ex.service = "api", "users"
+    ex.instance = Instance.from_url("users", "http://10.0.0.5:8080")
+    ex.status, ex.attempts, ex.bytes_out = 200, 1, 512
+    ex.duration, ex.upstream_duration = 0.0042, 0.0031
+    ex.outcome = Outcome("success", 200, 0.003)
+    return ex
+
+
+def _plugin(ring: bool, access_log: bool, tmp: Path) -> Any:
+    from lucid_monitoring import MonitoringPlugin
+    from lucid_monitoring.accesslog import AccessLogWriter
+    from lucid_monitoring.config import AccessLog, MonitoringConfig
+    from lucid_monitoring.metrics import Recorder
+
+    cfg = MonitoringConfig()
+    plugin = MonitoringPlugin()
+    plugin.recorder = Recorder(cfg.buckets, cfg.max_clients)
+    if ring:
+        from collections import deque
+
+        plugin.ring = deque(maxlen=cfg.log_buffer)
+    if access_log:
+        plugin.writer = AccessLogWriter(
+            AccessLog(enabled=True, target="file", path="access.log", max_bytes="100MiB"), tmp)
+        plugin._put = plugin.writer.put
+    return plugin
+
+
+def _time(fn: Any, ex: Any, n: int, repeats: int) -> float:
+    """Median ns per call."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            fn(ex)
+        samples.append((time.perf_counter_ns() - start) / n)
+    return statistics.median(samples)
+
+
+def micro(n: int, repeats: int) -> dict[str, Any]:
+    ex = _exchange()
+
+    def nothing(exchange: Any, *more: Any) -> None:
+        return None
+
+    def floor(exchange: Any) -> None:  # the same two hook calls, doing nothing
+        nothing(exchange, exchange.instance, exchange.outcome)
+        nothing(exchange)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {"floor (empty hooks)": _time(floor, ex, n, repeats)}
+        for label, ring, log in (("metrics", False, False), ("metrics+ring (default)", True,
+                                                             False),
+                                 ("full (+access log)", True, True)):
+            plugin = _plugin(ring, log, Path(tmp))
+            def hooks(exchange: Any, plugin: Any = plugin) -> None:
+                plugin.lucid_record_outcome(exchange, exchange.instance, exchange.outcome)
+                plugin.lucid_observe_exchange(exchange)
+
+            rows[label] = _time(hooks, ex, n, repeats)
+            if plugin.writer is not None:
+                plugin.writer.stop()
+    base = rows["floor (empty hooks)"]
+    print("\nper-request cost of lucid_record_outcome + lucid_observe_exchange "
+          f"({n:,} calls x {repeats}, median)")
+    print(f"{'variant':<26} {'ns/call':>9} {'over floor':>11}")
+    for label, ns in rows.items():
+        print(f"{label:<26} {ns:>9,.0f} {ns - base:>10,.0f}")
+    return {"iterations": n, "repeats": repeats, "ns_per_call": rows,
+            "ns_over_floor": {k: round(v - base, 1) for k, v in rows.items()}}
+
+
+# ---------------------------------------------------------------------------- throughput
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        off, full = Path(tmp) / "off.toml", Path(tmp) / "full.toml"
+        off.write_text(OFF)
+        full.write_text(FULL)
+        out = Path(tmp) / "proxy.json"
+        cmd = [sys.executable, str(BENCH_DIR / "proxy_bench.py"), "--rounds", str(args.rounds),
+               "--duration", str(args.duration), "--label", "lucid",
+               "--variant", f"monitoring-off={off}", "--variant", f"monitoring-full={full}",
+               "--json", str(out)]
+        print("running:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        payload = json.loads(out.read_text())
+    rows = {r["target"]: r for r in payload["results"]}
+
+    def per_round(name: str) -> list[float]:
+        return [run["rps"] for run in rows[name]["runs"]]
+
+    off_rounds = per_round("monitoring-off")
+    ratios = {}
+    for name in ("lucid", "monitoring-full"):
+        on = per_round(name)
+        ratios[f"{name}/monitoring-off"] = {
+            "value": round(statistics.median(on) / statistics.median(off_rounds), 3),
+            "per_round": [round(a / b, 3) for a, b in zip(on, off_rounds, strict=True)],
+        }
+    # CPU time the proxy process spent per request: less sensitive than req/s to a
+    # neighbour stealing the core mid-run (it does not count the time the proxy waited).
+    cpu_us = {}
+    for name, row in rows.items():
+        cpu = row["cpu_percent"].get("target")
+        if name != "upstream" and cpu and row["rps"]:
+            cpu_us[name] = round(cpu / 100 / row["rps"] * 1e6, 1)
+    print("\nproxy CPU per request (us, medians):", cpu_us)
+    print("\nthroughput ratios (median req/s; goal >= 0.95):")
+    for name, r in ratios.items():
+        verdict = "met" if r["value"] >= GOAL else "NOT met"
+        print(f"  {name:<28} {r['value']:.3f}  per round {r['per_round']}  -- {verdict}")
+    return {"command": " ".join(cmd[1:]), "ratios": ratios, "cpu_us_per_request": cpu_us,
+            "medians_rps": {n: statistics.median(per_round(n)) for n in rows if rows[n]["runs"]},
+            "proxy_bench": payload}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--throughput", action="store_true", help="also run proxy_bench.py")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    result: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                              "micro": micro(args.iterations, args.repeats)}
+    if args.throughput:
+        result["throughput"] = throughput(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    sys.exit(main())

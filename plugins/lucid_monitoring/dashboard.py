@@ -1,0 +1,192 @@
+'''The dashboard page served at ``/monitoring/ui``: one self-contained HTML document.
+
+Inline CSS and JS, no CDN, so it works on an air-gapped admin network. It polls
+``/monitoring/dashboard`` (every 2 s, or ``?interval=<ms>``) and draws its charts on
+``<canvas>``; each chart writes how many points it drew into ``data-points`` so a
+headless browser test can check the charts show data.
+'''
+
+PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Lucid monitoring</title>
+<style>
+  :root { --bg:#0f1419; --panel:#182029; --fg:#e6e6e6; --muted:#8a98a8; --ok:#3fb950;
+          --warn:#d29922; --bad:#f85149; --a:#58a6ff; --b:#bc8cff; --c:#f0883e; }
+  * { box-sizing: border-box; }
+  body { margin:0; font:14px/1.4 system-ui, sans-serif; background:var(--bg); color:var(--fg); }
+  header { display:flex; gap:1.5em; align-items:baseline; padding:.6em 1em;
+           background:var(--panel); border-bottom:1px solid #263040; }
+  header h1 { font-size:1.1em; margin:0; }
+  header .muted { color:var(--muted); }
+  main { display:grid; grid-template-columns:repeat(auto-fit, minmax(380px, 1fr));
+         gap:12px; padding:12px; }
+  section { background:var(--panel); border-radius:6px; padding:10px 12px; min-width:0;
+            overflow-x:auto; }
+  section h2 { font-size:.95em; margin:0 0 6px; color:var(--muted); font-weight:600; }
+  canvas { width:100%; height:180px; display:block; }
+  .big { font-size:1.6em; font-weight:600; }
+  table { width:100%; border-collapse:collapse; font-size:.9em; }
+  td, th { text-align:left; padding:3px 6px; border-bottom:1px solid #263040; }
+  .passing, .closed, .resolved { color:var(--ok); }
+  .warning, .half_open, .pending { color:var(--warn); }
+  .critical, .open, .firing, .failing { color:var(--bad); }
+  .legend span { margin-right:1em; }
+  .empty { color:var(--muted); font-style:italic; }
+</style>
+</head>
+<body>
+<header>
+  <h1>Lucid monitoring</h1>
+  <span class="muted">generation <b id="generation">-</b></span>
+  <span class="muted">in flight <b id="in-flight">-</b></span>
+  <span class="muted">updated <b id="updated">never</b></span>
+  <span class="muted" id="status">connecting…</span>
+</header>
+<main>
+  <section><h2>Requests per second</h2>
+    <div class="big" id="rps-now">-</div>
+    <canvas id="chart-rps" data-points="0"></canvas></section>
+  <section><h2>Error rate (5xx answers)</h2>
+    <div class="big" id="errors-now">-</div>
+    <canvas id="chart-errors" data-points="0"></canvas></section>
+  <section><h2>Latency (ms)</h2>
+    <div class="legend"><span style="color:var(--a)">p50</span>
+      <span style="color:var(--b)">p95</span><span style="color:var(--c)">p99</span></div>
+    <canvas id="chart-latency" data-points="0"></canvas></section>
+  <section><h2>Active alerts</h2><div id="alerts" class="empty">none</div></section>
+  <section><h2>Services and instances</h2><div id="services" class="empty">none</div></section>
+  <section><h2>Routes (last minute)</h2><div id="routes" class="empty">none</div></section>
+  <section><h2>Top rate-limited keys</h2><div id="limited" class="empty">none</div></section>
+</main>
+<script>
+"use strict";
+const params = new URLSearchParams(location.search);
+const INTERVAL = Math.max(200, Number(params.get("interval")) || 2000);
+const MAX_POINTS = 300;
+const points = [];
+let seeded = false;
+
+function esc(s) {
+  return String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",
+    '"':"&quot;","'":"&#39;"}[c]));
+}
+
+function draw(id, series, colors, format) {
+  const canvas = document.getElementById(id);
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 360, h = canvas.clientHeight || 180;
+  canvas.width = w * ratio; canvas.height = h * ratio;
+  const ctx = canvas.getContext("2d");
+  ctx.scale(ratio, ratio);
+  ctx.clearRect(0, 0, w, h);
+  const pad = {l: 48, r: 8, t: 8, b: 18};
+  let max = 0, n = 0;
+  for (const s of series) for (const v of s) { if (v != null) { max = Math.max(max, v); } }
+  n = Math.max(...series.map(s => s.length));
+  max = max > 0 ? max * 1.15 : 1;
+  ctx.strokeStyle = "#263040"; ctx.fillStyle = "#8a98a8"; ctx.font = "11px sans-serif";
+  for (let i = 0; i <= 4; i++) {
+    const y = pad.t + (h - pad.t - pad.b) * i / 4;
+    ctx.beginPath(); ctx.moveTo(pad.l, y); ctx.lineTo(w - pad.r, y); ctx.stroke();
+    ctx.fillText(format(max * (4 - i) / 4), 2, y + 4);
+  }
+  let points = 0;
+  series.forEach((s, k) => {
+    ctx.strokeStyle = colors[k]; ctx.fillStyle = colors[k]; ctx.lineWidth = 2;
+    ctx.beginPath();
+    let started = false;
+    s.forEach((v, i) => {
+      if (v == null) return;
+      const x = pad.l + (w - pad.l - pad.r) * (n <= 1 ? 1 : i / (n - 1));
+      const y = pad.t + (h - pad.t - pad.b) * (1 - v / max);
+      if (!started) { ctx.moveTo(x, y); started = true; } else { ctx.lineTo(x, y); }
+      ctx.fillRect(x - 1.5, y - 1.5, 3, 3);
+      points++;
+    });
+    ctx.stroke();
+  });
+  canvas.dataset.points = String(points);
+  return points;
+}
+
+function fill(id, html) {
+  const element = document.getElementById(id);
+  element.className = "";
+  element.innerHTML = html;
+}
+
+function table(rows, columns) {
+  if (!rows.length) return '<span class="empty">none</span>';
+  let html = "<table><tr>" + columns.map(c => "<th>" + esc(c[0]) + "</th>").join("") + "</tr>";
+  for (const r of rows) {
+    html += "<tr>" + columns.map(c => {
+      const v = c[1](r);
+      const cls = c[2] ? ' class="' + esc(c[2](r)) + '"' : "";
+      return "<td" + cls + ">" + esc(v == null ? "-" : v) + "</td>";
+    }).join("") + "</tr>";
+  }
+  return html + "</table>";
+}
+
+function point(t, f) {
+  return {t: t, rps: f.rps, err: f.error_rate * 100, p50: f.p50_ms, p95: f.p95_ms,
+          p99: f.p99_ms};
+}
+
+function render(data) {
+  if (!seeded && data.series) {
+    for (const s of data.series) points.push(point(s.t, s));
+    seeded = true;
+  }
+  if (data.now) points.push(point(data.time, data.now));
+  while (points.length > MAX_POINTS) points.shift();
+  document.getElementById("generation").textContent = data.generation;
+  document.getElementById("in-flight").textContent = data.in_flight;
+  document.getElementById("updated").textContent = new Date(data.time * 1000)
+    .toLocaleTimeString();
+  if (data.now) {
+    document.getElementById("rps-now").textContent = data.now.rps.toFixed(1) + " req/s";
+    document.getElementById("errors-now").textContent =
+      (data.now.error_rate * 100).toFixed(2) + " %";
+  }
+  draw("chart-rps", [points.map(p => p.rps)], ["#58a6ff"], v => v.toFixed(1));
+  draw("chart-errors", [points.map(p => p.err)], ["#f85149"], v => v.toFixed(1) + "%");
+  draw("chart-latency", [points.map(p => p.p50), points.map(p => p.p95),
+       points.map(p => p.p99)], ["#58a6ff", "#bc8cff", "#f0883e"], v => v.toFixed(1));
+  const instances = [];
+  for (const s of data.services || []) for (const i of s.instances) instances.push(
+    Object.assign({service: s.service}, i));
+  fill("services", table(instances, [
+    ["service", r => r.service], ["instance", r => r.instance],
+    ["health", r => r.health, r => r.health], ["breaker", r => r.breaker, r => r.breaker],
+    ["req/s", r => r.rps], ["errors", r => r.error_rate], ["p99 ms", r => r.p99_ms]]));
+  fill("routes", table(data.routes || [], [
+    ["route", r => r.route], ["service", r => r.service], ["req/s", r => r.rps],
+    ["errors", r => r.error_rate], ["p50", r => r.p50_ms], ["p99", r => r.p99_ms]]));
+  fill("limited", table(data.rate_limited || [], [
+    ["key", r => r.key], ["rejections", r => r.rejections]]));
+  fill("alerts", table(data.alerts || [], [
+    ["alert", r => r.name], ["state", r => r.state, r => r.state],
+    ["severity", r => r.rule.severity, r => r.rule.severity], ["value", r => r.value]]));
+  document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
+}
+
+async function poll() {
+  try {
+    const response = await fetch("dashboard", {cache: "no-store"});
+    if (!response.ok) throw new Error("HTTP " + response.status);
+    render(await response.json());
+    document.getElementById("status").textContent = "live";
+  } catch (e) {
+    document.getElementById("status").textContent = "error: " + e.message;
+  }
+  setTimeout(poll, INTERVAL);
+}
+poll();
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,217 @@
+"""Alert rules end to end: states, persistence, webhook and log notifications."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from lucid.model import Event
+from lucid.testing import wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base(upstream_url: str) -> str:
+    return f"""
+[[gateway.routes]]
+id = "api"
+prefix = "/"
+service = "svc"
+
+[gateway.services.svc]
+instances = ["{upstream_url}"]
+"""
+
+
+async def test_rule_goes_pending_firing_resolved_and_a_down_webhook_loses_nothing(
+        lucid_upstream, lucid_gateway, caplog):
+    caplog.set_level(logging.INFO, logger="lucid.monitoring.alerts")
+    upstream = await lucid_upstream()
+    port = free_port()  # nothing listens here yet: the receiver is down
+    gw = await lucid_gateway(base(upstream.url) + f"""
+[monitoring]
+evaluation_interval = "20ms"
+external_url = "http://lucid.example/monitoring/ui"
+
+[[monitoring.alerts]]
+name = "BreakerOpen"
+metric = "breaker_open"
+op = ">"
+threshold = 0
+for = "100ms"
+service = "svc"
+severity = "critical"
+labels = {{ team = "payments" }}
+annotations = {{ summary = "a breaker is open" }}
+
+[[monitoring.notifiers]]
+type = "webhook"
+url = "http://127.0.0.1:{port}/hook"
+backoff_initial = "20ms"
+backoff_max = "100ms"
+
+[[monitoring.notifiers]]
+type = "log"
+""")
+    rt = gw.runtime
+    plugin = rt.plugin_set.pm.get_plugin("monitoring")
+    (webhook, _) = plugin.notifiers
+
+    async def states() -> list[str]:
+        async with gw.session.get(gw.admin_url + "/monitoring/alerts") as r:
+            body = await r.json()
+        return [h["state"] for h in reversed(body["recent"])]
+
+    rt.emit(Event("breaker_transition", {"service": "svc", "instance": "i1",
+                                         "from": "closed", "to": "open"}))
+    await wait_until(lambda: plugin.engine.alerts["BreakerOpen"].state == "firing",
+                     message="the alert to fire")
+    assert await states() == ["pending", "firing"]
+    await wait_until(lambda: webhook.failures >= 2, message="delivery to fail and be retried")
+    rt.emit(Event("breaker_transition", {"service": "svc", "instance": "i1",
+                                         "from": "open", "to": "closed"}))
+    await wait_until(lambda: plugin.engine.alerts["BreakerOpen"].state == "inactive",
+                     message="the alert to resolve")
+    assert await states() == ["pending", "firing", "resolved"]
+    assert len(webhook.queue) == 2  # firing and resolved, kept while the receiver is down
+
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = TestServer(app, host="127.0.0.1", port=port)
+    await receiver.start_server()
+    try:
+        await wait_until(lambda: len(received) == 2, message="both notifications to arrive")
+    finally:
+        await receiver.close()
+    firing, resolved = received
+    assert [firing["status"], resolved["status"]] == ["firing", "resolved"]
+    assert firing["version"] == "4" and firing["receiver"] == "lucid"
+    assert firing["groupLabels"] == {"alertname": "BreakerOpen"}
+    (alert,) = firing["alerts"]
+    assert alert["labels"] == {"alertname": "BreakerOpen", "severity": "critical",
+                               "service": "svc", "team": "payments"}
+    assert alert["annotations"]["summary"] == "a breaker is open"
+    assert alert["endsAt"] == "0001-01-01T00:00:00Z"
+    assert alert["generatorURL"] == "http://lucid.example/monitoring/ui"
+    assert resolved["alerts"][0]["startsAt"] == alert["startsAt"]
+    assert resolved["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
+    assert resolved["alerts"][0]["fingerprint"] == alert["fingerprint"]
+    assert webhook.queue == type(webhook.queue)() and webhook.delivered == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "lucid.monitoring.alerts"]
+    assert any("alert BreakerOpen firing" in m for m in messages)
+    assert any("alert BreakerOpen resolved" in m for m in messages)
+
+
+async def test_error_rate_rule_fires_from_real_traffic(lucid_upstream, lucid_gateway):
+    async def failing(request: web.Request) -> web.Response:
+        return web.Response(status=503 if request.path.startswith("/bad") else 200)
+
+    upstream = await lucid_upstream(failing)
+    gw = await lucid_gateway(base(upstream.url) + """
+[monitoring]
+evaluation_interval = "20ms"
+
+[[monitoring.alerts]]
+name = "HighErrorRate"
+metric = "error_rate"
+op = ">="
+threshold = 0.5
+window = "1m"
+service = "svc"
+""")
+    plugin = gw.runtime.plugin_set.pm.get_plugin("monitoring")
+    async with gw.session.get(gw.proxy_url + "/ok") as r:
+        assert r.status == 200
+    for _ in range(3):
+        async with gw.session.get(gw.proxy_url + "/bad") as r:
+            assert r.status == 503
+    await wait_until(lambda: plugin.engine.alerts["HighErrorRate"].state == "firing",
+                     message="the error-rate alert to fire")
+    await wait_until(lambda: plugin.engine.alerts["HighErrorRate"].value == 0.75,
+                     message="the evaluation to see all four requests")
+    async with gw.session.get(gw.admin_url + "/monitoring/health") as r:
+        assert (await r.json())["alerts_firing"] == ["HighErrorRate"]
+    async with gw.session.get(gw.admin_url + "/metrics") as r:
+        assert 'lucid_alerts{alertname="HighErrorRate",severity="warning",state="firing"} 1.0' \
+            in await r.text()
+
+
+async def test_api_rules_are_validated_persisted_and_survive_kill_9(lucid_upstream, lucid_process,
+                                                                    tmp_path):
+    upstream = await lucid_upstream()
+    text = base(upstream.url) + """
+[[monitoring.alerts]]
+name = "Static"
+metric = "request_rate"
+threshold = 1000
+"""
+    data_dir = tmp_path / "shared-data"
+    gw = lucid_process(text, data_dir=str(data_dir))
+    rule = {"name": "SlowApi", "metric": "p99_latency", "op": ">", "threshold": 0.5,
+            "for": "1m", "route": "api", "severity": "critical",
+            "labels": {"team": "core"}, "annotations": {"summary": "p99 above 500 ms"}}
+    async with aiohttp.ClientSession() as session:
+        url = gw.admin_url + "/monitoring/alerts"
+        async with session.post(url, json=rule) as r:
+            assert r.status == 201, await r.text()
+            created = await r.json()
+        assert created["state"] == "inactive" and created["rule"]["for"] == 60.0
+        async with session.post(url, json=rule) as r:
+            assert r.status == 409
+        async with session.post(url, json={**rule, "name": "Other", "metric": "cpu"}) as r:
+            assert r.status == 422
+            assert (await r.json())["fields"][0]["field"] == "metric"
+        async with session.post(url, json={**rule, "name": "Other", "colour": "red"}) as r:
+            assert r.status == 422
+        async with session.post(url, data=b"{not json", headers={
+                "content-type": "application/json"}) as r:
+            assert r.status == 422
+        async with session.delete(url + "/Static") as r:
+            assert r.status == 409
+            assert "declared in the config" in (await r.json())["error"]
+        async with session.get(url) as r:
+            names = sorted(a["name"] for a in (await r.json())["alerts"])
+        assert names == ["SlowApi", "Static"]
+    gw.signal(signal.SIGKILL)
+    gw.wait()
+    again = lucid_process(text, data_dir=str(data_dir))
+    async with aiohttp.ClientSession() as session:
+        url = again.admin_url + "/monitoring/alerts"
+        async with session.get(url) as r:
+            alerts = {a["name"]: a for a in (await r.json())["alerts"]}
+        assert sorted(alerts) == ["SlowApi", "Static"]
+        assert alerts["SlowApi"]["rule"] == {**created["rule"]}
+        assert alerts["SlowApi"]["static"] is False and alerts["Static"]["static"] is True
+        async with session.delete(url + "/SlowApi") as r:
+            assert r.status == 204
+        async with session.delete(url + "/SlowApi") as r:
+            assert r.status == 404
+        async with session.get(url) as r:
+            assert [a["name"] for a in (await r.json())["alerts"]] == ["Static"]
+
+
+async def test_alert_rules_refuse_several_workers(lucid_upstream, lucid_process):
+    upstream = await lucid_upstream()
+    gw = lucid_process(base(upstream.url) + """
+[[monitoring.alerts]]
+name = "Busy"
+metric = "request_rate"
+threshold = 1
+""", workers=2, wait=False)
+    assert gw.wait() == 2
+    assert "judge one process's traffic" in gw.output
