@@ -7,6 +7,7 @@ import secrets
 import sys
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -49,6 +50,12 @@ def check(config: str | None) -> None:
         if reasons:
             raise ConfigError(config or "(built-in defaults)",
                               [f"server.workers = {cfg.server.workers}: {r}" for r in reasons])
+        from lucid.admin import is_loopback
+
+        if cfg.server.admin_secret is None and not is_loopback(cfg.server.admin):
+            raise ConfigError(config or "(built-in defaults)", [
+                f"server.admin = {cfg.server.admin!r}: the admin API may listen beyond "
+                "loopback only with authentication; set server.admin_secret"])
         _prepare(plugin_set, cfg, _config_path(config))
     except ConfigError as exc:
         click.echo(exc.render(), err=True)
@@ -125,6 +132,83 @@ def plugins_command(config: str | None) -> None:
     if problem is not None:
         click.echo(problem.render(), err=True)
         sys.exit(2)
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--role", type=click.Choice(["viewer", "admin"]), default="viewer",
+              show_default=True, help="viewer reads the admin API; admin also writes")
+@click.option("--ttl", default="1h", show_default=True, help="lifetime: 30m, 1h, 7d ...")
+@click.option("--subject", default=None, help="who the token names in the audit log "
+              "(default: $USER)")
+def token(config: str | None, role: str, ttl: str, subject: str | None) -> None:
+    """Mint an admin API token signed with server.admin_secret."""
+    from lucid.admin import mint_admin_token
+    from lucid.config import read_toml, validate_config
+    from lucid.units import parse_duration
+
+    try:
+        seconds = parse_duration(ttl)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    if not 0 < seconds <= 366 * 86400:
+        raise click.BadParameter("between 1s and 366d", param_hint="--ttl")
+    path = _config_path(config)
+    try:
+        data = read_toml(path) if path else {}
+        root: Any = validate_config({"server": data.get("server", {})}, {},
+                                    config or "(built-in defaults)")
+        server = root.server
+    except ConfigError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(2)
+    if server.admin_secret is None:
+        click.echo("lucid: server.admin_secret is not set; the admin API has no tokens",
+                   err=True)
+        sys.exit(2)
+    who = subject or os.environ.get("USER") or "operator"
+    click.echo(mint_admin_token(server.admin_secret, role, seconds, who))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Work with the effective configuration."""
+
+
+@config_group.command("export")
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--output", "-o", metavar="FILE", help="write here instead of stdout")
+def config_export(config: str | None, output: str | None) -> None:
+    """Print the effective config (file, environment overrides and the routes added
+    through the admin API) as TOML."""
+    import sqlite3
+
+    import tomli_w
+
+    from lucid.config import data_dir
+    from lucid.gateway import load_plugins_and_config
+
+    path = _config_path(config)
+    try:
+        _, cfg = load_plugins_and_config(path)
+    except ConfigError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(2)
+    data = cfg.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    db = data_dir(cfg, path) / "gateway.db"
+    if db.exists() and "gateway" in cfg.model_fields:
+        import json
+
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            rows = conn.execute("SELECT id, definition FROM routes ORDER BY id").fetchall()
+        routes = data.setdefault("gateway", {}).setdefault("routes", [])
+        routes += [{**json.loads(d), "id": i} for i, d in rows]
+    text = tomli_w.dumps(data)
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,5 @@ class Exchange:
     identity: dict[str, Any] | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     response_headers: list[tuple[str, str]] = field(default_factory=list)
+    # upstream response headers to drop, lower-case (a plugin's own policy wins, e.g. CORS)
+    drop_response_headers: frozenset[str] = frozenset()

@@ -316,6 +316,8 @@ class ProxyApp:
             if name.lower() == b"connection":
                 drop = HOP_BY_HOP | connection_tokens(value.decode("latin-1"))
                 break
+        if exchange.drop_response_headers:
+            drop = drop | exchange.drop_response_headers
         via = self._via(exchange)
         out = []
         dated = False
@@ -393,7 +395,7 @@ class ProxyApp:
         body = rejection.body
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in rejection.headers]
         names = {n.lower() for n, _ in headers}
-        if isinstance(body, dict) or not body:
+        if isinstance(body, dict) or (not body and rejection.status not in (204, 304)):
             extra = body if isinstance(body, dict) else {}
             message = rejection.reason or "request rejected"
             body = json_body(rejection.status, message, exchange.request_id, **extra)

@@ -7,20 +7,46 @@ plugin; ``[plugins] gateway = "other"`` swaps it for another routing plugin.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from lucid.config import ConfigError, describe_errors
-from lucid.model import Exchange, Instance, RetryBudget, RoutePolicy
+from lucid.model import Exchange, Instance, Rejection, RetryBudget, RoutePolicy
 from lucid.plugins import hookimpl
+from lucid_gateway.auth import build_verifier, route_guard
 from lucid_gateway.config import GatewayConfig, Route
+from lucid_gateway.cors import CorsGuard
+from lucid_gateway.guard import RouteGuard
+from lucid_gateway.jwks import JwksCache
 from lucid_gateway.router import Router
+from lucid_gateway.store import GatewayStore
+
+METRICS_WINDOW = 10_000  # recent requests kept for /gateway/metrics
+ROUTES_POLL_INTERVAL = 1.0  # seconds; how soon other workers see a runtime route
 
 LUCID_CAPABILITY = "gateway"
-__all__ = ["GatewayConfig", "Route", "Router", "GatewayState"]
+__all__ = ["GatewayConfig", "Route", "Router", "GatewayState", "GatewayShared"]
+
+
+class GatewayShared:
+    """What outlives a config generation, one per gateway (never a module global):
+    JWKS caches, background tasks, runtime routes, the store, recent request figures."""
+
+    def __init__(self) -> None:
+        self.jwks_caches: dict[tuple[str, str], JwksCache] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.dynamic: dict[str, Route] = {}  # runtime routes, by id
+        self.store: GatewayStore | None = None
+        self.recent: deque[tuple[float, float, int]] = deque(maxlen=METRICS_WINDOW)
+        self.started = False
+        self.routes_seen: tuple[Any, ...] = ()  # store signature of the routes applied
 
 
 @dataclass(frozen=True)
@@ -31,6 +57,8 @@ class GatewayState:
     policies: tuple[RoutePolicy, ...]
     overrides: tuple[dict[str, Any], ...]
     instances: dict[str, list[Instance]]
+    shared: GatewayShared = field(default_factory=GatewayShared)
+    static_ids: frozenset[str] = frozenset()
 
 
 def policy_for(route: Route) -> RoutePolicy:
@@ -48,17 +76,34 @@ def policy_for(route: Route) -> RoutePolicy:
 
 def build_state(
     config: GatewayConfig, route_models: dict[str, Any], source: str, registry: bool,
-    disabled: frozenset[str] = frozenset(),
+    disabled: frozenset[str] = frozenset(), dynamic: Sequence[Route] = (),
+    shared: GatewayShared | None = None, base: Path | None = None,
 ) -> GatewayState:
     """Compile a route table; every problem is reported with its dotted key.
 
     Per-route settings of a capability switched off in ``[plugins]`` are ignored, like
-    its config section, so switching a plugin off is one line.
+    its config section, so switching a plugin off is one line. ``dynamic`` routes
+    (added through the admin API) follow the TOML ones. A route with auth, CORS or
+    header limits gets a compiled guard in its overrides under ``"gateway"``.
     """
+    shared = shared or GatewayShared()
     problems: list[str] = []
     overrides: list[dict[str, Any]] = []
-    for index, route in enumerate(config.routes):
+    routes = [*config.routes, *dynamic]
+    static_ids = frozenset(r.id or f"routes[{i}]" for i, r in enumerate(config.routes))
+    for route in dynamic:
+        if route.id in static_ids:
+            problems.append(f"gateway.routes: id {route.id!r} is a static route (TOML)")
+    verifier = build_verifier(config.auth, base, shared.jwks_caches, shared.tasks, problems)
+    limits = config.limits if config.limits.enabled else None
+    for index, route in enumerate(routes):
         validated: dict[str, Any] = {}
+        auth = None
+        if route.auth is not None:
+            auth = route_guard(verifier, route.auth, f"gateway.routes[{index}].auth", problems)
+        cors = CorsGuard(route.cors) if route.cors is not None else None
+        if auth is not None or cors is not None or limits is not None:
+            validated["gateway"] = RouteGuard(limits, cors, auth)
         for section, values in route.plugins.items():
             if section in disabled:
                 continue
@@ -88,10 +133,12 @@ def build_state(
         for name, service in config.services.items()
     }
     return GatewayState(
-        Router(config.routes),
-        tuple(policy_for(r) for r in config.routes),
+        Router(routes),
+        tuple(policy_for(r) for r in routes),
         tuple(overrides),
         instances,
+        shared,
+        static_ids,
     )
 
 
@@ -107,15 +154,131 @@ def lucid_register_admin(register: Callable[..., None]) -> None:
     register(blueprint)
 
 
+def shared_of(generation: Any) -> GatewayShared:
+    """The gateway's long-lived state, carried from the running generation."""
+    runtime = getattr(generation, "runtime", None)
+    running = getattr(runtime, "generation", None)
+    previous = running.state.get("gateway") if running is not None else None
+    return previous.shared if previous is not None else GatewayShared()
+
+
 @hookimpl
 def lucid_prepare(generation: Any) -> None:
+    shared = shared_of(generation)
+    dynamic = generation.state.get("gateway.pending_routes", shared.dynamic)
+    runtime = getattr(generation, "runtime", None)
+    config_path = getattr(runtime, "config_path", None)
     generation.state["gateway"] = build_state(
         generation.config.gateway,
         generation.route_models,
         generation.source,
         "registry" in generation.capabilities,
         generation.disabled,
+        tuple(dynamic.values()),
+        shared,
+        config_path.parent if config_path is not None else None,
     )
+
+
+@hookimpl
+async def lucid_startup(runtime: Any) -> None:
+    state: GatewayState = runtime.generation.state["gateway"]
+    shared = state.shared
+    shared.store = await GatewayStore.open(runtime.data_dir / "gateway.db")
+    await load_stored_routes(runtime, shared)
+    for cache in shared.jwks_caches.values():  # warm the keys before the first request
+        if not cache.loaded:
+            cache.refresh_in_background(shared.tasks)
+    if runtime.config.server.workers > 1:
+        # Only worker 0 serves the admin API; the others pick runtime routes up from
+        # the shared SQLite file.
+        task = asyncio.get_running_loop().create_task(_follow_routes(runtime, shared))
+        shared.tasks.add(task)
+        task.add_done_callback(shared.tasks.discard)
+    shared.started = True
+
+
+async def load_stored_routes(runtime: Any, shared: GatewayShared) -> None:
+    from pydantic import ValidationError
+
+    assert shared.store is not None
+    shared.routes_seen = await shared.store.routes_signature()
+    stored = await shared.store.load_routes()
+    routes: dict[str, Route] = {}
+    for route_id, definition in stored.items():
+        try:
+            routes[route_id] = Route.model_validate(definition)
+        except ValidationError as exc:
+            import logging
+
+            logging.getLogger("lucid.gateway").error(
+                "stored runtime route %r no longer validates, ignored: %s", route_id, exc)
+    if routes or shared.dynamic:
+        await apply_routes(runtime, routes, persist=None)
+
+
+async def _follow_routes(runtime: Any, shared: GatewayShared) -> None:
+    import logging
+
+    while shared.store is not None:
+        await asyncio.sleep(ROUTES_POLL_INTERVAL)
+        try:
+            if shared.store is not None and (
+                    await shared.store.routes_signature() != shared.routes_seen):
+                await load_stored_routes(runtime, shared)
+        except Exception:
+            logging.getLogger("lucid.gateway").exception("reloading runtime routes failed")
+
+
+@hookimpl
+async def lucid_shutdown(runtime: Any) -> None:
+    shared: GatewayShared = runtime.generation.state["gateway"].shared
+    for task in list(shared.tasks):
+        task.cancel()
+    for cache in shared.jwks_caches.values():
+        await cache.close()
+    if shared.store is not None:
+        await shared.store.close()
+        shared.store = None
+
+
+async def apply_routes(
+    runtime: Any, routes: dict[str, Route],
+    persist: Callable[[], Awaitable[None]] | None = None,
+) -> Any:
+    """Swap in a generation with these runtime routes: validated (ConfigError), then
+    persisted (``persist``), then applied with one reference swap, so the next request
+    sees all of the change or none of it."""
+    async with runtime._reload_lock:
+        old = runtime.generation
+        candidate = runtime._generation(old.number + 1, old.config)
+        candidate.state["gateway.pending_routes"] = routes
+        await runtime.hooks.prepare(candidate)
+        del candidate.state["gateway.pending_routes"]
+        shared = candidate.state["gateway"].shared
+        if persist is not None:
+            await persist()
+            if shared.store is not None:
+                shared.routes_seen = await shared.store.routes_signature()
+        shared.dynamic = routes
+        runtime.generation = candidate
+    return candidate
+
+
+@hookimpl
+def lucid_admit_request(exchange: Exchange) -> Rejection | None | Awaitable[Rejection | None]:
+    """Header limits, CORS and JWT auth for routes that configure them; nothing otherwise."""
+    guard = exchange.overrides.get("gateway")
+    if guard is None:
+        return None
+    return guard.admit(exchange)  # type: ignore[no-any-return]
+
+
+@hookimpl
+def lucid_observe_exchange(exchange: Exchange) -> None:
+    generation = exchange.generation
+    if generation is not None and (state := generation.state.get("gateway")) is not None:
+        state.shared.recent.append((time.monotonic(), exchange.duration, exchange.status))
 
 
 @hookimpl
@@ -123,7 +286,17 @@ def lucid_match_route(exchange: Exchange, generation: Any) -> Route | None:
     state: GatewayState = generation.state["gateway"]
     match = state.router.match(exchange.method, exchange.host, exchange.path, exchange.headers)
     if match is None:
-        return None
+        if exchange.method != "OPTIONS" or "origin" not in exchange.headers:
+            return None
+        # A CORS preflight for a route that does not list OPTIONS: match it as the
+        # method it asks about, if that route answers CORS itself.
+        requested = exchange.headers.get("access-control-request-method")
+        if requested is None:
+            return None
+        match = state.router.match(requested.upper(), exchange.host, exchange.path,
+                                   exchange.headers)
+        if match is None or match.route.cors is None:
+            return None
     exchange.route = match.route
     exchange.route_id = match.route_id
     exchange.service = match.route.service
@@ -138,3 +311,21 @@ def lucid_match_route(exchange: Exchange, generation: Any) -> Route | None:
 def lucid_resolve_instances(exchange: Exchange, generation: Any) -> Sequence[Instance] | None:
     state: GatewayState = generation.state["gateway"]
     return state.instances.get(exchange.service)
+
+
+@hookimpl
+def lucid_observe_event(event: Any) -> Awaitable[None] | None:
+    """Admin writes are audited; the core's admin app awaits this inside its app
+    context, so the record is committed before the client gets its answer."""
+    if event.kind != "admin_write":
+        return None
+    from quart import has_app_context
+
+    if not has_app_context():
+        return None
+    from lucid.admin import runtime
+
+    store = runtime().generation.state["gateway"].shared.store
+    if store is None:
+        return None
+    return store.audit({**event.data, "at": event.at})  # type: ignore[no-any-return]

@@ -6,14 +6,15 @@ import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from quart import Blueprint
+from quart import Blueprint, request
 from quart_schema import tag, validate_request
 
-from lucid.admin import error_response, runtime
+from lucid.admin import error_response, redact, runtime
 from lucid.config import ConfigError
 from lucid.http import normalize_path
 from lucid.model import Exchange
-from lucid_gateway.config import HTTP_METHODS
+from lucid_gateway import apply_routes
+from lucid_gateway.config import HTTP_METHODS, Route
 
 blueprint = Blueprint("gateway", __name__, url_prefix="/gateway")
 tag_gateway = tag(["gateway"])
@@ -47,9 +48,22 @@ class MatchRequest(BaseModel):
 @blueprint.get("/health")
 @tag_gateway
 async def health() -> Any:
-    """Liveness: the gateway runs and has a config generation."""
+    """Liveness and readiness: plugins started, the gateway's store answers.
+
+    Open even when admin auth is on, so load balancers and probes can call it."""
     rt = runtime()
-    return {"status": "ok", "generation": rt.generation.number}
+    shared = rt.generation.state["gateway"].shared
+    checks = {"plugins_started": shared.started, "store": False}
+    if shared.store is not None:
+        try:
+            await (await shared.store.db.execute("SELECT 1")).close()
+            checks["store"] = True
+        except Exception:
+            pass
+    ready = all(checks.values())
+    body = {"status": "ok" if ready else "unavailable", "generation": rt.generation.number,
+            "checks": checks}
+    return body, 200 if ready else 503
 
 
 @blueprint.get("/status")
@@ -122,7 +136,199 @@ async def reload() -> Any:
 
 
 def _describe(index: int, route: Any) -> dict[str, Any]:
-    data = route.model_dump(exclude_defaults=True)
+    data = route.model_dump(mode="json", exclude_defaults=True)
     data["id"] = route.id or f"routes[{index}]"
     data["kind"] = route.kind
     return data
+
+
+# ---------------------------------------------------------------------------
+# runtime routes
+# ---------------------------------------------------------------------------
+
+
+class RouteRequest(Route):
+    """A route created or replaced through the API: same fields as in TOML, ``id``
+    required."""
+
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+
+
+@blueprint.post("/route")
+@tag_gateway
+@validate_request(RouteRequest)
+async def put_route(data: RouteRequest) -> Any:
+    """Create or replace a runtime route: validated against the live config, stored,
+    then applied with one swap (the next request sees it; a rejected one changes
+    nothing)."""
+    rt = runtime()
+    state = rt.generation.state["gateway"]
+    shared = state.shared
+    if data.id in state.static_ids:
+        return error_response(409, f"route {data.id!r} is defined in the config file; "
+                                   "change it there")
+    route = Route.model_validate(data.model_dump())
+    routes = {**shared.dynamic, data.id: route}
+    created = data.id not in shared.dynamic
+    definition = route.model_dump(mode="json", exclude_defaults=True)
+
+    async def persist() -> None:
+        assert shared.store is not None
+        await shared.store.put_route(data.id, definition)
+
+    try:
+        generation = await apply_routes(rt, routes, persist)
+    except ConfigError as exc:
+        return error_response(422, "route rejected; nothing changed", problems=exc.problems)
+    return {"route": {**definition, "id": data.id}, "created": created,
+            "generation": generation.number}, 201 if created else 200
+
+
+@blueprint.get("/route")
+@tag_gateway
+async def list_runtime_routes() -> Any:
+    """Routes added through the API (the config file's are in ``GET /gateway/routes``)."""
+    shared = runtime().generation.state["gateway"].shared
+    return {"routes": [{**r.model_dump(mode="json", exclude_defaults=True), "id": i}
+                       for i, r in sorted(shared.dynamic.items())]}
+
+
+@blueprint.delete("/route/<route_id>")
+@tag_gateway
+async def delete_route(route_id: str) -> Any:
+    rt = runtime()
+    state = rt.generation.state["gateway"]
+    shared = state.shared
+    if route_id in state.static_ids:
+        return error_response(409, f"route {route_id!r} is static (defined in the config "
+                                   "file) and cannot be deleted through the API")
+    if route_id not in shared.dynamic:
+        return error_response(404, f"no runtime route {route_id!r}")
+    routes = {k: v for k, v in shared.dynamic.items() if k != route_id}
+
+    async def persist() -> None:
+        assert shared.store is not None
+        await shared.store.delete_route(route_id)
+
+    try:
+        generation = await apply_routes(rt, routes, persist)
+    except ConfigError as exc:
+        return error_response(422, "deleting it leaves an invalid config",
+                              problems=exc.problems)
+    return {"deleted": route_id, "generation": generation.number}
+
+
+# ---------------------------------------------------------------------------
+# config, services, metrics, audit
+# ---------------------------------------------------------------------------
+
+
+def effective_config(rt: Any) -> dict[str, Any]:
+    """The running config plus runtime routes, as plain data (secrets NOT redacted)."""
+    data = rt.config.model_dump(mode="json", exclude_none=True)
+    shared = rt.generation.state["gateway"].shared
+    data.setdefault("gateway", {}).setdefault("routes", [])
+    data["gateway"]["routes"] = [*data["gateway"]["routes"], *[
+        {**r.model_dump(mode="json", exclude_none=True), "id": i}
+        for i, r in sorted(shared.dynamic.items())]]
+    return data
+
+
+@blueprint.get("/config")
+@tag_gateway
+async def config() -> Any:
+    """The effective config (file, environment overrides and runtime routes), secrets
+    redacted."""
+    rt = runtime()
+    return {"generation": rt.generation.number, "source": rt.source,
+            "config": redact(effective_config(rt))}
+
+
+@blueprint.get("/services")
+@tag_gateway
+async def services() -> Any:
+    """Services that routes target, with their instances as the resolver sees them."""
+    rt = runtime()
+    generation = rt.generation
+    table = generation.state["gateway"].router
+    names = sorted({r.service for r in table.routes}
+                   | set(generation.state["gateway"].instances))
+    out = []
+    for name in names:
+        probe = Exchange(request_id="", method="GET", path="/", query="", host="",
+                         scheme="http", client_ip="", headers={}, started=0.0,
+                         generation=generation, service=name)
+        instances = list(rt.hooks.resolve_instances(probe, generation) or [])
+        healthy = sum(1 for i in instances if i.status == "passing")
+        out.append({
+            "name": name,
+            "routes": [r.id or f"routes[{n}]" for n, r in enumerate(table.routes)
+                       if r.service == name],
+            "instances": [{"id": i.id, "url": i.url, "zone": i.zone, "weight": i.weight,
+                           "status": i.status} for i in instances],
+            "instance_count": len(instances),
+            "healthy": healthy,
+            "status": "up" if healthy else "down",
+        })
+    return {"services": out}
+
+
+@blueprint.get("/metrics")
+@tag_gateway
+async def metrics() -> Any:
+    """Gateway-level figures over the last minute (and the last 10,000 requests at
+    most): req/s, error rate, latency percentiles."""
+    rt = runtime()
+    recent = rt.generation.state["gateway"].shared.recent
+    now = time.monotonic()
+    window = [r for r in recent if now - r[0] <= 60.0]
+    durations = sorted(r[1] for r in window)
+    errors = sum(1 for r in window if r[2] >= 500 or r[2] == 0)
+    span = min(60.0, now - window[0][0]) if window else 0.0
+
+    def pct(p: float) -> float | None:
+        if not durations:
+            return None
+        return round(durations[min(len(durations) - 1, int(p / 100 * len(durations)))]
+                     * 1000, 3)
+
+    return {
+        "window_seconds": round(span, 3),
+        "requests": len(window),
+        "requests_per_second": round(len(window) / span, 3) if span > 0 else 0.0,
+        "error_rate": round(errors / len(window), 4) if window else 0.0,
+        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)},
+        "totals": dict(rt.counters),
+    }
+
+
+@blueprint.get("/audit")
+@tag_gateway
+async def audit() -> Any:
+    """Admin writes, newest first. Filters: ``subject``, ``path`` (prefix), ``since``
+    and ``until`` (Unix seconds), ``status``, ``limit`` (1-1000, default 100)."""
+    args = request.args
+    problems = []
+    parsed: dict[str, Any] = {}
+    for name, kind in (("since", float), ("until", float), ("status", int), ("limit", int)):
+        if name in args:
+            try:
+                parsed[name] = kind(args[name])
+            except ValueError:
+                problems.append({"field": name, "message": f"expected a {kind.__name__}",
+                                 "type": "value_error"})
+    limit = parsed.pop("limit", 100)
+    if not 1 <= limit <= 1000:
+        problems.append({"field": "limit", "message": "between 1 and 1000",
+                         "type": "value_error"})
+    unknown = set(args) - {"subject", "path", "since", "until", "status", "limit"}
+    problems += [{"field": n, "message": "unknown filter", "type": "extra_forbidden"}
+                 for n in sorted(unknown)]
+    if problems:
+        return error_response(422, "validation failed", fields=problems)
+    store = runtime().generation.state["gateway"].shared.store
+    if store is None:
+        return error_response(503, "the gateway store is not open")
+    entries = await store.audit_entries(args.get("subject"), args.get("path"), limit=limit,
+                                        **parsed)
+    return {"entries": entries}

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lucid.http import normalize_path
 from lucid.units import ByteSize, Duration
+from lucid_gateway.auth import AuthConfig, RouteAuth
+from lucid_gateway.cors import CorsPolicy
 
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
@@ -85,6 +87,8 @@ class Route(Strict):
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-route overrides of other plugins' settings"
     )
+    auth: RouteAuth | None = Field(None, description="require a JWT (see auth.py)")
+    cors: CorsPolicy | None = Field(None, description="CORS answered by the gateway")
 
     @field_validator("path", "prefix", "pattern", "rewrite")
     @classmethod
@@ -96,6 +100,8 @@ class Route(Strict):
         # Requests are normalised before matching, so a route written with '//', '.'
         # or '..' segments could never match: say so instead of failing silently.
         normalised = normalize_path(value)
+        if normalised is None:
+            raise ValueError("not a usable path")
         if normalised != value and normalised + "/" != value:
             raise ValueError(f"write it normalised, as {normalised!r}")
         return value
@@ -190,6 +196,19 @@ class Service(Strict):
         return value
 
 
+class HeaderLimits(Strict):
+    """``[gateway.limits]``: request header limits checked on every routed request
+    (Hypercorn already caps the whole head at ``server.max_request_header_size``)."""
+
+    max_header_count: int | None = Field(None, ge=1, description="more headers get 431")
+    max_header_size: ByteSize | None = Field(
+        None, ge=64, description="a longer name+value gets 431")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_header_count is not None or self.max_header_size is not None
+
+
 class GatewayConfig(Strict):
     """``[gateway]``: the route table and the services routes send traffic to."""
 
@@ -197,6 +216,8 @@ class GatewayConfig(Strict):
     services: dict[str, Service] = Field(
         default_factory=dict, description="static services: name -> instance URLs"
     )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: HeaderLimits = Field(default_factory=HeaderLimits)
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:

@@ -1,0 +1,274 @@
+"""JWT verification cost on the data path: in-process micro-costs and proxy throughput.
+
+Two parts, both comparing against a floor measured in the same run:
+
+1. **Admission micro-cost** (in process): the gateway's ``lucid_admit_request`` on a
+   route without auth (the floor) and with HS256 / ES256 auth, with the verified-token
+   cache on (default) and off (``token_cache_size = 0``: full signature and claim
+   check on every request, key cached). Median of several repeats, ns per call.
+2. **Throughput** (``--rounds N``, 0 skips it): nginx upstream, then one ``lucid
+   serve`` per variant (plain; plain sent the ES256 bearer header without checking
+   it, "lucid+token"; hs256, es256, each also without the token cache),
+   driven one after another by ``wrk -H 'Authorization: Bearer …'``, rounds
+   rotated so machine noise hits every row alike. Reports median req/s and the
+   ratio to plain Lucid per round, and Lucid's own CPU time per request (psutil),
+   whose plain/variant ratio is what a CPU-bound gateway's throughput ratio would be
+   and is far less disturbed by other load on a shared machine. Goal: ≥ 0.90 for
+   hs256 and es256.
+
+It reuses bench/proxy_bench.py's process helpers (that harness cannot yet send a
+request header to wrk, which an auth variant needs; see the report).
+
+    python bench/bench_gateway_auth.py                   # micro + 5 rounds x 5 s
+    python bench/bench_gateway_auth.py --rounds 0        # micro only
+
+Writes ``bench/results/gateway.json`` (key ``auth``) and, for the day proxy_bench
+takes headers, the variant files under ``bench/results/gateway_auth_variants/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import jwt  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
+SECRET = "bench-secret-" + "x" * 40
+
+
+def keys(tmp: Path) -> tuple[Any, Path]:
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    path = tmp / "es256.pem"
+    path.write_bytes(pem)
+    return private, path
+
+
+def tokens(private: Any) -> dict[str, str]:
+    now = int(time.time())
+    claims = {"iss": "https://bench.test", "sub": "bench", "aud": "api", "iat": now,
+              "exp": now + 86400}
+    return {"hs256": jwt.encode(claims, SECRET, algorithm="HS256"),
+            "es256": jwt.encode(claims, private, algorithm="ES256", headers={"kid": "b1"})}
+
+
+def layer(alg: str, pem: Path, cache: bool) -> dict[str, Any]:
+    issuer: dict[str, Any] = {"issuer": "https://bench.test", "audiences": ["api"]}
+    if alg == "hs256":
+        issuer |= {"algorithms": ["HS256"], "secret": SECRET}
+    else:
+        issuer |= {"algorithms": ["ES256"], "public_key_file": str(pem)}
+    auth: dict[str, Any] = {"issuers": {"bench": issuer}}
+    if not cache:
+        auth["token_cache_size"] = 0
+    return {"gateway": {"auth": auth}, "bench_route": {"auth": {}}}
+
+
+# ---------------------------------------------------------------------------
+# 1. admission micro-cost
+# ---------------------------------------------------------------------------
+
+
+def micro(pem: Path, toks: dict[str, str], repeats: int, n: int) -> dict[str, Any]:
+    import lucid_gateway
+
+    from lucid.gateway import load_plugins_and_config
+    from lucid.model import Exchange
+
+    results: dict[str, Any] = {}
+    variants = [("no auth (floor)", None, True)] + [
+        (f"{alg} cache={'on' if c else 'off'}", alg, c) for alg in ("hs256", "es256")
+        for c in (True, False)]
+    for label, alg, cache in variants:
+        data: dict[str, Any] = {"gateway": {
+            "services": {"s": {"instances": ["http://127.0.0.1:9"]}},
+            "routes": [{"id": "r", "prefix": "/", "service": "s"}]}}
+        if alg is not None:
+            extra = layer(alg, pem, cache)
+            data["gateway"]["auth"] = extra["gateway"]["auth"]
+            data["gateway"]["routes"][0]["auth"] = {}
+        plugin_set, cfg = load_plugins_and_config(None, data)
+        from lucid.gateway import Generation
+
+        generation = Generation(1, cfg, "bench", route_models=plugin_set.route_models)
+        lucid_gateway.lucid_prepare(generation)
+        headers = {"host": "x", "accept": "*/*"}
+        if alg is not None:
+            headers["authorization"] = f"Bearer {toks[alg]}"
+        template = dict(headers)
+        timings = []
+        for _ in range(repeats):
+            exchanges = [Exchange("r", "GET", "/x", "", "x", "http", "127.0.0.1",
+                                  dict(template), 0.0, generation) for _ in range(n)]
+            for e in exchanges:
+                lucid_gateway.lucid_match_route(e, generation)
+            start = time.perf_counter_ns()
+            for e in exchanges:
+                result = lucid_gateway.lucid_admit_request(e)
+                if result is not None:
+                    raise SystemExit(f"{label}: request refused: {result}")
+            timings.append((time.perf_counter_ns() - start) / n)
+        results[label] = {"median_ns": round(statistics.median(timings)),
+                          "repeats_ns": [round(t) for t in timings]}
+    return results
+
+
+# ---------------------------------------------------------------------------
+# 2. throughput
+# ---------------------------------------------------------------------------
+
+
+def throughput(args: argparse.Namespace, pem: Path, toks: dict[str, str], tmp: Path
+               ) -> dict[str, Any]:
+    import proxy_bench as pb
+
+    services: list[Any] = []
+    # "lucid+token": plain Lucid (no auth) sent the same ES256 bearer header, to tell
+    # the cost of carrying a ~600-byte header through from the cost of verifying it.
+    rows = [("lucid", None, True, None), ("lucid+token", None, True, toks["es256"])]
+    for alg in ("hs256", "es256"):
+        rows.append((alg, alg, True, toks[alg]))
+        rows.append((f"{alg}-nocache", alg, False, toks[alg]))
+    ports = pb.free_ports(1 + 2 * len(rows))
+    upstream_url = f"http://{pb.HOST}:{ports[0]}"
+    try:
+        kind = "nginx" if shutil.which("nginx") else "asyncio"
+        up = pb.start_service("upstream", pb.upstream_command(kind, tmp, ports[0]), tmp, kind)
+        services.append(up)
+        pb.wait_ready(up, [upstream_url + "/"])
+        targets = []
+        for i, (label, alg, cache, token) in enumerate(rows):
+            proxy_port, admin_port = ports[1 + 2 * i: 3 + 2 * i]
+            layers = [] if alg is None else [(label, layer(alg, pem, cache))]
+            workdir = tmp / label
+            config = pb.write_lucid_config(workdir, proxy_port, admin_port, upstream_url,
+                                           layers)
+            proc = pb.start_service(label, pb.lucid_command(None, config, proxy_port,
+                                                            admin_port, upstream_url),
+                                    tmp, "lucid")
+            services.append(proc)
+            pb.wait_ready(proc, [f"http://{pb.HOST}:{admin_port}/gateway/health"])
+            url = f"http://{pb.HOST}:{proxy_port}/"
+            check = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url]
+            if token:
+                check[1:1] = ["-H", f"Authorization: Bearer {token}"]
+            status = subprocess.run(check, capture_output=True, text=True).stdout
+            if status != "200":
+                raise SystemExit(f"{label}: GET / answered {status}")
+            targets.append((label, url, token, proc))
+        per_round: dict[str, list[float]] = {label: [] for label, *_ in targets}
+        cpu_round: dict[str, list[float]] = {label: [] for label, *_ in targets}
+        for r in range(args.rounds):  # the order rotates, so drift hits every row alike
+            for label, url, token, proc in (targets[r % len(targets):]
+                                            + targets[:r % len(targets)]):
+                cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s",
+                       "--latency"]
+                if token:
+                    cmd += ["-H", f"Authorization: Bearer {token}"]
+                warm = [*cmd[:3], "-d2s", url]
+                subprocess.run(warm, capture_output=True, check=True)
+                cpu_before = pb.tree_cpu_seconds(proc)
+                done = subprocess.run([*cmd, url], capture_output=True, text=True, check=True)
+                cpu_after = pb.tree_cpu_seconds(proc)
+                summary = pb.parse_wrk(done.stdout)
+                served = summary["rps"] * args.duration
+                if cpu_before is not None and cpu_after is not None and served:
+                    cpu_round[label].append((cpu_after - cpu_before) / served * 1e6)
+                if summary["errors"]:
+                    raise SystemExit(f"{label}: {summary['errors']} errors\n{done.stdout}")
+                per_round[label].append(summary["rps"])
+    finally:
+        for service in reversed(services):
+            service.stop()
+    out: dict[str, Any] = {}
+    base = per_round["lucid"]
+    base_cpu = cpu_round["lucid"]
+    for label, values in per_round.items():
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        out[label] = {"median_rps": round(statistics.median(values)),
+                      "rounds_rps": [round(v) for v in values],
+                      "ratio_to_lucid_median": round(statistics.median(ratios), 3),
+                      "ratio_to_lucid_rounds": [round(r, 3) for r in ratios]}
+        cpu = cpu_round[label]
+        if cpu and len(cpu) == len(base_cpu):
+            # Lucid's own CPU per request: far less sensitive to a busy machine than
+            # req/s. plain/variant is the throughput ratio a CPU-bound gateway would get.
+            cpu_ratios = [b / c for b, c in zip(base_cpu, cpu, strict=True)]
+            out[label] |= {"median_cpu_us_per_request": round(statistics.median(cpu), 1),
+                           "rounds_cpu_us_per_request": [round(c, 1) for c in cpu],
+                           "cpu_ratio_to_lucid_median": round(statistics.median(cpu_ratios), 3),
+                           "cpu_ratio_to_lucid_rounds": [round(x, 3) for x in cpu_ratios]}
+    return out
+
+
+def write_variants(pem: Path, toks: dict[str, str]) -> Path:
+    """Variant files for ``proxy_bench.py --variant`` (it needs a header option first)."""
+    import tomli_w
+
+    target = BENCH_DIR / "results" / "gateway_auth_variants"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pem, target / "es256.pem")
+    for alg in ("hs256", "es256"):
+        data = layer(alg, target / "es256.pem", True)
+        (target / f"{alg}.toml").write_text(tomli_w.dumps(data))
+        (target / f"{alg}.token").write_text(toks[alg] + "\n")
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--iterations", type=int, default=20_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lucid-bench-auth-") as name:
+        tmp = Path(name)
+        private, pem = keys(tmp)
+        toks = tokens(private)
+        result: dict[str, Any] = {"micro": micro(pem, toks, args.repeats, args.iterations)}
+        print(f"{'admission (in process)':<26} {'median ns/request':>18}")
+        for label, row in result["micro"].items():
+            print(f"{label:<26} {row['median_ns']:>18,}")
+        if args.rounds and shutil.which("wrk"):
+            result["throughput"] = throughput(args, pem, toks, tmp)
+            print(f"\n{'throughput':<16} {'median req/s':>12} {'ratio':>6}  per-round ratios")
+            for label, row in result["throughput"].items():
+                print(f"{label:<16} {row['median_rps']:>12,} {row['ratio_to_lucid_median']:>6}"
+                      f"  {row['ratio_to_lucid_rounds']}")
+            print(f"\n{'lucid CPU':<16} {'us/request':>12} {'ratio':>6}  per-round ratios "
+                  "(plain/variant)")
+            for label, row in result["throughput"].items():
+                if "median_cpu_us_per_request" in row:
+                    print(f"{label:<16} {row['median_cpu_us_per_request']:>12} "
+                          f"{row['cpu_ratio_to_lucid_median']:>6}  "
+                          f"{row['cpu_ratio_to_lucid_rounds']}")
+        elif args.rounds:
+            print("wrk not on PATH: throughput skipped (bash bench/setup.sh)")
+        result["variants_dir"] = str(write_variants(pem, toks))
+    result["args"] = vars(args)
+    out = BENCH_DIR / "results" / "gateway.json"
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing["auth"] = result
+    out.write_text(json.dumps(existing, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
