@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,28 @@ def plugin_rows(output: str) -> dict[str, list[str]]:
         assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
         rows[cells[0]] = cells[1:]
     return rows
+
+
+_apt_lock = threading.Lock()
+
+
+def debian_tool(binary: str, package: str) -> str:
+    """The path of a tool a test needs from Debian's packages, installing the package
+    first when it is missing and this is a root shell with apt (as on CI and a fresh
+    development machine); otherwise the test fails saying what to install."""
+    found = shutil.which(binary)
+    if found:
+        return found
+    with _apt_lock:
+        if shutil.which(binary) is None and os.geteuid() == 0 and shutil.which("apt-get"):
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True,
+                           timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                            package], env=env, capture_output=True, timeout=900)
+    found = shutil.which(binary)
+    assert found, f"this test needs {binary!r}: apt-get install -y {package}"
+    return found
 
 
 class GatewayProcess:

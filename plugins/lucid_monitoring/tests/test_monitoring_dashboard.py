@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 
 from aiohttp import web
 
 from lucid.model import Event
+from lucid.testing import debian_tool
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -18,8 +18,7 @@ CHROMIUM_FLAGS = [
 
 
 async def chromium(tmp_path, *args: str) -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert binary, "the dashboard test needs a browser: apt-get install -y chromium"
+    binary = await asyncio.to_thread(debian_tool, "chromium", "chromium")
     proc = await asyncio.create_subprocess_exec(
         binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -3,13 +3,13 @@ and as JSON; labels stay bounded."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from lucid.model import Event
+from lucid.testing import debian_tool
 
 
 def config(upstream_url: str, extra: str = "") -> str:
@@ -76,8 +76,7 @@ async def test_prometheus_text_counts_requests_by_route_and_bounds_labels(
     assert got[("lucid_response_bytes_total", (("route", "api"), ("service", "svc")))] == 60
     assert got[("lucid_instances", (("health", "passing"), ("service", "svc")))] == 1
     # promtool (Debian package "prometheus") is the reference linter.
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is needed: apt-get install -y prometheus"
+    promtool = debian_tool("promtool", "prometheus")
     result = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
                             capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
