@@ -184,6 +184,12 @@ def serve_forever(config_path: Path | None) -> int:
             os._exit(code)
         children.append(pid)
     code = _run(Runtime(plugin_set, config, config_path), proxy_sock, admin_sock, children, 0)
+    if code != 0:  # worker 0 failed: the others must not serve on without an admin API
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     for pid in children:
         try:
             os.waitpid(pid, 0)
@@ -204,6 +210,11 @@ def _run(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket 
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
+    except Exception:
+        # A plugin failing to start (a store it cannot open, say): say which worker,
+        # exit non-zero, and never let a forked worker run on into the parent's code.
+        log.exception("worker %d failed to start or stopped with an error", index)
+        return 1
     return 0
 
 

@@ -55,3 +55,32 @@ async def test_a_committed_write_survives_kill_9(tmp_path):
             assert [row[0] for row in await cursor.fetchall()] == [42]
     finally:
         await db.close()
+
+
+def test_two_processes_opening_a_new_file_at_once_both_succeed(tmp_path):
+    """Workers start together and open the same new file: switching it to WAL must not
+    fail one of them with 'database is locked'."""
+    opener = textwrap.dedent("""
+        import asyncio, sys, time
+        from pathlib import Path
+        from lucid.store import open_database
+
+        async def main(path, go):
+            while not Path(go).exists():
+                time.sleep(0.001)
+            db = await open_database(Path(path), ["CREATE TABLE IF NOT EXISTS t (n INTEGER)"])
+            await db.close()
+            print("opened", flush=True)
+
+        asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """)
+    for round_ in range(5):
+        path, go = tmp_path / f"race{round_}.db", tmp_path / f"go{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", opener, str(path), str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        go.touch()
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            assert out.strip() == "opened"
