@@ -1,9 +1,444 @@
-"""Lucid's rate limiter plugin: token bucket, sliding and fixed windows, quotas, headers."""
+"""Lucid's rate limiter plugin: token bucket, sliding and fixed windows, quotas, headers.
+
+Decisions are synchronous and in memory (:mod:`lucid_ratelimiter.algorithms`); quota
+counters (windows of an hour or more) are written to SQLite in the background, in
+batches (:mod:`lucid_ratelimiter.store`). Limits come from ``[[ratelimiter.limits]]``
+("static") and from the admin API ("dynamic", persisted); both apply without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lucid.config import ConfigError, data_dir
+from lucid.model import Event, Exchange, Rejection
+from lucid.plugins import hookimpl
+from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
+from lucid_ratelimiter.config import Limit, RateLimiterConfig, RouteSettings
+from lucid_ratelimiter.store import SqliteStore
 
 LUCID_CAPABILITY = "ratelimiter"
+__all__ = ["RateLimiterPlugin", "RateLimiterConfig", "Limit", "RouteSettings"]
+log = logging.getLogger("lucid.ratelimiter")
+
+WORKERS_REASON = (
+    "ratelimiter: limits are counted in each worker's memory, so {workers} workers would "
+    "admit {workers}x every limit; run with server.workers = 1 until a shared (Redis) "
+    "store exists"
+)
+MAX_REJECTION_KEYS = 100_000  # per limit, for the usage report's "most limited keys"
+
+
+def _ip(exchange: Exchange) -> str:
+    return exchange.client_ip
+
+
+def key_function(spec: Limit, api_key_header: str) -> Callable[[Exchange], str]:
+    """How a limit names the bucket of a request. Identities that are missing (no JWT,
+    no API key, no such header) fall back to the client IP, never to one shared bucket."""
+    kind = spec.key
+    if kind == "ip":
+        return _ip
+    if kind == "user":
+        def user(exchange: Exchange) -> str:
+            identity = exchange.identity
+            sub = identity.get("sub") if identity else None
+            return f"sub:{sub}" if sub is not None else f"ip:{exchange.client_ip}"
+        return user
+    if kind in ("api_key", "header"):
+        name = api_key_header if kind == "api_key" else spec.header
+
+        def header(exchange: Exchange) -> str:
+            value = exchange.headers.get(name)
+            return f"h:{value}" if value is not None else f"ip:{exchange.client_ip}"
+        return header
+    if kind == "route":
+        return lambda exchange: exchange.route_id
+    if kind == "service":
+        return lambda exchange: exchange.service
+    return lambda exchange: "*"
+
+
+def signature(spec: Limit) -> str:
+    """What a limit's counters mean; a change of it starts the counters over."""
+    return json.dumps([spec.algorithm, spec.rate, spec.capacity, spec.key, spec.header])
+
+
+class CompiledLimit:
+    """One live limit: its definition, its counters and its rejection tally."""
+
+    __slots__ = ("id", "spec", "source", "limiter", "key_of", "quota", "signature",
+                 "rejections", "limit", "policy", "ietf_prefix", "x_limit", "dirty")
+
+    def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str):
+        self.id = spec.id
+        self.spec = spec
+        self.source = source
+        self.limiter = limiter
+        self.key_of = key_function(spec, api_key_header)
+        self.quota = spec.quota
+        self.signature = signature(spec)
+        self.rejections: dict[str, int] = {}
+        self.dirty: set[str] = set()  # quota keys changed since the last flush
+        self.limit = limiter.limit
+        self.policy = f'"{spec.id}";q={self.limit};w={int(spec.period)}'
+        self.ietf_prefix = f'"{spec.id}";r='
+        self.x_limit = str(self.limit)
+
+
+@dataclass(slots=True)
+class Plan:
+    """The limits that apply to one (route, tier), and their RateLimit-Policy value."""
+
+    limits: tuple[CompiledLimit, ...]
+    policy: str
+
+
+@dataclass
+class Table:
+    """Every live limit, for one config generation plus the dynamic limits."""
+
+    generation: Any
+    config: RateLimiterConfig
+    limits: dict[str, CompiledLimit] = field(default_factory=dict)
+    plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
+
+    def plan(self, route_id: str, tier: str) -> Plan:
+        chosen = tuple(
+            c for c in self.limits.values()
+            if (not c.spec.routes or route_id in c.spec.routes)
+            and (not c.spec.tiers or tier in c.spec.tiers)
+        )
+        plan = Plan(chosen, ", ".join(c.policy for c in chosen))
+        if len(self.plans) < 10_000:
+            self.plans[(route_id, tier)] = plan
+        return plan
 
 
 class RateLimiterPlugin:
     """One instance per gateway (Lucid instantiates the class named by the entry point)."""
 
     LUCID_CAPABILITY = LUCID_CAPABILITY
+
+    def __init__(self) -> None:
+        self.clock: Callable[[], float] = time.time  # injectable (tests)
+        self.runtime: Any = None
+        self.store: SqliteStore | None = None
+        self.dynamic: dict[str, Limit] = {}
+        self.table: Table | None = None
+        self._generation_number = -1
+        self._limiters: dict[str, tuple[str, Limiter]] = {}  # id -> (signature, limiter)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.admitted = 0
+        self.rejected = 0
+        self.flushes = 0
+        self.flushed_rows = 0
+        self.last_flush_at: float | None = None
+        self.swept = 0
+        self.write_lock = asyncio.Lock()
+
+    # lifecycle ----------------------------------------------------------------
+    @hookimpl
+    def lucid_register_config(self, register: Callable[..., None]) -> None:
+        register("ratelimiter", RateLimiterConfig, route_model=RouteSettings)
+
+    @hookimpl
+    def lucid_register_admin(self, register: Callable[..., None]) -> None:
+        from lucid_ratelimiter.admin import blueprint
+
+        register(blueprint)
+
+    @hookimpl
+    def lucid_check_workers(self, config: Any, workers: int) -> str | None:
+        if workers <= 1:
+            return None
+        section = getattr(config, "ratelimiter", None)
+        if section is not None and section.limits:
+            return WORKERS_REASON.format(workers=workers)
+        path = data_dir(config, None) / "ratelimiter.db"
+        if path.exists():
+            try:
+                db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                try:
+                    (count,) = db.execute("SELECT count(*) FROM limits").fetchone()
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                count = 0
+            if count:
+                return WORKERS_REASON.format(workers=workers)
+        return None
+
+    @hookimpl
+    def lucid_prepare(self, generation: Any) -> None:
+        config: RateLimiterConfig = generation.config.ratelimiter
+        generation.state["ratelimiter"] = config
+        if config.limits and "gateway" in generation.capabilities:
+            gateway = getattr(generation.config, "gateway", None)
+            known = {r.id or f"routes[{i}]"
+                     for i, r in enumerate(getattr(gateway, "routes", []))}
+            problems = [
+                f"ratelimiter.limits[{i}].routes = {route!r}: no such route "
+                f"(routes: {', '.join(sorted(known)) or 'none'})"
+                for i, spec in enumerate(config.limits) for route in spec.routes
+                if route not in known
+            ]
+            if problems:
+                raise ConfigError(generation.source, problems)
+
+    @hookimpl
+    async def lucid_startup(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.store = await SqliteStore.open(runtime.data_dir / "ratelimiter.db")
+        for body in await self.store.load_limits():
+            spec = Limit.model_validate(body)
+            self.dynamic[spec.id] = spec
+        table = self.rebuild(runtime.generation)
+        now = self.clock()
+        for limit_id, sig, key, window, value, previous in await self.store.load_counters():
+            compiled = table.limits.get(limit_id)
+            if compiled is not None and compiled.signature == sig:
+                compiled.limiter.load(key, window, value, previous, now)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._every(lambda: self.flush_interval, self.flush)),
+            loop.create_task(self._every(lambda: self.sweep_interval, self._sweep)),
+        ]
+
+    @hookimpl
+    async def lucid_shutdown(self, runtime: Any) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        if self.store is not None:
+            await self.flush()
+            await self.store.close()
+            self.store = None
+
+    @property
+    def flush_interval(self) -> float:
+        return self.table.config.flush_interval if self.table else 1.0
+
+    @property
+    def sweep_interval(self) -> float:
+        return self.table.config.sweep_interval if self.table else 10.0
+
+    async def _every(self, interval: Callable[[], float], job: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(interval())
+            try:
+                result = job()
+                if asyncio.iscoroutine(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ratelimiter background job failed")
+
+    # tables ---------------------------------------------------------------------
+    def rebuild(self, generation: Any) -> Table:
+        """Compile static + dynamic limits; counters of unchanged limits carry over."""
+        config: RateLimiterConfig = generation.state["ratelimiter"]
+        table = Table(generation, config)
+        specs: list[tuple[Limit, str]] = [(s, "static") for s in config.limits]
+        static_ids = {s.id for s in config.limits}
+        specs += [(s, "dynamic") for i, s in self.dynamic.items() if i not in static_ids]
+        limiters: dict[str, tuple[str, Limiter]] = {}
+        for spec, source in specs:
+            sig = signature(spec)
+            previous = self._limiters.get(spec.id)
+            if previous is not None and previous[0] == sig:
+                limiter = previous[1]
+                limiter.max_keys = config.max_keys
+            else:
+                limiter = ALGORITHMS[spec.algorithm](
+                    spec.count, spec.period, spec.capacity, config.max_keys)
+            limiters[spec.id] = (sig, limiter)
+            compiled = CompiledLimit(spec, source, limiter, config.api_key_header)
+            old = self.table.limits.get(spec.id) if self.table else None
+            if old is not None and old.signature == sig:
+                compiled.rejections = old.rejections
+                compiled.dirty = old.dirty
+            table.limits[spec.id] = compiled
+        self._limiters = limiters
+        self.table = table
+        self._generation_number = generation.number
+        return table
+
+    def current(self) -> Table:
+        """The live table, rebuilt if the config was reloaded since the last request."""
+        generation = self.runtime.generation
+        table = self.table
+        if table is None or (generation is not table.generation
+                             and generation.number > self._generation_number):
+            table = self.rebuild(generation)
+        return table
+
+    # data path ------------------------------------------------------------------------
+    @hookimpl
+    def lucid_admit_request(self, exchange: Exchange) -> Rejection | None:
+        table = self.table
+        if table is None:
+            return None
+        generation = exchange.generation
+        if generation is not table.generation and generation is not None \
+                and generation.number > self._generation_number:
+            table = self.rebuild(generation)
+        if not table.limits:
+            return None
+        config = table.config
+        style = config.headers
+        cost = 1
+        settings = exchange.overrides.get("ratelimiter")
+        if settings is not None:
+            if not settings.enabled:
+                return None
+            cost = settings.cost
+            style = settings.headers or style
+        tier = config.default_tier
+        if config.tier_claim and exchange.identity:
+            tier = str(exchange.identity.get(config.tier_claim, tier))
+        plan = table.plans.get((exchange.route_id, tier)) or table.plan(exchange.route_id, tier)
+        limits = plan.limits
+        if not limits:
+            return None
+        now = self.clock()
+        chosen: CompiledLimit | None = None
+        chosen_remaining = 0
+        chosen_reset = 0.0
+        keys: list[str] = []
+        for compiled in limits:
+            key = compiled.key_of(exchange)
+            limiter = compiled.limiter
+            remaining = limiter.hit(key, cost, now)
+            if remaining < 0:
+                for prior, prior_key in zip(limits, keys, strict=False):
+                    prior.limiter.refund(prior_key, cost, now)
+                return self._reject(exchange, compiled, key, style, plan, now)
+            keys.append(key)
+            if compiled.quota:
+                compiled.dirty.add(key)
+            if chosen is None or remaining < chosen_remaining:
+                chosen, chosen_remaining, chosen_reset = compiled, remaining, limiter.reset
+        self.admitted += 1
+        if style != "none" and chosen is not None:
+            exchange.response_headers += _headers(
+                style, plan.policy, chosen, chosen_remaining, chosen_reset)
+        return None
+
+    def _reject(self, exchange: Exchange, compiled: CompiledLimit, key: str, style: str,
+                plan: Plan, now: float) -> Rejection:
+        self.rejected += 1
+        rejections = compiled.rejections
+        if key in rejections or len(rejections) < MAX_REJECTION_KEYS:
+            rejections[key] = rejections.get(key, 0) + 1
+        limiter = compiled.limiter
+        retry = max(1, math.ceil(limiter.retry_after - 1e-9))
+        headers = [("retry-after", str(retry))]
+        if style != "none":
+            headers += _headers(style, plan.policy, compiled, 0, limiter.reset)
+        if self.runtime is not None:
+            self.runtime.emit(Event("limit_rejected", {
+                "limit": compiled.id, "key": key, "route_id": exchange.route_id,
+                "retry_after": retry,
+            }))
+        return Rejection(
+            429, {"limit": compiled.id, "retry_after": retry}, headers,
+            reason="rate limit exceeded", retry_after=retry,
+        )
+
+    # background ----------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Write every quota counter touched since the last flush, in one transaction."""
+        if self.store is None or self.table is None or not self.pending:
+            return
+        async with self.write_lock:
+            taken: list[tuple[CompiledLimit, set[str]]] = []
+            rows, deleted = [], []
+            for compiled in list(self.table.limits.values()):
+                if not compiled.dirty:
+                    continue
+                dirty, compiled.dirty = compiled.dirty, set()
+                taken.append((compiled, dirty))
+                for key in dirty:
+                    state = compiled.limiter.dump(key)
+                    if state is None:
+                        deleted.append((compiled.id, key))
+                    else:
+                        rows.append((compiled.id, compiled.signature, key, *state))
+            try:
+                await self.store.write_counters(rows, deleted)
+            except Exception:
+                for compiled, dirty in taken:  # try again next time
+                    compiled.dirty |= dirty
+                raise
+            self.flushes += 1
+            self.flushed_rows += len(rows)
+            self.last_flush_at = time.time()
+
+    async def _sweep(self) -> None:
+        """Expire idle keys, a few thousand at a time, yielding to requests in between."""
+        if self.table is None:
+            return
+        now = self.clock()
+        for compiled in list(self.table.limits.values()):
+            removed = 0
+            for removed in compiled.limiter.sweep_steps(now):  # noqa: B007 - the last count
+                await asyncio.sleep(0)
+            self.swept += removed
+            if len(compiled.rejections) >= MAX_REJECTION_KEYS:
+                compiled.rejections.clear()
+
+    def reset_key(self, key: str, limit_id: str | None = None) -> list[str]:
+        """Forget a key's counters (in memory, and on disk at the next flush)."""
+        done = []
+        for compiled in (self.table.limits.values() if self.table else ()):
+            if limit_id is not None and compiled.id != limit_id:
+                continue
+            compiled.limiter.forget(key)
+            compiled.rejections.pop(key, None)
+            if compiled.quota:
+                compiled.dirty.add(key)
+            done.append(compiled.id)
+        return done
+
+    @property
+    def pending(self) -> int:
+        return sum(len(c.dirty) for c in self.table.limits.values()) if self.table else 0
+
+    def data_path(self) -> Path | None:
+        return self.runtime.data_dir / "ratelimiter.db" if self.runtime else None
+
+
+def _headers(style: str, policy: str, compiled: CompiledLimit, remaining: int,
+             reset: float) -> list[tuple[str, str]]:
+    """RateLimit-Policy/RateLimit (draft-ietf-httpapi-ratelimit-headers) and/or
+    X-RateLimit-*, for the limit with the fewest requests left."""
+    seconds = str(math.ceil(reset - 1e-6)) if reset > 0 else "0"
+    left = str(remaining)
+    if style == "all":
+        return [("ratelimit-policy", policy),
+                ("ratelimit", f"{compiled.ietf_prefix}{left};t={seconds}"),
+                ("x-ratelimit-limit", compiled.x_limit),
+                ("x-ratelimit-remaining", left),
+                ("x-ratelimit-reset", seconds)]
+    if style == "ietf":
+        return [("ratelimit-policy", policy),
+                ("ratelimit", f"{compiled.ietf_prefix}{left};t={seconds}")]
+    return [("x-ratelimit-limit", compiled.x_limit),
+            ("x-ratelimit-remaining", left),
+            ("x-ratelimit-reset", seconds)]

@@ -1,0 +1,152 @@
+"""The rate limiter's config: ``[ratelimiter]``, its ``[[ratelimiter.limits]]`` and the
+per-route overrides. The same :class:`Limit` model validates TOML and admin payloads,
+so a bad rate is refused with the same words wherever it is written.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from lucid.units import Duration
+
+Algorithm = Literal["token_bucket", "sliding_log", "sliding_window", "fixed_window"]
+KeyType = Literal["ip", "user", "api_key", "header", "route", "service", "global"]
+HeaderStyle = Literal["all", "ietf", "x", "none"]
+
+PERIODS = {
+    "s": 1, "sec": 1, "second": 1,
+    "m": 60, "min": 60, "minute": 60,
+    "h": 3600, "hour": 3600,
+    "d": 86400, "day": 86400,
+    "month": 30 * 86400,
+}
+QUOTA_PERIOD = 3600.0  # windows this long or longer are quotas: persisted in SQLite
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``"10/s"``, ``"100/10s"``, ``"10000/day"`` → (requests, period in seconds)."""
+    m = _RATE.match(text.lower())
+    if m is None:
+        raise ValueError(f"{text!r}: expected 'N/period' such as '10/s', '100/10s' or '1000/day'")
+    count, multiplier, unit = int(m.group(1)), m.group(2), m.group(3)
+    base = PERIODS.get(unit) or PERIODS.get(unit.removesuffix("s"))
+    if base is None:
+        known = ", ".join(sorted(set(PERIODS) - {"sec", "min"}, key=PERIODS.__getitem__))
+        raise ValueError(f"{text!r}: unknown period {unit!r} (known: {known})")
+    if count <= 0:
+        raise ValueError(f"{text!r}: the rate must be greater than 0")
+    if multiplier and int(multiplier) <= 0:
+        raise ValueError(f"{text!r}: the period must be greater than 0")
+    return count, float(base * (int(multiplier) if multiplier else 1))
+
+
+class Limit(BaseModel):
+    """One limit: how many requests per period, counted how, keyed by what."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=_ID)
+    rate: str
+    algorithm: Algorithm = "token_bucket"
+    key: KeyType = "ip"
+    header: str = Field(default="", validate_default=True)
+    burst: int | None = Field(default=None, ge=1, validate_default=True)
+    routes: list[str] = Field(default_factory=list)
+    tiers: list[str] = Field(default_factory=list)
+
+    # field validators (not a model validator) so that a 422 names the field
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm(cls, value: str, info: ValidationInfo) -> str:
+        rate = info.data.get("rate")
+        if value == "sliding_log" and rate and parse_rate(rate)[1] >= QUOTA_PERIOD:
+            raise ValueError("sliding_log keeps every request of the window: use "
+                             "'sliding_window' or 'fixed_window' for windows of an hour or more")
+        return value
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip().lower()
+        key = info.data.get("key")
+        if key == "header" and not value:
+            raise ValueError("key = 'header' needs header = '<name>'")
+        if key is not None and key != "header" and value:
+            raise ValueError("header is only used with key = 'header'")
+        return value
+
+    @field_validator("burst")
+    @classmethod
+    def _burst(cls, value: int | None, info: ValidationInfo) -> int | None:
+        algorithm = info.data.get("algorithm")
+        if value is not None and algorithm is not None and algorithm != "token_bucket":
+            raise ValueError("burst applies to algorithm = 'token_bucket' only")
+        return value
+
+    @property
+    def count(self) -> int:
+        return parse_rate(self.rate)[0]
+
+    @property
+    def period(self) -> float:
+        return parse_rate(self.rate)[1]
+
+    @property
+    def capacity(self) -> int:
+        """Token bucket size: ``burst``, else one period's worth of requests."""
+        return self.burst if self.burst is not None else self.count
+
+    @property
+    def quota(self) -> bool:
+        return self.period >= QUOTA_PERIOD
+
+
+class RateLimiterConfig(BaseModel):
+    """``[ratelimiter]``: inert (no limit, nothing per request) unless limits are declared."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limits: list[Limit] = Field(default_factory=list)
+    headers: HeaderStyle = "all"
+    api_key_header: str = "x-api-key"
+    tier_claim: str = ""
+    default_tier: str = "default"
+    max_keys: int = Field(default=1_000_000, ge=1)
+    flush_interval: Duration = Field(default=1.0, gt=0)
+    sweep_interval: Duration = Field(default=10.0, gt=0)
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+    @field_validator("limits")
+    @classmethod
+    def _unique(cls, limits: list[Limit]) -> list[Limit]:
+        seen: set[str] = set()
+        for limit in limits:
+            if limit.id in seen:
+                raise ValueError(f"limit id {limit.id!r} is used twice")
+            seen.add(limit.id)
+        return limits
+
+
+class RouteSettings(BaseModel):
+    """``plugins = { ratelimiter = { ... } }`` on a route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    cost: int = Field(default=1, ge=1)
+    headers: HeaderStyle | None = None
