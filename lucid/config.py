@@ -13,7 +13,7 @@ import ipaddress
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -241,6 +241,19 @@ def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any) -> 
 
 
 _UNION_TAGS = {"str", "bool", "int", "float", "list[str]", "dict[str,any]"}
+
+
+def first_repeat(values: Iterable[Any], skip: Any = None) -> tuple[int, Any] | None:
+    """The index and value of the first value seen before (ignoring ``skip``), if any:
+    for models whose list items must have unique ids."""
+    seen: set[Any] = set()
+    for index, value in enumerate(values):
+        if value == skip:
+            continue
+        if value in seen:
+            return index, value
+        seen.add(value)
+    return None
 
 
 def dotted(loc: list[Any] | tuple[Any, ...]) -> str:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lucid.config import first_repeat
 from lucid.http import normalize_path
 from lucid.units import ByteSize, Duration
 from lucid_gateway.auth import AuthConfig, RouteAuth
@@ -221,9 +222,7 @@ class GatewayConfig(Strict):
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
-        ids: set[str] = set()
-        for index, route in enumerate(self.routes):
-            if route.id and route.id in ids:
-                raise ValueError(f"routes[{index}]: id {route.id!r} is used twice")
-            ids.add(route.id)
+        if repeat := first_repeat((route.id for route in self.routes), skip=""):
+            index, route_id = repeat
+            raise ValueError(f"routes[{index}]: id {route_id!r} is used twice")
         return self

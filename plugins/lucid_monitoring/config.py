@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
+from lucid.config import first_repeat
 from lucid.units import ByteSize, Duration
 
 METRICS = (
@@ -129,11 +130,9 @@ class MonitoringConfig(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> MonitoringConfig:
-        seen: set[str] = set()
-        for index, rule in enumerate(self.alerts):
-            if rule.name in seen:
-                raise ValueError(f"alerts[{index}].name = {rule.name!r}: used twice")
-            seen.add(rule.name)
+        if repeat := first_repeat(rule.name for rule in self.alerts):
+            index, name = repeat
+            raise ValueError(f"alerts[{index}].name = {name!r}: used twice")
         return self
 
 

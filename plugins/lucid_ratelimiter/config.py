@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from lucid.config import first_repeat
 from lucid.units import Duration
 
 Algorithm = Literal["token_bucket", "sliding_log", "sliding_window", "fixed_window"]
@@ -134,11 +135,8 @@ class RateLimiterConfig(BaseModel):
     @field_validator("limits")
     @classmethod
     def _unique(cls, limits: list[Limit]) -> list[Limit]:
-        seen: set[str] = set()
-        for limit in limits:
-            if limit.id in seen:
-                raise ValueError(f"limit id {limit.id!r} is used twice")
-            seen.add(limit.id)
+        if repeat := first_repeat(limit.id for limit in limits):
+            raise ValueError(f"limit id {repeat[1]!r} is used twice")
         return limits
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lucid.config import first_repeat
 from lucid.model import parse_upstream_url
 from lucid.units import Duration
 
@@ -114,11 +115,8 @@ def _instances(value: Any) -> Any:
 
 
 def _unique_ids(instances: list[InstanceSpec]) -> list[InstanceSpec]:
-    seen: set[str] = set()
-    for instance in instances:
-        if instance.id in seen:
-            raise ValueError(f"instance id {instance.id!r} appears twice")
-        seen.add(instance.id)
+    if repeat := first_repeat(instance.id for instance in instances):
+        raise ValueError(f"instance id {repeat[1]!r} appears twice")
     return instances
 
 
