@@ -122,7 +122,9 @@ def lucid_resolve_instances(
 ) -> Sequence[Instance] | None:
     """Resolve the matched route's service to its candidate instances.
 
-    Synchronous, from memory (never a store read per request).
+    Synchronous, from memory (never a store read per request). Answer the healthy
+    instances; a :class:`lucid.model.Candidates` also carries ``everyone`` (any health)
+    for selection plugins. The core keeps the answer in ``exchange.instances``.
     Stops at first non-None result. None everywhere, or an empty list, answers 503.
 
     :param exchange: the request, with ``service`` set.

@@ -54,6 +54,22 @@ class Instance:
         return cls(id=kwargs.pop("id", base), url=base, service=service, **kwargs)
 
 
+class Candidates(list):  # type: ignore[type-arg]
+    """The healthy instances of a service, as ``lucid_resolve_instances`` returns them,
+    plus ``everyone``: all its instances that may take traffic, of any health.
+
+    A plain list is a valid answer too. A selection plugin uses ``everyone`` to apply
+    a panic threshold: when too small a share is healthy, spread load over all of them
+    rather than crush the few (Envoy's panic mode).
+    """
+
+    __slots__ = ("everyone",)
+
+    def __init__(self, healthy: list[Instance], everyone: list[Instance]):
+        super().__init__(healthy)
+        self.everyone = everyone
+
+
 @dataclass(slots=True)
 class RetryBudget:
     """Envoy-style retry budget: retries in flight stay under a share of active requests."""
@@ -155,6 +171,7 @@ class Exchange:
     path_params: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # per-route plugin settings
     upstream_path: str = ""
+    instances: Any = None  # what lucid_resolve_instances answered (a list or Candidates)
     instance: Instance | None = None
     attempts: int = 0
     status: int = 0

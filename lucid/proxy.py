@@ -172,7 +172,7 @@ class ProxyApp:
         if rejection is not None:
             exchange.rejection = rejection
             return await self._send_rejection(exchange, send, rejection)
-        instances = hooks.resolve_instances(exchange, generation)
+        instances = exchange.instances = hooks.resolve_instances(exchange, generation)
         if not instances:
             return await self._reply(
                 exchange, send, 503, f"no instances available for service {exchange.service!r}"

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from lucid.model import Event, Instance, Outcome
+from lucid.model import Candidates, Event, Instance, Outcome
 from lucid_registry.config import (
     CheckSpec,
     InstanceSpec,
@@ -317,12 +317,14 @@ class Registry:
 
     # the data path ---------------------------------------------------------
     def _rebuild(self, service: Service) -> None:
-        """The candidates of one service: passing instances, else warning ones."""
-        passing: list[Instance] = [
-            r.instance for r in service.records.values() if r.status == "passing"]
+        """The candidates of one service: passing instances, else warning ones; with
+        ``everyone`` not in maintenance, for a selection plugin's panic threshold."""
+        records = service.records.values()
+        passing: list[Instance] = [r.instance for r in records if r.status == "passing"]
         if not passing:
-            passing = [r.instance for r in service.records.values() if r.status == "warning"]
-        self.candidates[service.name] = passing
+            passing = [r.instance for r in records if r.status == "warning"]
+        everyone = [r.instance for r in records if r.status != "maintenance"]
+        self.candidates[service.name] = Candidates(passing, everyone)
 
     def _changed(self, service: Service) -> None:
         """Bump the index, rebuild candidates, wake the service's watchers."""
