@@ -175,6 +175,7 @@ class Exchange:
     instance: Instance | None = None
     attempts: int = 0
     status: int = 0
+    body: bytes | None = None  # the request body when the core buffered it (<= 64 KiB)
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_started: float = 0.0

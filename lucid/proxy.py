@@ -180,9 +180,11 @@ class ProxyApp:
         body = _Body(receive, exchange, policy.max_body_size)
         data: Any = None
         if length is not None and int(length) <= BUFFER_LIMIT:
-            if length != "0":
+            if length == "0":
+                exchange.body = b""
+            else:
                 try:
-                    data = await body.read_all()
+                    data = exchange.body = await body.read_all()
                 except BodyTooLarge:
                     return await self._reply(exchange, send, 413, "request body too large")
                 except ClientGone:

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -107,10 +108,33 @@ class CircuitBreakerPlugin:
                 problems.append(f"circuitbreaker.circuits.{cid}.service = {spec.service!r}: "
                                 f"circuit {services[spec.service]!r} already guards it")
             services.setdefault(spec.service, cid)
+        known = set(config.circuits) | self._stored_ids(generation)
+        for index, route_id, circuit_id in route_circuits(generation):
+            if circuit_id not in known:
+                problems.append(
+                    f"gateway.routes[{index}].plugins.circuitbreaker.circuit = {circuit_id!r}"
+                    f" (route {route_id!r}): no such circuit (declared: "
+                    f"{', '.join(sorted(known)) or 'none'})")
         if problems:
             raise ConfigError(generation.source, problems)
         generation.state["circuitbreaker"] = (config.defaults, dict(config.circuits),
                                               config.tick_interval)
+
+    def _stored_ids(self, generation: Any) -> set[str]:
+        """Ids of the circuits made through the API: from memory once started, else
+        read from the store file (the first config is prepared before startup)."""
+        if self.runtime is not None:
+            return set(self.dynamic)
+        runtime = generation.runtime
+        path = runtime.data_dir / "circuitbreaker.db" if runtime is not None else None
+        if path is None or not path.exists():
+            return set()
+        try:
+            with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                return {row[0] for row in db.execute("SELECT id FROM circuits")}
+        except sqlite3.Error as exc:
+            log.warning("could not read circuit ids from %s: %s", path, exc)
+            return set()
 
     @hookimpl
     async def lucid_startup(self, runtime: Any) -> None:
@@ -291,10 +315,19 @@ class CircuitBreakerPlugin:
         return self._forward(exchange, fallback.service, circuit)
 
     async def _forward(self, exchange: Exchange, service: str, circuit: Circuit) -> Any:
-        """The request (without its body) sent to the fallback service, buffered."""
+        """The request, body included, sent to the fallback service; its answer buffered.
+
+        A body the core streamed (over 64 KiB, or chunked) was not kept, so it cannot be
+        sent: such a request gets the default answer rather than a body-less copy."""
         import aiohttp
         from yarl import URL
 
+        if exchange.body is None and (
+                exchange.headers.get("content-length", "0") != "0"
+                or "transfer-encoding" in exchange.headers):
+            log.warning("circuit %s: request %s has a streamed body; fallback service %r "
+                        "not called", circuit.id, exchange.request_id, service)
+            return None
         generation = exchange.generation
         runtime = generation.runtime
         original = exchange.service
@@ -314,7 +347,8 @@ class CircuitBreakerPlugin:
         headers["x-request-id"] = exchange.request_id
         try:
             async with runtime.session.request(
-                exchange.method, url, headers=headers, allow_redirects=False,
+                exchange.method, url, headers=headers, data=exchange.body or None,
+                allow_redirects=False,
                 timeout=exchange.policy.client_timeout, compress=None,
             ) as response:
                 body = await response.content.read(FALLBACK_BODY_LIMIT)
@@ -327,6 +361,20 @@ class CircuitBreakerPlugin:
         out.append(("x-lucid-fallback", circuit.id))
         return Rejection(status, body=body, headers=out,
                          reason=f"fallback of circuit {circuit.id!r}")
+
+
+def route_circuits(generation: Any) -> list[tuple[int, str, str]]:
+    """``(index, route id, circuit id)`` of every route that names its circuit, from the
+    gateway plugin's route table in this generation (none without it)."""
+    state = generation.state.get("gateway")
+    routes = getattr(getattr(state, "router", None), "routes", ())
+    found = []
+    overrides_of = getattr(state, "overrides", ())
+    for index, (route, overrides) in enumerate(zip(routes, overrides_of, strict=True)):
+        setting = overrides.get("circuitbreaker")
+        if setting is not None and setting.circuit is not None:
+            found.append((index, route.id or f"routes[{index}]", setting.circuit))
+    return found
 
 
 def static_answer(fallback: Fallback, circuit: Circuit) -> Rejection:

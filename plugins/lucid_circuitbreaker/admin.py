@@ -15,6 +15,7 @@ from quart import Blueprint
 from quart_schema import tag, validate_request
 
 from lucid.admin import error_response, runtime
+from lucid_circuitbreaker import route_circuits
 from lucid_circuitbreaker.circuits import NORMAL, Circuit
 from lucid_circuitbreaker.config import CircuitCreate, CircuitSpec, resolve
 from lucid_circuitbreaker.machine import FORCED_OPEN, METRICS_ONLY
@@ -113,6 +114,12 @@ async def get_circuit(circuit_id: str) -> Any:
 async def create_circuit(data: CircuitCreate) -> Any:
     """Create a circuit (persisted; survives restarts)."""
     plugin = _plugin()
+    workers = runtime().config.server.workers
+    if workers > 1:
+        return error_response(
+            409, f"this gateway runs {workers} workers: a circuit made here would exist in "
+            "one of them only; declare circuits in the config file and run one worker",
+            field="id")
     spec = CircuitSpec.model_validate(data.model_dump(exclude={"id"}, exclude_unset=True))
     async with plugin.lock:
         if data.id in plugin.static:
@@ -161,6 +168,12 @@ async def delete_circuit(circuit_id: str) -> Any:
             return _static(circuit_id, "remove")
         if circuit_id not in plugin.dynamic:
             return _unknown(circuit_id)
+        users = [route for _, route, cid in route_circuits(runtime().generation)
+                 if cid == circuit_id]
+        if users:
+            return error_response(
+                409, f"circuit {circuit_id!r} guards route(s) {', '.join(map(repr, users))}; "
+                "change those routes first", field="circuit_id", routes=users)
         await (await plugin.open_store()).delete_circuit(circuit_id)
         del plugin.dynamic[circuit_id]
         plugin.modes.pop(circuit_id, None)

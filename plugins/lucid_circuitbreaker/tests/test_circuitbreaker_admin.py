@@ -216,7 +216,11 @@ async def test_definitions_and_modes_survive_kill_9(
     first.signal(signal.SIGKILL)
     first.wait()
 
-    second = lucid_process(base(up.url, STATIC), data_dir=data_dir)
+    # a route in the file may name a circuit made through the API: the config is
+    # checked against the store before the plugin starts
+    pinned = ('\n[[gateway.routes]]\nid = "pinned"\nprefix = "/pinned"\nservice = "other"\n'
+              'plugins = { circuitbreaker = { circuit = "c" } }\n')
+    second = lucid_process(base(up.url, STATIC) + pinned, data_dir=data_dir)
     async with aiohttp.ClientSession() as session:
         admin = second.admin_url + "/circuitbreaker"
         code, listing = await call(session, "GET", admin + "/circuits")
@@ -226,3 +230,38 @@ async def test_definitions_and_modes_survive_kill_9(
             assert r.status == 200  # refused, answered by the fallback service
             assert r.headers["x-lucid-fallback"] == "c"
         assert switch.calls == 1
+        async with session.get(second.proxy_url + "/pinned") as r:
+            assert r.status == 200 and r.headers["x-lucid-fallback"] == "c"
+
+
+async def test_routes_may_name_api_circuits_which_cannot_then_be_deleted(
+    lucid_upstream: Any, lucid_gateway: Any
+) -> None:
+    up = await lucid_upstream()
+    gw = await lucid_gateway(base(up.url))
+    admin = Admin(gw)
+    assert (await admin("POST", "/circuits", {"id": "api", "service": "other"}))[0] == 201
+    route = {"id": "guarded", "prefix": "/g", "service": "svc",
+             "plugins": {"circuitbreaker": {"circuit": "api"}}}
+    async with gw.session.post(gw.admin_url + "/gateway/route", json=route) as r:
+        assert r.status == 201, await r.text()
+    bad = {**route, "id": "dangling", "plugins": {"circuitbreaker": {"circuit": "nope"}}}
+    async with gw.session.post(gw.admin_url + "/gateway/route", json=bad) as r:
+        assert r.status == 422
+        assert "circuitbreaker.circuit = 'nope'" in " ".join((await r.json())["problems"])
+    status, body = await admin("DELETE", "/circuits/api")
+    assert status == 409 and body["routes"] == ["guarded"]
+    assert [c["id"] for c in (await admin("GET", "/circuits"))[1]["circuits"]] == ["api"]
+    async with gw.session.delete(gw.admin_url + "/gateway/route/guarded") as r:
+        assert r.status == 200
+    assert (await admin("DELETE", "/circuits/api"))[0] == 200
+
+
+async def test_circuits_cannot_be_made_through_the_api_with_several_workers(
+    lucid_upstream: Any, lucid_gateway: Any
+) -> None:
+    up = await lucid_upstream()
+    gw = await lucid_gateway(base(up.url) + "\n[server]\nworkers = 2\n")
+    status, body = await Admin(gw)("POST", "/circuits", {"id": "c", "service": "svc"})
+    assert status == 409 and "2 workers" in body["error"] and body["field"] == "id"
+    assert (await Admin(gw)("GET", "/circuits"))[1]["circuits"] == []

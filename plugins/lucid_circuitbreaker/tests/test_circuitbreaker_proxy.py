@@ -428,3 +428,38 @@ async def test_a_failing_fallback_service_leaves_the_default_503(
     status, headers, body = await get(gw)
     assert status == 503 and headers["Retry-After"] == "90"  # 89.5 s, rounded up
     assert b'"circuit": "svc"' in body and "x-lucid-fallback" not in headers
+
+
+async def test_the_fallback_service_gets_the_request_body(
+    lucid_upstream: Any, lucid_gateway: Any
+) -> None:
+    broken = await lucid_upstream(Switch(500))
+    backup = await lucid_upstream()  # echo: reports the body size it received
+    gw = await lucid_gateway(config(
+        [broken.url], "consecutive_failures = 1",
+        extra=f'[circuitbreaker.circuits.svc.fallback]\nservice = "backup"\n'
+              f'[gateway.services.backup]\ninstances = ["{backup.url}"]\n'))
+    assert (await get(gw))[0] == 500
+    payload = b"x" * 50_000  # buffered by the core (<= 64 KiB): forwarded
+    async with gw.session.post(gw.proxy_url + "/orders", data=payload) as r:
+        assert r.status == 200 and r.headers["x-lucid-fallback"] == "svc"
+        echoed = await r.json()
+    assert echoed["method"] == "POST" and echoed["body_size"] == len(payload)
+    assert echoed["headers"]["content-length"] == str(len(payload))
+    # a streamed body was not kept: the default answer, not a body-less copy
+    async with gw.session.post(gw.proxy_url + "/orders", data=b"y" * 200_000) as r:
+        assert r.status == 503 and "x-lucid-fallback" not in r.headers
+        assert (await r.json())["circuit"] == "svc"
+    assert len(backup.requests) == 1
+
+
+async def test_a_route_naming_an_unknown_circuit_is_a_config_error(
+    tmp_path: Path, lucid_upstream: Any, lucid_gateway: Any
+) -> None:
+    up = await lucid_upstream()
+    text = config([up.url], route='plugins = { circuitbreaker = { circuit = "nope" } }')
+    with pytest.raises(ConfigError) as info:
+        await lucid_gateway(text)
+    problem = " ".join(info.value.problems)
+    assert "gateway.routes[0].plugins.circuitbreaker.circuit = 'nope'" in problem
+    assert "route 'main'" in problem and "declared: svc" in problem
