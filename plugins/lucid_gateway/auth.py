@@ -22,7 +22,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -345,48 +345,53 @@ class RouteAuthGuard:
     roles_path: tuple[str, ...]
     scopes_path: tuple[str, ...]
 
-    def token_of(self, exchange: Exchange) -> str | None:
+    def token_of(self, exchange: Exchange) -> tuple[str, str] | None:
+        """The token and where it was found: ``"header"``, ``"cookie"`` or ``"query"``."""
         header = exchange.headers.get("authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+                return token.strip(), "header"
         s = self.settings
         if s.cookie is not None and "cookie" in exchange.headers:
             for part in exchange.headers["cookie"].split(";"):
                 name, _, value = part.strip().partition("=")
                 if name == s.cookie and value:
-                    return value
+                    return value, "cookie"
         if s.query is not None and exchange.query:
             for name, value in parse_qsl(exchange.query):
                 if name == s.query and value:
-                    return value
+                    return value, "query"
         return None
 
     def admit(self, exchange: Exchange) -> Rejection | None | Awaitable[Rejection | None]:
-        token = self.token_of(exchange)
-        if token is None:
+        found = self.token_of(exchange)
+        if found is None:
             if "authorization" in exchange.headers:
                 return unauthorized("the Authorization header is not a Bearer token",
                                     "invalid_request")
             return unauthorized("a bearer token is required", None)
+        token, source = found
         try:
             claims = self.verifier.verify(token, self.allowed)
         except AuthFailure as exc:
             return unauthorized(exc.description, exc.code)
         if isinstance(claims, dict):
-            return self.authorize(exchange, claims)
-        return self._admit_later(exchange, claims)
+            return self.authorize(exchange, claims, source)
+        return self._admit_later(exchange, claims, source)
 
-    async def _admit_later(self, exchange: Exchange, pending: Awaitable[Any]
+    async def _admit_later(self, exchange: Exchange, pending: Awaitable[Any], source: str
                            ) -> Rejection | None:
         try:
             claims = await pending
         except AuthFailure as exc:
             return unauthorized(exc.description, exc.code)
-        return self.authorize(exchange, claims)
+        return self.authorize(exchange, claims, source)
 
-    def authorize(self, exchange: Exchange, claims: dict[str, Any]) -> Rejection | None:
+    def authorize(self, exchange: Exchange, claims: dict[str, Any], source: str = "header"
+                  ) -> Rejection | None:
+        """Roles and scopes, then what goes upstream: claim headers, and the credential
+        removed where it must not travel (``source`` is where the token was found)."""
         s = self.settings
         if s.roles:
             held = _as_list(_dig(claims, self.roles_path))
@@ -411,7 +416,31 @@ class RouteAuthGuard:
             headers[header] = text.translate(_NO_CONTROLS)
         if s.strip_authorization:
             headers.pop("authorization", None)
+        if source == "cookie":
+            assert s.cookie is not None
+            rest = without_cookie(headers["cookie"], s.cookie)
+            if rest:
+                headers["cookie"] = rest
+            else:
+                del headers["cookie"]
+        elif source == "query":
+            assert s.query is not None
+            exchange.query = without_query_arg(exchange.query, s.query)
         return None
+
+
+def without_cookie(header: str, name: str) -> str:
+    """A Cookie header without every pair called ``name``; the others keep their order."""
+    kept = [p for p in (part.strip() for part in header.split(";"))
+            if p and p.partition("=")[0].strip() != name]
+    return "; ".join(kept)
+
+
+def without_query_arg(query: str, name: str) -> str:
+    """A raw query string without every argument called ``name`` (compared decoded, as
+    ``parse_qsl`` reads them); the other arguments keep their order and exact encoding."""
+    return "&".join(part for part in query.split("&")
+                    if unquote_plus(part.partition("=")[0]) != name)
 
 
 def _dig(claims: dict[str, Any], path: tuple[str, ...]) -> Any:

@@ -19,6 +19,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import ECKey, OctKey, OKPKey, RSAKey
+from yarl import URL
 
 from lucid.config import ConfigError
 from lucid.testing import wait_until
@@ -118,7 +119,8 @@ async def call(gw: Any, path: str = "/api/x", token: str | None = None,
     sent = dict(headers or {})
     if token is not None:
         sent["Authorization"] = f"Bearer {token}"
-    async with gw.session.get(gw.proxy_url + path, headers=sent) as r:
+    url = URL(gw.proxy_url + path, encoded=True)  # the query goes out exactly as written
+    async with gw.session.get(url, headers=sent) as r:
         body = await r.json(content_type=None)
         return r.status, {k.lower(): v for k, v in r.headers.items()}, body
 
@@ -379,6 +381,68 @@ async def test_token_from_cookie_or_query(lucid_upstream: Any, lucid_gateway: An
     assert (await call(gw, f"/api/x?a=1&access_token={token}"))[0] == 200
     assert (await call(gw, "/api/x?access_token=nope"))[0] == 401
     assert (await call(gw, headers={"Cookie": "session="}))[0] == 401
+
+
+async def test_a_token_from_a_cookie_or_query_argument_is_not_forwarded(
+        lucid_upstream: Any, lucid_gateway: Any) -> None:
+    """The cookie or argument that carried the token is removed before the upstream
+    call; every other cookie and argument arrives as the client sent it, in order."""
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(route_toml(
+        upstream.url, '{ cookie = "session", query = "access_token" }', HS_ISSUER))
+    token = sign(claims(), OctKey.import_key(SECRET), "HS256")
+
+    status, _, body = await call(gw, headers={"Cookie": f"theme=dark; session={token}; lang=en"})
+    assert status == 200
+    assert body["headers"]["cookie"] == "theme=dark; lang=en"
+    assert token not in json.dumps(body)
+    status, _, body = await call(gw, headers={"Cookie": f"session={token}"})
+    assert status == 200 and "cookie" not in body["headers"]
+
+    query = f"b=2&access_token={token}&a=%2F+x&access%5Ftoken=again&z"
+    status, _, body = await call(gw, f"/api/x?{query}")
+    assert status == 200
+    assert body["query"] == "b=2&a=%2F+x&z"
+    assert token not in json.dumps(body)
+    status, _, body = await call(gw, f"/api/x?access_token={token}")
+    assert status == 200 and body["query"] == "" and body["path"] == "/api/x"
+
+    # From the Authorization header the token is forwarded (strip_authorization is off),
+    # and a cookie or argument of the configured names that did not carry it stays.
+    status, _, body = await call(gw, "/api/x?access_token=other", token=token,
+                                 headers={"Cookie": "session=other"})
+    assert status == 200
+    assert body["headers"]["authorization"] == f"Bearer {token}"
+    assert body["headers"]["cookie"] == "session=other"
+    assert body["query"] == "access_token=other"
+
+
+async def test_strip_authorization_also_hides_a_header_token(
+        lucid_upstream: Any, lucid_gateway: Any) -> None:
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(route_toml(
+        upstream.url, '{ cookie = "session", strip_authorization = true }', HS_ISSUER))
+    token = sign(claims(), OctKey.import_key(SECRET), "HS256")
+    status, _, body = await call(gw, token=token, headers={"Cookie": "theme=dark"})
+    assert status == 200 and "authorization" not in body["headers"]
+    assert body["headers"]["cookie"] == "theme=dark"
+    # a non-Bearer Authorization next to a cookie token is the upstream's own: it is
+    # still removed on this route, and the token cookie too
+    status, _, body = await call(gw, headers={"Authorization": "Basic dXNlcjpwdw==",
+                                              "Cookie": f"session={token}; theme=dark"})
+    assert status == 200 and "authorization" not in body["headers"]
+    assert body["headers"]["cookie"] == "theme=dark"
+
+
+def test_credential_removal_helpers_keep_everything_else() -> None:
+    from lucid_gateway.auth import without_cookie, without_query_arg
+
+    assert without_cookie("a=1; t=x; b=2;t=y", "t") == "a=1; b=2"
+    assert without_cookie("t=x", "t") == ""
+    assert without_cookie("tt=1; t=", "t") == "tt=1"
+    assert without_query_arg("t=1&a=%20&t=2&b", "t") == "a=%20&b"
+    assert without_query_arg("x+y=1&x%20y=2&xy=3", "x y") == "xy=3"
+    assert without_query_arg("a=1&&b=2", "t") == "a=1&&b=2"
 
 
 async def test_roles_and_scopes_answer_403(lucid_upstream: Any, lucid_gateway: Any) -> None:
