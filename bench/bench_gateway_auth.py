@@ -16,14 +16,19 @@ Two parts, both comparing against a floor measured in the same run:
    and is far less disturbed by other load on a shared machine. Goal: ≥ 0.90 for
    hs256 and es256.
 
-It reuses bench/proxy_bench.py's process helpers (that harness cannot yet send a
-request header to wrk, which an auth variant needs; see the report).
+It reuses bench/proxy_bench.py's process helpers.
 
     python bench/bench_gateway_auth.py                   # micro + 5 rounds x 5 s
     python bench/bench_gateway_auth.py --rounds 0        # micro only
 
-Writes ``bench/results/gateway.json`` (key ``auth``) and, for the day proxy_bench
-takes headers, the variant files under ``bench/results/gateway_auth_variants/``.
+Writes ``bench/results/gateway.json`` (key ``auth``) and variant files for
+proxy_bench under ``bench/results/gateway_auth_variants/`` (auth config plus the
+token in ``[bench_headers]``), so the same comparison also runs against the floor:
+
+    python bench/proxy_bench.py --rounds 5 --duration 5 \
+        --variant hs256=bench/results/gateway_auth_variants/hs256.toml \
+        --variant es256=bench/results/gateway_auth_variants/es256.toml \
+        --json bench/results/proxy-auth.json
 """
 
 from __future__ import annotations
@@ -216,7 +221,8 @@ def throughput(args: argparse.Namespace, pem: Path, toks: dict[str, str], tmp: P
 
 
 def write_variants(pem: Path, toks: dict[str, str]) -> Path:
-    """Variant files for ``proxy_bench.py --variant`` (it needs a header option first)."""
+    """Variant files for ``proxy_bench.py --variant``: the auth layer and, in
+    ``[bench_headers]``, the bearer token the load generator sends to that row."""
     import tomli_w
 
     target = BENCH_DIR / "results" / "gateway_auth_variants"
@@ -224,6 +230,7 @@ def write_variants(pem: Path, toks: dict[str, str]) -> Path:
     shutil.copy(pem, target / "es256.pem")
     for alg in ("hs256", "es256"):
         data = layer(alg, target / "es256.pem", True)
+        data["bench_headers"] = {"Authorization": f"Bearer {toks[alg]}"}
         (target / f"{alg}.toml").write_text(tomli_w.dumps(data))
         (target / f"{alg}.token").write_text(toks[alg] + "\n")
     return target

@@ -9,7 +9,8 @@ become the bottleneck, so treat its numbers as a lower bound and prefer wrk
 
 Every loop is bounded by a deadline and by ``--max-requests``.
 
-Usage: python bench/loadgen.py --url http://127.0.0.1:8080/ -c 50 -d 10
+Usage: python bench/loadgen.py --url http://127.0.0.1:8080/ -c 50 -d 10 \
+           [--header 'Authorization: Bearer ...' ...]
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ async def _worker(
 
 
 async def run(
-    url: str, connections: int, duration: float, max_requests: int, timeout: float
+    url: str,
+    connections: int,
+    duration: float,
+    max_requests: int,
+    timeout: float,
+    headers: list[tuple[str, str]] | None = None,
 ) -> dict:
     """Drive the URL and return a summary dict (the JSON this script prints)."""
     connector = aiohttp.TCPConnector(
@@ -87,6 +93,7 @@ async def run(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=timeout),
         skip_auto_headers=("User-Agent",),
+        headers=headers or None,  # sent with every request, as wrk -H does
     ) as session:
         cpu0 = time.process_time()
         started = time.perf_counter()
@@ -134,12 +141,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-d", "--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--max-requests", type=int, default=10_000_000, help="hard cap on requests")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout, seconds")
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="request header sent with every request (like wrk -H); repeatable",
+    )
     args = parser.parse_args(argv)
+    headers = []
+    for spec in args.header:
+        name, sep, value = spec.partition(":")
+        if not sep or not name.strip():
+            parser.error(f"--header {spec!r}: expected 'Name: value'")
+        headers.append((name.strip(), value.strip()))
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         sys.exit("loadgen: refusing non-loopback URL")
     _install_uvloop()
     result = asyncio.run(
-        run(args.url, args.connections, args.duration, args.max_requests, args.timeout)
+        run(args.url, args.connections, args.duration, args.max_requests, args.timeout, headers)
     )
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

@@ -11,11 +11,17 @@ the ratio isolates what Lucid's own code costs.
                                 [--json bench/results/proxy.json]
                                 [--extra-config more.toml] [--label lucid+auth]
                                 [--variant LABEL=FILE ...]
+                                [--header 'Name: value' ...]
 
 Each ``--variant LABEL=FILE`` adds one more Lucid row, started from the same
 generated config plus FILE, measured in the same rounds, and reported as a
 ratio to the plain Lucid row and to the floor ("throughput with feature X is
 N% of the same run without it").
+
+``--header`` adds a request header to every request of every row; a
+``[bench_headers]`` table in an --extra-config or --variant file adds headers to
+that file's rows only (e.g. the bearer token an auth variant needs), replacing a
+``--header`` of the same name.
 
 Tools: wrk and nginx when on PATH (bench/setup.sh installs them), otherwise
 bench/loadgen.py and bench/upstream.py.  All traffic stays on 127.0.0.1.
@@ -176,10 +182,14 @@ def free_ports(count: int) -> list[int]:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_status(url: str, timeout: float = 1.0) -> int | None:
+def http_status(
+    url: str, timeout: float = 1.0, headers: Sequence[tuple[str, str]] = ()
+) -> int | None:
     """Status of a GET, or None if the server is not answering yet."""
     try:
-        with _OPENER.open(url, timeout=timeout) as resp:
+        with _OPENER.open(
+            urllib.request.Request(url, headers=dict(headers)), timeout=timeout
+        ) as resp:
             resp.read()
             return resp.status
     except urllib.error.HTTPError as exc:
@@ -188,7 +198,12 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
-def wait_ready(service: Service, urls: list[str], timeout: float = READY_TIMEOUT_S) -> None:
+def wait_ready(
+    service: Service,
+    urls: list[str],
+    timeout: float = READY_TIMEOUT_S,
+    headers: Sequence[tuple[str, str]] = (),
+) -> None:
     """Poll each URL until it answers 200, failing fast if the process dies."""
     deadline = time.monotonic() + timeout
     for url in urls:
@@ -201,7 +216,7 @@ def wait_ready(service: Service, urls: list[str], timeout: float = READY_TIMEOUT
                 raise BenchError(
                     f"{service.name} not ready after {timeout:.0f}s: GET {url} -> {status}", service
                 )
-            status = http_status(url)
+            status = http_status(url, headers=headers)
             if status != 200:
                 time.sleep(0.1)
 
@@ -257,6 +272,11 @@ def floor_command(port: int, upstream_url: str) -> list[str]:
 # The table in an --extra-config or --variant file whose keys go into the bench
 # route (the generated config's [[gateway.routes]] entry with id "bench").
 BENCH_ROUTE = "bench_route"
+# The table in an --extra-config or --variant file holding request headers the load
+# generator sends to that file's rows ({"Authorization" = "Bearer ..."}); never
+# part of Lucid's config.
+BENCH_HEADERS = "bench_headers"
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
 class ConfigLayerError(ValueError):
@@ -274,7 +294,42 @@ def read_layer(path: Path) -> dict:
     route = data.get(BENCH_ROUTE, {})
     if not isinstance(route, dict):
         raise ConfigLayerError(f"{path}: {BENCH_ROUTE} must be a table, e.g. [{BENCH_ROUTE}]")
+    headers = data.get(BENCH_HEADERS, {})
+    if not isinstance(headers, dict):
+        raise ConfigLayerError(
+            f"{path}: {BENCH_HEADERS} must be a table, e.g. "
+            f'[{BENCH_HEADERS}] Authorization = "Bearer ..."'
+        )
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem:
+            raise ConfigLayerError(f"{path}: {BENCH_HEADERS}.{name}: {problem}")
     return data
+
+
+def header_problem(name: str, value: object) -> str | None:
+    """Why a request header cannot be sent as given, or None."""
+    if not _HEADER_NAME.fullmatch(name):
+        return f"{name!r} is not a header name"
+    if not isinstance(value, str):
+        return "the value must be a string"
+    if any(c in value for c in "\r\n\0"):
+        return "the value must not contain CR, LF or NUL"
+    return None
+
+
+def layer_headers(layer: dict | None) -> list[tuple[str, str]]:
+    """The ``[bench_headers]`` of one layer, as (name, value) pairs."""
+    return list((layer or {}).get(BENCH_HEADERS, {}).items())
+
+
+def combine_headers(*groups: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Later groups replace earlier headers of the same name (case-insensitive)."""
+    out: dict[str, tuple[str, str]] = {}
+    for group in groups:
+        for name, value in group:
+            out[name.lower()] = (name, value)
+    return list(out.values())
 
 
 def base_config(proxy_port: int, admin_port: int, upstream_url: str, data_dir: Path) -> dict:
@@ -306,6 +361,7 @@ def merge_layer(config: dict, layer: dict, source: str) -> None:
     """
     layer = copy.deepcopy(layer)  # its tables go into config, which later layers change
     route_extra = layer.pop(BENCH_ROUTE, {})
+    layer.pop(BENCH_HEADERS, None)  # for the load generator, not for Lucid
     _merge_strict(config, layer, source, ())
     route = next(r for r in config["gateway"]["routes"] if r.get("id") == "bench")
     _merge_override(route, route_extra)
@@ -406,6 +462,7 @@ class Target:
     url: str
     server: Service
     upstream: Service | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)  # sent with every request
 
 
 def start_all(args: argparse.Namespace, tmp: Path, services: list[Service]) -> list[Target]:
@@ -421,28 +478,31 @@ def start_all(args: argparse.Namespace, tmp: Path, services: list[Service]) -> l
 
     up_cmd = upstream_command(args.upstream_kind, tmp, up_port)
     upstream = _start(services, "upstream", up_cmd, tmp, args.upstream_kind, args.support_cpus)
-    wait_ready(upstream, [up_url + "/"])
+    headers = list(args.headers)
+    wait_ready(upstream, [up_url + "/"], headers=headers)
 
     floor_cmd = floor_command(floor_port, up_url)
     floor = _start(services, "floor", floor_cmd, tmp, "hypercorn+aiohttp", args.proxy_cpus)
     floor_url = f"http://{HOST}:{floor_port}/"
-    wait_ready(floor, [floor_url])
+    wait_ready(floor, [floor_url], headers=headers)
 
     targets = [
-        Target("upstream", up_url + "/", upstream),
-        Target("floor", floor_url, floor, upstream),
+        Target("upstream", up_url + "/", upstream, headers=headers),
+        Target("floor", floor_url, floor, upstream, headers=headers),
     ]
     base_layers = [(str(args.extra_config), args.extra_layer)] if args.extra_config else []
-    rows = [(args.label, base_layers, tmp)]
+    base_headers = combine_headers(headers, layer_headers(args.extra_layer))
+    rows = [(args.label, base_layers, tmp, base_headers)]
     for i, variant in enumerate(args.variants, 1):
         rows.append(
             (
                 variant.label,
                 [*base_layers, (str(variant.path), variant.layer)],
                 tmp / f"variant-{i}",
+                combine_headers(base_headers, layer_headers(variant.layer)),
             )
         )
-    for i, (label, layers, workdir) in enumerate(rows):
+    for i, (label, layers, workdir, row_headers) in enumerate(rows):
         proxy_port, admin_port = ports[2 + 2 * i : 4 + 2 * i]
         try:
             config = write_lucid_config(workdir, proxy_port, admin_port, up_url, layers)
@@ -459,8 +519,8 @@ def start_all(args: argparse.Namespace, tmp: Path, services: list[Service]) -> l
                 lucid_url,
             ]
         )
-        wait_ready(lucid, checks)
-        targets.append(Target(label, lucid_url, lucid, upstream))
+        wait_ready(lucid, checks, headers=row_headers)
+        targets.append(Target(label, lucid_url, lucid, upstream, headers=row_headers))
     return targets
 
 
@@ -522,7 +582,12 @@ def parse_wrk(text: str) -> dict:
 
 
 def loadgen_command(
-    tool: str, url: str, connections: int, duration: float, threads: int
+    tool: str,
+    url: str,
+    connections: int,
+    duration: float,
+    threads: int,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
     if tool == "wrk":
         return [
@@ -531,6 +596,7 @@ def loadgen_command(
             f"-c{connections}",
             f"-d{max(1, round(duration))}s",
             "--latency",
+            *(arg for name, value in headers for arg in ("-H", f"{name}: {value}")),
             url,
         ]
     return [
@@ -542,17 +608,20 @@ def loadgen_command(
         str(connections),
         "-d",
         str(duration),
+        *(arg for name, value in headers for arg in ("--header", f"{name}: {value}")),
     ]
 
 
-def drive(args: argparse.Namespace, url: str, duration: float) -> dict:
+def drive(
+    args: argparse.Namespace, url: str, duration: float, headers: Sequence[tuple[str, str]] = ()
+) -> dict:
     """Run the load generator once, to completion, and return its summary.
 
     It is a plain child of this process (not a new session), so Ctrl-C reaches
     it too, and subprocess.run kills it on any exception or on the timeout.
     """
     tool = args.tool
-    cmd = loadgen_command(tool, url, args.connections, duration, args.threads)
+    cmd = loadgen_command(tool, url, args.connections, duration, args.threads, headers)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run(
@@ -567,7 +636,9 @@ def drive(args: argparse.Namespace, url: str, duration: float) -> dict:
         raise BenchError(f"load generator failed: {exc}") from exc
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        raise BenchError(f"{shlex.join(cmd)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+        secret = {f"{name}: {value}": f"{name}: ..." for name, value in headers}
+        shown = shlex.join(secret.get(arg, arg) for arg in cmd)  # no tokens in the report
+        raise BenchError(f"{shown} exited {done.returncode}:\n{done.stderr[-2000:]}")
     if tool == "wrk":
         summary = parse_wrk(done.stdout)
         summary["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -681,6 +752,7 @@ class Summary:
             "target": self.target.name,
             "url": self.target.url,
             "server_kind": self.target.server.kind,
+            "request_headers": [name for name, _ in self.target.headers],  # values may be secrets
             "rps": self.rps,
             "p50_ms": self.median("p50_ms"),
             "p99_ms": self.median("p99_ms"),
@@ -708,10 +780,10 @@ def measure(
     tag = f"  [{round_no}/{args.rounds}] {target.name}"
     if args.warmup > 0:
         print(f"{tag}: warm-up {args.warmup:g}s", flush=True)
-        drive(args, target.url, args.warmup)
+        drive(args, target.url, args.warmup, target.headers)
     print(f"{tag}: measuring {args.duration:g}s", flush=True)
     before = _cpu_sample(target, services)
-    result = drive(args, target.url, args.duration)
+    result = drive(args, target.url, args.duration, target.headers)
     after = _cpu_sample(target, services)
     if not target.server.alive():
         raise BenchError(f"{target.name} died during the run", target.server)
@@ -857,7 +929,8 @@ def variant_ratios(summaries: list[Summary], args: argparse.Namespace) -> list[d
             {
                 "label": variant.label,
                 "file": str(variant.path),
-                "settings": variant.layer,  # what FILE added (the temp config is removed)
+                # what FILE added (the temp config is removed); header values left out
+                "settings": {k: v for k, v in variant.layer.items() if k != BENCH_HEADERS},
                 "vs_lucid": {
                     "name": f"{variant.label}/{args.label}",
                     "value": vs_lucid,
@@ -946,6 +1019,7 @@ def build_payload(
         "pinned": args.pin,
         "label": args.label,
         "extra_config": str(args.extra_config) if args.extra_config else None,
+        "request_headers": [name for name, _ in args.headers],
         "lucid_cmd_override": args.lucid_cmd,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -1029,6 +1103,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "row and to the floor; repeatable",
     )
     parser.add_argument(
+        "--header",
+        dest="header_specs",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="request header sent to every row (wrk -H); repeatable.  Per row: a "
+        f"[{BENCH_HEADERS}] table in an --extra-config or --variant file",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "python"),
         default="auto",
@@ -1056,6 +1139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.extra_config is not None and not args.extra_config.is_file():
         parser.error(f"--extra-config {args.extra_config}: no such file")
     args.variants = _parse_variants(parser, args)
+    args.headers = _parse_headers(parser, args.header_specs)
     args.extra_layer = None
     if args.extra_config is not None or args.variants:
         if tomli_w is None:
@@ -1111,6 +1195,17 @@ def _parse_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         taken.add(label)
         variants.append(Variant(label, path))
     return variants
+
+
+def _parse_headers(parser: argparse.ArgumentParser, specs: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for spec in specs:
+        name, sep, value = spec.partition(":")
+        problem = header_problem(name.strip(), value.strip()) if sep else "expected 'Name: value'"
+        if problem:
+            parser.error(f"--header {spec!r}: {problem}")
+        pairs.append((name.strip(), value.strip()))
+    return combine_headers(pairs)
 
 
 def _cpu_split(pin: bool) -> tuple[set[int] | None, set[int] | None]:
