@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +24,7 @@ from lucid_monitoring.config import AlertRule, MonitoringConfig, RouteMonitoring
 from lucid_monitoring.metrics import TICK, PrometheusCollector, Recorder
 from lucid_monitoring.reports import Rollups
 from lucid_monitoring.store import MonitoringStore
+from lucid_monitoring.workers import SHARE_INTERVAL, WorkerShare
 
 LUCID_CAPABILITY = "monitoring"
 __all__ = ["MonitoringPlugin", "MonitoringConfig", "AlertRule"]
@@ -50,6 +53,10 @@ class MonitoringPlugin:
         self._reloads: set[asyncio.Task[None]] = set()
         self._alerted = False  # an alert fired since the last rollup
         self._rules_lock = asyncio.Lock()
+        # Drawn before `lucid serve` forks its workers, so they all share it: where
+        # they leave their metrics for worker 0 (see workers.py).
+        self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.workers: WorkerShare | None = None
 
     # lifecycle ----------------------------------------------------------------
     @hookimpl
@@ -96,9 +103,17 @@ class MonitoringPlugin:
             self._put = self.writer.put
             self._tasks.append(loop.create_task(self._every(FLUSH_INTERVAL, self._flush_log)))
         self.registry = CollectorRegistry(auto_describe=False)
+        if self.recorder is not None and runtime.config.server.workers > 1:
+            self.workers = WorkerShare(runtime.data_dir / "monitoring-workers", self.run_id,
+                                       runtime.worker_index)
+            if runtime.worker_index == 0:
+                await asyncio.to_thread(self.workers.start_run)
+            else:
+                self._tasks.append(loop.create_task(self._every(SHARE_INTERVAL, self._share)))
         if self.recorder is not None:
             self.registry.register(PrometheusCollector(
-                self.recorder, lambda: self.runtime, self._alert_samples))
+                self.recorder, lambda: self.runtime, self._alert_samples,
+                self.workers.merged if self.workers is not None else None))
         if runtime.worker_index != 0:
             return  # alerts, notifications and rollups run in the first worker only
         self.store = await MonitoringStore.open(runtime.data_dir / "monitoring.db")
@@ -121,6 +136,12 @@ class MonitoringPlugin:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
+        if self.workers is not None and runtime.worker_index != 0:
+            try:  # the last counts; nothing is in flight any more
+                assert self.recorder is not None
+                self.workers.write(self.recorder, 0)
+            except Exception:
+                log.exception("monitoring: final metrics snapshot failed")
         if self.store is not None and self.rollups is not None:
             try:
                 await self.rollup()  # keep the partial minute
@@ -186,6 +207,10 @@ class MonitoringPlugin:
     async def _flush_log(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+
+    async def _share(self) -> None:
+        assert self.workers is not None and self.recorder is not None
+        self.workers.write(self.recorder, self.runtime.counters.get("in_flight", 0))
 
     async def _tick(self) -> None:
         assert self.recorder is not None

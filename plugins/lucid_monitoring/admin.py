@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
+from quart.blueprints import BlueprintSetupState
 from quart_schema import tag, validate_querystring, validate_request
 
 from lucid.admin import error_response, runtime
@@ -122,6 +123,9 @@ async def status() -> Any:
         "rollup_interval": cfg.rollup_interval,
         "retention": cfg.retention,
         "notifiers": [n.describe() for n in p.notifiers],
+        # server.workers > 1: what each worker counted, as summed on /metrics
+        "workers": (p.workers.describe(p.recorder, rt.counters.get("in_flight", 0))
+                    if p.workers is not None and p.recorder is not None else None),
     }
 
 
@@ -165,12 +169,17 @@ async def metrics(query_args: Window) -> Any:
     return {"windows": {name: window_figures(p, name) for name in names}}
 
 
+def prometheus_response() -> Response:
+    body = generate_latest(plugin().registry)
+    return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
+
+
 @metrics_blueprint.get("/metrics")
 async def prometheus() -> Any:
-    """Prometheus text exposition format."""
-    p = plugin()
-    body = generate_latest(p.registry)
-    return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition format. With ``server.admin_secret`` set it needs a
+    viewer token (Prometheus: ``authorization: {credentials_file: ...}``) unless
+    ``[monitoring] metrics_public = true``."""
+    return prometheus_response()
 
 
 # --------------------------------------------------------------------------- services
@@ -335,10 +344,7 @@ async def dashboard() -> Any:
     return out
 
 
-@blueprint.get("/ui")
-@tag_monitoring
-async def ui() -> Any:
-    """The live dashboard: one self-contained HTML page (no CDN)."""
+def ui_response() -> Response:
     response = Response(PAGE, status=200, content_type="text/html; charset=utf-8")
     # The admin app's default CSP forbids everything; this page needs its own inline
     # script and style and to fetch from its origin, nothing else.
@@ -346,4 +352,34 @@ async def ui() -> Any:
         "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
         "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'")
     return response
+
+
+@blueprint.get("/ui")
+@tag_monitoring
+async def ui() -> Any:
+    """The live dashboard: one self-contained HTML page (no CDN). It carries no data,
+    so it is served without a token; the data it polls needs one (the page asks)."""
+    return ui_response()
+
+
+# --------------------------------------------------------------------------- open pages
+# A browser cannot send a bearer token when it opens a page, and many Prometheus setups
+# scrape exporters without credentials. So two GETs are answered before the admin
+# app's token check: the dashboard page (static: no data in it) and, when
+# ``metrics_public`` is set, /metrics. Everything else keeps the admin API's rules.
+async def _open_page() -> Any:
+    if request.method != "GET":
+        return None
+    if request.path == "/monitoring/ui":
+        return ui_response()
+    if request.path == "/metrics" and runtime().config.monitoring.metrics_public:
+        return prometheus_response()
+    return None
+
+
+def _answer_open_pages_first(state: BlueprintSetupState) -> None:
+    state.app.before_request_funcs[None].insert(0, _open_page)
+
+
+metrics_blueprint.record_once(_answer_open_pages_first)
 

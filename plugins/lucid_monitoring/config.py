@@ -105,6 +105,9 @@ class MonitoringConfig(Strict):
     """``[monitoring]``: every field has a default; metrics are on unless ``metrics = false``."""
 
     metrics: bool = Field(True, description="record request metrics (Prometheus and JSON)")
+    metrics_public: bool = Field(
+        False, description="with server.admin_secret set, serve GET /metrics without a token "
+        "(as most exporters do); by default Prometheus sends a viewer token")
     buckets: list[float] = Field(
         default_factory=lambda: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
         description="latency histogram bucket bounds, seconds",

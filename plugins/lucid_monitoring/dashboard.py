@@ -4,6 +4,12 @@ Inline CSS and JS, no CDN, so it works on an air-gapped admin network. It polls
 ``/monitoring/dashboard`` (every 2 s, or ``?interval=<ms>``) and draws its charts on
 ``<canvas>``; each chart writes how many points it drew into ``data-points`` so a
 headless browser test can check the charts show data.
+
+With ``server.admin_secret`` set the data needs a viewer token. The page takes it from
+the URL fragment (``/monitoring/ui#token=<jwt>``: a fragment is never sent to the
+server, so it stays out of access logs and Referer headers), or asks for it when the
+API answers 401/403; it keeps it in ``sessionStorage`` (this tab only), removes it from
+the address bar, and sends it as ``Authorization: Bearer`` with every poll.
 '''
 
 PAGE = r"""<!doctype html>
@@ -35,6 +41,10 @@ PAGE = r"""<!doctype html>
   .critical, .open, .firing, .failing { color:var(--bad); }
   .legend span { margin-right:1em; }
   .empty { color:var(--muted); font-style:italic; }
+  #login { margin-left:auto; display:flex; gap:.5em; }
+  #login[hidden] { display:none; }
+  #login input { background:var(--bg); color:var(--fg); border:1px solid #263040;
+                 border-radius:4px; padding:2px 6px; width:22em; }
 </style>
 </head>
 <body>
@@ -44,6 +54,11 @@ PAGE = r"""<!doctype html>
   <span class="muted">in flight <b id="in-flight">-</b></span>
   <span class="muted">updated <b id="updated">never</b></span>
   <span class="muted" id="status">connecting…</span>
+  <form id="login" hidden>
+    <input id="token" type="password" autocomplete="off"
+           placeholder="admin token (lucid token --role viewer)" aria-label="admin token">
+    <button type="submit">Use token</button>
+  </form>
 </header>
 <main>
   <section><h2>Requests per second</h2>
@@ -66,8 +81,40 @@ PAGE = r"""<!doctype html>
 const params = new URLSearchParams(location.search);
 const INTERVAL = Math.max(200, Number(params.get("interval")) || 2000);
 const MAX_POINTS = 300;
+const TOKEN_KEY = "lucid-admin-token";
 const points = [];
 let seeded = false;
+let token = null;
+try { token = sessionStorage.getItem(TOKEN_KEY); } catch (e) { /* storage off */ }
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.get("token")) {
+  setToken(fragment.get("token"));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+function setToken(value) {
+  token = value || null;
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch (e) { /* storage off: the token lives as long as the page */ }
+}
+
+function askForToken(message) {
+  document.getElementById("status").textContent = message;
+  document.getElementById("login").hidden = false;
+  document.getElementById("token").focus();
+}
+
+document.getElementById("login").addEventListener("submit", event => {
+  event.preventDefault();
+  const input = document.getElementById("token");
+  setToken(input.value.trim());
+  input.value = "";
+  document.getElementById("login").hidden = true;
+  document.getElementById("status").textContent = "connecting…";
+  poll();
+});
 
 function esc(s) {
   return String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",
@@ -176,7 +223,16 @@ function render(data) {
 
 async function poll() {
   try {
-    const response = await fetch("dashboard", {cache: "no-store"});
+    const headers = token ? {"Authorization": "Bearer " + token} : {};
+    const response = await fetch("dashboard", {cache: "no-store", headers: headers});
+    if (response.status === 401 || response.status === 403) {
+      const body = await response.json().catch(() => ({}));
+      const refused = token !== null;
+      setToken(null);
+      askForToken(refused ? "token refused: " + (body.error || "HTTP " + response.status)
+                          : "needs an admin token");
+      return;  // polling resumes when a token is entered
+    }
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
     document.getElementById("status").textContent = "live";

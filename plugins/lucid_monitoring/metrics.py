@@ -267,13 +267,18 @@ class PrometheusCollector(Collector):
     """Turns a :class:`Recorder` into metric families, at scrape time only."""
 
     def __init__(self, recorder: Recorder, runtime: Callable[[], Any],
-                 alerts: Callable[[], Iterable[tuple[str, str, str]]]):
+                 alerts: Callable[[], Iterable[tuple[str, str, str]]],
+                 workers: Callable[[Recorder], tuple[Recorder, int]] | None = None):
         self.recorder = recorder
         self.runtime = runtime
         self.alerts = alerts
+        self.workers = workers  # adds the other workers' counts (server.workers > 1)
 
     def collect(self) -> Iterator[Any]:
         rec = self.recorder
+        other_in_flight = 0
+        if self.workers is not None:
+            rec, other_in_flight = self.workers(rec)
         bounds = rec.bounds
         nb = rec.nb
         requests = CounterMetricFamily(
@@ -305,7 +310,8 @@ class PrometheusCollector(Collector):
             yield family
         runtime = self.runtime()
         in_flight = GaugeMetricFamily("lucid_requests_in_flight", "Requests being served")
-        in_flight.add_metric([], runtime.counters.get("in_flight", 0) if runtime else 0)
+        in_flight.add_metric([], other_in_flight + (
+            runtime.counters.get("in_flight", 0) if runtime else 0))
         yield in_flight
         instance_requests = CounterMetricFamily(
             "lucid_instance_requests", "Upstream calls by instance", labels=["service", "instance"])

@@ -1,4 +1,5 @@
-"""The dashboard in a real headless browser (Debian's ``chromium``) against a live gateway."""
+"""The dashboard in a real headless browser (Debian's ``chromium``) against a live gateway,
+with admin authentication on: the page takes a viewer token from its URL fragment."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import re
 
 from aiohttp import web
 
+from lucid.admin import mint_admin_token
 from lucid.model import Event
 from lucid.testing import debian_tool
+
+SECRET = "s" * 48
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -34,6 +38,9 @@ async def test_dashboard_draws_live_charts_in_a_real_browser(
 
     upstream = await lucid_upstream(handler)
     gw = await lucid_gateway(f"""
+[server]
+admin_secret = "{SECRET}"
+
 [[gateway.routes]]
 id = "api"
 prefix = "/"
@@ -66,8 +73,11 @@ severity = "critical"
             await asyncio.sleep(0.02)
 
     load = asyncio.create_task(traffic())
+    viewer = mint_admin_token(SECRET, "viewer", 600, "dashboard-test")
     try:
-        url = gw.admin_url + "/monitoring/ui?interval=300"
+        page = gw.admin_url + "/monitoring/ui?interval=300"
+        no_token = await chromium(tmp_path, "--virtual-time-budget=1500", "--dump-dom", page)
+        url = f"{page}#token={viewer}"
         dom = await chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", url)
         shot = tmp_path / "dashboard.png"
         await chromium(tmp_path, "--virtual-time-budget=3000", "--window-size=1366,900",
@@ -75,6 +85,10 @@ severity = "critical"
     finally:
         stop.set()
         await load
+    # Without a token the page loads, polls once, is refused and asks for one.
+    assert 'id="status">needs an admin token<' in no_token
+    assert '<form id="login">' in no_token  # no longer hidden
+    assert 'data-points="0"' in no_token and "data-polls" not in no_token
     points = {m.group(1): int(m.group(2)) for m in re.finditer(
         r'<canvas id="chart-(\w+)" data-points="(\d+)"', dom)}
     assert set(points) == {"rps", "errors", "latency"}
@@ -83,6 +97,7 @@ severity = "critical"
     polls = int(re.search(r'<body data-polls="(\d+)"', dom).group(1))
     assert polls >= 2
     assert ">live<" in dom
+    assert '<form id="login" hidden="">' in dom
     assert re.search(r'id="rps-now">[\d.]+ req/s<', dom)
     assert "203.0.113.9" in dom  # top rate-limited keys
     assert 'class="half_open">half_open<' in dom  # breaker state per instance

@@ -152,3 +152,42 @@ async def test_metrics_can_be_switched_off(lucid_upstream, lucid_gateway):
     async with gw.session.get(gw.admin_url + "/metrics") as r:
         assert r.status == 200
         assert "lucid_requests_total" not in await r.text()
+
+
+async def test_with_admin_auth_metrics_need_a_viewer_token_unless_public(
+        lucid_upstream, lucid_gateway):
+    from lucid.admin import mint_admin_token
+
+    secret = "m" * 48
+    upstream = await lucid_upstream(handler)
+    text = config(upstream.url, "") + f'\n[server]\nadmin_secret = "{secret}"\n'
+    gw = await lucid_gateway(text)
+    await traffic(gw, ["/api/a", "/api/b"])
+    viewer = {"Authorization": "Bearer " + mint_admin_token(secret, "viewer", 600, "prom")}
+    forged = {"Authorization": "Bearer " + mint_admin_token("x" * 48, "viewer", 600, "prom")}
+    for headers, expected in (({}, 401), (forged, 401), (viewer, 200)):
+        async with gw.session.get(gw.admin_url + "/metrics", headers=headers) as r:
+            assert r.status == expected, (headers, r.status)
+            body = await r.text()
+    assert samples(body)[("lucid_requests_total", (("code", "2xx"), ("method", "GET"),
+                                                   ("route", "api"), ("service", "svc")))] == 2
+    async with gw.session.get(gw.admin_url + "/metrics") as r:
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    async with gw.session.get(gw.admin_url + "/monitoring/dashboard") as r:
+        assert r.status == 401
+    # The dashboard page itself carries no data: a browser opens it without a token.
+    async with gw.session.get(gw.admin_url + "/monitoring/ui") as r:
+        assert r.status == 200 and "<canvas" in await r.text()
+        assert "connect-src 'self'" in r.headers["content-security-policy"]
+
+    public = await lucid_gateway(text + "\n[monitoring]\nmetrics_public = true\n")
+    await traffic(public, ["/api/a"])
+    async with public.session.get(public.admin_url + "/metrics") as r:
+        assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
+        assert "lucid_requests_total" in await r.text()
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/monitoring/metrics", "/monitoring/dashboard", "/gateway/status"):
+        async with public.session.get(public.admin_url + path) as r:
+            assert r.status == 401, path  # only /metrics is opened
+    async with public.session.post(public.admin_url + "/metrics") as r:
+        assert r.status in (401, 405)

@@ -1,0 +1,107 @@
+"""``lucid serve`` with two workers: /metrics (served by worker 0) counts the requests
+both workers served, and keeps a killed worker's counts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from lucid.testing import wait_until
+
+
+def totals(text: str) -> tuple[float, float]:
+    """(sum of lucid_requests_total, lucid_requests_in_flight)."""
+    requests = in_flight = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "lucid_requests_total":
+                requests += s.value
+            elif s.name == "lucid_requests_in_flight":
+                in_flight = s.value
+    return requests, in_flight
+
+
+async def test_metrics_sum_every_worker_and_keep_a_dead_workers_counts(
+        lucid_upstream, lucid_process):
+    upstream = await lucid_upstream()
+    process = lucid_process(f"""
+[server]
+workers = 2
+
+[[gateway.routes]]
+id = "api"
+prefix = "/"
+service = "svc"
+
+[gateway.services.svc]
+instances = ["{upstream.url}"]
+""", wait=False)
+    line = await asyncio.to_thread(process.wait_for_line, r"worker 1, pid \d+\)")
+    worker1 = int(re.search(r"pid (\d+)", line).group(1))
+    await asyncio.to_thread(process.wait_ready)
+    sent = 0
+    seen: list[float] = []
+    # A new connection per request, so the kernel hands them to either worker.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+
+        async def send(n: int) -> None:
+            nonlocal sent
+            for _ in range(n):
+                async with client.get(process.proxy_url + "/x") as r:
+                    assert r.status == 200
+                    await r.read()
+                sent += 1
+
+        async def status() -> dict:
+            async with client.get(process.admin_url + "/monitoring/status") as r:
+                return await r.json()
+
+        async def metrics_total() -> float:
+            async with client.get(process.admin_url + "/metrics") as r:
+                assert r.status == 200
+                total = totals(await r.text())[0]
+            assert not seen or total >= seen[-1], "a counter went backwards"
+            seen.append(total)
+            return total
+
+        async def metrics_total_is(n: int) -> bool:
+            return await metrics_total() == n
+
+        async def both_served() -> bool:
+            workers = (await status())["workers"]
+            if len(workers) == 2 and all(w["requests"] for w in workers):
+                return True
+            await send(10)
+            return False
+
+        await wait_until(both_served, timeout=15, interval=0.1,
+                         message="both workers to have served requests")
+        await wait_until(lambda: metrics_total_is(sent), timeout=10,
+                         message=f"/metrics to count all {sent} requests")
+        workers = (await status())["workers"]
+        assert [w["worker"] for w in workers] == [0, 1]
+        assert sum(w["requests"] for w in workers) == sent
+        assert workers[1]["pid"] == worker1 and workers[0]["pid"] == process.proc.pid
+
+        # kill -9 worker 1: what it counted stays; worker 0 serves on and counts on.
+        os.kill(worker1, signal.SIGKILL)
+        before = sent
+        await send(5)
+        assert sent == before + 5
+        await wait_until(lambda: metrics_total_is(sent), timeout=10,
+                         message=f"/metrics to count all {sent} requests after the kill")
+
+        async def worker1_dead() -> bool:
+            rows = {w["worker"]: w for w in (await status())["workers"]}
+            return not rows[1]["live"] and rows[1]["in_flight"] == 0
+
+        await wait_until(worker1_dead, timeout=10, interval=0.2,
+                         message="worker 1 to be reported dead")
+        async with client.get(process.admin_url + "/metrics") as r:
+            requests, in_flight = totals(await r.text())
+        assert requests == sent and in_flight == 0

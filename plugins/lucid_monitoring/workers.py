@@ -1,0 +1,161 @@
+"""Every worker's metrics on worker 0's ``/metrics`` (``server.workers = N > 1``).
+
+Each worker records its own requests in its own :class:`~lucid_monitoring.metrics.Recorder`
+(the request path stays a dict lookup and a few additions: no shared memory, no
+locks). Every worker but the first writes a snapshot of its cumulative tables to
+``<data_dir>/monitoring-workers/<run>/<pid>.snap`` every ``SHARE_INTERVAL`` seconds
+and when it stops; worker 0, which owns the admin listener, adds the latest snapshot
+of every other worker to its own live tables when ``/metrics`` is scraped. It is the
+design of prometheus_client's multiprocess mode (one file per process, summed at
+scrape time) with the writes batched off the request path, where that mode does one
+locked mmap write per sample.
+
+* A worker that exits, or is killed, leaves its last snapshot in place, so what it
+  counted stays in the totals: counters never go backwards while the gateway runs.
+  Its in-flight gauge is dropped (what ``mark_process_dead`` does): a clean stop
+  writes 0, and a snapshot older than ``STALE_AFTER`` seconds is a dead process's.
+* ``<run>`` is drawn once per ``lucid serve``: the plugin is created before the
+  workers fork, so they all inherit it. Worker 0 deletes other runs' directories when
+  it starts, so a restarted gateway counts from zero, like any restarted exporter
+  (Prometheus' ``rate()`` handles the reset).
+* Totals are at most ``SHARE_INTERVAL`` behind the other workers' traffic.
+* Counters are summed; the reload counter takes the highest worker's (every worker
+  reloads on SIGHUP); breaker states and instance health are worker 0's, completed
+  with other workers' for instances worker 0 has not seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lucid_monitoring.metrics import Recorder
+
+SHARE_INTERVAL = 1.0
+STALE_AFTER = 3 * SHARE_INTERVAL
+FORMAT = 1
+
+log = logging.getLogger("lucid.monitoring")
+
+_SUMMED_TABLES = ("routes", "instances")
+_SUMMED_COUNTS = ("upstream_errors", "retries", "breaker_transitions", "rejections",
+                  "rejected_keys")
+
+
+class WorkerShare:
+    """One worker's side of the exchange: worker 0 reads, the others write."""
+
+    def __init__(self, base: Path, run: str, worker: int):
+        self.base = base
+        self.directory = base / run
+        self.worker = worker
+        self.pid = os.getpid()
+        self.path = self.directory / f"{self.pid}.snap"
+
+    # every worker but the first ---------------------------------------------------
+    def write(self, recorder: Recorder, in_flight: int) -> None:
+        """Replace this worker's snapshot (atomically: readers never see half a file)."""
+        snapshot: dict[str, Any] = {
+            "format": FORMAT, "pid": self.pid, "worker": self.worker, "at": time.time(),
+            "width": recorder.width, "in_flight": int(in_flight), "reloads": recorder.reloads,
+            "breakers": dict(recorder.breakers), "health": dict(recorder.health),
+        }
+        for name in _SUMMED_TABLES:
+            snapshot[name] = {k: list(v) for k, v in list(getattr(recorder, name).items())}
+        for name in _SUMMED_COUNTS:
+            snapshot[name] = dict(getattr(recorder, name))
+        data = marshal.dumps(snapshot)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)
+
+    # worker 0 --------------------------------------------------------------------
+    def start_run(self) -> None:
+        """Forget earlier runs' workers; the current run's may already be writing."""
+        if self.base.is_dir():
+            for entry in self.base.iterdir():
+                if entry != self.directory:
+                    shutil.rmtree(entry, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def snapshots(self) -> Iterator[dict[str, Any]]:
+        """The latest snapshot of every other worker of this run, dead ones included."""
+        try:
+            files = sorted(self.directory.glob("*.snap"))
+        except OSError:
+            return
+        for path in files:
+            if path == self.path:
+                continue
+            try:
+                snapshot = marshal.loads(path.read_bytes())
+            except (OSError, EOFError, ValueError, TypeError):
+                continue  # replaced while read: the next scrape has it
+            if isinstance(snapshot, dict) and snapshot.get("format") == FORMAT:
+                yield snapshot
+
+    def merged(self, local: Recorder, now: float | None = None) -> tuple[Recorder, int]:
+        """A recorder holding ``local``'s counts plus every other worker's, and the
+        other live workers' requests in flight."""
+        now = time.time() if now is None else now
+        out = Recorder(local.bounds, local.max_clients)
+        for name in _SUMMED_TABLES:
+            setattr(out, name, {k: list(v) for k, v in list(getattr(local, name).items())})
+        for name in _SUMMED_COUNTS:
+            setattr(out, name, dict(getattr(local, name)))
+        out.breakers, out.health = {}, {}
+        out.reloads = local.reloads
+        in_flight = 0
+        for snap in self.snapshots():
+            if snap.get("width") != local.width:
+                continue  # other buckets: cannot be added (never within one run)
+            for name in _SUMMED_TABLES:
+                _add_tables(getattr(out, name), snap[name])
+            for name in _SUMMED_COUNTS:
+                _add_counts(getattr(out, name), snap[name])
+            out.reloads = max(out.reloads, snap["reloads"])
+            out.breakers.update(snap["breakers"])
+            out.health.update(snap["health"])
+            if now - snap["at"] < STALE_AFTER:
+                in_flight += snap["in_flight"]
+        out.breakers.update(local.breakers)
+        out.health.update(local.health)
+        return out, in_flight
+
+    def describe(self, local: Recorder, local_in_flight: int,
+                 now: float | None = None) -> list[dict[str, Any]]:
+        """Per worker: requests counted, in flight, snapshot age (for /monitoring/status)."""
+        now = time.time() if now is None else now
+        rows = [{"worker": self.worker, "pid": self.pid, "live": True,
+                 "requests": int(sum(e[0] for e in list(local.routes.values()))),
+                 "in_flight": local_in_flight, "snapshot_age_seconds": 0.0}]
+        for snap in self.snapshots():
+            age = now - snap["at"]
+            live = age < STALE_AFTER
+            rows.append({"worker": snap["worker"], "pid": snap["pid"], "live": live,
+                         "requests": int(sum(e[0] for e in snap["routes"].values())),
+                         "in_flight": snap["in_flight"] if live else 0,
+                         "snapshot_age_seconds": round(age, 3)})
+        return sorted(rows, key=lambda r: (r["worker"], r["pid"]))
+
+
+def _add_tables(into: dict[Any, list[float]], other: dict[Any, list[float]]) -> None:
+    for key, entry in other.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = list(entry)
+        else:
+            for i, value in enumerate(entry):
+                mine[i] += value
+
+
+def _add_counts(into: dict[Any, int], other: dict[Any, int]) -> None:
+    for key, value in other.items():
+        into[key] = into.get(key, 0) + value
