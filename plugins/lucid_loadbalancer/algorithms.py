@@ -1,0 +1,482 @@
+"""The balancing algorithms, each over one fixed list of instances.
+
+A balancer is built once per candidate list (the registry builds a new list object
+whenever anything about a service changes, so a pool rebuilds only then) and answers
+an *index* into that list. Every ``pick`` is O(1) or O(log n) in the number of
+instances, except smooth weighted round robin, which is O(number of distinct weights).
+
+``pick(h)``: ``h`` is the request's 64-bit key hash (hash-based balancers only).
+``pick_avoiding(h, avoid)``: the same, never answering an index in ``avoid`` (the
+instances this request already tried); None when nothing is left.
+
+In-flight counts live in the pool (:class:`Load`) and outlive any one balancer, so a
+rebuilt balancer starts from the true load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import random
+import struct
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+
+from lucid.model import Instance
+
+ALGORITHMS = ("round_robin", "weighted_round_robin", "least_connections", "least_request",
+              "random", "ring_hash", "maglev")
+HASHING = frozenset({"ring_hash", "maglev"})
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def key_hash(key: str) -> int:
+    """A stable 64-bit hash of a request key (the same in every process and release:
+    Python's ``hash`` is salted per process, so it cannot place keys consistently)."""
+    return _U64.unpack_from(hashlib.blake2b(key.encode(), digest_size=8).digest())[0]
+
+
+def ketama_points(name: str, count: int) -> list[int]:
+    """``count`` 32-bit ring positions for one instance, four per MD5 digest of
+    ``"<name>-<n>"`` as libketama places them."""
+    points: list[int] = []
+    n = 0
+    while len(points) < count:
+        digest = hashlib.md5(f"{name}-{n}".encode()).digest()
+        for i in range(4):
+            points.append(_U32.unpack_from(digest, 4 * i)[0])
+        n += 1
+    return points[:count]
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
+
+
+class Load:
+    """A pool's requests in flight: per instance id, and in total."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.total = 0
+
+
+class Balancer:
+    """Shared by every algorithm: the list it balances and the pool's load counters."""
+
+    __slots__ = ("instances", "ids", "weights", "n", "inflight", "load", "rng")
+    tracks_release = False
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random):
+        self.instances = list(instances)
+        self.ids = [i.id for i in self.instances]
+        self.weights = [max(1, int(i.weight)) for i in self.instances]
+        self.n = len(self.instances)
+        self.inflight = load.counts
+        self.load = load
+        self.rng = rng
+
+    def pick(self, h: int) -> int:
+        raise NotImplementedError
+
+    def pick_avoiding(self, h: int, avoid: set[int]) -> int | None:
+        """Generic fallback: ask ``pick`` a few times, then scan what is left."""
+        for _ in range(4):
+            index = self.pick(h)
+            if index not in avoid:
+                return index
+        rest = [i for i in range(self.n) if i not in avoid]
+        return self.rng.choice(rest) if rest else None
+
+    def charged(self, index: int) -> None:
+        """``index`` was chosen (by a pick or an affinity cookie) and its in-flight
+        count already raised."""
+
+    def released(self, index: int) -> None:
+        """A request on ``index`` finished (its in-flight count already dropped)."""
+
+    def skipped(self, index: int) -> None:
+        """Slow start passed ``index`` over: it had its turn."""
+
+
+class RoundRobin(Balancer):
+    """Each instance in turn, ignoring weights."""
+
+    __slots__ = ("next",)
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random):
+        super().__init__(instances, load, rng)
+        self.next = rng.randrange(self.n) if self.n else 0  # workers do not start in step
+
+    def pick(self, h: int) -> int:
+        index = self.next
+        self.next = index + 1 if index + 1 < self.n else 0
+        return index
+
+    def pick_avoiding(self, h: int, avoid: set[int]) -> int | None:
+        for _ in range(self.n):
+            index = self.pick(h)
+            if index not in avoid:
+                return index
+        return None
+
+
+class SmoothWeighted(Balancer):
+    """nginx's smooth weighted round robin, exactly: every pick adds each instance's
+    weight to its current weight, takes the largest (the first on a tie) and
+    subtracts the total from it. Weights 5, 1, 1 give a a b a c a a, never a burst.
+
+    Instances of equal weight gain alike, so within one weight the largest current
+    weight is the one picked least often (the first on a tie): each weight group is a
+    round robin, and a pick compares one candidate per distinct weight. The current
+    weight of instance i after t picks is ``t*w_i - total*picks_i``.
+    """
+
+    __slots__ = ("groups", "total", "t")
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random):
+        super().__init__(instances, load, rng)
+        by_weight: dict[int, list[int]] = {}
+        for index, weight in enumerate(self.weights):
+            by_weight.setdefault(weight, []).append(index)
+        # [weight, members, picks of the group's next member, position of next member]
+        self.groups = [[w, members, 0, 0] for w, members in by_weight.items()]
+        self.total = sum(self.weights)
+        self.t = 0
+
+    def pick(self, h: int) -> int:
+        self.t = t = self.t + 1
+        total = self.total
+        best = None
+        best_value = 0
+        best_index = 0
+        for group in self.groups:
+            index = group[1][group[3]]
+            value = t * group[0] - total * group[2]
+            if best is None or value > best_value or (value == best_value and index < best_index):
+                best, best_value, best_index = group, value, index
+        assert best is not None
+        position = best[3] + 1
+        if position == len(best[1]):
+            best[3] = 0
+            best[2] += 1
+        else:
+            best[3] = position
+        if t == total:  # one full cycle: every current weight is back to zero
+            self.t = 0
+            for group in self.groups:
+                group[2] = group[3] = 0
+        return best_index
+
+    def pick_avoiding(self, h: int, avoid: set[int]) -> int | None:
+        if len(avoid) >= self.n:
+            return None
+        for _ in range(self.total):
+            index = self.pick(h)
+            if index not in avoid:
+                return index
+        return None
+
+
+class WeightedRandom(Balancer):
+    """Random, in proportion to weight (a binary search over cumulative weights)."""
+
+    __slots__ = ("cumulative", "total", "uniform")
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random):
+        super().__init__(instances, load, rng)
+        self.cumulative = list(accumulate(self.weights))
+        self.total = self.cumulative[-1] if self.cumulative else 0
+        self.uniform = len(set(self.weights)) <= 1
+
+    def pick(self, h: int) -> int:
+        if self.uniform:
+            return int(self.rng.random() * self.n)
+        return bisect_right(self.cumulative, self.rng.random() * self.total)
+
+
+class LeastRequest(Balancer):
+    """Envoy's default: ``choice_count`` instances drawn at random (in proportion to
+    weight), the one with the fewest requests in flight per unit of weight wins
+    (the first drawn on a tie)."""
+
+    __slots__ = ("draw", "choices")
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random, choice_count: int = 2):
+        super().__init__(instances, load, rng)
+        self.draw = WeightedRandom(instances, load, rng).pick
+        self.choices = choice_count
+
+    def pick(self, h: int) -> int:
+        draw, inflight, ids, weights = self.draw, self.inflight, self.ids, self.weights
+        best = draw(0)
+        best_load = inflight.get(ids[best], 0) / weights[best]
+        for _ in range(self.choices - 1):
+            other = draw(0)
+            load = inflight.get(ids[other], 0) / weights[other]
+            if load < best_load:
+                best, best_load = other, load
+        return best
+
+
+class LeastConnections(Balancer):
+    """The fewest requests in flight per unit of weight, exactly (nginx's least_conn),
+    from a heap: O(log n) a pick. Ties go to the instance whose virtual time is
+    earliest, the time advancing by 1/weight at each pick, so at equal load the
+    instances take turns in proportion to their weights.
+
+    Heap entries are ``(load, vtime, version, index)``; a newer entry for the same
+    index makes older ones stale (dropped when they surface), and an entry whose load
+    no longer matches the pool's counter (another balancer of the same pool, built
+    before a registry change, released it) is corrected when it surfaces.
+    """
+
+    __slots__ = ("heap", "vtime", "version", "index_of")
+    tracks_release = True
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random):
+        super().__init__(instances, load, rng)
+        self.vtime = [0.0] * self.n
+        self.version = [0] * self.n
+        self.index_of = {instance_id: i for i, instance_id in enumerate(self.ids)}
+        self.heap: list[tuple[float, float, int, int]] = []
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        inflight, ids, weights = self.inflight, self.ids, self.weights
+        self.heap = [(inflight.get(ids[i], 0) / weights[i], self.vtime[i],
+                      self.version[i], i) for i in range(self.n)]
+        heapq.heapify(self.heap)
+
+    def _push(self, index: int) -> None:
+        self.version[index] += 1
+        if len(self.heap) > 2 * self.n + 64:
+            self._rebuild()
+            return
+        heapq.heappush(self.heap, (
+            self.inflight.get(self.ids[index], 0) / self.weights[index],
+            self.vtime[index], self.version[index], index))
+
+    def _top(self) -> int:
+        heap, version, inflight, ids, weights = (self.heap, self.version, self.inflight,
+                                                 self.ids, self.weights)
+        while True:
+            load, _, entry_version, index = heap[0]
+            if entry_version != version[index]:
+                heapq.heappop(heap)
+            elif load != inflight.get(ids[index], 0) / weights[index]:
+                heapq.heappop(heap)
+                version[index] -= 1  # _push bumps it back: this entry's replacement
+                self._push(index)
+            else:
+                return index
+
+    def pick(self, h: int) -> int:
+        return self._top()
+
+    def charged(self, index: int) -> None:
+        self.vtime[index] += 1.0 / self.weights[index]
+        self._push(index)
+
+    skipped = charged
+
+    def pick_avoiding(self, h: int, avoid: set[int]) -> int | None:
+        best = None
+        best_key = (math.inf, math.inf)
+        for i in range(self.n):
+            if i not in avoid:
+                key = (self.inflight.get(self.ids[i], 0) / self.weights[i], self.vtime[i])
+                if key < best_key:
+                    best, best_key = i, key
+        return best
+
+    def released(self, index: int) -> None:
+        self._push(index)
+
+
+class _Bounded(Balancer):
+    """Consistent hashing with optional bounded load (Mirrokni et al.; Envoy's
+    ``hash_balance_factor``): an instance already at ``factor`` x the average
+    in-flight load is passed over and the key spills to the next one."""
+
+    __slots__ = ("factor",)
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random, factor: float | None):
+        super().__init__(instances, load, rng)
+        self.factor = factor
+
+    def bound(self) -> float:
+        assert self.factor is not None
+        return math.ceil(self.factor * (self.load.total + 1) / self.n)
+
+    def _walk(self, h: int, avoid: set[int] | None) -> int | None:
+        raise NotImplementedError
+
+    def pick(self, h: int) -> int:
+        index = self._primary(h)
+        if self.factor is None:
+            return index
+        found = self._walk(h, None)
+        return index if found is None else found
+
+    def pick_avoiding(self, h: int, avoid: set[int]) -> int | None:
+        return self._walk(h, avoid)
+
+    def _primary(self, h: int) -> int:
+        raise NotImplementedError
+
+
+class RingHash(_Bounded):
+    """Ketama consistent hashing: each instance owns positions (in proportion to its
+    weight) on a 32-bit ring; a key goes to the first position at
+    or after its hash. Removing an instance moves only the keys it owned."""
+
+    __slots__ = ("hashes", "owners")
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random, ring_size: int = 16384,
+                 factor: float | None = None):
+        super().__init__(instances, load, rng, factor)
+        # Each unit of weight gets a power of two of positions (the ring holds between
+        # half and all of ring_size): an instance joining or leaving then changes no
+        # other instance's positions, unless the count crosses a power of two.
+        per_weight = 1 << max(0, (ring_size // sum(self.weights)).bit_length() - 1)
+        ring: list[tuple[int, int]] = []
+        for index, instance_id in enumerate(self.ids):
+            count = per_weight * self.weights[index]
+            ring += [(point, index) for point in ketama_points(instance_id, count)]
+        ring.sort()
+        self.hashes = [point for point, _ in ring]
+        self.owners = [index for _, index in ring]
+
+    def _primary(self, h: int) -> int:
+        position = bisect_left(self.hashes, h & 0xFFFFFFFF)
+        return self.owners[position if position < len(self.owners) else 0]
+
+    def _walk(self, h: int, avoid: set[int] | None) -> int | None:
+        owners = self.owners
+        size = len(owners)
+        position = bisect_left(self.hashes, h & 0xFFFFFFFF)
+        bound = self.bound() if self.factor is not None else None
+        inflight, ids = self.inflight, self.ids
+        seen: set[int] = set()
+        for step in range(size):
+            index = owners[(position + step) % size]
+            if index in seen:
+                continue
+            seen.add(index)
+            if avoid is not None and index in avoid:
+                pass
+            elif bound is None or inflight.get(ids[index], 0) + 1 <= bound:
+                return index
+            if len(seen) == self.n:
+                break
+        return None
+
+
+class Maglev(_Bounded):
+    """Maglev hashing (Eisenbud et al., NSDI 2016): a lookup table of ``table_size``
+    (prime) entries filled by each instance's own permutation in turn, weighted the
+    way Envoy does (an instance claims an entry only when its share is due). Each
+    instance owns an almost equal share, and a removal moves little more than the
+    removed instance's keys."""
+
+    __slots__ = ("table", "size")
+
+    def __init__(self, instances: Sequence[Instance], load: Load,
+                 rng: random.Random, table_size: int = 65537,
+                 factor: float | None = None):
+        super().__init__(instances, load, rng, factor)
+        self.size = table_size
+        self.table = build_maglev(self.ids, self.weights, table_size)
+
+    def _primary(self, h: int) -> int:
+        return self.table[h % self.size]
+
+    def _walk(self, h: int, avoid: set[int] | None) -> int | None:
+        table, size = self.table, self.size
+        slot = h % size
+        bound = self.bound() if self.factor is not None else None
+        inflight, ids = self.inflight, self.ids
+        seen: set[int] = set()
+        for step in range(size):
+            index = table[(slot + step) % size]
+            if index in seen:
+                continue
+            seen.add(index)
+            if avoid is not None and index in avoid:
+                pass
+            elif bound is None or inflight.get(ids[index], 0) + 1 <= bound:
+                return index
+            if len(seen) == self.n:
+                break
+        return None
+
+
+def build_maglev(ids: Sequence[str], weights: Sequence[int], size: int) -> list[int]:
+    """The Maglev lookup table: entry -> index into ``ids``."""
+    n = len(ids)
+    offsets, skips = [], []
+    for instance_id in ids:
+        digest = hashlib.blake2b(instance_id.encode(), digest_size=16).digest()
+        offsets.append(int.from_bytes(digest[:8], "little") % size)
+        skips.append(int.from_bytes(digest[8:], "little") % (size - 1) + 1)
+    table = [-1] * size
+    top = max(weights)
+    uniform = all(w == top for w in weights)
+    share = [w / top for w in weights]
+    credit = [0.0] * n
+    position = offsets[:]  # the next entry of each instance's permutation to try
+    filled = 0
+    while True:
+        for i in range(n):
+            if not uniform:
+                credit[i] += share[i]
+                if credit[i] < 1.0:
+                    continue
+                credit[i] -= 1.0
+            c = position[i]
+            skip = skips[i]
+            while table[c] >= 0:
+                c += skip
+                if c >= size:
+                    c -= size
+            table[c] = i
+            c += skip
+            position[i] = c - size if c >= size else c
+            filled += 1
+            if filled == size:
+                return table
+
+
+def factory(algorithm: str, **settings: object) -> Callable[..., Balancer]:
+    """A constructor ``(instances, inflight, rng) -> Balancer`` for one algorithm."""
+    classes: dict[str, type[Balancer]] = {
+        "round_robin": RoundRobin, "weighted_round_robin": SmoothWeighted,
+        "least_connections": LeastConnections, "least_request": LeastRequest,
+        "random": WeightedRandom, "ring_hash": RingHash, "maglev": Maglev,
+    }
+    cls = classes[algorithm]
+
+    def build(instances: Sequence[Instance], load: Load,
+              rng: random.Random) -> Balancer:
+        return cls(instances, load, rng, **settings)  # type: ignore[call-arg]
+
+    return build
