@@ -708,6 +708,10 @@ class Run:
     error_detail: dict
     duration_s: float
     cpu_percent: dict
+    # CPU seconds of the proxy's process tree per request, in microseconds: steadier
+    # than req/s on a shared machine, because a busy neighbour slows the run but
+    # hardly changes what one request costs
+    cpu_us_per_request: float | None = None
 
 
 @dataclass
@@ -760,6 +764,7 @@ class Summary:
             "flagged": self.flagged,
             "rps_spread_percent": self.spread_percent,
             "cpu_percent": {key: self.cpu(key) for key in CPU_KEYS},
+            "cpu_us_per_request": self.median("cpu_us_per_request"),
             "runs": [asdict(run) for run in self.runs],
         }
 
@@ -788,6 +793,8 @@ def measure(
     if not target.server.alive():
         raise BenchError(f"{target.name} died during the run", target.server)
     seconds = result.get("duration_s") or args.duration
+    requests = result.get("requests", 0)
+    spent = _delta(before, after, "target")
     return Run(
         round=round_no,
         rps=result["rps"],
@@ -798,6 +805,7 @@ def measure(
         error_detail={k: result.get(k, 0) for k in ("non_2xx", "socket_errors", "timeouts")},
         duration_s=seconds,
         cpu_percent=_cpu_percent(before, after, result.get("cpu_s"), seconds),
+        cpu_us_per_request=round(spent / requests * 1e6, 1) if spent and requests else None,
     )
 
 
@@ -867,7 +875,7 @@ def measure_all(
 # Reporting
 # --------------------------------------------------------------------------
 
-_COLUMNS = "{:<16} {:>10} {:>7} {:>8} {:>8} {:>7} {:>8} {:>7} {:>9} {:>8}"
+_COLUMNS = "{:<16} {:>10} {:>7} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>9} {:>8}"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -877,7 +885,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(summaries: list[Summary]) -> str:
     """Medians over rounds.  cpu columns: % of one core; 'other' is CPU used by
     processes that are not part of the bench (a busy neighbour skews a run)."""
-    header = "target req/s spread p50ms p99ms errors cpu:tgt up load other".split()
+    header = "target req/s spread p50ms p99ms errors us/req cpu:tgt up load other".split()
     lines = [_COLUMNS.format(*header)]
     for s in summaries:
         spread = s.spread_percent
@@ -889,10 +897,19 @@ def format_table(summaries: list[Summary]) -> str:
                 _fmt(s.median("p50_ms"), ".2f"),
                 _fmt(s.median("p99_ms"), ".2f"),
                 f"{s.errors}{' !' if s.flagged else ''}",
+                _fmt(s.median("cpu_us_per_request"), ".0f"),
                 *(_fmt(s.cpu(key), ".0f") for key in CPU_KEYS),
             )
         )
     return "\n".join(lines)
+
+
+def _cpu_ratio(top: Summary | None, bottom: Summary | None) -> float | None:
+    """bottom's CPU per request over top's: the req/s ratio the CPU cost alone predicts."""
+    if not top or not bottom:
+        return None
+    mine, theirs = top.median("cpu_us_per_request"), bottom.median("cpu_us_per_request")
+    return round(theirs / mine, 3) if mine and theirs else None
 
 
 def _ratio(top: Summary | None, bottom: Summary | None) -> tuple[float | None, list[float]]:
@@ -912,6 +929,7 @@ def ratio_summary(summaries: list[Summary], label: str) -> dict:
         "name": f"{label}/floor",
         "value": value,
         "per_round": per_round,
+        "cpu_value": _cpu_ratio(by_name.get(label), by_name.get("floor")),
         "goal": GOAL_RATIO,
         "met": value is not None and value >= GOAL_RATIO,
     }
@@ -935,11 +953,13 @@ def variant_ratios(summaries: list[Summary], args: argparse.Namespace) -> list[d
                     "name": f"{variant.label}/{args.label}",
                     "value": vs_lucid,
                     "per_round": vs_lucid_rounds,
+                    "cpu_value": _cpu_ratio(row, by_name.get(args.label)),
                 },
                 "vs_floor": {
                     "name": f"{variant.label}/floor",
                     "value": vs_floor,
                     "per_round": vs_floor_rounds,
+                    "cpu_value": _cpu_ratio(row, by_name.get("floor")),
                 },
             }
         )
@@ -968,6 +988,9 @@ def print_report(summaries: list[Summary], ratio: dict, variants: Sequence[dict]
         )
         if len(ratio["per_round"]) > 1:
             print("per round: " + ", ".join(f"{r:.2f}" for r in ratio["per_round"]))
+        if ratio.get("cpu_value") is not None:
+            print(f"ratio {ratio['name']} (CPU per request, floor's/Lucid's): "
+                  f"{ratio['cpu_value']:.3f}")
     for variant in variants:
         for key in ("vs_lucid", "vs_floor"):
             r = variant[key]
@@ -977,7 +1000,9 @@ def print_report(summaries: list[Summary], ratio: dict, variants: Sequence[dict]
             rounds = ""
             if len(r["per_round"]) > 1:
                 rounds = "; per round: " + ", ".join(f"{x:.2f}" for x in r["per_round"])
-            print(f"ratio {r['name']} (req/s): {r['value']:.3f} ({100 * r['value']:.1f}%){rounds}")
+            cpu = "" if r.get("cpu_value") is None else f"; CPU per request: {r['cpu_value']:.3f}"
+            print(f"ratio {r['name']} (req/s): {r['value']:.3f} ({100 * r['value']:.1f}%)"
+                  f"{rounds}{cpu}")
 
 
 def _version(dist: str) -> str | None:
