@@ -1,0 +1,181 @@
+"""The admin API: all seven endpoints, changes applying to the next request, bad
+input (422 naming the field, nothing half-applied), static pools, persistence across
+kill -9 (the affinity key included)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+
+def named(name: str) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=name)
+    return handler
+
+
+def base(url: str, static: str = "") -> str:
+    return f"""
+[gateway.services.svc]
+instances = ["{url}"]
+[gateway.services.other]
+instances = ["{url}"]
+
+[[gateway.routes]]
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+{static}
+"""
+
+
+STATIC = """
+[loadbalancer.pools.fixed]
+service = "other"
+algorithm = "least_request"
+"""
+
+
+async def call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any
+               ) -> tuple[int, Any]:
+    async with session.request(method, url, **kw) as r:
+        return r.status, await r.json()
+
+
+class Admin:
+    def __init__(self, gw: Any):
+        self.gw = gw
+
+    async def __call__(self, method: str, path: str, json: Any = None) -> tuple[int, Any]:
+        return await call(self.gw.session, method,
+                          self.gw.admin_url + "/loadbalancer" + path, json=json)
+
+    async def text(self, path: str = "/x", **kw: Any) -> str:
+        async with self.gw.session.get(self.gw.proxy_url + path, **kw) as r:
+            assert r.status == 200
+            return await r.text()
+
+
+@pytest.fixture
+async def setup(lucid_upstream: Any, lucid_gateway: Any) -> tuple[Admin, list[Any]]:
+    ups = [await lucid_upstream(named(n)) for n in "abc"]
+    gw = await lucid_gateway(base(ups[0].url, STATIC))
+    return Admin(gw), ups
+
+
+async def test_crud_applies_on_the_next_request(setup: tuple[Admin, list[Any]]) -> None:
+    admin, ups = setup
+    assert await admin.text() == "a"
+    code, body = await admin("POST", "/pools", {
+        "id": "p", "service": "svc", "algorithm": "round_robin",
+        "instances": [{"url": ups[1].url}]})
+    assert code == 201, body
+    assert body["source"] == "api" and body["effective"]["algorithm"] == "round_robin"
+    assert await admin.text() == "b"  # the very next request
+    code, body = await admin("GET", "/pools/p/instances")
+    assert code == 200 and [(i["url"], i["picks"]) for i in body["instances"]] == [
+        (ups[1].url, 1)]
+    code, body = await admin("PUT", "/pools/p", {
+        "service": "svc", "algorithm": "weighted_round_robin",
+        "instances": [{"url": ups[1].url, "weight": 1}, {"url": ups[2].url, "weight": 3}]})
+    assert code == 200, body
+    assert sorted([await admin.text() for _ in range(8)]) == ["b"] * 2 + ["c"] * 6
+    code, listing = await admin("GET", "/pools")
+    assert {(p["id"], p["source"]) for p in listing["pools"]} == {("fixed", "static"),
+                                                                  ("p", "api")}
+    code, status = await admin("GET", "/status")
+    pool = next(p for p in status["pools"] if p["id"] == "p")
+    assert pool["algorithm"] == "weighted_round_robin" and pool["panic"] is False
+    assert {i["url"]: i["picks"] for i in pool["instances"]} == {ups[1].url: 3,
+                                                                 ups[2].url: 6}
+    assert all(i["in_flight"] == 0 for i in pool["instances"]) and pool["ejected"] == []
+    code, health = await admin("GET", "/health")
+    assert code == 200 and health["status"] == "ok" and health["pools"] == 2
+    code, body = await admin("DELETE", "/pools/p")
+    assert code == 200 and body == {"deleted": "p"}
+    assert await admin.text() == "a"  # back to the service's own instance
+    assert (await admin("DELETE", "/pools/p"))[0] == 404
+    assert (await admin("GET", "/pools/p/instances"))[0] == 404
+
+
+async def test_a_pool_over_the_services_own_instances(setup: tuple[Admin, list[Any]]) -> None:
+    admin, ups = setup
+    code, body = await admin("POST", "/pools", {
+        "id": "hashing", "service": "svc", "algorithm": "maglev",
+        "hash_key": "header:x-user", "bounded_load": 1.25})
+    assert code == 201, body
+    assert {await admin.text(headers={"x-user": "alice"}) for _ in range(5)} == {"a"}
+    code, body = await admin("GET", "/pools/hashing/instances")
+    assert body["instances"][0]["picks"] == 5
+
+
+BAD_INPUT = [
+    ({"id": "x", "service": "svc", "algorithm": "fastest"}, "algorithm"),
+    ({"id": "x", "service": "svc", "instances": [{"url": "http://127.0.0.1:1", "weight": 0}]},
+     "instances[0].weight"),
+    ({"id": "x", "service": "svc", "instances": []}, "instances"),
+    ({"id": "x", "service": "nope"}, "service"),
+    ({"id": "x", "service": "svc", "algorithm": "ring_hash", "hash_key": "header:"},
+     "hash_key"),
+    ({"id": "x", "service": "svc", "algorithm": "maglev", "table_size": 1000}, "table_size"),
+    ({"id": "bad id!", "service": "svc"}, "id"),
+    ({"service": "svc"}, "id"),
+]
+
+
+async def test_bad_input_is_422_naming_the_field(setup: tuple[Admin, list[Any]]) -> None:
+    admin, _ = setup
+    for payload, field in BAD_INPUT:
+        code, body = await admin("POST", "/pools", payload)
+        assert code == 422, (payload, body)
+        assert field in [f["field"] for f in body["fields"]], body
+        _, listing = await admin("GET", "/pools")
+        assert [p["id"] for p in listing["pools"]] == ["fixed"]  # nothing half-applied
+
+
+async def test_conflicts_and_static_pools(setup: tuple[Admin, list[Any]]) -> None:
+    admin, ups = setup
+    assert (await admin("POST", "/pools", {"id": "fixed", "service": "svc"}))[0] == 409
+    code, body = await admin("POST", "/pools", {"id": "y", "service": "other"})
+    assert code == 409 and body["field"] == "service"
+    assert (await admin("PUT", "/pools/fixed", {"service": "other"}))[0] == 409
+    assert (await admin("DELETE", "/pools/fixed"))[0] == 409
+    assert (await admin("PUT", "/pools/ghost", {"service": "svc"}))[0] == 404
+    code, body = await admin("PUT", "/pools/ghost", {"service": "svc", "algorithm": "x"})
+    assert code == 422
+    async with admin.gw.session.post(admin.gw.admin_url + "/loadbalancer/pools",
+                                     data=b"{not json",
+                                     headers={"content-type": "application/json"}) as r:
+        assert r.status == 422
+
+
+async def test_pools_and_affinity_key_survive_kill_9(
+    lucid_upstream: Any, lucid_process: Any, tmp_path: Path
+) -> None:
+    ups = [await lucid_upstream(named(n)) for n in "abc"]
+    data_dir = str(tmp_path / "shared-data")
+    first = lucid_process(base(ups[0].url), data_dir=data_dir)
+    pool = {"id": "sticky", "service": "svc", "algorithm": "round_robin",
+            "affinity": {"cookie": "lb"}, "instances": [{"url": u.url} for u in ups]}
+    async with aiohttp.ClientSession() as session:
+        code, _ = await call(session, "POST", first.admin_url + "/loadbalancer/pools",
+                             json=pool)
+        assert code == 201
+        async with session.get(first.proxy_url + "/x") as r:
+            pinned = await r.text()
+            cookie = r.headers["set-cookie"].split(";")[0]
+    first.signal(signal.SIGKILL)
+    first.wait()
+    second = lucid_process(base(ups[0].url), data_dir=data_dir)
+    async with aiohttp.ClientSession() as session:
+        code, listing = await call(session, "GET", second.admin_url + "/loadbalancer/pools")
+        assert [p["id"] for p in listing["pools"]] == ["sticky"]
+        for _ in range(5):  # the cookie issued before the crash still pins
+            async with session.get(second.proxy_url + "/x", headers={"cookie": cookie}) as r:
+                assert await r.text() == pinned
+                assert "set-cookie" not in r.headers
