@@ -22,7 +22,7 @@ from typing import Any
 from lucid.model import Event, Exchange, Instance
 from lucid.plugins import hookimpl
 from lucid_loadbalancer.config import LoadBalancerConfig, PoolSpec
-from lucid_loadbalancer.pool import Pick, Pool
+from lucid_loadbalancer.pool import Pool
 from lucid_loadbalancer.store import SQLiteStore
 
 LUCID_CAPABILITY = "loadbalancer"
@@ -221,7 +221,9 @@ class LoadBalancerPlugin:
 
     @hookimpl
     def lucid_observe_exchange(self, exchange: Exchange) -> None:
-        pick: Pick | None = exchange.attributes.get("loadbalancer")
+        pick = exchange.attributes.get("loadbalancer")
         if pick is not None:
-            pool = self.pools.get(pick.pool.id)  # the pool may have been redefined since
-            (pool if pool is not None and pool.load is pick.pool.load else pick.pool).release(pick)
+            pool: Pool = pick[0]
+            while pool.successor is not None:  # redefined since: same counters, new state
+                pool = pool.successor
+            pool.release(pick)

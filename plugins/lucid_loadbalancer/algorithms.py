@@ -292,7 +292,15 @@ class LeastConnections(Balancer):
 
     def charged(self, index: int) -> None:
         self.vtime[index] += 1.0 / self.weights[index]
-        self._push(index)
+        heap = self.heap
+        if heap[0][3] == index and heap[0][2] == self.version[index]:
+            # the usual case: the pick was the top entry; replace it in one sift
+            self.version[index] += 1
+            heapq.heapreplace(heap, (
+                self.inflight.get(self.ids[index], 0) / self.weights[index],
+                self.vtime[index], self.version[index], index))
+        else:
+            self._push(index)
 
     skipped = charged
 
@@ -433,34 +441,45 @@ class Maglev(_Bounded):
 def build_maglev(ids: Sequence[str], weights: Sequence[int], size: int) -> list[int]:
     """The Maglev lookup table: entry -> index into ``ids``."""
     n = len(ids)
-    offsets, skips = [], []
+    offsets: list[int] = []
+    skips: list[int] = []
     for instance_id in ids:
         digest = hashlib.blake2b(instance_id.encode(), digest_size=16).digest()
         offsets.append(int.from_bytes(digest[:8], "little") % size)
         skips.append(int.from_bytes(digest[8:], "little") % (size - 1) + 1)
     table = [-1] * size
-    top = max(weights)
-    uniform = all(w == top for w in weights)
-    share = [w / top for w in weights]
-    credit = [0.0] * n
+    taken = bytearray(size)  # a byte's truth is the cheapest test in the hot loop
     position = offsets[:]  # the next entry of each instance's permutation to try
     filled = 0
+    top = max(weights)
+    if all(w == top for w in weights):
+        order = list(enumerate(skips))
+        while True:
+            for i, skip in order:
+                c = position[i]
+                while taken[c]:
+                    c = (c + skip) % size
+                taken[c] = 1
+                table[c] = i
+                position[i] = (c + skip) % size
+                filled += 1
+                if filled == size:
+                    return table
+    share = [w / top for w in weights]
+    credit = [0.0] * n
     while True:
         for i in range(n):
-            if not uniform:
-                credit[i] += share[i]
-                if credit[i] < 1.0:
-                    continue
-                credit[i] -= 1.0
-            c = position[i]
+            credit[i] += share[i]
+            if credit[i] < 1.0:
+                continue
+            credit[i] -= 1.0
             skip = skips[i]
-            while table[c] >= 0:
-                c += skip
-                if c >= size:
-                    c -= size
+            c = position[i]
+            while taken[c]:
+                c = (c + skip) % size
+            taken[c] = 1
             table[c] = i
-            c += skip
-            position[i] = c - size if c >= size else c
+            position[i] = (c + skip) % size
             filled += 1
             if filled == size:
                 return table

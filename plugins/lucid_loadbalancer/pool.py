@@ -67,19 +67,11 @@ def key_function(spec: str) -> KeyOf | None:
     return None
 
 
-class Pick:
-    """What one request took from a pool, kept in ``exchange.attributes``."""
-
-    __slots__ = ("pool", "balancer", "index", "id", "tried", "cookie", "key")
-
-    def __init__(self, pool: Pool, balancer: Balancer, index: int, key: int):
-        self.pool = pool
-        self.balancer = balancer
-        self.index = index
-        self.id = balancer.ids[index]
-        self.tried: list[str] | None = None
-        self.cookie: tuple[str, str] | None = None
-        self.key = key
+# What one request took from a pool, kept in ``exchange.attributes["loadbalancer"]``:
+# a list (the cheapest mutable record to make per request), indexed by these.
+POOL, BALANCER, INDEX, ID, TRIED, COOKIE = range(6)
+Pick = list  # [pool, balancer, index, instance id, tried ids or None, set-cookie or None]
+KEY_CACHE = 16384  # key -> hash, per pool: repeat clients skip the hash function
 
 
 class State:
@@ -136,6 +128,7 @@ class Pool:
         # Counters and slow-start memory carry over when a pool is redefined, so
         # requests in flight are released where they were counted.
         if previous is not None:
+            previous.successor = self
             self.load = previous.load
             self.picks = previous.picks
             self.seen = previous.seen
@@ -150,6 +143,8 @@ class Pool:
             self.warm = False  # instances of the first list seen start at full weight
             self.was_panic = False
         self.state: State | None = None
+        self.key_cache: dict[Any, int] = {}
+        self.successor: Pool | None = None  # the pool that replaced this one, same counters
 
     # building --------------------------------------------------------------
     def state_for(self, source: Sequence[Instance]) -> State:
@@ -222,69 +217,91 @@ class Pool:
             key = self.fallback_of(exchange)
         if not key:
             return self.rng.getrandbits(64)
-        return key_hash(str(key))
+        cache = self.key_cache
+        h = cache.get(key)
+        if h is None:
+            h = key_hash(str(key))
+            if len(cache) >= KEY_CACHE:
+                cache.clear()
+            cache[key] = h
+        return h
 
     def select(self, exchange: Exchange, candidates: Sequence[Instance]) -> Instance | None:
-        source = exchange.instances if exchange.instances is not None else candidates
+        source = exchange.instances
+        if source is None:
+            source = candidates
         state = self.state
         if state is None or state.source is not source:
             state = self.state_for(source)
         balancer = state.balancer
         attributes = exchange.attributes
-        previous: Pick | None = attributes.get("loadbalancer") if attributes else None
+        if "loadbalancer" in attributes:
+            return self._retry(exchange, state, attributes["loadbalancer"])
         h = self.hash_of(exchange) if self.hashing else 0
         index = -1
-        if previous is None:
-            if state.tokens:
-                token = cookie_value(exchange.headers.get("cookie"), self.affinity.cookie)  # type: ignore[union-attr]
-                if token is not None:
-                    index = state.tokens.get(token, -1)
-            if index < 0:
-                index = balancer.pick(h)
-                if self.ramping:
-                    index = self._ramp(balancer, index, h, None)
-            pick = Pick(self, balancer, index, h)
-            attributes["loadbalancer"] = pick
-        else:  # a retry: never an instance this request already tried
-            self.release(previous)
-            tried = previous.tried or []
-            tried.append(previous.id)
-            ids = balancer.ids
-            gone = set(tried)
-            avoid = {i for i, x in enumerate(ids) if x in gone}  # retries only: O(n) is fine
-            found = balancer.pick_avoiding(h, avoid)
-            if found is None:
-                return None
-            index = found
+        if state.tokens:
+            token = cookie_value(exchange.headers.get("cookie"), self.affinity.cookie)  # type: ignore[union-attr]
+            if token is not None:
+                index = state.tokens.get(token, -1)
+        if index < 0:
+            index = balancer.pick(h)
             if self.ramping:
-                index = self._ramp(balancer, index, h, avoid)
-            pick = previous
-            pick.balancer, pick.index, pick.id, pick.tried = balancer, index, ids[index], tried
+                index = self._ramp(balancer, index, h, None)
         instance_id = balancer.ids[index]
-        load = self.load
-        counts = load.counts
-        counts[instance_id] = counts.get(instance_id, 0) + 1
-        load.total += 1
-        balancer.charged(index)
-        picks = self.picks
-        picks[instance_id] = picks.get(instance_id, 0) + 1
+        pick = [self, balancer, index, instance_id, None, None]
+        attributes["loadbalancer"] = pick
+        self._charge(balancer, index, instance_id)
         if state.tokens:
             self._set_cookie(exchange, state, pick, index)
         return balancer.instances[index]
 
+    def _retry(self, exchange: Exchange, state: State, pick: Pick) -> Instance | None:
+        """A retry: release the last attempt, never pick an instance tried already."""
+        self.release(pick)
+        tried = pick[TRIED] or []
+        tried.append(pick[ID])
+        balancer = state.balancer
+        ids = balancer.ids
+        gone = set(tried)
+        avoid = {i for i, x in enumerate(ids) if x in gone}  # retries only: O(n) is fine
+        h = self.hash_of(exchange) if self.hashing else 0
+        index = balancer.pick_avoiding(h, avoid)
+        if index is None:
+            pick[TRIED] = tried
+            pick[INDEX] = -1  # nothing counted: release is a no-op
+            return None
+        if self.ramping:
+            index = self._ramp(balancer, index, h, avoid)
+        instance_id = ids[index]
+        pick[BALANCER], pick[INDEX], pick[ID], pick[TRIED] = balancer, index, instance_id, tried
+        self._charge(balancer, index, instance_id)
+        if state.tokens:
+            self._set_cookie(exchange, state, pick, index)
+        return balancer.instances[index]
+
+    def _charge(self, balancer: Balancer, index: int, instance_id: str) -> None:
+        load = self.load
+        counts = load.counts
+        counts[instance_id] = counts.get(instance_id, 0) + 1
+        load.total += 1
+        if balancer.tracks_release:
+            balancer.charged(index)
+        picks = self.picks
+        picks[instance_id] = picks.get(instance_id, 0) + 1
+
     def _set_cookie(self, exchange: Exchange, state: State, pick: Pick, index: int) -> None:
         token = cookie_value(exchange.headers.get("cookie"), self.affinity.cookie)  # type: ignore[union-attr]
         wanted = state.cookies[index]
-        if pick.cookie is not None:
+        if pick[COOKIE] is not None:
             try:
-                exchange.response_headers.remove(pick.cookie)
+                exchange.response_headers.remove(pick[COOKIE])
             except ValueError:
                 pass
-            pick.cookie = None
+            pick[COOKIE] = None
         if token is not None and state.tokens.get(token, -1) == index:
             return  # the client already holds the right cookie
         exchange.response_headers.append(wanted)
-        pick.cookie = wanted
+        pick[COOKIE] = wanted
 
     def _ramp(self, balancer: Balancer, index: int, h: int, avoid: set[int] | None) -> int:
         """Slow start: a ramping instance keeps a pick with probability equal to its
@@ -309,7 +326,10 @@ class Pool:
         return index
 
     def release(self, pick: Pick) -> None:
-        instance_id = pick.id
+        """The request (or attempt) of ``pick`` is over: its in-flight count drops."""
+        if pick[INDEX] < 0:
+            return
+        instance_id = pick[ID]
         load = self.load
         counts = load.counts
         left = counts.get(instance_id, 0) - 1
@@ -322,12 +342,14 @@ class Pool:
         state = self.state
         if state is not None:
             balancer = state.balancer
-            if balancer is pick.balancer:
-                balancer.released(pick.index)
-            elif balancer.tracks_release:
-                index = balancer.index_of.get(instance_id)  # type: ignore[attr-defined]
-                if index is not None:
-                    balancer.released(index)
+            if balancer.tracks_release:
+                if balancer is pick[BALANCER]:
+                    balancer.released(pick[INDEX])
+                else:
+                    index = balancer.index_of.get(instance_id)  # type: ignore[attr-defined]
+                    if index is not None:
+                        balancer.released(index)
+        pick[INDEX] = -1  # released once, whatever calls it again
 
     # reading -----------------------------------------------------------------
     def status(self, source: Sequence[Instance] | None) -> dict[str, Any]:
