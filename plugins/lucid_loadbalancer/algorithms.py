@@ -374,6 +374,13 @@ class RingHash(_Bounded):
         self.hashes = [point for point, _ in ring]
         self.owners = [index for _, index in ring]
 
+    def pick(self, h: int) -> int:
+        if self.factor is not None:
+            return super().pick(h)
+        position = bisect_left(self.hashes, h & 0xFFFFFFFF)
+        owners = self.owners
+        return owners[position] if position < len(owners) else owners[0]
+
     def _primary(self, h: int) -> int:
         position = bisect_left(self.hashes, h & 0xFFFFFFFF)
         return self.owners[position if position < len(self.owners) else 0]
@@ -414,6 +421,11 @@ class Maglev(_Bounded):
         super().__init__(instances, load, rng, factor)
         self.size = table_size
         self.table = build_maglev(self.ids, self.weights, table_size)
+
+    def pick(self, h: int) -> int:
+        if self.factor is not None:
+            return super().pick(h)
+        return self.table[h % self.size]
 
     def _primary(self, h: int) -> int:
         return self.table[h % self.size]
