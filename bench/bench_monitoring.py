@@ -12,9 +12,18 @@
    notifier) -- next to the plain Lucid row (monitoring on by default: metrics and
    ring buffer). The goal: every monitoring row >= 0.95 x monitoring-off, per the
    medians; per-round ratios are printed as a noise gauge.
+3. CPU per request (``--cpu``): the same three gateways (monitoring off, default,
+   full) serve exactly ``--requests`` requests each from ``bench/loadgen.py``
+   (50 connections), in alternating order for ``--rounds`` rounds, and the user+system
+   CPU time of each ``lucid serve`` process (all its threads: the access-log writer,
+   the ticker and the alert evaluation included) is divided by the requests served.
+   On a shared machine this is steadier than req/s: a neighbour taking the core
+   slows a run down but does not add CPU time to the gateway. Goal: default and full
+   cost at most 1/0.95 of monitoring-off per request.
 
     python bench/bench_monitoring.py                       # micro-costs only
     python bench/bench_monitoring.py --throughput --rounds 5 --duration 10
+    python bench/bench_monitoring.py --cpu --rounds 5 --requests 20000
 
 Writes ``bench/results/monitoring.json``.
 """
@@ -144,14 +153,39 @@ def micro(n: int, repeats: int) -> dict[str, Any]:
             rows[label] = _time(hooks, ex, n, repeats)
             if plugin.writer is not None:
                 plugin.writer.stop()
+        writer_ns = _writer_cost(ex, Path(tmp), n, repeats)
     base = rows["floor (empty hooks)"]
     print("\nper-request cost of lucid_record_outcome + lucid_observe_exchange "
           f"({n:,} calls x {repeats}, median)")
     print(f"{'variant':<26} {'ns/call':>9} {'over floor':>11}")
     for label, ns in rows.items():
         print(f"{label:<26} {ns:>9,.0f} {ns - base:>10,.0f}")
+    print(f"{'+ access-log thread/line':<26} {writer_ns:>9,.0f}   (formatting and writing, "
+          "off the request path but on the same CPU)")
     return {"iterations": n, "repeats": repeats, "ns_per_call": rows,
-            "ns_over_floor": {k: round(v - base, 1) for k, v in rows.items()}}
+            "ns_over_floor": {k: round(v - base, 1) for k, v in rows.items()},
+            "access_log_thread_ns_per_line": round(writer_ns, 1)}
+
+
+def _writer_cost(ex: Any, tmp: Path, n: int, repeats: int) -> float:
+    """Median ns per line of what the access-log thread does: JSON lines, file writes."""
+    from lucid_monitoring.accesslog import AccessLogWriter, entry
+    from lucid_monitoring.config import AccessLog
+
+    writer = AccessLogWriter(
+        AccessLog(enabled=True, target="file", path="cost.log", max_bytes="100MiB"), tmp)
+    try:
+        batch = [entry(ex, time.time()) for _ in range(1000)]
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter_ns()
+            for _ in range(max(1, n // len(batch))):
+                writer.listener.handle(batch)
+            samples.append((time.perf_counter_ns() - start) / (max(1, n // len(batch))
+                                                                * len(batch)))
+    finally:
+        writer.stop()
+    return statistics.median(samples)
 
 
 # ---------------------------------------------------------------------------- throughput
@@ -198,6 +232,78 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             "proxy_bench": payload}
 
 
+# ---------------------------------------------------------------------------- cpu/request
+def cpu_per_request(args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+    import tomllib
+
+    sys.path.insert(0, str(BENCH_DIR))
+    import proxy_bench as pb
+
+    variants = {"monitoring-off": OFF, "lucid (default)": "", "monitoring-full": FULL}
+    services: list[Any] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            up_port, *ports = pb.free_ports(1 + 2 * len(variants))
+            up_url = f"http://{pb.HOST}:{up_port}"
+            kind = "nginx" if shutil.which("nginx") else "asyncio"
+            upstream = pb.start_service("upstream", pb.upstream_command(kind, tmp, up_port), tmp)
+            services.append(upstream)
+            pb.wait_ready(upstream, [up_url + "/"])
+            targets: dict[str, tuple[Any, str]] = {}
+            for i, (label, text) in enumerate(variants.items()):
+                proxy, admin = ports[2 * i:2 * i + 2]
+                workdir = tmp / f"v{i}"
+                config = pb.write_lucid_config(workdir, proxy, admin, up_url,
+                                               [(label, tomllib.loads(text))])
+                service = pb.start_service(label.split()[0], pb.lucid_command(
+                    None, config, proxy, admin, up_url), workdir)
+                services.append(service)
+                url = f"http://{pb.HOST}:{proxy}/"
+                pb.wait_ready(service, [f"http://{pb.HOST}:{admin}/gateway/health", url])
+                targets[label] = (service, url)
+
+            def drive(url: str, n: int) -> int:
+                done = subprocess.run(
+                    [sys.executable, str(BENCH_DIR / "loadgen.py"), "--url", url, "-c", "50",
+                     "-d", "600", "--max-requests", str(n)],
+                    capture_output=True, text=True, timeout=660, check=True)
+                summary = json.loads(done.stdout)
+                if summary.get("errors"):
+                    raise RuntimeError(f"{url}: {summary['errors']} errors")
+                return int(summary["requests"])
+
+            for _, url in targets.values():  # warm-up: imports, connection pools
+                drive(url, max(1000, args.requests // 10))
+            runs: dict[str, list[float]] = {label: [] for label in targets}
+            for round_no in range(1, args.rounds + 1):
+                order = list(targets) if round_no % 2 else list(targets)[::-1]
+                for label in order:
+                    service, url = targets[label]
+                    before = pb.tree_cpu_seconds(service)
+                    served = drive(url, args.requests)
+                    after = pb.tree_cpu_seconds(service)
+                    us = (after - before) / served * 1e6
+                    runs[label].append(round(us, 1))
+                    print(f"  [{round_no}/{args.rounds}] {label:<18} {served:>7,} requests "
+                          f"{us:7.1f} us CPU/request", flush=True)
+        finally:
+            for service in reversed(services):
+                service.stop()
+    base = statistics.median(runs["monitoring-off"])
+    print(f"\nlucid CPU per request (us, median of {args.rounds} rounds of "
+          f"{args.requests:,} requests; goal: monitoring-off / x >= 0.95):")
+    ratios = {}
+    for label, values in runs.items():
+        med = statistics.median(values)
+        ratios[label] = round(base / med, 3)
+        print(f"  {label:<18} {med:7.1f}  rounds {values}  off/this {ratios[label]:.3f}")
+    return {"requests": args.requests, "rounds": args.rounds, "us_per_request": runs,
+            "median_us": {k: statistics.median(v) for k, v in runs.items()},
+            "ratio_off_over_variant": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=200_000)
@@ -205,12 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", action="store_true", help="also run proxy_bench.py")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--cpu", action="store_true",
+                        help="also measure lucid's CPU time per request, per variant")
+    parser.add_argument("--requests", type=int, default=20_000,
+                        help="requests per variant and round for --cpu")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                               "micro": micro(args.iterations, args.repeats)}
     if args.throughput:
         result["throughput"] = throughput(args)
+    if args.cpu:
+        result["cpu"] = cpu_per_request(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.json}")

@@ -71,14 +71,6 @@ class MonitoringPlugin:
         register(metrics_blueprint)
 
     @hookimpl
-    def lucid_check_workers(self, config: Any, workers: int) -> str | None:
-        section = getattr(config, "monitoring", None)
-        if workers > 1 and section is not None and section.alerts:
-            return ("monitoring alert rules judge one process's traffic; with several "
-                    "workers each would see only its share (use workers = 1)")
-        return None
-
-    @hookimpl
     def lucid_prepare(self, generation: Any) -> None:
         # The recorder exists before any plugin starts: the registry emits
         # instance_registered events from its own startup, which runs first.
@@ -108,6 +100,7 @@ class MonitoringPlugin:
                                        runtime.worker_index)
             if runtime.worker_index == 0:
                 await asyncio.to_thread(self.workers.start_run)
+                self.recorder.cluster = self._cluster
             else:
                 self._tasks.append(loop.create_task(self._every(SHARE_INTERVAL, self._share)))
         if self.recorder is not None:
@@ -207,6 +200,10 @@ class MonitoringPlugin:
     async def _flush_log(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+
+    def _cluster(self) -> Recorder:
+        assert self.workers is not None and self.recorder is not None
+        return self.workers.merged(self.recorder)[0]
 
     async def _share(self) -> None:
         assert self.workers is not None and self.recorder is not None

@@ -185,7 +185,7 @@ async def prometheus() -> Any:
 # --------------------------------------------------------------------------- services
 def services_view(p: Any) -> list[dict[str, Any]]:
     rt = runtime()
-    rec = p.recorder
+    rec = p.recorder.view() if p.recorder is not None else None
     health_map = instance_health(rt, rec)
     breakers = rec.breakers if rec else {}
     window = window_figures(p, "1m") if rec else {"instances": []}
@@ -336,9 +336,10 @@ async def dashboard() -> Any:
         out["now"] = current["total"]
         out["series"] = series[-90:]
         out["routes"] = current["routes"]
-        top = sorted(rec.rejected_keys.items(), key=lambda kv: -kv[1])[:10]
+        every = rec.view()
+        top = sorted(every.rejected_keys.items(), key=lambda kv: -kv[1])[:10]
         out["rate_limited"] = [{"key": k, "rejections": n} for k, n in top]
-        out["rejections"] = dict(rec.rejections)
+        out["rejections"] = dict(every.rejections)
     out["services"] = services_view(p)
     out["alerts"] = [a.describe() for a in p.engine.alerts.values() if a.state != "inactive"]
     return out

@@ -48,13 +48,13 @@ def measure(rule: AlertRule, rec: Recorder, runtime: Any, now: float) -> float |
     """The rule's figure now, or None when there is nothing to judge (no traffic)."""
     metric = rule.metric
     if metric == "healthy_instance_share":
-        statuses = [s for (service, _), s in instance_health(runtime, rec).items()
+        statuses = [s for (service, _), s in instance_health(runtime, rec.view()).items()
                     if not rule.service or service == rule.service]
         if not statuses:
             return None
         return sum(1 for s in statuses if s == "passing") / len(statuses)
     if metric == "breaker_open":
-        return float(sum(1 for (service, _), s in rec.breakers.items()
+        return float(sum(1 for (service, _), s in rec.view().breakers.items()
                          if s == "open" and (not rule.service or service == rule.service)))
     covered, routes, instances, rejections = rec.window(WINDOWS[rule.window], now)
     if metric == "rejections_rate":

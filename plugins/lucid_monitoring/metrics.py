@@ -71,6 +71,13 @@ class Recorder:
         self._last_rejections: dict[str, int] = {}
         self._last_tick = time.time()
         self.started = self._last_tick
+        # Worker 0 when server.workers > 1: a recorder holding every worker's counts
+        # (workers.py). Windows, rollups and alerts are computed from it.
+        self.cluster: Callable[[], Recorder] | None = None
+
+    def view(self) -> Recorder:
+        """Every worker's counts when there are several workers, else this recorder."""
+        return self if self.cluster is None else self.cluster()
 
     # hot path --------------------------------------------------------------
     def observe(self, ex: Any) -> None:
@@ -161,11 +168,12 @@ class Recorder:
     def tick(self, now: float | None = None) -> None:
         """Close the current slot: store what changed since the previous tick."""
         now = time.time() if now is None else now
-        routes = _deltas(self.routes, self._last_routes)
-        instances = _deltas(self.instances, self._last_instances)
-        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in self.rejections.items()
+        view = self.view()
+        routes = _deltas(view.routes, self._last_routes)
+        instances = _deltas(view.instances, self._last_instances)
+        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in view.rejections.items()
                       if v != self._last_rejections.get(k, 0)}
-        self._last_rejections = dict(self.rejections)
+        self._last_rejections = dict(view.rejections)
         self.slots.append((now, routes, instances, rejections))
         self._last_tick = now
 
@@ -174,9 +182,10 @@ class Recorder:
         """(covered seconds, route deltas, instance deltas, rejections) over the last
         ``seconds``, the open slot included."""
         now = time.time() if now is None else now
-        routes = _deltas(self.routes, self._last_routes, keep=False)
-        instances = _deltas(self.instances, self._last_instances, keep=False)
-        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in self.rejections.items()}
+        view = self.view()
+        routes = _deltas(view.routes, self._last_routes, keep=False)
+        instances = _deltas(view.instances, self._last_instances, keep=False)
+        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in view.rejections.items()}
         for at, r, i, rej in reversed(self.slots):
             if at <= now - seconds:
                 break

@@ -31,7 +31,7 @@ class Rollups:
         rec = self.recorder
         nb = rec.nb
         groups: dict[tuple[str, str], list[float]] = {}
-        for key, entry in list(rec.routes.items()):
+        for key, entry in list(rec.view().routes.items()):
             snapshot = list(entry[:HEAD + nb])
             previous = self._last.get(key)
             self._last[key] = snapshot

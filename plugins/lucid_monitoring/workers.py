@@ -19,6 +19,9 @@ locked mmap write per sample.
   it starts, so a restarted gateway counts from zero, like any restarted exporter
   (Prometheus' ``rate()`` handles the reset).
 * Totals are at most ``SHARE_INTERVAL`` behind the other workers' traffic.
+* Worker 0's windows (JSON views, dashboard, alert rules) and rollups are computed
+  from the same sum (:meth:`Recorder.view`), so alert rules judge the whole
+  gateway's traffic. The log buffer and the top clients of reports stay worker 0's.
 * Counters are summed; the reload counter takes the highest worker's (every worker
   reloads on SIGHUP); breaker states and instance health are worker 0's, completed
   with other workers' for instances worker 0 has not seen.
@@ -39,6 +42,7 @@ from lucid_monitoring.metrics import Recorder
 
 SHARE_INTERVAL = 1.0
 STALE_AFTER = 3 * SHARE_INTERVAL
+REREAD_AFTER = 0.25  # one dashboard poll or alert evaluation reads the files once
 FORMAT = 1
 
 log = logging.getLogger("lucid.monitoring")
@@ -57,6 +61,8 @@ class WorkerShare:
         self.worker = worker
         self.pid = os.getpid()
         self.path = self.directory / f"{self.pid}.snap"
+        self._read_at = float("-inf")
+        self._peers: list[dict[str, Any]] = []
 
     # every worker but the first ---------------------------------------------------
     def write(self, recorder: Recorder, in_flight: int) -> None:
@@ -85,8 +91,16 @@ class WorkerShare:
                     shutil.rmtree(entry, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def snapshots(self) -> Iterator[dict[str, Any]]:
-        """The latest snapshot of every other worker of this run, dead ones included."""
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The latest snapshot of every other worker of this run, dead ones included
+        (read again at most every ``REREAD_AFTER`` seconds)."""
+        now = time.monotonic()
+        if now - self._read_at >= REREAD_AFTER:
+            self._peers = list(self._read())
+            self._read_at = now
+        return self._peers
+
+    def _read(self) -> Iterator[dict[str, Any]]:
         try:
             files = sorted(self.directory.glob("*.snap"))
         except OSError:

@@ -204,14 +204,3 @@ threshold = 1000
         async with session.get(url) as r:
             assert [a["name"] for a in (await r.json())["alerts"]] == ["Static"]
 
-
-async def test_alert_rules_refuse_several_workers(lucid_upstream, lucid_process):
-    upstream = await lucid_upstream()
-    gw = lucid_process(base(upstream.url) + """
-[[monitoring.alerts]]
-name = "Busy"
-metric = "request_rate"
-threshold = 1
-""", workers=2, wait=False)
-    assert gw.wait() == 2
-    assert "judge one process's traffic" in gw.output

@@ -1,5 +1,5 @@
-"""``lucid serve`` with two workers: /metrics (served by worker 0) counts the requests
-both workers served, and keeps a killed worker's counts."""
+"""``lucid serve`` with two workers: /metrics and the JSON windows (served by worker 0)
+count the requests both workers served, and keep a killed worker's counts."""
 
 from __future__ import annotations
 
@@ -40,6 +40,15 @@ service = "svc"
 
 [gateway.services.svc]
 instances = ["{upstream.url}"]
+
+[monitoring]
+evaluation_interval = "100ms"
+
+[[monitoring.alerts]]   # judged on both workers' traffic
+name = "Traffic"
+metric = "request_rate"
+op = ">"
+threshold = 0
 """, wait=False)
     line = await asyncio.to_thread(process.wait_for_line, r"worker 1, pid \d+\)")
     worker1 = int(re.search(r"pid (\d+)", line).group(1))
@@ -87,6 +96,14 @@ instances = ["{upstream.url}"]
         assert [w["worker"] for w in workers] == [0, 1]
         assert sum(w["requests"] for w in workers) == sent
         assert workers[1]["pid"] == worker1 and workers[0]["pid"] == process.proc.pid
+        async with client.get(process.admin_url + "/monitoring/metrics?window=1m") as r:
+            assert (await r.json())["windows"]["1m"]["total"]["requests"] == sent
+
+        async def firing() -> bool:
+            async with client.get(process.admin_url + "/monitoring/alerts") as r:
+                return (await r.json())["alerts"][0]["state"] == "firing"
+
+        await wait_until(firing, message="the alert rule to fire")
 
         # kill -9 worker 1: what it counted stays; worker 0 serves on and counts on.
         os.kill(worker1, signal.SIGKILL)
