@@ -5,11 +5,13 @@ kill -9 (the affinity key included)."""
 from __future__ import annotations
 
 import signal
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 from aiohttp import web
 
 
@@ -177,5 +179,48 @@ async def test_pools_and_affinity_key_survive_kill_9(
         assert [p["id"] for p in listing["pools"]] == ["sticky"]
         for _ in range(5):  # the cookie issued before the crash still pins
             async with session.get(second.proxy_url + "/x", headers={"cookie": cookie}) as r:
+                assert await r.text() == pinned
+                assert "set-cookie" not in r.headers
+
+
+
+async def test_reload_applies_a_changed_static_pool(setup: tuple[Admin, list[Any]]) -> None:
+    admin, ups = setup
+    gw = admin.gw
+    data = tomllib.loads(gw.config_path.read_text())
+    data["loadbalancer"]["pools"]["main"] = {"service": "svc",
+                                             "instances": [{"url": ups[2].url}]}
+    gw.config_path.write_text(tomli_w.dumps(data))
+    async with gw.session.post(gw.admin_url + "/gateway/config/reload") as r:
+        assert r.status == 200, await r.text()
+    assert await admin.text() == "c"  # the next request after the reload
+    code, listing = await admin("GET", "/pools")
+    assert {p["id"]: p["source"] for p in listing["pools"]} == {"fixed": "static",
+                                                                "main": "static"}
+
+
+async def test_several_workers_share_pools_and_the_affinity_key(
+    lucid_upstream: Any, lucid_process: Any
+) -> None:
+    """Two workers: a TOML pool with affinity works in both (one key, made once in
+    loadbalancer.db), and admin writes are refused (they would reach one worker)."""
+    ups = [await lucid_upstream(named(n)) for n in "abc"]
+    listed = ", ".join(f'{{ url = "{u.url}" }}' for u in ups)
+    process = lucid_process(base(ups[0].url) + f"""
+[loadbalancer.pools.sticky]
+service = "svc"
+instances = [{listed}]
+affinity = {{}}
+""", workers=2)
+    async with aiohttp.ClientSession() as session:
+        code, body = await call(session, "POST", process.admin_url + "/loadbalancer/pools",
+                                json={"id": "x", "service": "other"})
+        assert code == 409 and "workers" in body["error"]
+        async with session.get(process.proxy_url + "/x") as r:
+            pinned = await r.text()
+            cookie = r.headers["set-cookie"].split(";")[0]
+    for _ in range(12):  # a new connection each: both workers answer some
+        async with aiohttp.ClientSession() as session:
+            async with session.get(process.proxy_url + "/x", headers={"cookie": cookie}) as r:
                 assert await r.text() == pinned
                 assert "set-cookie" not in r.headers
