@@ -22,7 +22,7 @@ tag_lb = tag(["loadbalancer"])
 
 
 def _plugin() -> Any:
-    plugin = runtime().plugin_set.pm.get_plugin("loadbalancer")
+    plugin: Any = runtime().plugin_set.pm.get_plugin("loadbalancer")
     plugin.sync(runtime().generation)
     return plugin
 

@@ -23,6 +23,7 @@ import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
+from typing import Any
 
 from lucid.model import Instance
 
@@ -153,7 +154,7 @@ class SmoothWeighted(Balancer):
         for index, weight in enumerate(self.weights):
             by_weight.setdefault(weight, []).append(index)
         # [weight, members, picks of the group's next member, position of next member]
-        self.groups = [[w, members, 0, 0] for w, members in by_weight.items()]
+        self.groups: list[list[Any]] = [[w, members, 0, 0] for w, members in by_weight.items()]
         self.total = sum(self.weights)
         self.t = 0
 

@@ -127,6 +127,12 @@ class Pool:
                            for i in spec.instances]
         # Counters and slow-start memory carry over when a pool is redefined, so
         # requests in flight are released where they were counted.
+        self.load: Load = Load()
+        self.picks: dict[str, int] = {}
+        self.seen: dict[str, float] = {}  # instance id -> when it joined the candidates
+        self.ramping: dict[str, float] = {}  # instance id -> ramp start, while ramping
+        self.warm = False  # instances of the first list seen start at full weight
+        self.was_panic = False
         if previous is not None:
             previous.successor = self
             self.load = previous.load
@@ -135,13 +141,6 @@ class Pool:
             self.ramping = previous.ramping
             self.warm = previous.warm
             self.was_panic = previous.was_panic
-        else:
-            self.load = Load()
-            self.picks: dict[str, int] = {}
-            self.seen: dict[str, float] = {}  # instance id -> when it joined the candidates
-            self.ramping: dict[str, float] = {}  # instance id -> ramp start, while ramping
-            self.warm = False  # instances of the first list seen start at full weight
-            self.was_panic = False
         self.state: State | None = None
         self.key_cache: dict[Any, int] = {}
         self.successor: Pool | None = None  # the pool that replaced this one, same counters
