@@ -147,7 +147,8 @@ def lucid_select_instance(
     through the candidates in order.
 
     :param exchange: the request.
-    :param candidates: non-empty; instances already tried by this request are removed.
+    :param candidates: instances already tried by this request are removed; empty only
+        when none is healthy but ``exchange.instances.everyone`` is not (panic mode).
     """
 
 

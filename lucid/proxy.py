@@ -173,10 +173,8 @@ class ProxyApp:
             exchange.rejection = rejection
             return await self._send_rejection(exchange, send, rejection)
         instances = exchange.instances = hooks.resolve_instances(exchange, generation)
-        if not instances:
-            return await self._reply(
-                exchange, send, 503, f"no instances available for service {exchange.service!r}"
-            )
+        if not instances and not getattr(instances, "everyone", None):
+            return await self._reply(exchange, send, 503, _no_instances(exchange))
         body = _Body(receive, exchange, policy.max_body_size)
         data: Any = None
         if length is not None and int(length) <= BUFFER_LIMIT:
@@ -204,7 +202,8 @@ class ProxyApp:
         idempotent = exchange.method in IDEMPOTENT
         upstream_headers = self._upstream_headers(exchange, peer, scope)
         tried: list[Instance] = []
-        failure = Rejection(503, reason="no instance accepted the request")
+        failure = Rejection(503, reason="no instance accepted the request" if instances
+                            else _no_instances(exchange))
         budget.active_requests += 1
         try:
             while exchange.attempts < policy.attempts:
@@ -212,10 +211,12 @@ class ProxyApp:
                 if retry and not budget.allows_retry():
                     break
                 candidates = [i for i in instances if i not in tried] if tried else instances
-                if not candidates:
-                    break
+                if not candidates and instances:  # every healthy one tried (none healthy:
+                    break                          # a panic threshold may still pick)
                 instance = hooks.select_instance(exchange, candidates)
                 if instance is None:  # no selection plugin: rotate the first pick
+                    if not candidates:
+                        break
                     if tried:
                         instance = candidates[0]
                     else:
@@ -445,6 +446,10 @@ class _Sent:
 
     async def body(self, chunk: bytes, more: bool) -> None:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+
+def _no_instances(exchange: Exchange) -> str:
+    return f"no instances available for service {exchange.service!r}"
 
 
 def _classify(exc: BaseException, duration: float) -> Outcome:

@@ -74,3 +74,32 @@ async def test_panic_mode_and_ejected_instances_with_the_registry(
     _, listing = await call("GET", "/loadbalancer/pools/p/instances")
     factors = {i["id"]: i.get("slow_start_factor") for i in listing["instances"]}
     assert factors["a"] is None and all(0.1 <= factors[n] < 0.2 for n in "bcd"), factors
+
+
+async def test_no_healthy_instance_at_all_panics_with_a_pool_and_503s_without(
+    lucid_upstream: Any, lucid_gateway: Any
+) -> None:
+    ups = [await lucid_upstream(named(n)) for n in "ab"]
+    gw = await lucid_gateway(CONFIG)
+    session, admin = gw.session, gw.admin_url
+
+    async def call(method: str, path: str, json: Any = None) -> tuple[int, Any]:
+        async with session.request(method, admin + path, json=json) as r:
+            return r.status, await r.json()
+
+    await call("POST", "/registry/services", {
+        "id": "reg", "instances": [{"id": n, "url": u.url} for n, u in zip("ab", ups,
+                                                                          strict=True)]})
+    for name in "ab":
+        await call("POST", "/registry/services/reg/health",
+                   {"instance": name, "status": "critical"})
+    async with session.get(gw.proxy_url + "/x") as r:  # no pool: nothing healthy, 503
+        assert r.status == 503
+        assert "no instances available for service 'reg'" in (await r.json())["error"]
+    assert (await call("POST", "/loadbalancer/pools", {"id": "p", "service": "reg"}))[0] == 201
+    seen: Counter[str] = Counter()
+    for _ in range(4):  # 0 of 2 healthy: panic mode spreads over both (Envoy's 0% case)
+        async with session.get(gw.proxy_url + "/x") as r:
+            assert r.status == 200
+            seen[await r.text()] += 1
+    assert seen == {"a": 2, "b": 2}
