@@ -1,11 +1,12 @@
 """Rate limiter benchmark: decision cost, memory per key, accuracy, gateway throughput.
 
-    python bench/bench_ratelimiter.py                 # everything (~6 min)
+    python bench/bench_ratelimiter.py                 # everything (~10 min)
     python bench/bench_ratelimiter.py --skip-throughput --skip-accuracy   # in-process only
 
 1. **decision**: ``lucid_admit_request`` in process (median ns of several repeats of
    200,000 calls, keys rotating over 1,000 client IPs), against a floor loop that does
-   the same bookkeeping around a no-op hook. Goal: < 5 us per decision.
+   the same bookkeeping around a no-op hook. Goal: < 5 us per decision. A concurrency
+   limit is timed as its decision plus the release at the end of the exchange.
 2. **memory**: 1,000,000 distinct keys in each algorithm's store (tracemalloc, keys
    included), and how long a sweep of 1,000,000 idle keys blocks the loop.
 3. **quota flush**: one batched SQLite flush of 10,000 dirty quota counters.
@@ -13,9 +14,16 @@
    bucket (burst 20) offered 400 req/s, open loop, for 10 s of real time; admitted
    must be ``rate x span + burst`` within 1%, the span being measured by the
    limiter's own clock (first to last decision).
-5. **throughput**: ``bench/proxy_bench.py --rounds N`` with two variants: a token
-   bucket per client IP on every request, and the same plus a per-IP daily quota
-   (both set too high to reject). Goal: >= 0.95 x plain Lucid.
+5. **throughput**: ``bench/proxy_bench.py --rounds N`` with three variants: a token
+   bucket per client IP on every request, the same plus a per-IP daily quota, and a
+   per-IP concurrency limit (all set too high to reject). Goal: >= 0.95 x plain Lucid.
+   Separate processes measured tens of seconds apart: on a shared machine their
+   ratio swings by tens of percent from one run to the next.
+6. **paired**: the same goal, measured so that a neighbour's load cancels out: one
+   Lucid process whose limit is switched through the admin API (none, a token bucket
+   with each header style, a concurrency limit) between back-to-back 3 s wrk runs,
+   15 rounds in rotating order; the median of the per-round ratios of req/s and of CPU
+   time per request. ``--only paired`` runs it alone (~5 min).
 
 Prints a table and writes ``bench/results/ratelimiter.json``.
 """
@@ -85,11 +93,23 @@ def decision_costs(n: int = 200_000, repeats: int = 7) -> list[dict[str, Any]]:
             {"id": "a", "rate": huge},
             {"id": "q", "rate": "1000000000/day", "algorithm": "fixed_window"},
         ], "all"),
+        "concurrency (admit + release)": ([
+            {"id": "c", "algorithm": "concurrency", "max_in_flight": 1_000_000_000},
+        ], "all"),
         "inert (no limits)": ([], "all"),
     }
 
     def noop(exchange: Exchange) -> None:
         return None
+
+    def admit_and_release(plugin: Any) -> Any:
+        """A concurrency limit's whole cost: the slot taken, then given back."""
+        admit, observe = plugin.lucid_admit_request, plugin.lucid_observe_exchange
+
+        def both(exchange: Exchange) -> None:
+            admit(exchange)
+            observe(exchange)
+        return both
 
     floor_ex = _exchange(None)
     rows = []
@@ -100,7 +120,9 @@ def decision_costs(n: int = 200_000, repeats: int = 7) -> list[dict[str, Any]]:
         for name, (limits, style) in cases.items():
             plugin, generation = _plugin(limits, style)
             exchange = _exchange(generation)
-            runs = [_time_loop(plugin.lucid_admit_request, exchange, n) for _ in range(repeats)]
+            hook = (admit_and_release(plugin) if name.startswith("concurrency")
+                    else plugin.lucid_admit_request)
+            runs = [_time_loop(hook, exchange, n) for _ in range(repeats)]
             assert plugin.rejected == 0, name
             med = statistics.median(runs)
             rows.append({"case": name, "ns_per_call": round(med), "min_ns": round(min(runs)),
@@ -304,6 +326,13 @@ rate = "1000000000/day"
 algorithm = "fixed_window"
 key = "ip"
 ''',
+    "concurrency": '''
+[[ratelimiter.limits]]
+id = "in-flight"
+algorithm = "concurrency"
+max_in_flight = 1000000
+key = "ip"
+''',
 }
 
 
@@ -320,6 +349,136 @@ def throughput(rounds: int, duration: float, tmp: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+# 6. paired throughput -----------------------------------------------------------------------
+_BUCKET = {"id": "bench", "rate": "100000000/s", "key": "ip"}
+PAIRED_STATES: dict[str, tuple[dict[str, Any] | None, str]] = {  # the limit, the path
+    "plain": (None, "/bench"),  # no limit: the plugin is inert
+    "ratelimited": (_BUCKET, "/bench"),  # headers = "all": 5 response headers
+    "ratelimited, ietf headers": (_BUCKET, "/ietf/bench"),  # 2 headers
+    "ratelimited, no headers": (_BUCKET, "/quiet/bench"),
+    "concurrency": ({"id": "bench", "algorithm": "concurrency", "max_in_flight": 1_000_000,
+                     "key": "ip"}, "/bench"),
+}
+
+
+def paired(rounds: int, seconds: int, connections: int = 50) -> dict[str, Any]:
+    """One Lucid process; its limit switched through the admin API between short runs.
+
+    On a shared machine a neighbour's load moves req/s by tens of percent from one
+    run to the next, and runs of separate processes minutes apart (``throughput``)
+    rarely see the same load. Here every state runs back to back, in an order that
+    rotates each round, against the same process, sockets and upstream, so each
+    round's ratio compares runs seconds apart; the report is the median of those
+    per-round ratios, of req/s and of the gateway's CPU time per request (which a
+    neighbour disturbs less than req/s). The header styles are routes with their own
+    ``headers`` setting, so the cost of the decision and that of the response headers
+    (encoded and validated by the HTTP server for every response) show apart.
+    """
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    import proxy_bench as pb
+    import tomli_w
+
+    tmp = Path(tempfile.mkdtemp(prefix="lucid-rl-paired-"))
+    up_port, proxy_port, admin_port = pb.free_ports(3)
+    kind = "nginx" if shutil.which("nginx") else "asyncio"
+    services: list[Any] = []
+    admin = f"http://127.0.0.1:{admin_port}/ratelimiter/limits"
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy env
+
+    def call(method: str, target: str, body: Any = None) -> int:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(target, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with opener.open(request, timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    def ready() -> None:
+        deadline = time.monotonic() + 30
+        while call("GET", proxy + "/bench") != 200 or call("GET", admin) != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("Lucid did not start:\n" + services[-1].log_tail())
+            time.sleep(0.1)
+
+    current: list[Any] = [None]
+
+    def run(state: str) -> dict[str, Any]:
+        body, path = PAIRED_STATES[state]
+        if body != current[0]:
+            if call("DELETE", admin + "/bench") not in (200, 404):
+                raise RuntimeError("could not remove the limit")
+            if body is not None and call("POST", admin, body) != 201:
+                raise RuntimeError(f"could not create the {state} limit")
+            current[0] = body
+        cpu = pb.tree_cpu_seconds(services[-1])
+        done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                               proxy + path], capture_output=True, text=True,
+                              timeout=seconds + 60)
+        cpu = (pb.tree_cpu_seconds(services[-1]) or 0.0) - (cpu or 0.0)
+        summary = pb.parse_wrk(done.stdout)
+        if summary["errors"]:
+            raise RuntimeError(f"{state}: {summary['errors']} errors")
+        return {"rps": summary["rps"],
+                "cpu_us_per_request": round(1e6 * cpu / summary["requests"], 1)}
+
+    try:
+        services.append(pb.start_service("upstream", pb.upstream_command(kind, tmp, up_port),
+                                          tmp))
+        config = pb.base_config(proxy_port, admin_port, f"http://127.0.0.1:{up_port}",
+                                tmp / "data")
+        config["gateway"]["routes"] += [
+            {"id": "ietf", "prefix": "/ietf", "service": "bench",
+             "plugins": {"ratelimiter": {"headers": "ietf"}}},
+            {"id": "quiet", "prefix": "/quiet", "service": "bench",
+             "plugins": {"ratelimiter": {"headers": "none"}}},
+        ]
+        (tmp / "cluster.toml").write_text(tomli_w.dumps(config))
+        services.append(pb.start_service("lucid", [
+            sys.executable, "-m", "lucid", "serve", "--config", str(tmp / "cluster.toml")], tmp))
+        ready()
+        for state in PAIRED_STATES:  # warm-up, discarded
+            run(state)
+        states = list(PAIRED_STATES)
+        runs: dict[str, list[dict[str, Any]]] = {state: [] for state in states}
+        for i in range(rounds):
+            order = states[i % len(states):] + states[:i % len(states)]
+            if i % 2:
+                order.reverse()
+            for state in order:
+                runs[state].append(run(state))
+            print(f"  round {i + 1}/{rounds}: " + ", ".join(
+                f"{state} {runs[state][-1]['rps']:,.0f} req/s "
+                f"{runs[state][-1]['cpu_us_per_request']} us" for state in states), flush=True)
+    finally:
+        for service in reversed(services):
+            service.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    plain = runs["plain"]
+    result: dict[str, Any] = {
+        "rounds": rounds, "seconds_per_run": seconds, "connections": connections,
+        "upstream": kind, "runs": runs, "goal": 0.95,
+        "plain_rps_median": statistics.median(r["rps"] for r in plain),
+    }
+    for state in states[1:]:
+        rps = [round(r["rps"] / p["rps"], 3) for r, p in zip(runs[state], plain, strict=True)]
+        cpu = [round(p["cpu_us_per_request"] / r["cpu_us_per_request"], 3)
+               for r, p in zip(runs[state], plain, strict=True)]
+        result[state] = {
+            "rps_ratio_median": statistics.median(rps), "rps_ratio_per_round": rps,
+            "cpu_ratio_median": statistics.median(cpu), "cpu_ratio_per_round": cpu,
+            "rps_median": statistics.median(r["rps"] for r in runs[state]),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -327,8 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-paired", action="store_true")
+    parser.add_argument("--paired-rounds", type=int, default=15)
+    parser.add_argument("--paired-seconds", type=int, default=3)
     parser.add_argument("--only", action="append", default=[],
-                        choices=["decision", "memory", "flush", "accuracy", "throughput"],
+                        choices=["decision", "memory", "flush", "accuracy", "throughput",
+                                 "paired"],
                         help="run only these parts (repeatable); the others' figures already "
                              "in --json are kept")
     parser.add_argument("--json", type=Path, default=RESULTS / "ratelimiter.json")
@@ -345,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     payload.update({"date": stamp, "python": sys.version.split()[0]})
     payload.setdefault("measured_at", {})
-    for part in ("decision", "memory", "flush", "accuracy", "throughput"):
+    for part in ("decision", "memory", "flush", "accuracy", "throughput", "paired"):
         if wanted(part):
             payload["measured_at"][part] = stamp
     if wanted("decision"):
@@ -420,6 +583,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\nthroughput vs plain Lucid (per-round ratios):")
         for v in proxy.get("variants") or []:
             print("  ", json.dumps(v))
+
+    if wanted("paired"):
+        print(f"\npaired throughput: one Lucid, its limit switched by the admin API, "
+              f"{args.paired_rounds} rounds of {args.paired_seconds} s per state")
+        payload["paired"] = p = paired(args.paired_rounds, args.paired_seconds)
+        for state in list(PAIRED_STATES)[1:]:
+            row = p[state]
+            print(f"  {state}/plain: req/s ratio median {row['rps_ratio_median']} "
+                  f"(per round {row['rps_ratio_per_round']}); CPU per request, plain/{state}: "
+                  f"median {row['cpu_ratio_median']} -- "
+                  f"{'met' if row['rps_ratio_median'] >= 0.95 else 'NOT met'} (0.95)")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -36,6 +36,7 @@ WORKERS_REASON = (
     "store exists"
 )
 MAX_REJECTION_KEYS = 100_000  # per limit, for the usage report's "most limited keys"
+IN_FLIGHT = "ratelimiter.in_flight"  # exchange.attributes: the slots an exchange holds
 
 
 def _ip(exchange: Exchange) -> str:
@@ -69,15 +70,21 @@ def key_function(spec: Limit, api_key_header: str) -> Callable[[Exchange], str]:
 
 
 def signature(spec: Limit) -> str:
-    """What a limit's counters mean; a change of it starts the counters over."""
+    """What a limit's counters mean; a change of it starts the counters over.
+
+    A concurrency limit's count is of requests still running: a new ``max_in_flight``
+    keeps it (the running requests still hold their slots), so it is not part of it."""
+    if spec.concurrent:
+        return json.dumps([spec.algorithm, spec.key, spec.header])
     return json.dumps([spec.algorithm, spec.rate, spec.capacity, spec.key, spec.header])
 
 
 class CompiledLimit:
     """One live limit: its definition, its counters and its rejection tally."""
 
-    __slots__ = ("id", "spec", "source", "limiter", "key_of", "quota", "signature",
-                 "rejections", "limit", "policy", "ietf_prefix", "x_limit", "dirty")
+    __slots__ = ("id", "spec", "source", "limiter", "key_of", "quota", "concurrent",
+                 "signature", "rejections", "limit", "policy", "ietf_prefix", "x_limit",
+                 "dirty")
 
     def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str):
         self.id = spec.id
@@ -86,21 +93,27 @@ class CompiledLimit:
         self.limiter = limiter
         self.key_of = key_function(spec, api_key_header)
         self.quota = spec.quota
+        self.concurrent = spec.concurrent
         self.signature = signature(spec)
         self.rejections: dict[str, int] = {}
         self.dirty: set[str] = set()  # quota keys changed since the last flush
         self.limit = limiter.limit
-        self.policy = f'"{spec.id}";q={self.limit};w={int(spec.period)}'
+        # a concurrency limit has no window: no "w" (the parameter is optional)
+        self.policy = (f'"{spec.id}";q={self.limit}' if spec.concurrent
+                       else f'"{spec.id}";q={self.limit};w={int(spec.period)}')
         self.ietf_prefix = f'"{spec.id}";r='
         self.x_limit = str(self.limit)
 
 
 @dataclass(slots=True)
 class Plan:
-    """The limits that apply to one (route, tier), and their RateLimit-Policy value."""
+    """The limits that apply to one (route, tier): rate limits (``limits``, announced in
+    RateLimit-Policy) and concurrency limits (``slots``, taken once the rate limits admit
+    the request, given back when its exchange ends)."""
 
     limits: tuple[CompiledLimit, ...]
     policy: str
+    slots: tuple[CompiledLimit, ...] = ()
 
 
 @dataclass
@@ -113,12 +126,14 @@ class Table:
     plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
 
     def plan(self, route_id: str, tier: str) -> Plan:
-        chosen = tuple(
+        applicable = [
             c for c in self.limits.values()
             if (not c.spec.routes or route_id in c.spec.routes)
             and (not c.spec.tiers or tier in c.spec.tiers)
-        )
-        plan = Plan(chosen, ", ".join(c.policy for c in chosen))
+        ]
+        chosen = tuple(c for c in applicable if not c.concurrent)
+        slots = tuple(c for c in applicable if c.concurrent)
+        plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots)
         if len(self.plans) < 10_000:
             self.plans[(route_id, tier)] = plan
         return plan
@@ -264,6 +279,7 @@ class RateLimiterPlugin:
             if previous is not None and previous[0] == sig:
                 limiter = previous[1]
                 limiter.max_keys = config.max_keys
+                limiter.count = spec.count  # a concurrency limit's new max_in_flight
             else:
                 limiter = ALGORITHMS[spec.algorithm](
                     spec.count, spec.period, spec.capacity, config.max_keys)
@@ -314,7 +330,8 @@ class RateLimiterPlugin:
             tier = str(exchange.identity.get(config.tier_claim, tier))
         plan = table.plans.get((exchange.route_id, tier)) or table.plan(exchange.route_id, tier)
         limits = plan.limits
-        if not limits:
+        slots = plan.slots
+        if not limits and not slots:
             return None
         now = self.clock()
         chosen: CompiledLimit | None = None
@@ -334,14 +351,48 @@ class RateLimiterPlugin:
                 compiled.dirty.add(key)
             if chosen is None or remaining < chosen_remaining:
                 chosen, chosen_remaining, chosen_reset = compiled, remaining, limiter.reset
+        if slots:
+            refusal = self._take_slots(exchange, slots, limits, keys, cost, style, now)
+            if refusal is not None:
+                return refusal
         self.admitted += 1
         if style != "none" and chosen is not None:
             exchange.response_headers += _headers(
                 style, plan.policy, chosen, chosen_remaining, chosen_reset)
         return None
 
+    def _take_slots(self, exchange: Exchange, slots: tuple[CompiledLimit, ...],
+                    limits: tuple[CompiledLimit, ...], keys: list[str], cost: int, style: str,
+                    now: float) -> Rejection | None:
+        """Take ``cost`` in-flight units from every concurrency limit, or none of them
+        (and give the rate limits' units back) if one is full. What is taken is noted
+        on the exchange, for :meth:`lucid_observe_exchange` to give back."""
+        taken: list[tuple[Any, str, int]] = []
+        for compiled in slots:
+            key = compiled.key_of(exchange)
+            limiter = compiled.limiter
+            if limiter.hit(key, cost, now) < 0:
+                for prior, prior_key, _ in taken:
+                    prior.release(prior_key, cost)
+                for prior, prior_key in zip(limits, keys, strict=True):
+                    prior.limiter.refund(prior_key, cost, now)
+                return self._reject(exchange, compiled, key, style, None, now)
+            taken.append((limiter, key, cost))
+        exchange.attributes[IN_FLIGHT] = taken
+        return None
+
+    @hookimpl
+    def lucid_observe_exchange(self, exchange: Exchange) -> None:
+        """Give back the in-flight units the exchange took: this hook runs at the end of
+        every exchange, whether it succeeded, failed upstream, fell back, was refused by
+        a later plugin, or lost its client."""
+        taken = exchange.attributes.pop(IN_FLIGHT, None)
+        if taken is not None:
+            for limiter, key, cost in taken:
+                limiter.release(key, cost)
+
     def _reject(self, exchange: Exchange, compiled: CompiledLimit, key: str, style: str,
-                plan: Plan, now: float) -> Rejection:
+                plan: Plan | None, now: float) -> Rejection:
         self.rejected += 1
         rejections = compiled.rejections
         if key in rejections or len(rejections) < MAX_REJECTION_KEYS:
@@ -350,7 +401,8 @@ class RateLimiterPlugin:
         retry = max(1, math.ceil(limiter.retry_after - 1e-9))
         headers = [("retry-after", str(retry))]
         if style != "none":
-            headers += _headers(style, plan.policy, compiled, 0, limiter.reset)
+            policy = plan.policy if plan is not None else compiled.policy
+            headers += _headers(style, policy, compiled, 0, limiter.reset)
         if self.runtime is not None:
             self.runtime.emit(Event("limit_rejected", {
                 "limit": compiled.id, "key": key, "route_id": exchange.route_id,

@@ -1,4 +1,5 @@
-"""The four counting algorithms, each keeping its per-key state in memory.
+"""The counting algorithms (four rate limits and a concurrency limit), each keeping its
+per-key state in memory.
 
 Every limiter answers ``hit(key, cost, now)`` with the requests left after this one
 (``>= 0``: admitted and counted) or ``-1`` (refused, nothing counted), and leaves
@@ -376,6 +377,64 @@ class SlidingLog(Limiter):
         return None
 
 
+class Concurrency(Limiter):
+    """At most ``count`` units in flight per key: ``hit`` takes them when a request is
+    admitted, ``release`` gives them back when its exchange ends (the plugin does both).
+
+    Only keys with something in flight hold state, so the dict is bounded by the
+    requests in progress: nothing to evict, nothing to sweep, nothing to persist (a
+    restart ends every exchange).
+    """
+
+    algorithm = "concurrency"
+    RETRY_AFTER = 1.0  # a slot frees when a request ends: when is not known; ask again soon
+
+    def __init__(self, count: int, period: float, capacity: int, max_keys: int):
+        super().__init__(count, period, capacity, max_keys)
+        self.in_flight: dict[str, int] = {}
+
+    def hit(self, key: str, cost: int, now: float) -> int:
+        in_flight = self.in_flight
+        used = in_flight.get(key, 0) + cost
+        if used > self.count:
+            self.retry_after = self.reset = self.RETRY_AFTER
+            return -1
+        in_flight[key] = used
+        self.reset = 0.0
+        return self.count - used
+
+    def release(self, key: str, cost: int) -> None:
+        in_flight = self.in_flight
+        left = in_flight.get(key, 0) - cost
+        if left > 0:
+            in_flight[key] = left
+        else:
+            in_flight.pop(key, None)
+
+    def refund(self, key: str, cost: int, now: float) -> None:
+        self.release(key, cost)
+
+    def usage(self, key: str, now: float) -> tuple[int, float]:
+        return self.in_flight.get(key, 0), 0.0
+
+    def keys(self, now: float) -> list[str]:
+        return list(self.in_flight)
+
+    def forget(self, key: str) -> None:
+        """Nothing to forget: the count is of requests still running, and each one
+        gives its units back when it ends."""
+
+    def __len__(self) -> int:
+        return len(self.in_flight)
+
+    def dump(self, key: str) -> tuple[float, float, float] | None:
+        return None
+
+    def load(self, key: str, window: float, value: float, previous: float, now: float) -> None:
+        return None
+
+
 ALGORITHMS: dict[str, type[Limiter]] = {
-    cls.algorithm: cls for cls in (TokenBucket, FixedWindow, SlidingWindow, SlidingLog)
+    cls.algorithm: cls
+    for cls in (TokenBucket, FixedWindow, SlidingWindow, SlidingLog, Concurrency)
 }

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from lucid.config import first_repeat
 from lucid.units import Duration
 
-Algorithm = Literal["token_bucket", "sliding_log", "sliding_window", "fixed_window"]
+Algorithm = Literal["token_bucket", "sliding_log", "sliding_window", "fixed_window",
+                    "concurrency"]
 KeyType = Literal["ip", "user", "api_key", "header", "route", "service", "global"]
 HeaderStyle = Literal["all", "ietf", "x", "none"]
 
@@ -47,13 +48,17 @@ def parse_rate(text: str) -> tuple[int, float]:
 
 
 class Limit(BaseModel):
-    """One limit: how many requests per period, counted how, keyed by what."""
+    """One limit: how many requests per period (or in flight at once), counted how,
+    keyed by what."""
 
     model_config = ConfigDict(extra="forbid")
 
+    # ``algorithm`` comes before ``rate`` so that the validators of ``rate`` and
+    # ``max_in_flight`` see it and a 422 names the field that is missing or out of place
     id: str = Field(pattern=_ID)
-    rate: str
     algorithm: Algorithm = "token_bucket"
+    rate: str | None = Field(default=None, validate_default=True)
+    max_in_flight: int | None = Field(default=None, ge=1, validate_default=True)
     key: KeyType = "ip"
     header: str = Field(default="", validate_default=True)
     burst: int | None = Field(default=None, ge=1, validate_default=True)
@@ -63,17 +68,32 @@ class Limit(BaseModel):
     # field validators (not a model validator) so that a 422 names the field
     @field_validator("rate")
     @classmethod
-    def _rate(cls, value: str) -> str:
-        parse_rate(value)
-        return value
-
-    @field_validator("algorithm")
-    @classmethod
-    def _algorithm(cls, value: str, info: ValidationInfo) -> str:
-        rate = info.data.get("rate")
-        if value == "sliding_log" and rate and parse_rate(rate)[1] >= QUOTA_PERIOD:
+    def _rate(cls, value: str | None, info: ValidationInfo) -> str | None:
+        algorithm = info.data.get("algorithm")
+        if algorithm == "concurrency":
+            if value is not None:
+                raise ValueError("algorithm = 'concurrency' counts requests in flight, not a "
+                                 "rate: give max_in_flight = N instead")
+            return None
+        if value is None:
+            if algorithm is None:
+                return None  # the algorithm itself is refused; say that only
+            raise ValueError("a rate such as '10/s' is required "
+                             "(or algorithm = 'concurrency' with max_in_flight)")
+        period = parse_rate(value)[1]
+        if algorithm == "sliding_log" and period >= QUOTA_PERIOD:
             raise ValueError("sliding_log keeps every request of the window: use "
                              "'sliding_window' or 'fixed_window' for windows of an hour or more")
+        return value
+
+    @field_validator("max_in_flight")
+    @classmethod
+    def _max_in_flight(cls, value: int | None, info: ValidationInfo) -> int | None:
+        algorithm = info.data.get("algorithm")
+        if algorithm == "concurrency" and value is None:
+            raise ValueError("algorithm = 'concurrency' needs max_in_flight = N")
+        if algorithm is not None and algorithm != "concurrency" and value is not None:
+            raise ValueError("max_in_flight applies to algorithm = 'concurrency' only")
         return value
 
     @field_validator("header")
@@ -96,12 +116,20 @@ class Limit(BaseModel):
         return value
 
     @property
+    def concurrent(self) -> bool:
+        return self.algorithm == "concurrency"
+
+    @property
     def count(self) -> int:
+        """Requests per period; for a concurrency limit, requests in flight at once."""
+        if self.rate is None:
+            return self.max_in_flight or 0
         return parse_rate(self.rate)[0]
 
     @property
     def period(self) -> float:
-        return parse_rate(self.rate)[1]
+        """Seconds; 0 for a concurrency limit (it has no window)."""
+        return parse_rate(self.rate)[1] if self.rate is not None else 0.0
 
     @property
     def capacity(self) -> int:

@@ -141,7 +141,13 @@ def test_rates_parse(text, expected):
     ({"rate": "10/s", "header": "x-a"}, "header", "only used with key = 'header'"),
     ({"rate": "10/s", "burst": 5, "algorithm": "fixed_window"}, "burst", "token_bucket' only"),
     ({"rate": "10/s", "burst": 0}, "burst", "greater than or equal to 1"),
-    ({"rate": "10/h", "algorithm": "sliding_log"}, "algorithm", "hour or more"),
+    ({"rate": "10/h", "algorithm": "sliding_log"}, "rate", "hour or more"),
+    ({}, "rate", "a rate such as '10/s' is required"),
+    ({"algorithm": "concurrency"}, "max_in_flight", "needs max_in_flight"),
+    ({"algorithm": "concurrency", "max_in_flight": 0}, "max_in_flight", "greater than or equal"),
+    ({"algorithm": "concurrency", "max_in_flight": 2, "rate": "1/s"}, "rate", "not a rate"),
+    ({"algorithm": "concurrency", "max_in_flight": 2, "burst": 3}, "burst", "token_bucket' only"),
+    ({"rate": "10/s", "max_in_flight": 3}, "max_in_flight", "'concurrency' only"),
 ])
 def test_bad_limits_are_refused_naming_the_field(body, field, message):
     with pytest.raises(ValidationError) as info:

@@ -1,4 +1,5 @@
-"""Quotas and dynamic limits survive ``kill -9``; several workers are refused."""
+"""Quotas and dynamic limits (a concurrency limit among them) survive ``kill -9``;
+several workers are refused."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ async def test_quota_counters_survive_kill_9(lucid_upstream, lucid_process, tmp_
         async with session.post(first.admin_url + "/ratelimiter/limits", json={
             "id": "hourly", "rate": "8/hour", "key": "api_key"}) as r:
             assert r.status == 201
+        async with session.post(first.admin_url + "/ratelimiter/limits", json={
+            "id": "in-flight", "algorithm": "concurrency", "max_in_flight": 2,
+            "key": "api_key"}) as r:
+            assert r.status == 201
         assert await statuses(session, first.proxy_url, 4, {"X-API-Key": "k"}) == [200] * 4
 
         async def flushed():
@@ -58,7 +63,10 @@ async def test_quota_counters_survive_kill_9(lucid_upstream, lucid_process, tmp_
 
         second = lucid_process(text, data_dir=str(tmp_path / "process0" / "data"))
         async with session.get(second.admin_url + "/ratelimiter/limits") as r:
-            assert [x["id"] for x in (await r.json())["limits"]] == ["daily", "hourly"]
+            limits = {x["id"]: x for x in (await r.json())["limits"]}
+        assert list(limits) == ["daily", "hourly", "in-flight"]
+        assert (limits["in-flight"]["algorithm"], limits["in-flight"]["max_in_flight"]) == (
+            "concurrency", 2)
         async with session.get(second.admin_url + "/ratelimiter/usage?key=h:k") as r:
             usage = {u["limit"]: u["used"] for u in (await r.json())["usage"]}
         assert usage["hourly"] == 4
