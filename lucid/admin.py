@@ -7,12 +7,17 @@ failure is 422 and names each bad field; nothing answers with a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import random
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from quart import Quart, Request, current_app, g, jsonify, request
+from quart.asgi import ASGIHTTPConnection
+from quart.utils import encode_headers
+from quart.wrappers.response import DataBody
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import BadRequest, HTTPException
 
@@ -34,6 +39,76 @@ class MalformedJSON(BadRequest):
 class AdminRequest(Request):
     def on_json_loading_failed(self, error: Exception) -> Any:
         raise MalformedJSON()
+
+    async def get_data(self, cache: bool = True, as_text: bool = False,
+                       parse_form_data: bool = False) -> Any:
+        """The body, without Quart's timeout task when it has all arrived already
+        (it has, for nearly every admin request: a small body in one read). Measured:
+        the ``wait_for`` task was ~5% of a heartbeat's CPU, paid twice per write."""
+        body = self.body
+        if parse_form_data or not body._complete.is_set():
+            return await super().get_data(cache, as_text, parse_form_data)  # type: ignore[call-overload]
+        raw = await body  # complete: returns without suspending
+        if not cache:
+            body.clear()
+        return raw.decode() if as_text else raw
+
+    def parsed_json(self) -> Any:
+        """The body as a view's schema already parsed it, else None (no second parse)."""
+        for silent in (False, True):
+            cached = self._cached_json[silent]
+            if cached is not Ellipsis:
+                return cached
+        return None
+
+
+class AdminHTTPConnection(ASGIHTTPConnection):
+    """Quart's HTTP connection with the request handled in the connection's own task.
+
+    Quart runs each request as two new tasks (the handler and a body receiver) joined
+    by ``asyncio.wait``, then cancels the loser: a few percent of a small admin
+    request's CPU. Here only the receiver is a task; if it sees the client go away
+    first (an SSE client closing its stream, say), it cancels the handler, as Quart
+    does.
+    """
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        request = self._create_request_from_scope(send)
+        receiver = asyncio.ensure_future(self.handle_messages(request, receive))
+        handler = asyncio.current_task()
+        state = {"finished": False, "disconnected": False}
+
+        def on_receiver_done(task: asyncio.Future[Any]) -> None:
+            # Scheduled, not called at once: the handler may have finished meanwhile.
+            if not state["finished"] and not task.cancelled() and handler is not None:
+                state["disconnected"] = True
+                handler.cancel()
+
+        receiver.add_done_callback(on_receiver_done)
+        try:
+            await self.handle_request(request, send)
+        except asyncio.CancelledError:
+            if not state["disconnected"] or handler is None:
+                raise
+            handler.uncancel()
+        finally:
+            state["finished"] = True
+            receiver.cancel()
+        if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
+            raise receiver.exception()  # type: ignore[misc]
+
+    async def _send_response(self, send: Any, response: Any) -> None:
+        """A body already in memory goes out with the headers' answer in one more
+        message, not two (Quart sends it, then an empty last one): one write less per
+        response. Streams (SSE) and HEAD answers take Quart's way."""
+        body = getattr(response, "response", None)
+        if type(body) is not DataBody or self.scope["method"] == "HEAD":
+            await super()._send_response(send, response)
+            return
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": encode_headers(response.headers)})
+        await send({"type": "http.response.body", "body": body.data[body.begin:body.end],
+                    "more_body": False})
 
 
 def runtime() -> Runtime:
@@ -68,6 +143,20 @@ ADMIN_ROLES = {"viewer": 1, "admin": 2}
 OPEN_PATHS = frozenset({"/openapi.json", "/gateway/health"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _SECRET_WORDS = ("secret", "password", "token", "private")
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+    ("Referrer-Policy", "no-referrer"),
+)
+_audit_ids = random.Random()
+
+
+def audit_request_id() -> str:
+    """An id for an audit row whose request brought none. It names a row, it guards
+    nothing, so a seeded PRNG serves (``os.urandom`` is a syscall per admin write)."""
+    return f"{_audit_ids.getrandbits(128):032x}"
 
 
 def is_loopback(listen: str) -> bool:
@@ -146,6 +235,7 @@ def _cache_quart_schema_adapters() -> None:
 
 def create_admin_app(rt: Runtime) -> Quart:
     _cache_quart_schema_adapters()
+    _audit_ids.seed()  # per process: workers forked from one parent differ
     server = rt.config.server
     if server.admin_secret is None and not is_loopback(server.admin):
         raise ConfigError(rt.source, [
@@ -153,6 +243,7 @@ def create_admin_app(rt: Runtime) -> Quart:
             "only with authentication; set server.admin_secret (lucid init makes one)"])
     app = Quart("lucid.admin")
     app.request_class = AdminRequest
+    app.asgi_http_class = AdminHTTPConnection
     app.config["PROPAGATE_EXCEPTIONS"] = False
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
     QuartSchema(
@@ -211,19 +302,20 @@ def create_admin_app(rt: Runtime) -> Quart:
 
     @app.after_request
     async def _security_headers(response: Any) -> Any:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Content-Security-Policy",
-                                    "default-src 'none'; frame-ancestors 'none'")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        # One pass over the headers: werkzeug's setdefault raises and catches a
+        # KeyError per missing header (measured: ~8% of a small request's CPU).
+        headers = response.headers
+        present = {key.lower() for key in headers.keys()}
+        headers.extend([(k, v) for k, v in SECURITY_HEADERS if k.lower() not in present])
         if request.method not in READ_METHODS:
             # Every write attempt, every plugin's endpoint: awaited, so the audit
             # record is stored before the client has its answer.
-            try:
-                payload = await request.get_json(silent=True)
-            except Exception:
-                payload = None
+            payload = request.parsed_json()  # type: ignore[attr-defined]
+            if payload is None:
+                try:
+                    payload = await request.get_json(silent=True)
+                except Exception:
+                    payload = None
             await rt.hooks.observe_event(Event("admin_write", {
                 "subject": getattr(g, "admin_subject", "anonymous"),
                 "role": getattr(g, "admin_role", ""),
@@ -231,7 +323,7 @@ def create_admin_app(rt: Runtime) -> Quart:
                 "path": request.path,
                 "status": response.status_code,
                 "summary": _summary(payload),
-                "request_id": request.headers.get("X-Request-Id", "") or new_request_id(),
+                "request_id": request.headers.get("X-Request-Id", "") or audit_request_id(),
             }))
         return response
 

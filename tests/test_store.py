@@ -84,3 +84,63 @@ def test_two_processes_opening_a_new_file_at_once_both_succeed(tmp_path):
             out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
             assert out.strip() == "opened"
+
+
+async def test_concurrent_writers_each_return_only_once_committed(tmp_path):
+    """Group commit: writers share commits, and each one's row is durable (seen by
+    another connection) by the time its own commit() returns."""
+    import asyncio
+    import sqlite3
+
+    path = tmp_path / "group.db"
+    db = await open_database(path, ["CREATE TABLE IF NOT EXISTS t (n INTEGER)"])
+    reader = sqlite3.connect(path)
+    try:
+        async def write(n):
+            await db.execute("INSERT INTO t VALUES (?)", (n,))
+            await db.commit()
+            return reader.execute("SELECT count(*) FROM t WHERE n = ?", (n,)).fetchone()[0]
+
+        assert await asyncio.gather(*(write(n) for n in range(50))) == [1] * 50
+    finally:
+        reader.close()
+        await db.close()
+
+
+async def test_a_transaction_is_all_or_nothing(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    db = await open_database(tmp_path / "tx.db",
+                             ["CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY)"])
+    try:
+        await db.transaction(lambda conn: conn.executemany("INSERT INTO t VALUES (?)",
+                                                           [("a",), ("b",)]))
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.transaction(lambda conn: conn.executemany("INSERT INTO t VALUES (?)",
+                                                               [("c",), ("a",)]))
+        async with db.execute("SELECT k FROM t ORDER BY k") as cursor:
+            assert [row[0] for row in await cursor.fetchall()] == ["a", "b"]
+    finally:
+        await db.close()
+
+
+async def test_the_wal_is_checkpointed_in_the_background(tmp_path):
+    """Writers never checkpoint (it stalled one commit every few hundred); a
+    background connection copies the WAL back into the database file."""
+    from lucid.testing import wait_until
+
+    path = tmp_path / "wal.db"
+    db = await open_database(path, ["CREATE TABLE IF NOT EXISTS t (v TEXT)"])
+    try:
+        async with db.execute("PRAGMA wal_autocheckpoint") as cursor:
+            assert (await cursor.fetchone())[0] == 0
+        before = path.stat().st_size
+        for _ in range(db.CHECKPOINT_COMMITS + 10):
+            await db.execute("INSERT INTO t VALUES (?)", ("x" * 2000,))
+            await db.commit()
+        await wait_until(lambda: path.stat().st_size > before + 200_000,
+                         message="the WAL to be copied into the database file")
+    finally:
+        await db.close()

@@ -20,6 +20,10 @@ from lucid_registry.store import SQLiteStore
 
 LUCID_CAPABILITY = "registry"
 DB_NAME = "registry.db"
+# Announced by the core when SIGTERM arrives, before the listeners drain: an open
+# watch (SSE stream, blocking query) would otherwise hold the process for its grace
+# period.
+STOPPING_EVENT = "stopping"
 __all__ = ["RegistryConfig", "RegistryPlugin", "Registry"]
 
 
@@ -75,8 +79,14 @@ class RegistryPlugin:
 
     @hookimpl
     def lucid_observe_event(self, event: Any) -> Awaitable[None] | None:
-        """After a reload, static services follow the file (other events cost nothing)."""
-        if event.kind != "config_reloaded" or self.registry is None:
+        """After a reload, static services follow the file; when the gateway starts
+        stopping, watches end (other events cost nothing)."""
+        if self.registry is None:
+            return None
+        if event.kind == STOPPING_EVENT:
+            self.registry.close_watches()
+            return None
+        if event.kind != "config_reloaded":
             return None
         registry = self.registry
         config: RegistryConfig = registry.runtime.config.registry

@@ -90,26 +90,54 @@ async def register_service(data: ServiceRegistration) -> Any:
     return reply(service.describe(), 201, service.idx)
 
 
-@blueprint.get("/services")
-@tag_registry
-async def list_services() -> Any:
-    """Services, filtered by ``tag`` and ``meta=key:value`` (repeatable) and by
-    ``health`` (services with at least one instance in that status)."""
-    reg = registry()
+def _service_filter() -> Any:
     tags = request.args.getlist("tag")
     meta = _metadata_filters()
     health = request.args.get("health")
     if health is not None and health not in STATUSES:
         raise BadQuery("health", f"{health!r}: expected one of {', '.join(STATUSES)}")
-    found = []
-    for service in reg.services.values():
+
+    def keep(service: Any) -> bool:
         if not _matches(service.metadata, service.tags, tags, meta):
-            continue
-        if health is not None and not any(
-                r.status == health for r in service.records.values()):
-            continue
-        found.append(service.describe(instances=False))
-    return reply({"services": found, "index": reg.index}, 200, reg.index)
+            return False
+        return health is None or any(r.status == health for r in service.records.values())
+
+    return keep
+
+
+def _catalog(reg: Registry, keep: Any) -> dict[str, Any]:
+    return {"services": [s.describe(instances=False) for s in reg.services.values()
+                         if keep(s)], "index": reg.index}
+
+
+async def _wait_for(reg: Registry, changed: asyncio.Event, seconds: float, owner: Any) -> None:
+    """Wait for ``changed`` (or the gateway stopping) for at most ``seconds``."""
+    if reg.closed:
+        return
+    owner.watchers += 1
+    try:
+        await asyncio.wait_for(changed.wait(), seconds)
+    except TimeoutError:
+        pass
+    finally:
+        owner.watchers -= 1
+
+
+@blueprint.get("/services")
+@tag_registry
+async def list_services() -> Any:
+    """Services, filtered by ``tag`` and ``meta=key:value`` (repeatable) and by
+    ``health`` (services with at least one instance in that status). With
+    ``index=N`` it blocks until the registry's index passes N -- any service added,
+    changed or removed, any instance registered, deregistered or changing status --
+    or ``wait`` elapses (Consul's blocking query on its catalog); the index is in
+    ``X-Lucid-Index``."""
+    reg = registry()
+    keep = _service_filter()
+    index, wait = _blocking_args(reg)
+    if index is not None and reg.index <= index:
+        await _wait_for(reg, reg.catalog_changed, wait, reg)
+    return reply(_catalog(reg, keep), 200, reg.index)
 
 
 @blueprint.get("/services/<service_id>")
@@ -190,14 +218,7 @@ async def list_instances(service_id: str) -> Any:
     index, wait = _blocking_args(reg)
     service = reg.service(service_id)
     if index is not None and service.idx <= index:
-        changed = service.changed
-        service.watchers += 1
-        try:
-            await asyncio.wait_for(changed.wait(), wait)
-        except TimeoutError:
-            pass
-        finally:
-            service.watchers -= 1
+        await _wait_for(reg, service.changed, wait, service)
         service = reg.service(service_id)  # 404 if it was deleted meanwhile
     return reply({
         "service": service.name, "index": service.idx,
@@ -293,15 +314,48 @@ async def watch(service_id: str) -> Any:
                     "instances": [r.describe() for r in service.records.values() if keep(r)],
                 }, last)
                 continue
-            service.watchers += 1
-            try:
-                await asyncio.wait_for(service.changed.wait(), KEEPALIVE)
-            except TimeoutError:
+            if not await _changed_within(reg, service.changed, service):
                 yield b": keepalive\n\n"
-            finally:
-                service.watchers -= 1
 
-    response: Any = await make_response(stream(), 200, {
+    return await _event_stream(stream())
+
+
+@blueprint.get("/events")
+@tag_registry
+async def watch_catalog() -> Any:
+    """Server-Sent Events for the whole registry: a ``services`` event with the
+    (filtered, as ``GET /registry/services``) list now and after each change; ``id``
+    is the index. Changes that come in a burst are sent as one event."""
+    reg = registry()
+    keep = _service_filter()
+
+    async def stream() -> AsyncIterator[bytes]:
+        last = -1
+        while not reg.closed:
+            if reg.index != last:
+                last = reg.index
+                yield _sse("services", _catalog(reg, keep), last)
+                continue
+            if not await _changed_within(reg, reg.catalog_changed, reg):
+                yield b": keepalive\n\n"
+
+    return await _event_stream(stream())
+
+
+async def _changed_within(reg: Registry, changed: asyncio.Event, owner: Any) -> bool:
+    """For a stream: wait for ``changed`` up to the keepalive interval."""
+    owner.watchers += 1
+    try:
+        await asyncio.wait_for(changed.wait(), KEEPALIVE)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        owner.watchers -= 1
+
+
+async def _event_stream(body: AsyncIterator[bytes]) -> Any:
+    response: Any = await make_response(body, 200, {
         "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
     response.timeout = None
     return response

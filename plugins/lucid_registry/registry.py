@@ -141,8 +141,8 @@ class Record:
 
     def row(self) -> dict[str, Any]:
         spec = self.spec
-        body = spec.model_dump(exclude={"status"})
-        body["http"] = self.http
+        body = {"id": spec.id, "url": spec.url, "weight": spec.weight, "zone": spec.zone,
+                "metadata": spec.metadata, "tags": spec.tags, "http": self.http}
         return {"service": self.service.name, "id": spec.id, "body": body,
                 "health": self.reported, "maintenance": self.maintenance,
                 "note": self.note, "changed_at": self.changed_at, "idx": self.idx}
@@ -199,7 +199,9 @@ class Registry:
         self.lock = asyncio.Lock()
         self.random = random.Random(seed)
         self.loop = asyncio.get_running_loop()
-        self.closed = False
+        self.closed = False  # stopping: watches end, blocking queries answer now
+        self.catalog_changed = asyncio.Event()  # any change, for watches of the list
+        self.watchers = 0  # list-level blocking queries and streams waiting now
         self.read_only = ""  # why writes are refused (several worker processes)
         self._dirty: set[Record] = set()
         self._flushing: asyncio.Task[None] | None = None
@@ -272,9 +274,7 @@ class Registry:
                     self.candidates.pop(name, None)
                     for record in list(service.records.values()):
                         self._drop(record, "removed from the config")
-                    self.index += 1
-                    service.idx = self.index
-                    service.changed.set()
+                    self._removed(service)
             for name, declared in statics.items():
                 found = self.services.get(name)
                 if found is not None and not found.static:
@@ -301,12 +301,19 @@ class Registry:
                     record.status = record.instance.status = record.effective()
                 self._changed(service)
 
-    async def stop(self) -> None:
+    def close_watches(self) -> None:
+        """The gateway is stopping: end SSE streams and answer blocking queries now,
+        so an open watch does not hold the process for its whole grace period."""
         self.closed = True
+        for service in self.services.values():
+            service.changed.set()
+        self.catalog_changed.set()
+
+    async def stop(self) -> None:
+        self.close_watches()
         for service in self.services.values():
             for record in service.records.values():
                 record.cancel_timers()
-            service.changed.set()
         for task in [*self._checkers, *self._tasks]:
             task.cancel()
         if self._checkers or self._tasks:
@@ -333,6 +340,19 @@ class Registry:
         self._rebuild(service)
         event, service.changed = service.changed, asyncio.Event()
         event.set()
+        self._wake_catalog()
+
+    def _removed(self, service: Service) -> None:
+        """A service left: bump the index, wake its watchers (they see it gone)."""
+        self.index += 1
+        service.idx = self.index
+        service.changed.set()
+        self._wake_catalog()
+
+    def _wake_catalog(self) -> None:
+        if not self.closed:
+            event, self.catalog_changed = self.catalog_changed, asyncio.Event()
+            event.set()
 
     def _restatus(self, record: Record, source: str, persist: bool = False) -> bool:
         """Recompute an instance's status; on change emit, rebuild and (maybe) persist."""
@@ -605,9 +625,7 @@ class Registry:
             self.candidates.pop(name, None)
             for record in list(service.records.values()):
                 self._drop(record, "service unregistered")
-            self.index += 1
-            service.idx = self.index
-            service.changed.set()
+            self._removed(service)
 
     async def register_instance(self, name: str, spec: InstanceSpec) -> Record:
         self._writable()

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiosqlite
-
-from lucid.store import open_database
+from lucid.store import Database, open_database
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS services (
@@ -59,10 +58,10 @@ class SQLiteStore:
 
     def __init__(self, path: Path):
         self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self._db: Database | None = None
         self._lock = asyncio.Lock()
 
-    async def _connection(self) -> aiosqlite.Connection:
+    async def _connection(self) -> Database:
         if self._db is None:
             self._db = await open_database(self.path, SCHEMA)
         return self._db
@@ -92,31 +91,33 @@ class SQLiteStore:
         delete_services: list[str] = (),  # type: ignore[assignment]
         delete_instances: list[tuple[str, str]] = (),  # type: ignore[assignment]
     ) -> None:
-        """Apply everything in one committed transaction, or nothing."""
+        """Apply everything in one committed transaction, or nothing: one trip to the
+        database's thread (a registration's latency is mostly such trips)."""
+        service_rows = [(s["name"], json.dumps(s["body"]), s["idx"]) for s in services]
+        instance_rows = [(i["service"], i["id"], json.dumps(i["body"]), i["health"],
+                          i["maintenance"], i["note"], i["changed_at"], i["idx"])
+                         for i in instances]
+
+        def apply(db: sqlite3.Connection) -> None:
+            for name in delete_services:
+                db.execute("DELETE FROM instances WHERE service = ?", (name,))
+                db.execute("DELETE FROM services WHERE name = ?", (name,))
+            if delete_instances:
+                db.executemany(
+                    "DELETE FROM instances WHERE service = ? AND id = ?", delete_instances)
+            if service_rows:
+                db.executemany(
+                    "INSERT OR REPLACE INTO services (name, body, idx) VALUES (?, ?, ?)",
+                    service_rows)
+            if instance_rows:
+                db.executemany(
+                    "INSERT OR REPLACE INTO instances (service, id, body, health, "
+                    "maintenance, note, changed_at, idx) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    instance_rows)
+
         async with self._lock:
             db = await self._connection()
-            try:
-                for name in delete_services:
-                    await db.execute("DELETE FROM instances WHERE service = ?", (name,))
-                    await db.execute("DELETE FROM services WHERE name = ?", (name,))
-                if delete_instances:
-                    await db.executemany(
-                        "DELETE FROM instances WHERE service = ? AND id = ?", delete_instances)
-                if services:
-                    await db.executemany(
-                        "INSERT OR REPLACE INTO services (name, body, idx) VALUES (?, ?, ?)",
-                        [(s["name"], json.dumps(s["body"]), s["idx"]) for s in services])
-                if instances:
-                    await db.executemany(
-                        "INSERT OR REPLACE INTO instances (service, id, body, health, "
-                        "maintenance, note, changed_at, idx) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(i["service"], i["id"], json.dumps(i["body"]), i["health"],
-                          i["maintenance"], i["note"], i["changed_at"], i["idx"])
-                         for i in instances])
-                await db.commit()
-            except BaseException:
-                await db.rollback()
-                raise
+            await db.transaction(apply)
 
     async def close(self) -> None:
         async with self._lock:
