@@ -368,6 +368,9 @@ async def bench_ejection(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 # report ---------------------------------------------------------------------------------
 def report(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    print(f"load average {m['loadavg_start'][0]:.2f} at the start, "
+          f"{m['loadavg_end'][0]:.2f} at the end ({m['cpus']} CPUs)")
     r = result["resolve"]
     print(f"\nresolve, {SERVICES} services x {INSTANCES} instances (in process)")
     print(f"{'case':<24}{'p50 us':>10}{'p99 us':>10}   per-round p99")
@@ -409,7 +412,8 @@ def report(result: dict[str, Any]) -> None:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": {"python": platform.python_version(),
-                                          "cpus": os.cpu_count()},
+                                          "cpus": os.cpu_count(),
+                                          "loadavg_start": os.getloadavg()},
                               "args": vars(args) | {"json": str(args.json)}}
     result["resolve"] = await bench_resolve(args.iterations, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
@@ -417,6 +421,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_ejection:
         with tempfile.TemporaryDirectory() as tmp:
             result["ejection"] = await bench_ejection(args, Path(tmp) / "eject")
+    # Other work on the machine shows in every latency and rate here; the ratios to
+    # the floors and the CPU per request are what compare across runs.
+    result["machine"]["loadavg_end"] = os.getloadavg()
     r, a = result["resolve"], result["admin"]
     result["goals"] = {
         "resolve_p99_us": {"value": r["registry hook"]["p99_us"], "goal": "< 50",

@@ -153,6 +153,15 @@ SECURITY_HEADERS = (
 _audit_ids = random.Random()
 
 
+def _header(headers: Any, lowered: str) -> str:
+    """A header's value or "": werkzeug's ``get`` raises and catches an exception
+    for every absent header."""
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return str(value)
+    return ""
+
+
 def audit_request_id() -> str:
     """An id for an audit row whose request brought none. It names a row, it guards
     nothing, so a seeded PRNG serves (``os.urandom`` is a syscall per admin write)."""
@@ -323,7 +332,7 @@ def create_admin_app(rt: Runtime) -> Quart:
                 "path": request.path,
                 "status": response.status_code,
                 "summary": _summary(payload),
-                "request_id": request.headers.get("X-Request-Id", "") or audit_request_id(),
+                "request_id": _header(request.headers, "x-request-id") or audit_request_id(),
             }))
         return response
 
