@@ -235,7 +235,7 @@ def lucid_observe_exchange(exchange: Exchange) -> None | Awaitable[None]:
 @hookspec
 def lucid_observe_event(event: Event) -> None | Awaitable[None]:
     """See a lifecycle event: instance registered/deregistered/health changed,
-    breaker transition, limit rejection, config reloaded.
+    breaker transition, limit rejection, config reloaded, stopping (the drain began).
 
     Results: list; an exception is logged and swallowed.
 

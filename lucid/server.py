@@ -23,6 +23,7 @@ from hypercorn.config import Config as HypercornConfig
 from lucid.admin import create_admin_app
 from lucid.config import ConfigError
 from lucid.gateway import Runtime, load_plugins_and_config
+from lucid.model import Event
 from lucid.proxy import ProxyApp
 
 log = logging.getLogger("lucid")
@@ -106,7 +107,11 @@ async def run_process(
             tune_garbage_collector()
         if ready is not None:
             ready.set()
-        await asyncio.gather(*serving)
+        announce = asyncio.create_task(_announce_stopping(runtime, stop))
+        try:
+            await asyncio.gather(*serving)
+        finally:
+            announce.cancel()
     finally:
         # Hypercorn closed the listening fds it was handed; forget them here so they
         # are not closed twice (the number may already belong to a new file).
@@ -115,6 +120,14 @@ async def run_process(
                 sock.detach()
         await runtime.stop()
         log.info("worker %d stopped", runtime.worker_index)
+
+
+async def _announce_stopping(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Tell observers the moment draining starts (a ``stopping`` event), so what holds
+    a connection open on purpose (watches, blocking queries) ends it instead of
+    keeping the process up for the whole grace period."""
+    await stop.wait()
+    runtime.emit(Event("stopping", {"worker": runtime.worker_index}))
 
 
 def tune_garbage_collector() -> None:

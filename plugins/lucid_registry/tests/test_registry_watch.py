@@ -8,7 +8,6 @@ import json
 import signal
 
 import aiohttp
-import pytest
 
 from lucid.model import Event
 from lucid.testing import wait_until
@@ -140,8 +139,6 @@ async def test_stopping_ends_streams_and_answers_blocking_queries(lucid_gateway)
         assert r.status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="the core does not announce 'stopping' on SIGTERM "
-                   "yet: lucid/server.py must emit it before Hypercorn's graceful wait")
 async def test_sigterm_ends_an_open_watch_promptly(lucid_process):
     # A grace period far longer than the deadline below: if the watch held the
     # process, it would still be running when the deadline passes.
