@@ -52,17 +52,21 @@ class Database(aiosqlite.Connection):
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the connection's thread and commit, in one hop: all of it
-        or, if it raises, nothing (rolled back). For a write of several statements
-        this replaces one round trip to the thread per statement."""
+        or, if it raises, nothing. For a write of several statements this replaces
+        one round trip to the thread per statement. A savepoint bounds the undo, so a
+        failing ``work`` never takes back another writer's executed statements."""
 
         def run() -> T:
             conn = self._conn
+            conn.execute("SAVEPOINT lucid_tx")
             try:
                 result = work(conn)
-                conn.commit()
             except BaseException:
-                conn.rollback()
+                conn.execute("ROLLBACK TO lucid_tx")
+                conn.execute("RELEASE lucid_tx")
                 raise
+            conn.execute("RELEASE lucid_tx")
+            conn.commit()
             return result
 
         self._committed()

@@ -122,6 +122,14 @@ async def test_a_transaction_is_all_or_nothing(tmp_path):
                                                                [("c",), ("a",)]))
         async with db.execute("SELECT k FROM t ORDER BY k") as cursor:
             assert [row[0] for row in await cursor.fetchall()] == ["a", "b"]
+        # A failing transaction takes back only its own statements, not another
+        # writer's executed and not yet committed ones.
+        await db.execute("INSERT INTO t VALUES ('d')")
+        with pytest.raises(sqlite3.IntegrityError):
+            await db.transaction(lambda conn: conn.execute("INSERT INTO t VALUES ('a')"))
+        await db.commit()
+        async with db.execute("SELECT k FROM t ORDER BY k") as cursor:
+            assert [row[0] for row in await cursor.fetchall()] == ["a", "b", "d"]
     finally:
         await db.close()
 
