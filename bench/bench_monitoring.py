@@ -24,6 +24,13 @@
     python bench/bench_monitoring.py                       # micro-costs only
     python bench/bench_monitoring.py --throughput --rounds 5 --duration 10
     python bench/bench_monitoring.py --cpu --rounds 5 --requests 20000
+4. In one process (``--inprocess``): the three gateways run side by side inside this
+   interpreter (one uvloop loop, GC tuned as ``lucid serve`` does); each in turn is
+   driven by ``wrk`` for ``--duration`` seconds, for ``--rounds`` alternating rounds
+   (short rounds, many of them: a neighbour's burst then hits every row alike); CPU
+   time of this process (every thread) per request served.
+
+    python bench/bench_monitoring.py --inprocess --rounds 15 --duration 3
 
 Writes ``bench/results/monitoring.json``.
 """
@@ -32,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -304,6 +313,75 @@ def cpu_per_request(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_off_over_variant": ratios}
 
 
+def in_process(args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+
+    import uvloop
+
+    sys.path.insert(0, str(BENCH_DIR))
+    import proxy_bench as pb
+
+    from lucid.server import tune_garbage_collector
+    from lucid.testing import run_gateway
+
+    variants = {"monitoring-off": OFF, "lucid (default)": "", "monitoring-full": FULL}
+    runs: dict[str, list[float]] = {label: [] for label in variants}
+
+    async def wrk(url: str, seconds: float) -> int:
+        proc = await asyncio.create_subprocess_exec(
+            "wrk", "-t1", "-c50", f"-d{max(1, round(seconds))}s", url,
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        m = re.search(r"(\d+) requests in", out.decode())
+        assert m, out.decode()
+        return int(m.group(1))
+
+    async def measure(upstream: str, tmp: Path) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = {}
+            for label, text in variants.items():
+                config = (f'[[gateway.routes]]\nid = "bench"\nprefix = "/"\nservice = "bench"'
+                          f'\n\n[gateway.services.bench]\ninstances = ["{upstream}"]\n\n{text}')
+                gw = await stack.enter_async_context(
+                    run_gateway(config, tmp / label.split()[0]))
+                urls[label] = gw.proxy_url + "/"
+            tune_garbage_collector()
+            for url in urls.values():
+                await wrk(url, 2)  # warm-up
+            for round_no in range(1, args.rounds + 1):
+                order = list(variants) if round_no % 2 else list(variants)[::-1]
+                for label in order:
+                    start = time.process_time()
+                    served = await wrk(urls[label], args.duration)
+                    us = (time.process_time() - start) / served * 1e6
+                    runs[label].append(round(us, 1))
+                    print(f"  [{round_no}/{args.rounds}] {label:<18} {served:>7,} requests "
+                          f"{us:7.1f} us CPU/request (in process)", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        port = pb.free_ports(1)[0]
+        kind = "nginx" if shutil.which("nginx") else "asyncio"
+        upstream = pb.start_service("upstream", pb.upstream_command(kind, tmp, port), tmp)
+        url = f"http://{pb.HOST}:{port}"
+        try:
+            pb.wait_ready(upstream, [url + "/"])
+            uvloop.run(measure(url, tmp))
+        finally:
+            upstream.stop()
+    base = statistics.median(runs["monitoring-off"])
+    print(f"\nin-process CPU per request (us, median of {args.rounds} rounds of "
+          f"{args.duration:g} s; goal: monitoring-off / x >= 0.95):")
+    ratios = {}
+    for label, values in runs.items():
+        med = statistics.median(values)
+        ratios[label] = round(base / med, 3)
+        print(f"  {label:<18} {med:7.1f}  rounds {values}  off/this {ratios[label]:.3f}")
+    return {"duration": args.duration, "rounds": args.rounds, "us_per_request": runs,
+            "median_us": {k: statistics.median(v) for k, v in runs.items()},
+            "ratio_off_over_variant": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=200_000)
@@ -313,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--cpu", action="store_true",
                         help="also measure lucid's CPU time per request, per variant")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="also measure CPU per request of gateways run in this process")
     parser.add_argument("--requests", type=int, default=20_000,
                         help="requests per variant and round for --cpu")
     parser.add_argument("--json", type=Path, default=RESULTS)
@@ -323,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         result["throughput"] = throughput(args)
     if args.cpu:
         result["cpu"] = cpu_per_request(args)
+    if args.inprocess:
+        result["in_process"] = in_process(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.json}")
