@@ -20,10 +20,10 @@
    Separate processes measured tens of seconds apart: on a shared machine their
    ratio swings by tens of percent from one run to the next.
 6. **paired**: the same goal, measured so that a neighbour's load cancels out: one
-   Lucid process whose limit is switched through the admin API (none, a token bucket
-   with each header style, a concurrency limit) between back-to-back 3 s wrk runs,
-   15 rounds in rotating order; the median of the per-round ratios of req/s and of CPU
-   time per request. ``--only paired`` runs it alone (~5 min).
+   Lucid process with one route per state (no limit; a token bucket with each header
+   style; a concurrency limit), back-to-back 3 s wrk runs, 15 rounds in rotating
+   order; the median of the per-round ratios of req/s and of CPU time per request.
+   ``--only paired`` runs it alone (~5 min).
 
 Prints a table and writes ``bench/results/ratelimiter.json``.
 """
@@ -350,19 +350,24 @@ def throughput(rounds: int, duration: float, tmp: Path) -> dict[str, Any]:
 
 
 # 6. paired throughput -----------------------------------------------------------------------
-_BUCKET = {"id": "bench", "rate": "100000000/s", "key": "ip"}
-PAIRED_STATES: dict[str, tuple[dict[str, Any] | None, str]] = {  # the limit, the path
-    "plain": (None, "/bench"),  # no limit: the plugin is inert
-    "ratelimited": (_BUCKET, "/bench"),  # headers = "all": 5 response headers
-    "ratelimited, ietf headers": (_BUCKET, "/ietf/bench"),  # 2 headers
-    "ratelimited, no headers": (_BUCKET, "/quiet/bench"),
-    "concurrency": ({"id": "bench", "algorithm": "concurrency", "max_in_flight": 1_000_000,
-                     "key": "ip"}, "/bench"),
+PAIRED_STATES: dict[str, str] = {  # state -> the path wrk requests (each its own route)
+    "plain": "/off/bench",  # a route no limit applies to
+    "ratelimited": "/bench",  # a token bucket; headers = "all": 5 response headers
+    "ratelimited, ietf headers": "/ietf/bench",  # the same bucket, 2 headers
+    "ratelimited, no headers": "/quiet/bench",  # the same bucket, no header
+    "concurrency": "/conc/bench",  # a concurrency limit (no header on admitted responses)
 }
+PAIRED_LIMITS = [
+    {"id": "bench", "rate": "100000000/s", "key": "ip", "routes": ["bench", "ietf", "quiet"]},
+    {"id": "conc", "algorithm": "concurrency", "max_in_flight": 1_000_000, "key": "ip",
+     "routes": ["conc"]},
+]
 
 
-def paired(rounds: int, seconds: int, connections: int = 50) -> dict[str, Any]:
-    """One Lucid process; its limit switched through the admin API between short runs.
+def paired(rounds: int, seconds: int, connections: int = 50,
+           only: list[str] | None = None) -> dict[str, Any]:
+    """One Lucid process, one static config; each state is a route (limited or not,
+    with its header style), and the states run back to back.
 
     On a shared machine a neighbour's load moves req/s by tens of percent from one
     run to the next, and runs of separate processes minutes apart (``throughput``)
@@ -370,9 +375,9 @@ def paired(rounds: int, seconds: int, connections: int = 50) -> dict[str, Any]:
     rotates each round, against the same process, sockets and upstream, so each
     round's ratio compares runs seconds apart; the report is the median of those
     per-round ratios, of req/s and of the gateway's CPU time per request (which a
-    neighbour disturbs less than req/s). The header styles are routes with their own
-    ``headers`` setting, so the cost of the decision and that of the response headers
-    (encoded and validated by the HTTP server for every response) show apart.
+    neighbour disturbs less than req/s). The header styles show the cost of the
+    decision apart from that of the response headers (encoded and validated by the
+    HTTP server for every response).
     """
     import shutil
     import urllib.error
@@ -385,16 +390,12 @@ def paired(rounds: int, seconds: int, connections: int = 50) -> dict[str, Any]:
     up_port, proxy_port, admin_port = pb.free_ports(3)
     kind = "nginx" if shutil.which("nginx") else "asyncio"
     services: list[Any] = []
-    admin = f"http://127.0.0.1:{admin_port}/ratelimiter/limits"
     proxy = f"http://127.0.0.1:{proxy_port}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy env
 
-    def call(method: str, target: str, body: Any = None) -> int:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(target, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+    def status(url: str) -> int:
         try:
-            with opener.open(request, timeout=5) as r:
+            with opener.open(url, timeout=5) as r:
                 return int(r.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
@@ -403,24 +404,15 @@ def paired(rounds: int, seconds: int, connections: int = 50) -> dict[str, Any]:
 
     def ready() -> None:
         deadline = time.monotonic() + 30
-        while call("GET", proxy + "/bench") != 200 or call("GET", admin) != 200:
+        while any(status(proxy + path) != 200 for path in PAIRED_STATES.values()):
             if time.monotonic() > deadline:
                 raise RuntimeError("Lucid did not start:\n" + services[-1].log_tail())
             time.sleep(0.1)
 
-    current: list[Any] = [None]
-
     def run(state: str) -> dict[str, Any]:
-        body, path = PAIRED_STATES[state]
-        if body != current[0]:
-            if call("DELETE", admin + "/bench") not in (200, 404):
-                raise RuntimeError("could not remove the limit")
-            if body is not None and call("POST", admin, body) != 201:
-                raise RuntimeError(f"could not create the {state} limit")
-            current[0] = body
         cpu = pb.tree_cpu_seconds(services[-1])
         done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-                               proxy + path], capture_output=True, text=True,
+                               proxy + PAIRED_STATES[state]], capture_output=True, text=True,
                               timeout=seconds + 60)
         cpu = (pb.tree_cpu_seconds(services[-1]) or 0.0) - (cpu or 0.0)
         summary = pb.parse_wrk(done.stdout)
@@ -435,18 +427,22 @@ def paired(rounds: int, seconds: int, connections: int = 50) -> dict[str, Any]:
         config = pb.base_config(proxy_port, admin_port, f"http://127.0.0.1:{up_port}",
                                 tmp / "data")
         config["gateway"]["routes"] += [
+            {"id": "off", "prefix": "/off", "service": "bench"},
             {"id": "ietf", "prefix": "/ietf", "service": "bench",
              "plugins": {"ratelimiter": {"headers": "ietf"}}},
             {"id": "quiet", "prefix": "/quiet", "service": "bench",
              "plugins": {"ratelimiter": {"headers": "none"}}},
+            {"id": "conc", "prefix": "/conc", "service": "bench"},
         ]
+        config["ratelimiter"] = {"limits": PAIRED_LIMITS}
         (tmp / "cluster.toml").write_text(tomli_w.dumps(config))
         services.append(pb.start_service("lucid", [
             sys.executable, "-m", "lucid", "serve", "--config", str(tmp / "cluster.toml")], tmp))
         ready()
-        for state in PAIRED_STATES:  # warm-up, discarded
+        states = ["plain", *[s for s in PAIRED_STATES if s != "plain" and (
+            not only or s in only)]]
+        for state in states:  # warm-up, discarded
             run(state)
-        states = list(PAIRED_STATES)
         runs: dict[str, list[dict[str, Any]]] = {state: [] for state in states}
         for i in range(rounds):
             order = states[i % len(states):] + states[:i % len(states)]
@@ -489,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-paired", action="store_true")
     parser.add_argument("--paired-rounds", type=int, default=15)
     parser.add_argument("--paired-seconds", type=int, default=3)
+    parser.add_argument("--paired-state", action="append", default=[],
+                        choices=[s for s in PAIRED_STATES if s != "plain"],
+                        help="compare only these states with plain (repeatable)")
     parser.add_argument("--only", action="append", default=[],
                         choices=["decision", "memory", "flush", "accuracy", "throughput",
                                  "paired"],
@@ -585,10 +584,11 @@ def main(argv: list[str] | None = None) -> int:
             print("  ", json.dumps(v))
 
     if wanted("paired"):
-        print(f"\npaired throughput: one Lucid, its limit switched by the admin API, "
+        print(f"\npaired throughput: one Lucid, one route per state, "
               f"{args.paired_rounds} rounds of {args.paired_seconds} s per state")
-        payload["paired"] = p = paired(args.paired_rounds, args.paired_seconds)
-        for state in list(PAIRED_STATES)[1:]:
+        payload["paired"] = p = paired(args.paired_rounds, args.paired_seconds,
+                                       only=args.paired_state)
+        for state in [s for s in PAIRED_STATES if s in p and s != "plain"]:
             row = p[state]
             print(f"  {state}/plain: req/s ratio median {row['rps_ratio_median']} "
                   f"(per round {row['rps_ratio_per_round']}); CPU per request, plain/{state}: "
