@@ -7,6 +7,9 @@
    200,000 calls, keys rotating over 1,000 client IPs), against a floor loop that does
    the same bookkeeping around a no-op hook. Goal: < 5 us per decision. A concurrency
    limit is timed as its decision plus the release at the end of the exchange.
+   **in_situ**: the same hook timed (thread CPU time) inside a gateway serving real
+   requests, where it shares the caches with the rest of the request; a route no
+   limit applies to shows what the timing itself costs.
 2. **memory**: 1,000,000 distinct keys in each algorithm's store (tracemalloc, keys
    included), and how long a sweep of 1,000,000 idle keys blocks the loop.
 3. **quota flush**: one batched SQLite flush of 10,000 dirty quota counters.
@@ -475,6 +478,73 @@ def paired(rounds: int, seconds: int, connections: int = 50,
     return result
 
 
+# 7. the decision inside a running gateway ------------------------------------------------------
+async def in_situ(requests: int = 4000) -> dict[str, Any]:
+    """The hook's thread CPU time inside a gateway serving real requests (its caches
+    shared with the rest of the request), on a limited route and on a route no limit
+    applies to (which shows the cost of the timing itself)."""
+    import aiohttp
+
+    from lucid.plugins import Hooks
+    from lucid.testing import run_gateway, start_upstream
+
+    upstream = await start_upstream()
+    text = f'''
+[gateway.services.svc]
+instances = ["{upstream.url}"]
+
+[[gateway.routes]]
+id = "main"
+prefix = "/"
+service = "svc"
+
+[[gateway.routes]]
+id = "off"
+prefix = "/off"
+service = "svc"
+
+[[ratelimiter.limits]]
+id = "bench"
+rate = "100000000/s"
+routes = ["main"]
+'''
+    result: dict[str, Any] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            async with run_gateway(text, Path(tmp)) as gw:
+                plugin = gw.runtime.plugin_set.pm.get_plugin("ratelimiter")
+                spent: list[int] = []
+
+                def timed(hook: Any) -> Any:
+                    def wrapper(exchange: Exchange) -> Any:
+                        started = time.thread_time_ns()
+                        answer = hook(exchange)
+                        spent.append(time.thread_time_ns() - started)
+                        return answer
+                    return wrapper
+
+                for impl in gw.runtime.plugin_set.pm.hook.lucid_admit_request.get_hookimpls():
+                    if impl.plugin is plugin:
+                        impl.function = timed(impl.function)
+                gw.runtime.hooks = Hooks(gw.runtime.plugin_set.pm)
+                async with aiohttp.ClientSession() as session:
+                    async def client(path: str, n: int) -> None:
+                        for _ in range(n):
+                            async with session.get(gw.proxy_url + path) as r:
+                                await r.read()
+
+                    for label, path in (("limited", "/x"), ("no limit", "/off/x"),
+                                        ("limited again", "/x")):
+                        spent.clear()
+                        await asyncio.gather(*[client(path, requests // 20) for _ in range(20)])
+                        result[label] = {"median_ns": statistics.median(spent),
+                                         "p90_ns": sorted(spent)[int(len(spent) * 0.9)],
+                                         "calls": len(spent)}
+    finally:
+        await upstream.close()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -482,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-in-situ", dest="skip_in_situ", action="store_true")
     parser.add_argument("--skip-paired", action="store_true")
     parser.add_argument("--paired-rounds", type=int, default=15)
     parser.add_argument("--paired-seconds", type=int, default=3)
@@ -489,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[s for s in PAIRED_STATES if s != "plain"],
                         help="compare only these states with plain (repeatable)")
     parser.add_argument("--only", action="append", default=[],
-                        choices=["decision", "memory", "flush", "accuracy", "throughput",
-                                 "paired"],
+                        choices=["decision", "in_situ", "memory", "flush", "accuracy",
+                                 "throughput", "paired"],
                         help="run only these parts (repeatable); the others' figures already "
                              "in --json are kept")
     parser.add_argument("--json", type=Path, default=RESULTS / "ratelimiter.json")
@@ -507,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     payload.update({"date": stamp, "python": sys.version.split()[0]})
     payload.setdefault("measured_at", {})
-    for part in ("decision", "memory", "flush", "accuracy", "throughput", "paired"):
+    for part in ("decision", "in_situ", "memory", "flush", "accuracy", "throughput",
+                 "paired"):
         if wanted(part):
             payload["measured_at"][part] = stamp
     if wanted("decision"):
@@ -517,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         for row in payload["decision"]:
             print(f"  {row['case']:42} {row['ns_per_call']:>8} {row['min_ns']:>6} "
                   f"{row['floor_ns']:>6} {row['net_ns']:>6}  {'yes' if row['met'] else 'NO'}")
+
+    if wanted("in_situ"):
+        payload["in_situ"] = rows = asyncio.run(in_situ())
+        print("\nthe decision inside a running gateway (thread CPU time around the hook):")
+        for label, row in rows.items():
+            print(f"  {label:14} median {row['median_ns']:>6} ns  p90 {row['p90_ns']:>6} ns")
 
     if wanted("memory"):
         print("\nmemory, 1,000,000 distinct keys per limit (tracemalloc, keys included)")
