@@ -104,6 +104,7 @@ class Database(aiosqlite.Connection):
         assert self._checkpoint_due is not None and self._path is not None
         conn = await asyncio.to_thread(
             sqlite3.connect, str(self._path), check_same_thread=False)
+        running: asyncio.Future[Any] | None = None
         try:
             while not self._closing:
                 try:
@@ -115,20 +116,34 @@ class Database(aiosqlite.Connection):
                 if not self._commits or self._closing:
                     continue
                 self._commits = 0
+                running = asyncio.ensure_future(
+                    asyncio.to_thread(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)"))
                 try:
-                    # Not cancellable midway: close() asks, then waits for this.
-                    await asyncio.to_thread(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                    # A thread cannot be interrupted: a cancelled task stops waiting,
+                    # the checkpoint runs on (close() asks, then waits for this loop).
+                    await asyncio.shield(running)
                 except Exception:
                     log.warning("checkpoint of %s failed; retried later", self._path,
                                 exc_info=True)
         finally:
-            conn.close()
+            if running is not None and not running.done():
+                # Cancelled while the worker thread still uses the connection: closing
+                # it under that thread crashes the process, so close it after.
+                running.add_done_callback(lambda done: _close_after(done, conn))
+            else:
+                conn.close()
 
     def _commit_now(self) -> None:
         # On the connection's thread: from here on, a new commit() queues its own,
         # because its statements may have been executed after this one started.
         self._queued_commit = None
         self._conn.commit()
+
+
+def _close_after(done: asyncio.Future[Any], conn: sqlite3.Connection) -> None:
+    if not done.cancelled():
+        done.exception()  # retrieved: a failed last checkpoint is not worth a warning
+    conn.close()
 
 
 def connect(path: Path) -> Database:
