@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -142,6 +143,27 @@ ADMIN_ISSUER = "lucid-admin"
 ADMIN_ROLES = {"viewer": 1, "admin": 2}
 OPEN_PATHS = frozenset({"/openapi.json", "/gateway/health"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def public(view: Any = None, *, when: Callable[[Runtime], bool] | None = None) -> Any:
+    """Mark a plugin's admin view as readable without a token, always or ``when`` the
+    running config says so: a page a browser opens (it cannot send a bearer token),
+    an exporter Prometheus scrapes without credentials. Only reads; writes always
+    need the admin role. Put it under the route decorator::
+
+        @blueprint.get("/metrics")
+        @public(when=lambda rt: rt.config.monitoring.metrics_public)
+        async def metrics() -> Any: ...
+    """
+    def mark(fn: Any) -> Any:
+        fn.lucid_public = when or _always
+        return fn
+
+    return mark(view) if view is not None else mark
+
+
+def _always(rt: Runtime) -> bool:
+    return True
 _SECRET_WORDS = ("secret", "password", "token", "private")
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
@@ -295,6 +317,10 @@ def create_admin_app(rt: Runtime) -> Quart:
         secret = rt.config.server.admin_secret
         if secret is None or request.path in OPEN_PATHS:
             return None
+        if request.method in READ_METHODS and request.endpoint:
+            rule = getattr(app.view_functions.get(request.endpoint), "lucid_public", None)
+            if rule is not None and rule(rt):
+                return None
         claims, refusal = _admin_identity(secret)
         if claims is None:
             return refusal

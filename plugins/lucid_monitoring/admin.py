@@ -8,11 +8,10 @@ from typing import Any, Literal
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from quart import Blueprint, Response, request
-from quart.blueprints import BlueprintSetupState
+from quart import Blueprint, Response
 from quart_schema import tag, validate_querystring, validate_request
 
-from lucid.admin import error_response, runtime
+from lucid.admin import error_response, public, runtime
 from lucid_monitoring.accesslog import query
 from lucid_monitoring.config import AlertRule
 from lucid_monitoring.dashboard import PAGE
@@ -175,6 +174,7 @@ def prometheus_response() -> Response:
 
 
 @metrics_blueprint.get("/metrics")
+@public(when=lambda rt: rt.config.monitoring.metrics_public)
 async def prometheus() -> Any:
     """Prometheus text exposition format. With ``server.admin_secret`` set it needs a
     viewer token (Prometheus: ``authorization: {credentials_file: ...}``) unless
@@ -357,30 +357,8 @@ def ui_response() -> Response:
 
 @blueprint.get("/ui")
 @tag_monitoring
+@public
 async def ui() -> Any:
     """The live dashboard: one self-contained HTML page (no CDN). It carries no data,
     so it is served without a token; the data it polls needs one (the page asks)."""
     return ui_response()
-
-
-# --------------------------------------------------------------------------- open pages
-# A browser cannot send a bearer token when it opens a page, and many Prometheus setups
-# scrape exporters without credentials. So two GETs are answered before the admin
-# app's token check: the dashboard page (static: no data in it) and, when
-# ``metrics_public`` is set, /metrics. Everything else keeps the admin API's rules.
-async def _open_page() -> Any:
-    if request.method != "GET":
-        return None
-    if request.path == "/monitoring/ui":
-        return ui_response()
-    if request.path == "/metrics" and runtime().config.monitoring.metrics_public:
-        return prometheus_response()
-    return None
-
-
-def _answer_open_pages_first(state: BlueprintSetupState) -> None:
-    state.app.before_request_funcs[None].insert(0, _open_page)
-
-
-metrics_blueprint.record_once(_answer_open_pages_first)
-
