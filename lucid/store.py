@@ -159,25 +159,26 @@ async def open_database(path: Path, schema: Sequence[str] = ()) -> Database:
     db = connect(path)
     await db  # starts its thread and opens the file
     db.row_factory = aiosqlite.Row
-    # busy_timeout first. Switching a new file to WAL takes an exclusive lock that
-    # SQLite may refuse at once, busy handler or not, while another worker process is
-    # creating the same file: retry that one statement for a bounded time.
+    # busy_timeout first. Switching a new file to WAL, or creating its tables, takes a
+    # lock that SQLite may refuse at once, busy handler or not, while another worker
+    # process is creating the same file: retry for a bounded time.
     await db.execute("PRAGMA busy_timeout=5000")
     deadline = time.monotonic() + 10.0
     while True:
         try:
             await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA wal_autocheckpoint=0")  # see Database: in the background
+            await db.execute("PRAGMA foreign_keys=ON")
+            for statement in schema:
+                await db.execute(statement)
+            await db.commit()
             break
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 await db.close()
                 raise
+            await db.rollback()
             await asyncio.sleep(0.05)
-    await db.execute("PRAGMA synchronous=NORMAL")
-    await db.execute("PRAGMA wal_autocheckpoint=0")  # see Database: in the background
-    await db.execute("PRAGMA foreign_keys=ON")
-    for statement in schema:
-        await db.execute(statement)
-    await db.commit()
     db._start_checkpointer(path)
     return db

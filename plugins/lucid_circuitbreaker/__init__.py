@@ -43,7 +43,6 @@ _NOT_FORWARDED = frozenset({
 _NOT_RETURNED = _NOT_FORWARDED | {"date"}
 FALLBACK_BODY_LIMIT = 1 << 20
 RECENT_TRANSITIONS = 100
-STORE_OPEN_ATTEMPTS = 50
 
 
 class CircuitBreakerPlugin:
@@ -163,18 +162,11 @@ class CircuitBreakerPlugin:
             self.store = None
 
     async def open_store(self) -> CircuitStore:
-        """The store, opened (and created) on first need. Worker processes start
-        together, so a first open may find the file locked: retry for a few seconds."""
+        """The store, opened (and created) on first need. Workers starting together
+        may find the new file locked: lucid.store.open_database waits that out."""
         if self.store is None:
-            for attempt in range(STORE_OPEN_ATTEMPTS):
-                try:
-                    self.store = await SQLiteStore.open(self.store_path)
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == STORE_OPEN_ATTEMPTS - 1:
-                        raise
-                    await asyncio.sleep(0.1)
-        assert self.store is not None
+            assert self.store_path is not None
+            self.store = await SQLiteStore.open(self.store_path)
         return self.store
 
     async def _tick_loop(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ from lucid_loadbalancer.store import SQLiteStore
 
 LUCID_CAPABILITY = "loadbalancer"
 DB_NAME = "loadbalancer.db"
-STORE_OPEN_ATTEMPTS = 50
 log = logging.getLogger("lucid.loadbalancer")
 __all__ = ["LoadBalancerPlugin", "LoadBalancerConfig", "PoolSpec", "Pool"]
 
@@ -104,19 +102,11 @@ class LoadBalancerPlugin:
             self.store = None
 
     async def open_store(self) -> SQLiteStore:
-        """The store, opened (and created) on first need; workers starting together may
-        find the file locked for a moment."""
+        """The store, opened (and created) on first need. Workers starting together
+        may find the new file locked: lucid.store.open_database waits that out."""
         if self.store is None:
             assert self.store_path is not None
-            for attempt in range(STORE_OPEN_ATTEMPTS):
-                try:
-                    self.store = await SQLiteStore.open(self.store_path)
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or attempt == STORE_OPEN_ATTEMPTS - 1:
-                        raise
-                    await asyncio.sleep(0.1)
-        assert self.store is not None
+            self.store = await SQLiteStore.open(self.store_path)
         return self.store
 
     @staticmethod
