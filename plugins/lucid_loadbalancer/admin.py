@@ -117,6 +117,20 @@ async def list_pools() -> Any:
     return {"pools": [_describe(plugin, pid) for pid in plugin.pools]}
 
 
+async def _store(plugin: Any, pool_id: str, spec: PoolSpec) -> Any | None:
+    """Check, persist and apply one API pool (under the plugin's lock); the refusal
+    when it cannot be stored, else None."""
+    problem = _check(plugin, pool_id, spec)
+    if problem is not None:
+        return problem
+    if spec.affinity is not None:
+        await plugin.ensure_key()
+    await (await plugin.open_store()).put_pool(pool_id, spec.model_dump(exclude_unset=True))
+    plugin.dynamic[pool_id] = spec
+    plugin.rebuild()
+    return None
+
+
 @blueprint.post("/pools")
 @tag_lb
 @validate_request(PoolCreate)
@@ -133,14 +147,9 @@ async def create_pool(data: PoolCreate) -> Any:
                                   field="id")
         if data.id in plugin.dynamic:
             return error_response(409, f"pool {data.id!r} already exists", field="id")
-        problem = _check(plugin, data.id, spec)
+        problem = await _store(plugin, data.id, spec)
         if problem is not None:
             return problem
-        if spec.affinity is not None:
-            await plugin.ensure_key()
-        await (await plugin.open_store()).put_pool(data.id, spec.model_dump(exclude_unset=True))
-        plugin.dynamic[data.id] = spec
-        plugin.rebuild()
     return _describe(plugin, data.id), 201
 
 
@@ -158,14 +167,9 @@ async def replace_pool(pool_id: str, data: PoolSpec) -> Any:
             return _static(pool_id, "change")
         if pool_id not in plugin.dynamic:
             return _unknown(pool_id)
-        problem = _check(plugin, pool_id, data)
+        problem = await _store(plugin, pool_id, data)
         if problem is not None:
             return problem
-        if data.affinity is not None:
-            await plugin.ensure_key()
-        await (await plugin.open_store()).put_pool(pool_id, data.model_dump(exclude_unset=True))
-        plugin.dynamic[pool_id] = data
-        plugin.rebuild()
     return _describe(plugin, pool_id)
 
 

@@ -336,6 +336,28 @@ class _Bounded(Balancer):
         return math.ceil(self.factor * (self.load.total + 1) / self.n)
 
     def _walk(self, h: int, avoid: set[int] | None) -> int | None:
+        """The first instance from the key's place on, skipping ``avoid`` and (with
+        a load factor) instances at their bound; None when every one is skipped."""
+        table, start = self._start(h)
+        size = len(table)
+        bound = self.bound() if self.factor is not None else None
+        inflight, ids = self.inflight, self.ids
+        seen: set[int] = set()
+        for step in range(size):
+            index = table[(start + step) % size]
+            if index in seen:
+                continue
+            seen.add(index)
+            if avoid is not None and index in avoid:
+                pass
+            elif bound is None or inflight.get(ids[index], 0) + 1 <= bound:
+                return index
+            if len(seen) == self.n:
+                break
+        return None
+
+    def _start(self, h: int) -> tuple[Sequence[int], int]:
+        """The table of instance indexes a key walks, and where it starts."""
         raise NotImplementedError
 
     def pick(self, h: int) -> int:
@@ -386,25 +408,8 @@ class RingHash(_Bounded):
         position = bisect_left(self.hashes, h & 0xFFFFFFFF)
         return self.owners[position if position < len(self.owners) else 0]
 
-    def _walk(self, h: int, avoid: set[int] | None) -> int | None:
-        owners = self.owners
-        size = len(owners)
-        position = bisect_left(self.hashes, h & 0xFFFFFFFF)
-        bound = self.bound() if self.factor is not None else None
-        inflight, ids = self.inflight, self.ids
-        seen: set[int] = set()
-        for step in range(size):
-            index = owners[(position + step) % size]
-            if index in seen:
-                continue
-            seen.add(index)
-            if avoid is not None and index in avoid:
-                pass
-            elif bound is None or inflight.get(ids[index], 0) + 1 <= bound:
-                return index
-            if len(seen) == self.n:
-                break
-        return None
+    def _start(self, h: int) -> tuple[Sequence[int], int]:
+        return self.owners, bisect_left(self.hashes, h & 0xFFFFFFFF)
 
 
 class Maglev(_Bounded):
@@ -431,24 +436,8 @@ class Maglev(_Bounded):
     def _primary(self, h: int) -> int:
         return self.table[h % self.size]
 
-    def _walk(self, h: int, avoid: set[int] | None) -> int | None:
-        table, size = self.table, self.size
-        slot = h % size
-        bound = self.bound() if self.factor is not None else None
-        inflight, ids = self.inflight, self.ids
-        seen: set[int] = set()
-        for step in range(size):
-            index = table[(slot + step) % size]
-            if index in seen:
-                continue
-            seen.add(index)
-            if avoid is not None and index in avoid:
-                pass
-            elif bound is None or inflight.get(ids[index], 0) + 1 <= bound:
-                return index
-            if len(seen) == self.n:
-                break
-        return None
+    def _start(self, h: int) -> tuple[Sequence[int], int]:
+        return self.table, h % self.size
 
 
 def build_maglev(ids: Sequence[str], weights: Sequence[int], size: int) -> list[int]:
