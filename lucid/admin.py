@@ -143,27 +143,6 @@ ADMIN_ISSUER = "lucid-admin"
 ADMIN_ROLES = {"viewer": 1, "admin": 2}
 OPEN_PATHS = frozenset({"/openapi.json", "/gateway/health"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def public(view: Any = None, *, when: Callable[[Runtime], bool] | None = None) -> Any:
-    """Mark a plugin's admin view as readable without a token, always or ``when`` the
-    running config says so: a page a browser opens (it cannot send a bearer token),
-    an exporter Prometheus scrapes without credentials. Only reads; writes always
-    need the admin role. Put it under the route decorator::
-
-        @blueprint.get("/metrics")
-        @public(when=lambda rt: rt.config.monitoring.metrics_public)
-        async def metrics() -> Any: ...
-    """
-    def mark(fn: Any) -> Any:
-        fn.lucid_public = when or _always
-        return fn
-
-    return mark(view) if view is not None else mark
-
-
-def _always(rt: Runtime) -> bool:
-    return True
 _SECRET_WORDS = ("secret", "password", "token", "private")
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
@@ -188,6 +167,27 @@ def audit_request_id() -> str:
     """An id for an audit row whose request brought none. It names a row, it guards
     nothing, so a seeded PRNG serves (``os.urandom`` is a syscall per admin write)."""
     return f"{_audit_ids.getrandbits(128):032x}"
+
+
+def public(view: Any = None, *, when: Callable[[Runtime], bool] | None = None) -> Any:
+    """Mark a plugin's admin view as readable without a token, always or ``when`` the
+    running config says so: a page a browser opens (it cannot send a bearer token),
+    an exporter Prometheus scrapes without credentials. Only reads; writes always
+    need the admin role. Put it under the route decorator::
+
+        @blueprint.get("/metrics")
+        @public(when=lambda rt: rt.config.monitoring.metrics_public)
+        async def metrics() -> Any: ...
+    """
+    def mark(fn: Any) -> Any:
+        fn.lucid_public = when or _always
+        return fn
+
+    return mark(view) if view is not None else mark
+
+
+def _always(rt: Runtime) -> bool:
+    return True
 
 
 def is_loopback(listen: str) -> bool:
