@@ -299,8 +299,8 @@ def _inner_model(annotation: Any) -> Any:
 
 
 def data_dir(config: Any, config_path: Path | None) -> Path:
-    """``server.data_dir`` resolved against the config file's folder."""
+    """``server.data_dir`` resolved against the config file's folder, as an absolute path."""
     path = Path(config.server.data_dir)
     if not path.is_absolute() and config_path is not None:
         path = config_path.parent / path
-    return path
+    return Path(os.path.abspath(path))  # "conf/../data" reads as the folder it is
