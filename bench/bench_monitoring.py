@@ -300,17 +300,9 @@ def cpu_per_request(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for service in reversed(services):
                 service.stop()
-    base = statistics.median(runs["monitoring-off"])
-    print(f"\nlucid CPU per request (us, median of {args.rounds} rounds of "
-          f"{args.requests:,} requests; goal: monitoring-off / x >= 0.95):")
-    ratios = {}
-    for label, values in runs.items():
-        med = statistics.median(values)
-        ratios[label] = round(base / med, 3)
-        print(f"  {label:<18} {med:7.1f}  rounds {values}  off/this {ratios[label]:.3f}")
-    return {"requests": args.requests, "rounds": args.rounds, "us_per_request": runs,
-            "median_us": {k: statistics.median(v) for k, v in runs.items()},
-            "ratio_off_over_variant": ratios}
+    return {"requests": args.requests, **cpu_summary(
+        runs, f"lucid CPU per request (us, median of {args.rounds} rounds of "
+              f"{args.requests:,} requests", args.rounds)}
 
 
 def in_process(args: argparse.Namespace) -> dict[str, Any]:
@@ -369,15 +361,21 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
             uvloop.run(measure(url, tmp))
         finally:
             upstream.stop()
+    return {"duration": args.duration, **cpu_summary(
+        runs, f"in-process CPU per request (us, median of {args.rounds} rounds of "
+              f"{args.duration:g} s", args.rounds)}
+
+
+def cpu_summary(runs: dict[str, list[float]], heading: str, rounds: int) -> dict:
+    """Print each gateway's median CPU per request and monitoring-off's over it."""
     base = statistics.median(runs["monitoring-off"])
-    print(f"\nin-process CPU per request (us, median of {args.rounds} rounds of "
-          f"{args.duration:g} s; goal: monitoring-off / x >= 0.95):")
+    print(f"\n{heading}; goal: monitoring-off / x >= {GOAL}):")
     ratios = {}
     for label, values in runs.items():
         med = statistics.median(values)
         ratios[label] = round(base / med, 3)
         print(f"  {label:<18} {med:7.1f}  rounds {values}  off/this {ratios[label]:.3f}")
-    return {"duration": args.duration, "rounds": args.rounds, "us_per_request": runs,
+    return {"rounds": rounds, "us_per_request": runs,
             "median_us": {k: statistics.median(v) for k, v in runs.items()},
             "ratio_off_over_variant": ratios}
 
