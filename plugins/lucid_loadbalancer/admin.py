@@ -117,6 +117,15 @@ async def list_pools() -> Any:
     return {"pools": [_describe(plugin, pid) for pid in plugin.pools]}
 
 
+def _not_api_pool(plugin: Any, pool_id: str, verb: str) -> Any | None:
+    """409 for a pool declared in TOML, 404 for no such pool; None for an API pool."""
+    if pool_id in plugin.static:
+        return _static(pool_id, verb)
+    if pool_id not in plugin.dynamic:
+        return _unknown(pool_id)
+    return None
+
+
 async def _store(plugin: Any, pool_id: str, spec: PoolSpec) -> Any | None:
     """Check, persist and apply one API pool (under the plugin's lock); the refusal
     when it cannot be stored, else None."""
@@ -163,10 +172,9 @@ async def replace_pool(pool_id: str, data: PoolSpec) -> Any:
     if refused is not None:
         return refused
     async with plugin.lock:
-        if pool_id in plugin.static:
-            return _static(pool_id, "change")
-        if pool_id not in plugin.dynamic:
-            return _unknown(pool_id)
+        refused = _not_api_pool(plugin, pool_id, "change")
+        if refused is not None:
+            return refused
         problem = await _store(plugin, pool_id, data)
         if problem is not None:
             return problem
@@ -182,10 +190,9 @@ async def delete_pool(pool_id: str) -> Any:
     if refused is not None:
         return refused
     async with plugin.lock:
-        if pool_id in plugin.static:
-            return _static(pool_id, "remove")
-        if pool_id not in plugin.dynamic:
-            return _unknown(pool_id)
+        refused = _not_api_pool(plugin, pool_id, "remove")
+        if refused is not None:
+            return refused
         await (await plugin.open_store()).delete_pool(pool_id)
         del plugin.dynamic[pool_id]
         plugin.rebuild()
