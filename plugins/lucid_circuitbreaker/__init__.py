@@ -275,10 +275,8 @@ class CircuitBreakerPlugin:
     def _learn_instances(circuit: Circuit, exchange: Exchange) -> None:
         """A new instance in instance scope (rare): learn the service's whole instance
         list, so the ejection cap counts instances that were not called yet, and drop
-        breakers of instances that left."""
-        generation = exchange.generation
-        instances = generation.runtime.hooks.resolve_instances(exchange, generation) or ()
-        circuit.learn([i.id for i in instances])
+        breakers of instances that left. The core kept what the resolve hook answered."""
+        circuit.learn([i.id for i in exchange.instances or ()])
 
     @hookimpl
     def lucid_record_outcome(self, exchange: Exchange, instance: Instance,
