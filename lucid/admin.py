@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -151,7 +150,6 @@ SECURITY_HEADERS = (
     ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
     ("Referrer-Policy", "no-referrer"),
 )
-_audit_ids = random.Random()
 
 
 def _header(headers: Any, lowered: str) -> str:
@@ -161,12 +159,6 @@ def _header(headers: Any, lowered: str) -> str:
         if key.lower() == lowered:
             return str(value)
     return ""
-
-
-def audit_request_id() -> str:
-    """An id for an audit row whose request brought none. It names a row, it guards
-    nothing, so a seeded PRNG serves (``os.urandom`` is a syscall per admin write)."""
-    return f"{_audit_ids.getrandbits(128):032x}"
 
 
 def public(view: Any = None, *, when: Callable[[Runtime], bool] | None = None) -> Any:
@@ -266,7 +258,6 @@ def _cache_quart_schema_adapters() -> None:
 
 def create_admin_app(rt: Runtime) -> Quart:
     _cache_quart_schema_adapters()
-    _audit_ids.seed()  # per process: workers forked from one parent differ
     server = rt.config.server
     if server.admin_secret is None and not is_loopback(server.admin):
         raise ConfigError(rt.source, [
@@ -358,7 +349,7 @@ def create_admin_app(rt: Runtime) -> Quart:
                 "path": request.path,
                 "status": response.status_code,
                 "summary": _summary(payload),
-                "request_id": _header(request.headers, "x-request-id") or audit_request_id(),
+                "request_id": _header(request.headers, "x-request-id") or new_request_id(),
             }))
         return response
 

@@ -3,9 +3,11 @@ request ids and trace context. Pure functions, so the data plane stays readable.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
+import random
 import re
 import time
 from collections.abc import Sequence
@@ -50,15 +52,39 @@ def normalize_path(path: str) -> str | None:
     return normalised
 
 
+@functools.lru_cache(maxsize=256)
 def connection_tokens(value: str | None) -> frozenset[str]:
-    """Header names listed in a Connection header; they are hop-by-hop too."""
+    """Header names listed in a Connection header; they are hop-by-hop too. (Cached:
+    nearly every upstream answers the same ``keep-alive`` every time.)"""
     if not value:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
+def hop_by_hop(connection: str | None) -> frozenset[str]:
+    """The hop-by-hop header names of a message whose Connection header is this."""
+    return _hop_by_hop(connection) if connection else HOP_BY_HOP
+
+
+@functools.lru_cache(maxsize=256)
+def _hop_by_hop(connection: str) -> frozenset[str]:
+    return HOP_BY_HOP | connection_tokens(connection)
+
+
+# Request and trace ids name things, they guard nothing: a PRNG seeded from the OS
+# serves (OpenTelemetry's id generator does the same), and unlike ``os.urandom`` it
+# costs no system call per id. A forked worker reseeds, so workers never share ids.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+
+
+def random_hex(size: int) -> str:
+    """``size`` random bytes as lowercase hex (16 -> 32 characters)."""
+    return _ids.randbytes(size).hex()
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    return random_hex(16)
 
 
 def request_id_from(value: str | None) -> str:
@@ -83,7 +109,7 @@ def traceparent_from(value: str | None) -> tuple[str, bool]:
             and m.group(3) != "0" * 16
         ):
             return value.strip(), True
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00", False
+    return f"00-{random_hex(16)}-{random_hex(8)}-00", False
 
 
 def is_trusted(ip: str, trusted: Sequence[Network]) -> bool:
