@@ -96,7 +96,8 @@ class RoutePolicy:
     max_body_size: int | None = None
     preserve_host: bool = False
     budget: RetryBudget = field(default_factory=RetryBudget)
-    client_timeout: Any = None
+    client_timeout: Any = None  # all three timeouts, for a plugin's own upstream call
+    io_timeout: Any = None  # connect and read only: the core keeps the total deadline
 
     def __post_init__(self) -> None:
         import aiohttp
@@ -104,6 +105,9 @@ class RoutePolicy:
         self.client_timeout = aiohttp.ClientTimeout(
             total=self.total_timeout, sock_connect=self.connect_timeout,
             sock_read=self.read_timeout,
+        )
+        self.io_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout,
         )
 
 

@@ -9,7 +9,9 @@ policy, and stream the response back. Bodies stream both ways in bounded chunks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -18,10 +20,10 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from lucid.deadline import Deadline, Deadlines
 from lucid.http import (
-    HOP_BY_HOP,
     client_ip,
-    connection_tokens,
+    hop_by_hop,
     http_date,
     is_trusted,
     json_body,
@@ -45,6 +47,9 @@ _FORWARDING = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "traceparent",
      "host", "via"}
 )
+# Characters a path may carry unquoted upstream (RFC 3986 pchar and "/"): the usual path
+# needs no quoting at all, and this check is cheaper than quote() finding that out.
+_NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~/!$&'()*+,;=:@]").search
 
 
 class BodyTooLarge(Exception):
@@ -95,6 +100,8 @@ class ProxyApp:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self._rotation = 0
+        self.deadlines = Deadlines()
+        self._via_cache: tuple[Any, bytes, str] = (None, b"", "")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -264,20 +271,25 @@ class ProxyApp:
         session = self.runtime.session
         assert session is not None
         policy = exchange.policy
+        path = exchange.upstream_path
+        if _NEEDS_QUOTING(path):
+            path = quote(path, safe=_SAFE_PATH)
         url = URL(
-            instance.base + quote(exchange.upstream_path, safe=_SAFE_PATH)
-            + ("?" + exchange.query if exchange.query else ""),
+            instance.base + path + ("?" + exchange.query if exchange.query else ""),
             encoded=True,
         )
         payload = data.stream() if isinstance(data, _Body) else data
+        deadline = self.deadlines.deadline(policy.total_timeout)
         started = time.perf_counter()
         exchange.upstream_started = started
         try:
-            response = await session.request(
-                exchange.method, url, headers=headers, data=payload, allow_redirects=False,
-                timeout=policy.client_timeout, compress=None,
-            )
+            with deadline:
+                response = await session.request(
+                    exchange.method, url, headers=headers, data=payload, allow_redirects=False,
+                    timeout=policy.io_timeout, compress=None,
+                )
         except Exception as exc:
+            deadline.close()
             if body.error is not None:
                 return Rejection(400, reason=type(body.error).__name__)
             outcome = _classify(exc, time.perf_counter() - started)
@@ -300,38 +312,35 @@ class ProxyApp:
         exchange.outcome = outcome
         await hooks.record_outcome(exchange, instance, outcome)
         if retryable:
+            deadline.close()
             response.release()
             return Rejection(status, reason=f"upstream answered {status}")
         try:
-            await self._stream_response(exchange, response, send)
+            await self._stream_response(exchange, response, send, deadline)
         finally:
+            deadline.close()
             response.release()
             exchange.upstream_duration = time.perf_counter() - started
         return None
 
     async def _stream_response(
-        self, exchange: Exchange, response: aiohttp.ClientResponse, send: _Sent
+        self, exchange: Exchange, response: aiohttp.ClientResponse, send: _Sent,
+        deadline: Deadline,
     ) -> None:
         status = response.status
-        raw = response.raw_headers
-        drop = HOP_BY_HOP
-        for name, value in raw:
-            if name.lower() == b"connection":
-                drop = HOP_BY_HOP | connection_tokens(value.decode("latin-1"))
-                break
+        headers = response.headers
+        drop = hop_by_hop(headers.get("connection"))
         if exchange.drop_response_headers:
             drop = drop | exchange.drop_response_headers
-        via = self._via(exchange)
+        via = self._via()[0]
         out = []
-        dated = False
-        for name, value in raw:
+        for name, value in response.raw_headers:
             lowered = name.decode("latin-1").lower()
             if lowered == "via":
                 via = value + b", " + via
             elif lowered not in drop:
                 out.append((name, value))
-                dated = dated or lowered == "date"
-        if not dated:  # a proxy adds Date when the origin did not (RFC 9110 §6.6.1)
+        if "date" not in headers:  # a proxy adds Date when the origin did not (RFC 9110 §6.6.1)
             out.append((b"date", http_date()))
         out.append((b"x-request-id", exchange.request_id.encode()))
         out.append((b"via", via))
@@ -345,11 +354,16 @@ class ProxyApp:
         length = response.content_length
         try:
             if length is not None and length <= BUFFER_LIMIT:
-                chunk = await content.read()
+                with deadline:
+                    chunk = await content.read()
                 exchange.bytes_out += len(chunk)
                 await send.body(chunk, more=False)
                 return
-            async for chunk in content.iter_any():
+            while True:  # the deadline covers reading the upstream, not writing to the client
+                with deadline:
+                    chunk = await content.readany()
+                if not chunk:
+                    break
                 exchange.bytes_out += len(chunk)
                 await send.body(chunk, more=True)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
@@ -367,9 +381,7 @@ class ProxyApp:
     ) -> list[tuple[str, str]]:
         headers = exchange.headers
         server = self.runtime.generation.config.server
-        drop = HOP_BY_HOP | _FORWARDING
-        if "connection" in headers:
-            drop = drop | connection_tokens(headers["connection"])
+        drop = _not_forwarded(headers.get("connection"))
         out = [(k, v) for k, v in headers.items() if k not in drop]
         trusted = is_trusted(peer, server.trusted_proxies) if server.trusted_proxies else False
         incoming = headers.get("x-forwarded-for")
@@ -379,7 +391,7 @@ class ProxyApp:
         host = headers.get("x-forwarded-host") if trusted else None
         if host or exchange.host:
             out.append(("x-forwarded-host", host or exchange.host))
-        via = self._via(exchange).decode("latin-1")
+        via = self._via()[1]
         out.append(("via", f"{headers['via']}, {via}" if "via" in headers else via))
         out.append(("x-request-id", exchange.request_id))
         traceparent, kept = traceparent_from(headers.get("traceparent"))
@@ -390,9 +402,14 @@ class ProxyApp:
             out.append(("host", exchange.host))
         return out
 
-    def _via(self, exchange: Exchange) -> bytes:
-        pseudonym = self.runtime.generation.config.server.via
-        return f"1.1 {pseudonym}".encode()
+    def _via(self) -> tuple[bytes, str]:
+        """This hop's Via entry, as bytes and as text, made once per config."""
+        server = self.runtime.generation.config.server
+        cached = self._via_cache
+        if cached[0] is not server:
+            text = f"1.1 {server.via}"
+            cached = self._via_cache = (server, text.encode("latin-1"), text)
+        return cached[1], cached[2]
 
     async def _send_rejection(self, exchange: Exchange, send: _Sent, rejection: Rejection) -> None:
         body = rejection.body
@@ -446,6 +463,13 @@ class _Sent:
 
     async def body(self, chunk: bytes, more: bool) -> None:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+
+@functools.lru_cache(maxsize=256)
+def _not_forwarded(connection: str | None) -> frozenset[str]:
+    """Request headers not copied upstream as they came: hop-by-hop ones, and those
+    Lucid sets itself."""
+    return hop_by_hop(connection) | _FORWARDING
 
 
 def _no_instances(exchange: Exchange) -> str:

@@ -388,6 +388,28 @@ async def test_total_timeout_answers_504(lucid_upstream, lucid_gateway):
         assert r.status == 504
 
 
+async def test_total_timeout_covers_the_response_body(lucid_upstream, lucid_gateway, caplog):
+    """Headers come in time, the body does not: the status line is gone, so the client
+    connection is closed when the deadline passes, long before the upstream would end."""
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(200):
+            await response.write(b".")
+            await asyncio.sleep(0.05)  # the upstream's own pace: 10 s in all
+        return response
+
+    upstream = await lucid_upstream(trickle)
+    gw = await lucid_gateway(route_config(
+        upstream.url, timeouts='{ read = "5s", total = "300ms" }', retries="{ attempts = 1 }"))
+    async with gw.session.get(f"{gw.proxy_url}/trickle") as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(r.read(), timeout=5)
+    await wait_until(lambda: "failed mid-response (TimeoutError)" in caplog.text,
+                     message="the deadline to close the response")
+
+
 async def test_connect_timeout_answers_504(lucid_gateway):
     # A listener whose accept queue is full and never drained: the kernel drops
     # further SYNs, so a connect hangs until the gateway's connect timeout.
