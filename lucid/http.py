@@ -109,7 +109,8 @@ def traceparent_from(value: str | None) -> tuple[str, bool]:
             and m.group(3) != "0" * 16
         ):
             return value.strip(), True
-    return f"00-{random_hex(16)}-{random_hex(8)}-00", False
+    ids = random_hex(24)  # trace id and parent id from one draw
+    return f"00-{ids[:32]}-{ids[32:]}-00", False
 
 
 def is_trusted(ip: str, trusted: Sequence[Network]) -> bool:

@@ -383,14 +383,17 @@ class ProxyApp:
         server = self.runtime.generation.config.server
         drop = _not_forwarded(headers.get("connection"))
         out = [(k, v) for k, v in headers.items() if k not in drop]
-        trusted = is_trusted(peer, server.trusted_proxies) if server.trusted_proxies else False
-        incoming = headers.get("x-forwarded-for")
-        out.append(("x-forwarded-for", f"{incoming}, {peer}" if trusted and incoming else peer))
-        proto = headers.get("x-forwarded-proto") if trusted else None
-        out.append(("x-forwarded-proto", proto or exchange.scheme))
-        host = headers.get("x-forwarded-host") if trusted else None
-        if host or exchange.host:
-            out.append(("x-forwarded-host", host or exchange.host))
+        if server.trusted_proxies and is_trusted(peer, server.trusted_proxies):
+            incoming = headers.get("x-forwarded-for")
+            out.append(("x-forwarded-for", f"{incoming}, {peer}" if incoming else peer))
+            out.append(("x-forwarded-proto", headers.get("x-forwarded-proto") or exchange.scheme))
+            host = headers.get("x-forwarded-host") or exchange.host
+        else:  # the peer is the client: what it claims about earlier hops is not passed on
+            out.append(("x-forwarded-for", peer))
+            out.append(("x-forwarded-proto", exchange.scheme))
+            host = exchange.host
+        if host:
+            out.append(("x-forwarded-host", host))
         via = self._via()[1]
         out.append(("via", f"{headers['via']}, {via}" if "via" in headers else via))
         out.append(("x-request-id", exchange.request_id))
