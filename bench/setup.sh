@@ -4,16 +4,17 @@
 # proxy_bench.py prefers `wrk` (load generator) and `nginx` (upstream) because
 # they are far cheaper per request than the Python fallbacks, which leaves more
 # of the 2 cores to the proxy under test.  Neither is required: the bench falls
-# back to bench/loadgen.py and bench/upstream.py.  So this script never fails.
+# back to bench/loadgen.py and bench/upstream.py.  bench_instructions.py needs
+# valgrind (callgrind), which nothing replaces.  So this script never fails.
 set -u
 
 missing=()
-for tool in wrk nginx; do
+for tool in wrk nginx valgrind; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "setup: wrk and nginx already installed"
+    echo "setup: wrk, nginx and valgrind already installed"
     exit 0
 fi
 
