@@ -37,6 +37,16 @@ async def body_of(response: aiohttp.ClientResponse) -> dict:
     return json.loads(await response.read())
 
 
+async def assert_cut_off(gw, path: str, caplog, logged: str) -> None:
+    """The response starts (200), then the gateway closes the connection mid-body and
+    logs ``logged``."""
+    async with gw.session.get(f"{gw.proxy_url}{path}") as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(r.read(), timeout=10)
+    await wait_until(lambda: logged in caplog.text, message=f"{logged!r} in the log")
+
+
 # --- pass-through --------------------------------------------------------------------
 
 
@@ -402,12 +412,7 @@ async def test_total_timeout_covers_the_response_body(lucid_upstream, lucid_gate
     upstream = await lucid_upstream(trickle)
     gw = await lucid_gateway(route_config(
         upstream.url, timeouts='{ read = "5s", total = "300ms" }', retries="{ attempts = 1 }"))
-    async with gw.session.get(f"{gw.proxy_url}/trickle") as r:
-        assert r.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await asyncio.wait_for(r.read(), timeout=5)
-    await wait_until(lambda: "failed mid-response (TimeoutError)" in caplog.text,
-                     message="the deadline to close the response")
+    await assert_cut_off(gw, "/trickle", caplog, "failed mid-response (TimeoutError)")
 
 
 async def test_connect_timeout_answers_504(lucid_gateway):
@@ -468,12 +473,7 @@ async def test_upstream_dying_mid_response_closes_the_client_connection(
     port = server.sockets[0].getsockname()[1]
     try:
         gw = await lucid_gateway(route_config(f"http://127.0.0.1:{port}"))
-        async with gw.session.get(f"{gw.proxy_url}/x") as r:
-            assert r.status == 200
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await asyncio.wait_for(r.read(), timeout=10)
-        await wait_until(lambda: "failed mid-response" in caplog.text,
-                         message="the mid-response failure to be logged")
+        await assert_cut_off(gw, "/x", caplog, "failed mid-response")
     finally:
         server.close()
 
