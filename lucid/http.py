@@ -52,10 +52,8 @@ def normalize_path(path: str) -> str | None:
     return normalised
 
 
-@functools.lru_cache(maxsize=256)
 def connection_tokens(value: str | None) -> frozenset[str]:
-    """Header names listed in a Connection header; they are hop-by-hop too. (Cached:
-    nearly every upstream answers the same ``keep-alive`` every time.)"""
+    """Header names listed in a Connection header; they are hop-by-hop too."""
     if not value:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
@@ -66,7 +64,7 @@ def hop_by_hop(connection: str | None) -> frozenset[str]:
     return _hop_by_hop(connection) if connection else HOP_BY_HOP
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)  # nearly every upstream answers "keep-alive" every time
 def _hop_by_hop(connection: str) -> frozenset[str]:
     return HOP_BY_HOP | connection_tokens(connection)
 
