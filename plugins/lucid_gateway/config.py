@@ -29,6 +29,7 @@ class Timeouts(Strict):
 
     connect: Duration = Field(5.0, gt=0, description="establishing the upstream connection")
     read: Duration = Field(30.0, gt=0, description="waiting for each chunk of the response")
+    # (5 s and longer: enforced to the next whole second, on a timer shared by all calls)
     total: Duration = Field(60.0, gt=0, description="the whole upstream exchange, body included")
 
 
