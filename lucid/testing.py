@@ -116,6 +116,45 @@ async def run_gateway(
         await asyncio.wait_for(task, timeout=30)
 
 
+async def json_request(
+    session: aiohttp.ClientSession, method: str, url: str, **kw: Any
+) -> tuple[int, Any]:
+    """A request whose answer is JSON: ``(status, parsed body)``."""
+    async with session.request(method, url, **kw) as r:
+        return r.status, await r.json()
+
+
+class PluginAdmin:
+    """One plugin's admin API on a running gateway, for tests:
+    ``await admin("POST", "/pools", {...})`` answers ``(status, JSON body)``."""
+
+    def __init__(self, gw: RunningGateway, prefix: str):
+        self.gw = gw
+        self.prefix = prefix
+
+    async def __call__(self, method: str, path: str, json: Any = None, **kw: Any
+                       ) -> tuple[int, Any]:
+        return await json_request(self.gw.session, method,
+                                  self.gw.admin_url + self.prefix + path, json=json, **kw)
+
+
+def two_services(url: str, extra: str = "") -> str:
+    """Config: services ``svc`` and ``other``, both at ``url``; every path routed to
+    ``svc`` without retries; then ``extra``."""
+    return f"""
+[gateway.services.svc]
+instances = ["{url}"]
+[gateway.services.other]
+instances = ["{url}"]
+
+[[gateway.routes]]
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+{extra}
+"""
+
+
 @dataclass
 class Upstream:
     """An aiohttp server on loopback standing in for a microservice."""

@@ -11,21 +11,7 @@ import aiohttp
 import pytest
 from lucid_circuitbreaker.testing import Switch, plugin_of
 
-
-def base(upstream: str, static: str = "") -> str:
-    return f"""
-[gateway.services.svc]
-instances = ["{upstream}"]
-[gateway.services.other]
-instances = ["{upstream}"]
-
-[[gateway.routes]]
-prefix = "/"
-service = "svc"
-retries = {{ attempts = 1 }}
-{static}
-"""
-
+from lucid.testing import PluginAdmin, json_request, two_services
 
 STATIC = """
 [circuitbreaker.circuits.fixed]
@@ -34,20 +20,9 @@ consecutive_failures = 5
 """
 
 
-async def call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any
-               ) -> tuple[int, Any]:
-    async with session.request(method, url, **kw) as r:
-        return r.status, await r.json()
-
-
-class Admin:
+class Admin(PluginAdmin):
     def __init__(self, gw: Any):
-        self.gw = gw
-
-    async def __call__(self, method: str, path: str, json: Any = None, **kw: Any
-                       ) -> tuple[int, Any]:
-        return await call(self.gw.session, method,
-                          self.gw.admin_url + "/circuitbreaker" + path, json=json, **kw)
+        super().__init__(gw, "/circuitbreaker")
 
     async def proxy(self, path: str = "/x") -> tuple[int, dict[str, str]]:
         async with self.gw.session.get(self.gw.proxy_url + path) as r:
@@ -59,7 +34,7 @@ class Admin:
 async def setup(lucid_upstream: Any, lucid_gateway: Any) -> tuple[Admin, Switch]:
     switch = Switch(500)
     up = await lucid_upstream(switch)
-    gw = await lucid_gateway(base(up.url, STATIC))
+    gw = await lucid_gateway(two_services(up.url, STATIC))
     return Admin(gw), switch
 
 
@@ -201,16 +176,16 @@ async def test_definitions_and_modes_survive_kill_9(
     switch = Switch(200)
     up = await lucid_upstream(switch)
     data_dir = str(tmp_path / "shared-data")
-    first = lucid_process(base(up.url, STATIC), data_dir=data_dir)
+    first = lucid_process(two_services(up.url, STATIC), data_dir=data_dir)
     async with aiohttp.ClientSession() as session:
         admin = first.admin_url + "/circuitbreaker"
-        code, _ = await call(session, "POST", admin + "/circuits",
+        code, _ = await json_request(session, "POST", admin + "/circuits",
                              json={"id": "c", "service": "svc", "consecutive_failures": 3,
                                    "fallback": {"service": "other"}})
         assert code == 201
-        assert (await call(session, "POST", admin + "/circuits/c/force-open"))[0] == 200
-        assert (await call(session, "POST", admin + "/circuits/fixed/disable"))[0] == 200
-        assert (await call(session, "POST", admin + "/circuits",
+        assert (await json_request(session, "POST", admin + "/circuits/c/force-open"))[0] == 200
+        assert (await json_request(session, "POST", admin + "/circuits/fixed/disable"))[0] == 200
+        assert (await json_request(session, "POST", admin + "/circuits",
                            json={"id": "x", "service": "nowhere",
                                  "failure_rate_threshold": 500}))[0] == 422
     first.signal(signal.SIGKILL)
@@ -220,10 +195,10 @@ async def test_definitions_and_modes_survive_kill_9(
     # checked against the store before the plugin starts
     pinned = ('\n[[gateway.routes]]\nid = "pinned"\nprefix = "/pinned"\nservice = "other"\n'
               'plugins = { circuitbreaker = { circuit = "c" } }\n')
-    second = lucid_process(base(up.url, STATIC) + pinned, data_dir=data_dir)
+    second = lucid_process(two_services(up.url, STATIC) + pinned, data_dir=data_dir)
     async with aiohttp.ClientSession() as session:
         admin = second.admin_url + "/circuitbreaker"
-        code, listing = await call(session, "GET", admin + "/circuits")
+        code, listing = await json_request(session, "GET", admin + "/circuits")
         modes = {c["id"]: (c["mode"], c["source"]) for c in listing["circuits"]}
         assert modes == {"fixed": ("metrics_only", "static"), "c": ("forced_open", "api")}
         async with session.get(second.proxy_url + "/x") as r:
@@ -238,7 +213,7 @@ async def test_routes_may_name_api_circuits_which_cannot_then_be_deleted(
     lucid_upstream: Any, lucid_gateway: Any
 ) -> None:
     up = await lucid_upstream()
-    gw = await lucid_gateway(base(up.url))
+    gw = await lucid_gateway(two_services(up.url))
     admin = Admin(gw)
     assert (await admin("POST", "/circuits", {"id": "api", "service": "other"}))[0] == 201
     route = {"id": "guarded", "prefix": "/g", "service": "svc",
@@ -261,7 +236,7 @@ async def test_circuits_cannot_be_made_through_the_api_with_several_workers(
     lucid_upstream: Any, lucid_gateway: Any
 ) -> None:
     up = await lucid_upstream()
-    gw = await lucid_gateway(base(up.url) + "\n[server]\nworkers = 2\n")
+    gw = await lucid_gateway(two_services(up.url) + "\n[server]\nworkers = 2\n")
     status, body = await Admin(gw)("POST", "/circuits", {"id": "c", "service": "svc"})
     assert status == 409 and "2 workers" in body["error"] and body["field"] == "id"
     assert (await Admin(gw)("GET", "/circuits"))[1]["circuits"] == []

@@ -14,26 +14,13 @@ import pytest
 import tomli_w
 from aiohttp import web
 
+from lucid.testing import PluginAdmin, json_request, two_services
+
 
 def named(name: str) -> Any:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(text=name)
     return handler
-
-
-def base(url: str, static: str = "") -> str:
-    return f"""
-[gateway.services.svc]
-instances = ["{url}"]
-[gateway.services.other]
-instances = ["{url}"]
-
-[[gateway.routes]]
-prefix = "/"
-service = "svc"
-retries = {{ attempts = 1 }}
-{static}
-"""
 
 
 STATIC = """
@@ -43,19 +30,9 @@ algorithm = "least_request"
 """
 
 
-async def call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any
-               ) -> tuple[int, Any]:
-    async with session.request(method, url, **kw) as r:
-        return r.status, await r.json()
-
-
-class Admin:
+class Admin(PluginAdmin):
     def __init__(self, gw: Any):
-        self.gw = gw
-
-    async def __call__(self, method: str, path: str, json: Any = None) -> tuple[int, Any]:
-        return await call(self.gw.session, method,
-                          self.gw.admin_url + "/loadbalancer" + path, json=json)
+        super().__init__(gw, "/loadbalancer")
 
     async def text(self, path: str = "/x", **kw: Any) -> str:
         async with self.gw.session.get(self.gw.proxy_url + path, **kw) as r:
@@ -66,7 +43,7 @@ class Admin:
 @pytest.fixture
 async def setup(lucid_upstream: Any, lucid_gateway: Any) -> tuple[Admin, list[Any]]:
     ups = [await lucid_upstream(named(n)) for n in "abc"]
-    gw = await lucid_gateway(base(ups[0].url, STATIC))
+    gw = await lucid_gateway(two_services(ups[0].url, STATIC))
     return Admin(gw), ups
 
 
@@ -161,11 +138,11 @@ async def test_pools_and_affinity_key_survive_kill_9(
 ) -> None:
     ups = [await lucid_upstream(named(n)) for n in "abc"]
     data_dir = str(tmp_path / "shared-data")
-    first = lucid_process(base(ups[0].url), data_dir=data_dir)
+    first = lucid_process(two_services(ups[0].url), data_dir=data_dir)
     pool = {"id": "sticky", "service": "svc", "algorithm": "round_robin",
             "affinity": {"cookie": "lb"}, "instances": [{"url": u.url} for u in ups]}
     async with aiohttp.ClientSession() as session:
-        code, _ = await call(session, "POST", first.admin_url + "/loadbalancer/pools",
+        code, _ = await json_request(session, "POST", first.admin_url + "/loadbalancer/pools",
                              json=pool)
         assert code == 201
         async with session.get(first.proxy_url + "/x") as r:
@@ -173,15 +150,14 @@ async def test_pools_and_affinity_key_survive_kill_9(
             cookie = r.headers["set-cookie"].split(";")[0]
     first.signal(signal.SIGKILL)
     first.wait()
-    second = lucid_process(base(ups[0].url), data_dir=data_dir)
+    second = lucid_process(two_services(ups[0].url), data_dir=data_dir)
     async with aiohttp.ClientSession() as session:
-        code, listing = await call(session, "GET", second.admin_url + "/loadbalancer/pools")
+        code, listing = await json_request(session, "GET", second.admin_url + "/loadbalancer/pools")
         assert [p["id"] for p in listing["pools"]] == ["sticky"]
         for _ in range(5):  # the cookie issued before the crash still pins
             async with session.get(second.proxy_url + "/x", headers={"cookie": cookie}) as r:
                 assert await r.text() == pinned
                 assert "set-cookie" not in r.headers
-
 
 
 async def test_reload_applies_a_changed_static_pool(setup: tuple[Admin, list[Any]]) -> None:
@@ -206,14 +182,14 @@ async def test_several_workers_share_pools_and_the_affinity_key(
     loadbalancer.db), and admin writes are refused (they would reach one worker)."""
     ups = [await lucid_upstream(named(n)) for n in "abc"]
     listed = ", ".join(f'{{ url = "{u.url}" }}' for u in ups)
-    process = lucid_process(base(ups[0].url) + f"""
+    process = lucid_process(two_services(ups[0].url) + f"""
 [loadbalancer.pools.sticky]
 service = "svc"
 instances = [{listed}]
 affinity = {{}}
 """, workers=2)
     async with aiohttp.ClientSession() as session:
-        code, body = await call(session, "POST", process.admin_url + "/loadbalancer/pools",
+        code, body = await json_request(session, "POST", process.admin_url + "/loadbalancer/pools",
                                 json={"id": "x", "service": "other"})
         assert code == 409 and "workers" in body["error"]
         async with session.get(process.proxy_url + "/x") as r:

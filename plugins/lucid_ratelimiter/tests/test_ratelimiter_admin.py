@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from lucid_ratelimiter import RateLimiterPlugin
 
+from lucid.testing import PluginAdmin
+
 T0 = 1_800_000_000.0
 
 BASE = '''
@@ -26,8 +28,7 @@ def plugin(gw) -> RateLimiterPlugin:
 
 
 async def call(gw, method, path, **kw):
-    async with gw.session.request(method, gw.admin_url + "/ratelimiter" + path, **kw) as r:
-        return r.status, await r.json()
+    return await PluginAdmin(gw, "/ratelimiter")(method, path, **kw)
 
 
 async def proxied(gw, headers=None):
