@@ -1,9 +1,9 @@
 """Lucid's monitoring plugin: Prometheus metrics, alerts, dashboard, access logs, reports.
 
 Per request it does only in-memory bookkeeping (:class:`~lucid_monitoring.metrics.Recorder`,
-a ring buffer, and a queue put when the access log is on); everything else runs in
+a ring buffer, and a list append when the access log is on); everything else runs in
 background tasks: window ticks, alert evaluation and notification, per-minute
-rollups to SQLite, and log writing in a thread.
+rollups to SQLite, and log writing in a process of its own.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class MonitoringPlugin:
         loop = asyncio.get_running_loop()
         if cfg.access_log.enabled:
             self.writer = AccessLogWriter(cfg.access_log, runtime.data_dir)
+            await self.writer.start()
             self._put = self.writer.put
             self._tasks.append(loop.create_task(self._every(FLUSH_INTERVAL, self._flush_log)))
         self.registry = CollectorRegistry(auto_describe=False)
@@ -143,7 +144,7 @@ class MonitoringPlugin:
         for notifier in self.notifiers:
             await notifier.stop()
         if self.writer is not None:
-            self.writer.stop()
+            await self.writer.stop()
             self.writer = None
             self._put = None
         if self.store is not None:
@@ -199,7 +200,7 @@ class MonitoringPlugin:
 
     async def _flush_log(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            await self.writer.flush()
 
     def _cluster(self) -> Recorder:
         assert self.workers is not None and self.recorder is not None

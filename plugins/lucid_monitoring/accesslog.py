@@ -1,30 +1,34 @@
 """Access log: one JSON line per request, and a ring buffer of recent requests.
 
 The request path appends one tuple to a list (and to the bounded ring buffer). Every
-``FLUSH_INTERVAL`` an asyncio task hands the whole list to a
-:class:`logging.handlers.QueueListener` thread as one queue item; the thread turns it
-into JSON lines and writes them in chunks (stdout or a
-:class:`~logging.handlers.RotatingFileHandler`). Nothing is formatted on the request
-path, and the thread wakes a few times a second rather than once per request: one
-wake-up per request made the writer thread and the event loop fight over the GIL and
-cost half the proxy's throughput.
+``FLUSH_INTERVAL`` an asyncio task pickles the whole list and writes it to a writer
+process (:mod:`lucid_monitoring.logwriter`), which turns it into JSON lines and writes
+them in chunks (stdout or a :class:`~logging.handlers.RotatingFileHandler`). Nothing is
+formatted on the request path, nor anywhere in the gateway's process: a writer thread
+holds the GIL while it formats, which is time the event loop does not get.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
-import logging.handlers
-import queue
+import pickle
 import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
+from itertools import repeat
+from operator import add, mul, sub, truediv
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from lucid_monitoring.config import AccessLog
+
+log = logging.getLogger("lucid.monitoring")
 
 FIELDS = ("time", "request_id", "route", "service", "instance", "method", "path", "status",
           "duration_ms", "upstream_ms", "bytes_in", "bytes_out", "client_ip", "subject",
@@ -42,115 +46,158 @@ def entry(ex: Any, at: float) -> tuple[Any, ...]:
             ex.attempts, ex.error)
 
 
-def ms(seconds: float) -> float:
-    """Seconds as milliseconds, to the microsecond. Cheaper than ``round(x * 1000, 3)``,
-    and ``k / 1000`` prints with at most three decimals all the same."""
-    return int(seconds * 1_000_000 + 0.5) / 1000
+def records(batch: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """The documented JSON objects of a batch of entries, in :data:`FIELDS` order.
+
+    Converted column by column with ``map()`` over C functions, so no Python bytecode
+    runs per line: about four times faster than building each line's dict in Python.
+    The writer process shares the machine's cores with the gateway."""
+    if not batch:
+        return []
+    columns: list[Any] = list(zip(*batch, strict=True))
+    columns[0] = _times(columns[0])
+    columns[8] = _milliseconds(columns[8])
+    columns[9] = _milliseconds(columns[9])
+    columns[13] = map(str, columns[13])
+    return list(map(dict, map(zip, repeat(FIELDS), zip(*columns, strict=True))))
 
 
-def as_dict(fields: tuple[Any, ...]) -> dict[str, Any]:
-    record = dict(zip(FIELDS, fields, strict=True))
-    record["time"] = datetime.fromtimestamp(fields[0], UTC).isoformat(timespec="milliseconds")
-    record["duration_ms"] = ms(fields[8])
-    record["upstream_ms"] = ms(fields[9])
-    return record
+def _times(times: Sequence[float]) -> Iterator[str]:
+    """ISO 8601 UTC to the millisecond (truncated), like ``isoformat(timespec=
+    "milliseconds")``: each distinct second is formatted once per batch."""
+    seconds = list(map(int, times))
+    prefix = {s: datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+              for s in set(seconds)}
+    millis = map(int, map(mul, map(sub, times, seconds), repeat(1000)))
+    return map("%s.%03d+00:00".__mod__, zip(map(prefix.__getitem__, seconds), millis,
+                                                strict=True))
 
 
-FLUSH_INTERVAL = 0.2  # seconds between hand-overs to the writer thread
+def _milliseconds(durations: Iterable[float]) -> Iterator[float]:
+    """Seconds as milliseconds to the microsecond: ``int(s * 1e6 + 0.5) / 1000``, which
+    orjson prints with at most three decimals (``round()`` costs a dtoa per value)."""
+    return map(truediv, map(int, map(add, map(mul, durations, repeat(1e6)), repeat(0.5))),
+               repeat(1000))
 
 
-class _Lines:
-    """Formats field tuples as JSON lines (UTF-8 bytes), the same document
-    :func:`as_dict` gives, with orjson: about twice as fast as formatting the line
-    in Python, and five times faster than json.dumps. The writer thread holds the GIL
-    while it formats, so this is time the event loop does not get."""
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self, f: tuple[Any, ...]) -> bytes:
-        at = f[0]
-        second = int(at)
-        if second != self._second:
-            self._second = second
-            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return orjson.dumps({
-            "time": f"{self._prefix}.{int((at - second) * 1000):03d}+00:00",
-            "request_id": f[1], "route": f[2], "service": f[3], "instance": f[4],
-            "method": f[5], "path": f[6], "status": f[7],
-            "duration_ms": ms(f[8]), "upstream_ms": ms(f[9]),
-            "bytes_in": f[10], "bytes_out": f[11], "client_ip": f[12], "subject": str(f[13]),
-            "attempts": f[14], "error": f[15],
-        })
+def lines(batch: Sequence[tuple[Any, ...]]) -> bytes:
+    """A batch of entries as JSON lines (UTF-8, each ending in a newline), made by one
+    ``orjson.dumps`` of the whole list. Splitting its ``[{...},{...}]`` at
+    ``},{"time":`` is safe: inside a JSON string every ``"`` is escaped, so an
+    unescaped ``{"time":`` only ever starts an object."""
+    objects = records(batch)
+    if not objects:
+        return b""
+    try:
+        blob = orjson.dumps(objects)
+    except TypeError:  # a string orjson refuses (a lone surrogate): line by line
+        return b"".join(map(_line, objects))
+    return blob[1:-1].replace(b'},{"time":', b'}\n{"time":') + b"\n"
 
 
-class _JSONListener(logging.handlers.QueueListener):
-    """Writes each queued batch of field tuples as JSON lines, in chunks of at most
-    ``chunk`` bytes (so a rotating file still rotates near its size limit)."""
+def _line(record: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(record) + b"\n"
+    except TypeError:
+        return json.dumps(record, ensure_ascii=True).encode() + b"\n"
 
-    def __init__(self, q: Any, handler: logging.Handler, chunk: int):
-        super().__init__(q, handler)
-        self.chunk = chunk
-        self.line = _Lines()
 
-    def handle(self, record: Any) -> None:
-        lines: list[bytes] = []
-        size = 0
-        for fields in record:
-            line = self.line(fields)
-            if lines and size + len(line) > self.chunk:
-                self._write(lines)
-                lines, size = [], 0
-            lines.append(line)
-            size += len(line) + 1
-        if lines:
-            self._write(lines)
+FLUSH_INTERVAL = 0.2  # seconds between hand-overs to the writer process
+MAX_BEHIND = 64 * 2**20  # bytes handed over but not yet read by the writer process
 
-    def _write(self, lines: list[bytes]) -> None:
-        message = b"\n".join(lines).decode()
-        record = logging.LogRecord("lucid.access", logging.INFO, "", 0, message, None, None)
-        for handler in self.handlers:
-            handler.handle(record)
+
+def frame(batch: list[tuple[Any, ...]]) -> bytes:
+    """One batch as the writer process reads it: a 4-byte length, then the pickle."""
+    try:
+        data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - a plugin put an unpicklable "sub" in the identity
+        data = pickle.dumps([f[:13] + (str(f[13]),) + f[14:] for f in batch],
+                            protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(4, "big") + data
 
 
 class AccessLogWriter:
-    """The background writer for one gateway (its own handler, no global logger)."""
+    """The access log of one gateway process.
+
+    The request path appends each entry to a list; every ``FLUSH_INTERVAL``
+    :meth:`flush` pickles the list and writes it to the stdin of a writer process
+    (``python -m lucid_monitoring.logwriter``), which formats the JSON lines and
+    writes them to stdout or a rotating file. The gateway's event loop spends about
+    0.2 µs per line on the hand-over instead of 2.5 µs formatting and writing it
+    under the GIL, and the formatting runs on another core.
+
+    The writer process ignores SIGINT and SIGTERM and exits when its stdin closes:
+    after :meth:`stop`, or when the gateway dies, ``kill -9`` included, so what was
+    handed over is still written. If it dies, the next flush starts another."""
 
     def __init__(self, config: AccessLog, data_dir: Path):
-        handler: logging.Handler
         chunk = 64 * 1024
+        self.path: Path | None = None
         if config.target == "file":
             chunk = max(1, min(chunk, config.max_bytes // 4))
             path = Path(config.path)
             if not path.is_absolute():
                 path = data_dir / path
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.RotatingFileHandler(
-                path, maxBytes=config.max_bytes, backupCount=config.backups, encoding="utf-8")
-            self.path: Path | None = path
-        else:
-            handler = logging.StreamHandler(sys.stdout)
-            self.path = None
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        self.handler = handler
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            self.path = path
+        self.args = json.dumps({"target": config.target, "path": str(self.path or ""),
+                                "max_bytes": config.max_bytes, "backups": config.backups,
+                                "chunk": chunk})
         self.pending: list[tuple[Any, ...]] = []
         self.put = self.pending.append  # the request path's only call
-        self.listener = _JSONListener(self.queue, handler, chunk)
-        self.listener.start()
+        self.proc: asyncio.subprocess.Process | None = None
+        self.dropped = 0  # lines not handed over: the writer process fell too far behind
+        self.restarts = 0
 
-    def flush(self) -> None:
-        """Hand what the request path collected to the writer thread."""
-        if self.pending:
-            batch = self.pending[:]
-            del self.pending[:len(batch)]
-            self.queue.put(batch)
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lucid_monitoring.logwriter", self.args,
+            stdin=asyncio.subprocess.PIPE)
 
-    def stop(self) -> None:
-        self.flush()
-        self.listener.stop()  # drains what is queued
-        self.handler.close()
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def flush(self) -> None:
+        """Hand what the request path collected to the writer process."""
+        if not self.pending:
+            return
+        batch = self.pending[:]
+        del self.pending[:len(batch)]
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.returncode is not None \
+                or proc.stdin.is_closing():
+            if proc is not None:
+                self.restarts += 1
+                log.warning("monitoring: the access-log writer (pid %s) exited with %s; "
+                            "starting another", proc.pid, await proc.wait())
+            await self.start()
+            proc = self.proc
+            assert proc is not None and proc.stdin is not None
+        if proc.stdin.transport.get_write_buffer_size() > MAX_BEHIND:
+            if not self.dropped:
+                log.warning("monitoring: the access-log writer is %d MiB behind; dropping "
+                            "lines until it catches up", MAX_BEHIND >> 20)
+            self.dropped += len(batch)
+            return
+        proc.stdin.write(frame(batch))
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Hand over the rest, close the writer's stdin and wait for it to finish."""
+        await self.flush()
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+            with contextlib.suppress(ConnectionError):
+                await proc.stdin.wait_closed()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            log.warning("monitoring: the access-log writer did not finish in %s s", timeout)
+            proc.kill()
+            await proc.wait()
 
 
 def query(buffer: Iterable[tuple[Any, ...]], *, status: int | None = None,
@@ -158,7 +205,7 @@ def query(buffer: Iterable[tuple[Any, ...]], *, status: int | None = None,
           request_id: str | None = None, since: float | None = None,
           until: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Newest first, filtered."""
-    out: list[dict[str, Any]] = []
+    out: list[tuple[Any, ...]] = []
     for fields in reversed(list(buffer)):
         if status is not None and fields[7] != status:
             continue
@@ -172,10 +219,10 @@ def query(buffer: Iterable[tuple[Any, ...]], *, status: int | None = None,
             continue
         if until is not None and fields[0] > until:
             continue
-        out.append(as_dict(fields))
+        out.append(fields)
         if len(out) >= limit:
             break
-    return out
+    return records(out)
 
 
 def ring(size: int) -> deque[tuple[Any, ...]]:

@@ -84,15 +84,41 @@ def test_windows_sum_closed_slots_and_the_open_one():
     assert sum(e[0] for e in routes.values()) == 2
 
 
-def test_the_fast_access_log_formatter_writes_the_documented_json():
+def test_the_access_log_formatter_writes_the_documented_json():
     import json
 
-    from lucid_monitoring.accesslog import _Lines, as_dict
+    from lucid_monitoring.accesslog import lines, records
 
     fields = (1795805334.0427, 'id"1', "api", "svc", "http://10.0.0.5:8080", "GET",
-              "/p/\u00e4\\n\x01", 503, 0.0042123, 0.0031, 7, 512, "10.0.0.1", "alice", 2,
+              "/p/\u00e4\\n\x01", 503, 0.0042123, 0.0031, 7, 512, "10.0.0.1", 42, 2,
               "upstream answered 503")
-    line = _Lines()(fields)
-    assert json.loads(line) == as_dict(fields)
-    assert b"\n" not in line and b"\\u0001" in line  # one line; control characters escaped
-    assert as_dict(fields)["duration_ms"] == 4.212 and as_dict(fields)["upstream_ms"] == 3.1
+    expected = {
+        "time": "2026-11-27T18:48:54.042+00:00", "request_id": 'id"1', "route": "api",
+        "service": "svc", "instance": "http://10.0.0.5:8080", "method": "GET",
+        "path": "/p/\u00e4\\n\x01", "status": 503, "duration_ms": 4.212, "upstream_ms": 3.1,
+        "bytes_in": 7, "bytes_out": 512, "client_ip": "10.0.0.1", "subject": "42",
+        "attempts": 2, "error": "upstream answered 503"}
+    assert records([fields]) == [expected]
+    line = lines([fields])
+    assert line.endswith(b"\n") and line.count(b"\n") == 1  # control characters escaped
+    assert b"\\u0001" in line and "ä".encode() in line  # UTF-8, not \\u-escaped
+    assert json.loads(line) == expected
+    assert lines([]) == b""
+
+
+def test_a_batch_splits_into_its_lines_whatever_the_paths_hold():
+    import json
+
+    from lucid_monitoring.accesslog import lines
+
+    base = (1795805334.9999, "r", "api", "svc", "", "GET", "/", 200, 0.0, 0.0, 0, 0,
+            "10.0.0.1", "", 1, "")
+    tricky = ['/a},{"time":"x"}', "/b}\n{", '/c\\"},{"time":', "/d\u2028"]
+    batch = [base[:6] + (path,) + base[7:] for path in tricky]
+    out = lines(batch).decode().split("\n")
+    assert out[-1] == "" and [json.loads(x)["path"] for x in out[:-1]] == tricky
+    # A string orjson refuses (a lone surrogate, say from a JWT's "sub") costs that batch
+    # the fast path, not its lines.
+    batch.append(base[:13] + ("\ud800",) + base[14:])
+    out = lines(batch).decode().split("\n")
+    assert [json.loads(x)["subject"] for x in out[:-1]] == ["", "", "", "", "\ud800"]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
+import aiohttp
+import psutil
 from aiohttp import web
 
-from lucid.testing import wait_until
+from lucid.testing import GatewayProcess, lucid_env, start_upstream, wait_until, write_config
 
 
 def config(upstream_url: str, monitoring: str) -> str:
@@ -105,7 +111,8 @@ async def test_logs_endpoint_filters_the_ring_buffer(lucid_upstream, lucid_gatew
             assert r.status == 422, bad
 
 
-async def test_access_log_to_stdout(lucid_upstream, lucid_gateway, capsys):
+async def test_access_log_to_stdout(lucid_upstream, lucid_gateway, capfd):
+    # The writer process inherits the gateway's stdout: capture it at the descriptor.
     upstream = await lucid_upstream(handler)
     gw = await lucid_gateway(config(upstream.url, "access_log = { enabled = true }"))
     async with gw.session.get(gw.proxy_url + "/api/out", headers={"x-request-id": "out-1"}):
@@ -113,9 +120,88 @@ async def test_access_log_to_stdout(lucid_upstream, lucid_gateway, capsys):
     captured: list[str] = []
 
     def seen() -> bool:
-        captured.extend(capsys.readouterr().out.splitlines())
+        captured.extend(capfd.readouterr().out.splitlines())
         return any('"request_id":"out-1"' in line for line in captured)
 
     await wait_until(seen, message="the access-log line on stdout")
     line = next(json.loads(x) for x in captured if '"out-1"' in x)
     assert line["path"] == "/api/out" and line["status"] == 200
+
+
+FILE_LOG = """
+[monitoring.access_log]
+enabled = true
+target = "file"
+path = "access.log"
+"""
+
+
+def logged(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_a_killed_writer_process_is_replaced(lucid_upstream, lucid_gateway):
+    upstream = await lucid_upstream(handler)
+    gw = await lucid_gateway(config(upstream.url, FILE_LOG))
+    path = gw.runtime.data_dir / "access.log"
+
+    async def status() -> dict:
+        async with gw.session.get(gw.admin_url + "/monitoring/status") as r:
+            return (await r.json())["access_log"]
+
+    first = (await status())["writer_pid"]
+    assert first and first != os.getpid() and not gone(first)
+    async with gw.session.get(gw.proxy_url + "/api/before") as r:
+        assert r.status == 200
+    await wait_until(lambda: len(logged(path)) == 1, message="the first line")
+    os.kill(first, signal.SIGKILL)
+    await wait_until(lambda: gone(first), message="the writer to die")
+    for i in range(3):
+        async with gw.session.get(gw.proxy_url + f"/api/after/{i}") as r:
+            assert r.status == 200
+    await wait_until(lambda: len(logged(path)) == 4, message="lines after the restart")
+    assert [r["path"] for r in logged(path)][1:] == [f"/api/after/{i}" for i in range(3)]
+    now = await status()
+    assert now["writer_restarts"] == 1 and now["writer_pid"] not in (None, first)
+    assert now["dropped_lines"] == 0
+
+
+async def test_the_writer_process_outlives_no_gateway(tmp_path):
+    """SIGTERM: every line is written, and the writer exits with the gateway. kill -9:
+    the writer sees its stdin close and exits too; no writer is left behind."""
+    upstream = await start_upstream(handler)
+    try:
+        await stop_a_logging_gateway(upstream.url, tmp_path / "term", signal.SIGTERM)
+        await stop_a_logging_gateway(upstream.url, tmp_path / "kill", signal.SIGKILL)
+    finally:
+        await upstream.close()
+
+
+async def stop_a_logging_gateway(upstream_url: str, directory: Path, sig: int) -> None:
+    process = GatewayProcess(write_config(config(upstream_url, FILE_LOG), directory),
+                             env=lucid_env())
+    try:
+        await asyncio.to_thread(process.wait_ready)
+        async with aiohttp.ClientSession() as client:
+            for i in range(20):
+                async with client.get(f"{process.proxy_url}/api/{i}") as r:
+                    assert r.status == 200
+            async with client.get(process.admin_url + "/monitoring/status") as r:
+                writer = (await r.json())["access_log"]["writer_pid"]
+        assert psutil.Process(writer).ppid() == process.proc.pid
+        path = directory / "data" / "access.log"
+        if sig == signal.SIGKILL:  # the last 0.2 s of lines die with the gateway
+            await wait_until(lambda: len(logged(path)) == 20, message="20 lines")
+        process.signal(sig)
+        await asyncio.to_thread(process.wait)
+        await wait_until(lambda: gone(writer), message="the writer to exit")
+        assert [r["path"] for r in logged(path)] == [f"/api/{i}" for i in range(20)]
+    finally:
+        process.stop()
