@@ -9,8 +9,10 @@ instructions per request and the ratio floor/Lucid: the same direction as
 proxy_bench's req/s ratio (higher is better, 1.0 = as cheap as the floor).
 
 It counts user-space instructions of every thread of the server. Not counted: time
-in the kernel (system calls), cache misses, waiting for the GIL. So it is a guide
-for changes to Lucid's code, next to proxy_bench's req/s ratio, not a replacement.
+in the kernel (system calls), cache misses, waiting for the GIL, and child processes
+(the access-log writer: ``bench_monitoring.py`` prints its cost per line, and its
+``--cpu`` mode counts it). So it is a guide for changes to Lucid's code, next to
+proxy_bench's req/s ratio, not a replacement.
 
 Periodic work (metric ticks, alert evaluation, log flushes) runs by the wall clock,
 and a server under callgrind serves about 50 times fewer requests per second, so
