@@ -148,6 +148,7 @@ class AccessLogWriter:
         self.proc: asyncio.subprocess.Process | None = None
         self.dropped = 0  # lines not handed over: the writer process fell too far behind
         self.restarts = 0
+        self.max_behind = MAX_BEHIND
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -169,15 +170,17 @@ class AccessLogWriter:
                 or proc.stdin.is_closing():
             if proc is not None:
                 self.restarts += 1
+                if proc.returncode is None:  # alive, but its stdin broke
+                    proc.kill()
                 log.warning("monitoring: the access-log writer (pid %s) exited with %s; "
                             "starting another", proc.pid, await proc.wait())
             await self.start()
             proc = self.proc
             assert proc is not None and proc.stdin is not None
-        if proc.stdin.transport.get_write_buffer_size() > MAX_BEHIND:
+        if proc.stdin.transport.get_write_buffer_size() > self.max_behind:
             if not self.dropped:
-                log.warning("monitoring: the access-log writer is %d MiB behind; dropping "
-                            "lines until it catches up", MAX_BEHIND >> 20)
+                log.warning("monitoring: the access-log writer is more than %d bytes behind; "
+                            "dropping lines until it catches up", self.max_behind)
             self.dropped += len(batch)
             return
         proc.stdin.write(frame(batch))

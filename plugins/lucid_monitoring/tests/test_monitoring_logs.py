@@ -173,6 +173,37 @@ async def test_a_killed_writer_process_is_replaced(lucid_upstream, lucid_gateway
     assert now["dropped_lines"] == 0
 
 
+async def test_a_writer_too_far_behind_costs_lines_not_memory(lucid_upstream, lucid_gateway):
+    upstream = await lucid_upstream(handler)
+    gw = await lucid_gateway(config(upstream.url, FILE_LOG))
+    writer = gw.runtime.plugin_set.pm.get_plugin("monitoring").writer
+    path = gw.runtime.data_dir / "access.log"
+    writer.max_behind = 100_000
+    os.kill(writer.pid, signal.SIGSTOP)  # a writer stuck on a full disk, say
+    try:
+        handed = 0
+        for n in range(1000):  # the pipe fills, then the gateway's buffer, then it drops
+            for i in range(100):
+                writer.put((time.time(), f"stuck-{n}-{i}", "api", "svc", "", "GET",
+                            f"/api/{'x' * 200}", 200, 0.001, 0.001, 0, 5, "127.0.0.1", "", 1, ""))
+            await writer.flush()
+            if writer.dropped:
+                break
+            handed += 100
+        assert writer.dropped == 100
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+    # Every line handed over is written, whole; the dropped ones are not.
+    await wait_until(lambda: len(logged(path)) == handed, timeout=30,
+                     message="the writer to catch up")
+    async with gw.session.get(gw.proxy_url + "/api/after") as r:
+        assert r.status == 200
+    await wait_until(lambda: len(logged(path)) == handed + 1, message="the next line")
+    assert logged(path)[-1]["path"] == "/api/after"
+    async with gw.session.get(gw.admin_url + "/monitoring/status") as r:
+        assert (await r.json())["access_log"]["dropped_lines"] == 100
+
+
 async def test_the_writer_process_outlives_no_gateway(tmp_path):
     """SIGTERM: every line is written, and the writer exits with the gateway. kill -9:
     the writer sees its stdin close and exits too; no writer is left behind."""
