@@ -326,6 +326,7 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
 
     variants = {"monitoring-off": OFF, "lucid (default)": "", "monitoring-full": FULL}
     runs: dict[str, list[float]] = {label: [] for label in variants}
+    served_per_round: dict[str, list[int]] = {label: [] for label in variants}
 
     async def wrk(url: str, seconds: float) -> int:
         proc = await asyncio.create_subprocess_exec(
@@ -365,6 +366,7 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
                     served = await wrk(urls[label], args.duration)
                     us = (cpu_seconds() - start) / served * 1e6
                     runs[label].append(round(us, 1))
+                    served_per_round[label].append(served)
                     print(f"  [{round_no}/{args.rounds}] {label:<18} {served:>7,} requests "
                           f"{us:7.1f} us CPU/request (in process)", flush=True)
 
@@ -381,7 +383,25 @@ def in_process(args: argparse.Namespace) -> dict[str, Any]:
             upstream.stop()
     return {"duration": args.duration, **cpu_summary(
         runs, f"in-process CPU per request (us, median of {args.rounds} rounds of "
-              f"{args.duration:g} s", args.rounds)}
+              f"{args.duration:g} s", args.rounds), "rps": rps_summary(served_per_round, args)}
+
+
+def rps_summary(served: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    """req/s of each gateway (median over rounds) over monitoring-off's, and the median
+    of the per-round ratios (each round's runs are seconds apart: a steadier pairing)."""
+    off = served["monitoring-off"]
+    print(f"\nin-process req/s (median of {args.rounds} rounds of {args.duration:g} s; "
+          f"goal: x / monitoring-off >= {GOAL}):")
+    out = {}
+    for label, counts in served.items():
+        rps = statistics.median(counts) / args.duration
+        ratio = statistics.median(counts) / statistics.median(off)
+        paired = statistics.median(a / b for a, b in zip(counts, off, strict=True))
+        out[label] = {"rps": round(rps, 1), "ratio": round(ratio, 3),
+                      "median_of_round_ratios": round(paired, 3)}
+        print(f"  {label:<18} {rps:9,.0f} req/s  this/off {ratio:.3f}  "
+              f"(median of per-round ratios {paired:.3f})")
+    return out
 
 
 def cpu_summary(runs: dict[str, list[float]], heading: str, rounds: int) -> dict:
