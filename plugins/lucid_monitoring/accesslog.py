@@ -127,8 +127,8 @@ class AccessLogWriter:
     under the GIL, and the formatting runs on another core.
 
     The writer process ignores SIGINT and SIGTERM and exits when its stdin closes:
-    after :meth:`stop`, or when the gateway dies, ``kill -9`` included, so what was
-    handed over is still written. If it dies, the next flush starts another."""
+    after :meth:`stop`, or when the gateway dies, ``kill -9`` included, so what already
+    sits in the pipe is still written. If it dies, the next flush starts another."""
 
     def __init__(self, config: AccessLog, data_dir: Path):
         chunk = 64 * 1024

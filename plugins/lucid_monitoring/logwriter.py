@@ -19,6 +19,7 @@ import logging.handlers
 import pickle
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from lucid_monitoring.accesslog import lines
@@ -51,7 +52,7 @@ def write(handler: logging.Handler, blob: bytes, chunk: int) -> None:
         start = stop
 
 
-def batches(stream: BinaryIO) -> Any:
+def batches(stream: BinaryIO) -> Iterator[list[tuple[Any, ...]]]:
     while True:
         head = stream.read(4)
         if len(head) < 4:
