@@ -287,14 +287,15 @@ class GatewayProcess:
 
     LISTENING = re.compile(r"(proxy|admin) listening on (http://\S+)")
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None,
+                 stdout: Any = subprocess.DEVNULL):
         self.config_path = config_path
         self.lines: list[str] = []
         self.urls: dict[str, str] = {}
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lucid", "serve", "--config", str(config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=stdout, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)

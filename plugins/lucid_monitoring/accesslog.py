@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import pickle
+import select
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -131,10 +132,13 @@ class AccessLogWriter:
     sits in the pipe is still written. If it dies, the next flush starts another."""
 
     def __init__(self, config: AccessLog, data_dir: Path):
-        chunk = 64 * 1024
+        # stdout may be a pipe that other processes (the other workers' writers) write
+        # to as well: writes of up to PIPE_BUF bytes are atomic there, so lines never
+        # interleave. A file is opened for appending, where every write is.
+        chunk = select.PIPE_BUF
         self.path: Path | None = None
         if config.target == "file":
-            chunk = max(1, min(chunk, config.max_bytes // 4))
+            chunk = max(1, min(64 * 1024, config.max_bytes // 4))
             path = Path(config.path)
             if not path.is_absolute():
                 path = data_dir / path

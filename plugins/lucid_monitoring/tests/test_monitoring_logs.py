@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -236,3 +239,49 @@ async def stop_a_logging_gateway(upstream_url: str, directory: Path, sig: int) -
         assert [r["path"] for r in logged(path)] == [f"/api/{i}" for i in range(20)]
     finally:
         process.stop()
+
+
+async def test_workers_share_stdout_without_interleaving_lines(tmp_path):
+    """Two workers, two writer processes, one stdout pipe: every line arrives whole."""
+    upstream = await start_upstream(handler)
+    text = config(upstream.url, 'access_log = { enabled = true }') + "\n[server]\nworkers = 2\n"
+    process = GatewayProcess(write_config(text, tmp_path), env=lucid_env(),
+                             stdout=subprocess.PIPE)
+    # The smallest pipe Linux makes (one page, PIPE_BUF), read only once all requests
+    # are done: both writers block on it, and a write longer than PIPE_BUF is torn.
+    fcntl.fcntl(process.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(process.proc.stdout), daemon=True)
+    try:
+        await asyncio.to_thread(process.wait_for_line, r"worker 1, pid \d+\)")
+        await asyncio.to_thread(process.wait_ready)
+        # A new connection per request, so the kernel hands them to either worker.
+        connector = aiohttp.TCPConnector(force_close=True, limit=20)
+        async with aiohttp.ClientSession(connector=connector) as client:
+
+            async def get(n: int) -> int:
+                async with client.get(f"{process.proxy_url}/api/{'p' * 300}",
+                                      headers={"x-request-id": f"w-{n:04d}"}) as r:
+                    return r.status
+
+            async def answers() -> bool:
+                try:
+                    return await get(0) == 200
+                except aiohttp.ClientConnectionError:
+                    return False  # announced before hypercorn called listen()
+
+            await wait_until(answers, message="the proxy to answer")
+            assert await asyncio.gather(*(get(n) for n in range(1, 600))) == [200] * 599
+        reader.start()
+        process.signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait)
+        await asyncio.to_thread(reader.join, 10)
+    finally:
+        if reader.ident is None:
+            reader.start()  # the test failed early: do not leave the writers blocked
+        process.stop()
+        await upstream.close()
+    records = [json.loads(line) for line in out]  # a torn line would not parse
+    ids = sorted(r["request_id"] for r in records)
+    assert "w-0000" in ids
+    assert [i for i in ids if i != "w-0000"] == [f"w-{n:04d}" for n in range(1, 600)]
