@@ -70,6 +70,20 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+async def wait_until_answered(request: Callable[[], Awaitable[int]]) -> None:
+    """Send ``request`` (it returns a status) until it is answered 200. A forked
+    ``lucid serve`` worker announces its listener before Hypercorn calls listen(), so
+    the first connections may be refused."""
+
+    async def answered() -> bool:
+        try:
+            return await request() == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_until(answered, message="the proxy to answer")
+
+
 @dataclass
 class RunningGateway:
     """A gateway serving in the current event loop."""

@@ -25,6 +25,7 @@ from lucid.testing import (
     run_lucid,
     start_upstream,
     wait_until,
+    wait_until_answered,
     write_config,
 )
 
@@ -203,13 +204,7 @@ service = "echo"
                     assert (await response.json())["path"] == f"/r/{n}"
                     return response.status
 
-            async def answers() -> bool:
-                try:
-                    return await get(0) == 200
-                except aiohttp.ClientConnectionError:
-                    return False  # announced before hypercorn called listen()
-
-            await wait_until(answers, message="the proxy to answer")
+            await wait_until_answered(lambda: get(0))
             statuses = await asyncio.gather(*(get(n) for n in range(1, 51)))
             assert statuses == [200] * 50
 

@@ -16,7 +16,14 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from lucid.testing import GatewayProcess, lucid_env, start_upstream, wait_until, write_config
+from lucid.testing import (
+    GatewayProcess,
+    lucid_env,
+    start_upstream,
+    wait_until,
+    wait_until_answered,
+    write_config,
+)
 
 
 def config(upstream_url: str, monitoring: str) -> str:
@@ -264,13 +271,7 @@ async def test_workers_share_stdout_without_interleaving_lines(tmp_path):
                                       headers={"x-request-id": f"w-{n:04d}"}) as r:
                     return r.status
 
-            async def answers() -> bool:
-                try:
-                    return await get(0) == 200
-                except aiohttp.ClientConnectionError:
-                    return False  # announced before hypercorn called listen()
-
-            await wait_until(answers, message="the proxy to answer")
+            await wait_until_answered(lambda: get(0))
             assert await asyncio.gather(*(get(n) for n in range(1, 600))) == [200] * 599
         reader.start()
         process.signal(signal.SIGTERM)
