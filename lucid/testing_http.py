@@ -97,7 +97,7 @@ class RawUpstream:
 
 async def _read_body(reader: asyncio.StreamReader, request: RawRequest) -> bytes:
     if any("chunked" in v.lower() for v in request.values("transfer-encoding")):
-        parts = []
+        parts: list[bytes] = []
         while True:
             size_line = await reader.readuntil(b"\r\n")
             size = int(size_line.split(b";")[0].strip(), 16)
