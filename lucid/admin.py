@@ -27,7 +27,7 @@ from lucid.http import new_request_id
 from lucid.model import Event
 
 if TYPE_CHECKING:
-    from lucid.gateway import Runtime
+    from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.admin")
 

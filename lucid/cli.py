@@ -40,7 +40,7 @@ def serve(config: str | None) -> None:
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 def check(config: str | None) -> None:
     """Validate a config file and exit: 0 if usable, 2 if not."""
-    from lucid.gateway import load_plugins_and_config
+    from lucid.runtime import load_plugins_and_config
 
     try:
         plugin_set, cfg = load_plugins_and_config(_config_path(config))
@@ -69,7 +69,7 @@ def _prepare(plugin_set: object, cfg: object, path: Path | None) -> None:
     """Run the plugins' prepare hooks too, so a check catches what startup would."""
     import asyncio
 
-    from lucid.gateway import Runtime
+    from lucid.runtime import Runtime
 
     runtime = Runtime(plugin_set, cfg, path)  # type: ignore[arg-type]
 
@@ -186,7 +186,7 @@ def config_export(config: str | None, output: str | None) -> None:
     import tomli_w
 
     from lucid.config import data_dir
-    from lucid.gateway import load_plugins_and_config
+    from lucid.runtime import load_plugins_and_config
 
     path = _config_path(config)
     try:

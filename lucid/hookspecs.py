@@ -22,8 +22,8 @@ import pluggy
 if TYPE_CHECKING:
     from quart import Blueprint
 
-    from lucid.gateway import Generation, Runtime
-    from lucid.model import Event, Exchange, Instance, Outcome, Rejection
+    from lucid.model import Event, Exchange, Generation, Instance, Outcome, Rejection
+    from lucid.runtime import Runtime
 
 hookspec = pluggy.HookspecMarker("lucid")
 

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from lucid.runtime import Runtime
 
 OutcomeKind = Literal["success", "error_status", "timeout", "connect_error", "upstream_error"]
 
@@ -148,6 +153,27 @@ class Event:
     at: float = field(default_factory=time.time)
 
 
+@dataclass(eq=False)
+class Generation:
+    """One validated config and what plugins derived from it.
+
+    Each request reads ``runtime.generation`` once and uses that object to its end, so
+    a reload swaps one reference and in-flight requests finish on the generation they
+    started with. ``config`` is the root model built for the enabled plugins: its
+    sections are attributes named after them (``config.server``, ``config.gateway``).
+    """
+
+    number: int
+    config: Any  # built at startup from the plugins' sections: no static type exists
+    source: str
+    capabilities: frozenset[str] = frozenset()
+    disabled: frozenset[str] = frozenset()  # capabilities switched off in [plugins]
+    route_models: dict[str, type[BaseModel]] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # per plugin, by plugin name
+    runtime: Runtime | None = None  # the Runtime this generation belongs to
+    loaded_at: float = field(default_factory=time.time)
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
     """One request through the proxy, from arrival to the last byte of the response.
@@ -167,7 +193,7 @@ class Exchange:
     client_ip: str
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     started: float
-    generation: Any = None  # the config generation this request runs under
+    generation: Generation | None = None  # the config generation this request runs under
     route: Any = None  # the routing plugin's route object, once matched
     policy: RoutePolicy = DEFAULT_POLICY
     route_id: str = ""
@@ -193,3 +219,13 @@ class Exchange:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     # upstream response headers to drop, lower-case (a plugin's own policy wins, e.g. CORS)
     drop_response_headers: frozenset[str] = frozenset()
+
+
+def __getattr__(name: str) -> Any:
+    """``lucid.model.Runtime``: the running gateway's class, imported on first use
+    (``lucid.runtime`` imports this module)."""
+    if name == "Runtime":
+        from lucid.runtime import Runtime
+
+        return Runtime
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

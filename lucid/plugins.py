@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from quart import Blueprint
 
-    from lucid.gateway import Generation, Runtime
-    from lucid.model import Event, Exchange, Instance, Outcome, Rejection
+    from lucid.model import Event, Exchange, Generation, Instance, Outcome, Rejection
+    from lucid.runtime import Runtime
 
 hookimpl = pluggy.HookimplMarker("lucid")
 log = logging.getLogger("lucid.plugins")

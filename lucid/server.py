@@ -22,9 +22,9 @@ from hypercorn.config import Config as HypercornConfig
 
 from lucid.admin import create_admin_app
 from lucid.config import ConfigError
-from lucid.gateway import Runtime, load_plugins_and_config
 from lucid.model import Event
 from lucid.proxy import ProxyApp
+from lucid.runtime import Runtime, load_plugins_and_config
 
 log = logging.getLogger("lucid")
 
