@@ -369,3 +369,19 @@ def test_config_errors_do_not_print_secrets(tmp_path: Path) -> None:
     assert ("gateway.auth = '***': a list or table set from the environment must be JSON"
             in result.stderr)
     assert ISSUER_SECRET not in result.stderr
+
+
+def test_serve_keeps_its_state_private(tmp_path: Path) -> None:
+    """Every plugin's SQLite files (and their -wal and -shm) that a real lucid serve
+    creates under data_dir are 0600, and the data_dir it creates is 0700."""
+    process = GatewayProcess(write_config(SECRETS_CONFIG, tmp_path), env=lucid_env())
+    try:
+        process.wait_ready()
+        data = tmp_path / "data"
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        files = sorted(p for p in data.rglob("*.db*") if p.is_file())
+        assert {p.name for p in files} >= {"gateway.db", "gateway.db-wal", "gateway.db-shm"}
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {
+            p.name: 0o600 for p in files}
+    finally:
+        process.stop()
