@@ -97,7 +97,7 @@ class Runtime:
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Prepare the first generation, open the upstream pool, start plugins."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # if new: private
         first = self._generation(1, self.generation.config)
         await self.hooks.prepare(first)
         self.generation = first
