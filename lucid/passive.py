@@ -214,13 +214,6 @@ class PassiveHealth:
         self.emit(Event("instance_readmitted", {
             "service": key[0], "instance": key[1], "url": key[2]}))
 
-    def describe(self) -> list[dict[str, Any]]:
-        """The ejected instances now, for status endpoints."""
-        loop = asyncio.get_running_loop()
-        return [{"service": s, "instance": i, "url": u,
-                 "seconds_left": round(max(0.0, handle.when() - loop.time()), 3)}
-                for (s, i, u), handle in self.ejected.items()]
-
     def close(self) -> None:
         """The gateway stops: no readmission fires after its loop is gone."""
         for handle in self.ejected.values():
