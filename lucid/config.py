@@ -26,6 +26,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from lucid.passive import PassiveConfig
 from lucid.units import ByteSize, Duration
 
 ENV_PREFIX = "LUCID_"
@@ -111,6 +112,9 @@ class ServerConfig(BaseModel):
         None, min_length=32, description="key that signs admin API tokens (lucid init makes one)"
     )
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    passive: PassiveConfig = Field(
+        default_factory=PassiveConfig,
+        description="passive health: the proxy's own failed calls eject an instance")
 
     @field_validator("proxy", "admin")
     @classmethod

@@ -26,6 +26,7 @@ from lucid.config import (
     validate_config,
 )
 from lucid.model import Event
+from lucid.passive import PassiveHealth
 from lucid.plugins import Hooks, PluginSet, choose_plugins
 
 log = logging.getLogger("lucid")
@@ -79,6 +80,7 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = {"requests": 0, "errors": 0, "in_flight": 0}
+        self.passive = PassiveHealth(self.emit)  # ejections, for every instance
         self.version = __version__
 
     def _generation(self, number: int, config: Any) -> Generation:
@@ -122,6 +124,7 @@ class Runtime:
         for task in list(self._background):
             task.cancel()
         await self.hooks.shutdown(self)
+        self.passive.close()
         if self.session is not None:
             await self.session.close()
             self.session = None
