@@ -22,7 +22,7 @@ from quart_schema import Info, QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from lucid import __version__
-from lucid.config import ConfigError, dotted
+from lucid.config import ConfigError, dotted, redact
 from lucid.http import new_request_id
 from lucid.model import Event
 
@@ -142,7 +142,6 @@ ADMIN_ISSUER = "lucid-admin"
 ADMIN_ROLES = {"viewer": 1, "admin": 2}
 OPEN_PATHS = frozenset({"/openapi.json", "/gateway/health"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_SECRET_WORDS = ("secret", "password", "token", "private")
 SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("Cache-Control", "no-store"),
@@ -224,16 +223,6 @@ def _admin_identity(secret: str) -> tuple[dict[str, Any] | None, Any]:
             f'{challenge}, error="invalid_token", error_description="{exc}"')
         return None, response
     return claims, None
-
-
-def redact(value: Any) -> Any:
-    """A JSON-like value with anything that looks like a secret replaced."""
-    if isinstance(value, dict):
-        return {k: "***" if any(w in k.lower() for w in _SECRET_WORDS) and v is not None
-                else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 def _summary(payload: Any) -> str:

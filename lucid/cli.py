@@ -91,13 +91,30 @@ def init(directory: str, force: bool) -> None:
     template = files("lucid").joinpath("defaults/starter.toml").read_text()
     text = template.replace("@ADMIN_SECRET@", secrets.token_urlsafe(32))
     target.parent.mkdir(parents=True, exist_ok=True)
-    # It holds a secret: created 0600 (never readable by others, not even briefly);
-    # an existing file is replaced rather than rewritten in place with its old mode.
-    target.unlink(missing_ok=True)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    write_private(target, text)
     click.echo(f"wrote {target}; run: lucid serve --config {target}")
+
+
+def write_private(target: Path, text: str) -> None:
+    """Write a file that may hold secrets: mode 0600 from its first byte (a temporary
+    file beside it, ``mkstemp`` makes it 0600 whatever the umask), then renamed over
+    ``target``, so an existing file is replaced whole, never rewritten in place with
+    its old mode nor left half written. A target that exists but is not a regular
+    file (``/dev/stdout``, a pipe) is written as it is: its mode is not ours."""
+    import tempfile
+
+    if target.exists() and not target.is_file():
+        with target.open("w") as fh:
+            fh.write(text)
+        return
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @main.command("plugins")
@@ -177,15 +194,20 @@ def config_group() -> None:
 
 @config_group.command("export")
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--output", "-o", metavar="FILE", help="write here instead of stdout")
-def config_export(config: str | None, output: str | None) -> None:
+@click.option("--output", "-o", metavar="FILE",
+              help="write here (mode 0600) instead of stdout")
+@click.option("--show-secrets", is_flag=True,
+              help="print secrets (server.admin_secret, issuer secrets ...) in clear, "
+                   "for a backup or a migration; by default they read \"***\"")
+def config_export(config: str | None, output: str | None, show_secrets: bool) -> None:
     """Print the effective config (file, environment overrides and the routes added
-    through the admin API) as TOML."""
+    through the admin API) as TOML, secrets redacted as GET /gateway/config shows
+    them."""
     import sqlite3
 
     import tomli_w
 
-    from lucid.config import data_dir
+    from lucid.config import data_dir, redact
     from lucid.runtime import load_plugins_and_config
 
     path = _config_path(config)
@@ -203,9 +225,13 @@ def config_export(config: str | None, output: str | None) -> None:
             rows = conn.execute("SELECT id, definition FROM routes ORDER BY id").fetchall()
         routes = data.setdefault("gateway", {}).setdefault("routes", [])
         routes += [{**json.loads(d), "id": i} for i, d in rows]
-    text = tomli_w.dumps(data)
+    text = tomli_w.dumps(data if show_secrets else redact(data))
     if output:
-        Path(output).write_text(text)
+        try:
+            write_private(Path(output), text)
+        except OSError as exc:
+            click.echo(f"lucid: cannot write {output}: {exc.strerror or exc}", err=True)
+            sys.exit(1)
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text, nl=False)

@@ -26,10 +26,42 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from lucid.passive import PassiveConfig
 from lucid.units import ByteSize, Duration
 
 ENV_PREFIX = "LUCID_"
 ENV_DELIMITER = "__"
+
+# Secrets are found by the key that holds them, in any plugin's section: a plugin's
+# ``*_secret``, ``password`` or ``api_key`` is hidden without it registering anything.
+REDACTED = "***"
+SECRET_WORDS = ("secret", "password", "passwd", "token", "private", "credential",
+                "api_key", "apikey")
+
+
+def is_secret_key(key: object) -> bool:
+    """Whether a setting (or JSON key) by this name holds a secret."""
+    return isinstance(key, str) and any(w in key.lower() for w in SECRET_WORDS)
+
+
+def redact(value: Any) -> Any:
+    """A JSON-like value with every secret replaced by ``***``: what ``GET
+    /gateway/config``, ``lucid config export``, the audit log and config errors show.
+
+    A number or a flag under a secret-looking key is kept: it is a count or a switch
+    (``token_cache_size``), never a key, and hiding it would make an export that no
+    longer loads."""
+    if isinstance(value, dict):
+        return {k: _redact_item(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _redact_item(key: Any, value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float) or not is_secret_key(key):
+        return redact(value)
+    return REDACTED
 
 
 class ConfigError(Exception):
@@ -80,6 +112,9 @@ class ServerConfig(BaseModel):
         None, min_length=32, description="key that signs admin API tokens (lucid init makes one)"
     )
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    passive: PassiveConfig = Field(
+        default_factory=PassiveConfig,
+        description="passive health: the proxy's own failed calls eject an instance")
 
     @field_validator("proxy", "admin")
     @classmethod
@@ -185,8 +220,11 @@ def undecodable_env(model: type[BaseModel]) -> list[str]:
         try:
             json.loads(value)
         except ValueError:
+            # Not JSON, so not redactable key by key: hidden whole if it may hold one.
+            text = REDACTED if is_secret_key(value) else value
             problems.append(
-                f"{dotted(loc)} = {value!r}: a list or table set from the environment must be "
+                f"{dotted(loc)} = {shown(loc, text)!r}: a list or table set from the "
+                "environment must be "
                 f"JSON, e.g. '[\"a\", \"b\"]' (set by environment variable {name.upper()})"
             )
     return problems
@@ -233,11 +271,18 @@ def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any) -> 
             problems.append(f"{key}: unknown key{hint}")
         else:
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{key} = {error.get('input')!r}: {message}")
+            problems.append(f"{key} = {shown(loc, error.get('input'))!r}: {message}")
         env = env_name(loc)
         if env and env in {k.upper() for k in os.environ}:
             problems[-1] += f" (set by environment variable {env})"
     return problems
+
+
+def shown(loc: list[Any], value: Any) -> Any:
+    """A value as a config error may print it: an operator's log is no place for a
+    secret (a too-short ``admin_secret`` from the environment, an issuer table that
+    fails its own check)."""
+    return _redact_item(loc[-1] if loc else "", value)
 
 
 _UNION_TAGS = {"str", "bool", "int", "float", "list[str]", "dict[str,any]"}

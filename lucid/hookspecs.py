@@ -124,7 +124,8 @@ def lucid_resolve_instances(
 
     Synchronous, from memory (never a store read per request). Answer the healthy
     instances; a :class:`lucid.model.Candidates` also carries ``everyone`` (any health)
-    for selection plugins. The core keeps the answer in ``exchange.instances``.
+    for selection plugins. The core keeps the answer in ``exchange.instances``, minus
+    the instances its passive health has ejected (:mod:`lucid.passive`), if any.
     Stops at first non-None result. None everywhere, or an empty list, answers 503.
 
     :param exchange: the request, with ``service`` set.

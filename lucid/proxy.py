@@ -99,6 +99,7 @@ class ProxyApp:
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
+        self.passive = runtime.passive
         self._rotation = 0
         self.deadlines = Deadlines()
         self._via_cache: tuple[Any, bytes, str] = (None, b"", "")
@@ -204,6 +205,8 @@ class ProxyApp:
         peer: str, scope: dict[str, Any],
     ) -> None:
         hooks = self.runtime.hooks
+        if self.passive.ejected:  # only then: a list without the ejected, made once
+            instances = exchange.instances = self.passive.view(instances)
         policy = exchange.policy
         budget = policy.budget
         idempotent = exchange.method in IDEMPOTENT
@@ -298,6 +301,7 @@ class ProxyApp:
             log.info("request %s: %s from %s: %s", exchange.request_id, outcome.kind,
                      instance.url, outcome.error)
             await hooks.record_outcome(exchange, instance, outcome)
+            self.passive.record(exchange, instance, outcome)
             status = 504 if outcome.kind == "timeout" else 502
             return Rejection(status, reason=f"upstream {outcome.kind.replace('_', ' ')}")
         status = response.status
@@ -311,6 +315,8 @@ class ProxyApp:
         )
         exchange.outcome = outcome
         await hooks.record_outcome(exchange, instance, outcome)
+        if status >= 500 or self.passive.failing:
+            self.passive.record(exchange, instance, outcome)
         if retryable:
             deadline.close()
             response.release()

@@ -25,6 +25,7 @@ from lucid.config import (
     validate_config,
 )
 from lucid.model import Event, Generation
+from lucid.passive import PassiveHealth
 from lucid.plugins import Hooks, PluginSet, choose_plugins
 
 log = logging.getLogger("lucid")
@@ -63,6 +64,7 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = {"requests": 0, "errors": 0, "in_flight": 0}
+        self.passive = PassiveHealth(self.emit)  # ejections, for every instance
         self.version = __version__
 
     def _generation(self, number: int, config: Any) -> Generation:
@@ -81,7 +83,7 @@ class Runtime:
     # lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         """Prepare the first generation, open the upstream pool, start plugins."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # if new: private
         first = self._generation(1, self.generation.config)
         await self.hooks.prepare(first)
         self.generation = first
@@ -106,6 +108,7 @@ class Runtime:
         for task in list(self._background):
             task.cancel()
         await self.hooks.shutdown(self)
+        self.passive.close()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -150,12 +151,26 @@ def connect(path: Path) -> Database:
     return Database(lambda: sqlite3.connect(str(path)), iter_chunk_size=64)
 
 
+def create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (SQLite takes an empty file
+    for a new database). The stores hold what the admin API accepted, audit entries,
+    the affinity cookies' key: readable by Lucid's user only. SQLite creates the
+    ``-wal`` and ``-shm`` files with the database file's mode (``findCreateFileMode``
+    in its unix VFS), so they follow. An existing file keeps the mode it has: an
+    operator may have chosen it. A folder created here is 0700, for the same reason."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass  # another worker process made it first, or an earlier run
+
+
 async def open_database(path: Path, schema: Sequence[str] = ()) -> Database:
     """Open (creating if needed) a SQLite file in WAL mode and apply ``schema``.
 
     ``schema`` holds idempotent statements (``CREATE TABLE IF NOT EXISTS …``).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    create_private(path)
     db = connect(path)
     await db  # starts its thread and opens the file
     db.row_factory = aiosqlite.Row

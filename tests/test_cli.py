@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -245,5 +248,140 @@ def test_serve_stops_cleanly_on_signal(sig: int, tmp_path: Path) -> None:
         process.signal(sig)
         assert process.wait(30) == 0
         assert "worker 0 stopped" in process.output
+    finally:
+        process.stop()
+
+
+# --- lucid config export, and secrets ------------------------------------------------------
+
+FILE_SECRET = "file-admin-secret-" + "f" * 30
+ISSUER_SECRET = "file-issuer-secret-" + "i" * 30
+SECRETS_CONFIG = f"""
+[server]
+admin_secret = "{FILE_SECRET}"
+
+[gateway.auth]
+token_cache_size = 500
+
+[gateway.auth.issuers.main]
+algorithms = ["HS256"]
+secret = "{ISSUER_SECRET}"
+
+[gateway.services.svc]
+instances = ["http://127.0.0.1:9"]
+
+[[gateway.routes]]
+id = "static"
+prefix = "/static"
+service = "svc"
+auth = {{ issuers = ["main"] }}
+"""
+
+
+def test_config_export_redacts_secrets_unless_asked(tmp_path: Path) -> None:
+    """Secrets read "***" as GET /gateway/config shows them, from the file or from the
+    environment; --show-secrets prints them, for a backup or a migration."""
+    path = write_config(SECRETS_CONFIG, tmp_path)
+    env_admin, env_issuer = "env-admin-secret-" + "e" * 30, "env-issuer-secret-" + "v" * 30
+    environment = {"LUCID_SERVER__ADMIN_SECRET": env_admin,
+                   "LUCID_GATEWAY__AUTH__ISSUERS__MAIN__SECRET": env_issuer}
+    for env, (admin, issuer) in (({}, (FILE_SECRET, ISSUER_SECRET)),
+                                 (environment, (env_admin, env_issuer))):
+        result = run_lucid("config", "export", "--config", str(path), **env)
+        assert result.returncode == 0, result.stderr
+        exported = tomllib.loads(result.stdout)
+        assert exported["server"]["admin_secret"] == "***"
+        assert exported["gateway"]["auth"]["issuers"]["main"]["secret"] == "***"
+        assert admin not in result.stdout + result.stderr
+        assert issuer not in result.stdout + result.stderr
+        # a number under a secret-looking key is a count, not a secret
+        assert exported["gateway"]["auth"]["token_cache_size"] == 500
+        assert [r["id"] for r in exported["gateway"]["routes"]] == ["static"]
+
+        shown = run_lucid("config", "export", "--show-secrets", "--config", str(path), **env)
+        assert shown.returncode == 0, shown.stderr
+        exported = tomllib.loads(shown.stdout)
+        assert exported["server"]["admin_secret"] == admin
+        assert exported["gateway"]["auth"]["issuers"]["main"]["secret"] == issuer
+
+    helped = run_lucid("config", "export", "--help")
+    assert "--show-secrets" in helped.stdout and "0600" in helped.stdout
+
+
+def test_config_export_writes_a_private_file(tmp_path: Path) -> None:
+    """-o writes 0600 from the start whatever the umask, and a file it replaces becomes
+    0600 too (replaced whole: no temporary file is left beside it)."""
+    path = write_config(SECRETS_CONFIG, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "exported.toml"
+
+    def export(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lucid", "config", "export", "--config", str(path),
+             "-o", str(target), *extra],
+            capture_output=True, text=True, timeout=60, env=lucid_env(),
+            preexec_fn=lambda: os.umask(0))  # the loosest umask: the mode is Lucid's
+
+    result = export()
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {target}" in result.stderr and result.stdout == ""
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert tomllib.loads(target.read_text())["server"]["admin_secret"] == "***"
+
+    target.write_text("old")
+    target.chmod(0o644)
+    result = export("--show-secrets")
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert tomllib.loads(target.read_text())["server"]["admin_secret"] == FILE_SECRET
+    assert sorted(p.name for p in out.iterdir()) == ["exported.toml"]
+
+    missing = tmp_path / "no-such-folder" / "x.toml"
+    result = run_lucid("config", "export", "--config", str(path), "-o", str(missing))
+    assert result.returncode == 1
+    assert f"lucid: cannot write {missing}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_errors_do_not_print_secrets(tmp_path: Path) -> None:
+    """A config error names the key, the variable that set it and what was expected,
+    but never shows a secret's value: not a too-short admin secret from the
+    environment, not an issuer table that fails its own check, not a table from the
+    environment that is not JSON. lucid serve prints the same lines to its log."""
+    short = "short-but-secret"
+    path = write_config(SECRETS_CONFIG.replace('algorithms = ["HS256"]',
+                                               'algorithms = ["RS256"]'), tmp_path)
+    for command in ("check", "serve"):
+        result = run_lucid(command, "--config", str(path), LUCID_SERVER__ADMIN_SECRET=short)
+        assert result.returncode == 2, result.stderr
+        assert ("server.admin_secret = '***': String should have at least 32 characters "
+                "(set by environment variable LUCID_SERVER__ADMIN_SECRET)") in result.stderr
+        assert "gateway.auth.issuers.main = {" in result.stderr
+        assert "'secret': '***'" in result.stderr
+        assert "'secret' is given but no HS* algorithm is allowed" in result.stderr
+        assert short not in result.stderr and ISSUER_SECRET not in result.stderr
+        assert "Traceback" not in result.stderr
+
+    broken = '{"issuers": {"main": {"secret": "' + ISSUER_SECRET + '"'  # not JSON: cut short
+    result = run_lucid("check", "--config", str(path), LUCID_GATEWAY__AUTH=broken)
+    assert result.returncode == 2
+    assert ("gateway.auth = '***': a list or table set from the environment must be JSON"
+            in result.stderr)
+    assert ISSUER_SECRET not in result.stderr
+
+
+def test_serve_keeps_its_state_private(tmp_path: Path) -> None:
+    """Every plugin's SQLite files (and their -wal and -shm) that a real lucid serve
+    creates under data_dir are 0600, and the data_dir it creates is 0700."""
+    process = GatewayProcess(write_config(SECRETS_CONFIG, tmp_path), env=lucid_env())
+    try:
+        process.wait_ready()
+        data = tmp_path / "data"
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        files = sorted(p for p in data.rglob("*.db*") if p.is_file())
+        assert {p.name for p in files} >= {"gateway.db", "gateway.db-wal", "gateway.db-shm"}
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {
+            p.name: 0o600 for p in files}
     finally:
         process.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -150,5 +152,38 @@ async def test_the_wal_is_checkpointed_in_the_background(tmp_path):
             await db.commit()
         await wait_until(lambda: path.stat().st_size > before + 200_000,
                          message="the WAL to be copied into the database file")
+    finally:
+        await db.close()
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_database_files_are_private_from_their_creation(tmp_path):
+    """The .db and its -wal and -shm are 0600 whatever the umask; a folder the store
+    creates is 0700; a file that exists already keeps the mode an operator gave it."""
+    folder = tmp_path / "new"
+    path = folder / "p.db"
+    old = os.umask(0)  # the loosest: what the store asks for is all a file gets
+    try:
+        db = await open_database(path, ["CREATE TABLE IF NOT EXISTS t (n INTEGER)"])
+    finally:
+        os.umask(old)
+    try:
+        await db.execute("INSERT INTO t VALUES (1)")
+        await db.commit()
+        files = [path, folder / "p.db-wal", folder / "p.db-shm"]
+        assert {p.name: mode(p) for p in files} == {p.name: 0o600 for p in files}
+        assert mode(folder) == 0o700
+    finally:
+        await db.close()
+
+    shared = tmp_path / "shared.db"
+    shared.touch()
+    shared.chmod(0o640)
+    db = await open_database(shared, ["CREATE TABLE IF NOT EXISTS t (n INTEGER)"])
+    try:
+        assert mode(shared) == 0o640
     finally:
         await db.close()

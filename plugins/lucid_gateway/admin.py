@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, request
 from quart_schema import tag, validate_request
 
-from lucid.admin import error_response, redact, runtime
-from lucid.config import ConfigError
+from lucid.admin import error_response, runtime
+from lucid.config import ConfigError, redact
 from lucid.http import normalize_path
 from lucid.model import Exchange
 from lucid_gateway import apply_routes

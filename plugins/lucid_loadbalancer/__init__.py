@@ -178,17 +178,19 @@ class LoadBalancerPlugin:
                 pass
 
     def instances_of(self, pool: Pool) -> Sequence[Instance] | None:
-        """A pool's current candidate list, as the data path would resolve it."""
-        if pool.inline is not None:
-            return pool.inline
+        """A pool's current candidate list, as the data path would resolve it (minus
+        the instances the core's passive health has ejected)."""
         runtime = self.runtime
-        if runtime is None:
-            return None
-        generation = runtime.generation
-        exchange = Exchange(request_id="", method="GET", path="/", query="", host="",
-                            scheme="http", client_ip="", headers={}, started=0.0,
-                            generation=generation, service=pool.service)
-        return runtime.hooks.resolve_instances(exchange, generation)  # type: ignore[no-any-return]
+        found: Sequence[Instance] | None = pool.inline
+        if found is None and runtime is not None:
+            generation = runtime.generation
+            exchange = Exchange(request_id="", method="GET", path="/", query="", host="",
+                                scheme="http", client_ip="", headers={}, started=0.0,
+                                generation=generation, service=pool.service)
+            found = runtime.hooks.resolve_instances(exchange, generation)
+        if found and runtime is not None and runtime.passive.ejected:
+            return runtime.passive.view(found)  # type: ignore[no-any-return]
+        return found
 
     # the data path --------------------------------------------------------
     @hookimpl(tryfirst=True)

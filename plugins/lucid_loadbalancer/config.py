@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lucid.model import parse_upstream_url
 from lucid.units import Duration
-from lucid_loadbalancer.algorithms import HASHING, is_prime
+from lucid_loadbalancer.algorithms import HASHING, POINTS_PER_WEIGHT, RING_SIZE, is_prime
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (header/cookie name)
@@ -114,8 +114,13 @@ class PoolSpec(BaseModel):
                           "ip, path or subject (default ip)")
     hash_fallback: str = Field(
         "random", description="the key when hash_key is missing: another source, or random")
-    ring_size: int = Field(16384, ge=64, le=8_388_608,
-                           description="ring_hash: positions on the ring, shared by weight")
+    points_per_weight: int = Field(
+        POINTS_PER_WEIGHT, ge=1, le=65_536,
+        description="ring_hash: ring positions per unit of an instance's weight (fixed, "
+                    "so an instance leaving moves only its own keys)")
+    ring_size: int = Field(RING_SIZE, ge=64, le=8_388_608,
+                           description="ring_hash: most positions on the ring; above it "
+                                       "every instance's positions are halved until it fits")
     table_size: int = Field(65537, ge=7, le=5_000_011,
                             description="maglev: lookup table entries, a prime > 100 x "
                                         "instances")

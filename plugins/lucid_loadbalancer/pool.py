@@ -106,7 +106,8 @@ class Pool:
         self.algorithm = spec.algorithm
         settings: dict[str, Any] = {}
         if spec.algorithm == "ring_hash":
-            settings = {"ring_size": spec.ring_size, "factor": spec.bounded_load}
+            settings = {"points_per_weight": spec.points_per_weight,
+                        "ring_size": spec.ring_size, "factor": spec.bounded_load}
         elif spec.algorithm == "maglev":
             settings = {"table_size": spec.table_size, "factor": spec.bounded_load}
         elif spec.algorithm == "least_request":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import pickle
 import signal
 import sys
@@ -25,10 +26,24 @@ from typing import Any, BinaryIO
 from lucid_monitoring.accesslog import lines
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating file whose every file is created 0600: access-log lines name clients,
+    paths and token subjects. Rotation renames the file (its mode goes with it) and
+    opens a new one here. An existing file keeps the mode an operator gave it."""
+
+    def _open(self) -> Any:
+        return open(self.baseFilename, self.mode, encoding=self.encoding,
+                    errors=self.errors, opener=_private)
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 def handler_for(args: dict[str, Any]) -> logging.Handler:
     handler: logging.Handler
     if args["target"] == "file":
-        handler = logging.handlers.RotatingFileHandler(
+        handler = PrivateRotatingFileHandler(
             args["path"], maxBytes=args["max_bytes"], backupCount=args["backups"],
             encoding="utf-8")
     else:

@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from lucid.model import Exchange, Instance, Outcome
+from lucid.config import ConfigError
+from lucid.model import Exchange, Instance
+from lucid.passive import STATE_KEY as PASSIVE_STATE
 from lucid.plugins import hookimpl
 from lucid_registry.config import RegistryConfig
-from lucid_registry.registry import RegisteredInstance, Registry
+from lucid_registry.registry import Registry
 from lucid_registry.store import SQLiteStore
 
 LUCID_CAPABILITY = "registry"
@@ -24,6 +26,7 @@ DB_NAME = "registry.db"
 # watch (SSE stream, blocking query) would otherwise hold the process for its grace
 # period.
 STOPPING_EVENT = "stopping"
+PASSIVE_EVENTS = frozenset({"instance_ejected", "instance_readmitted"})  # lucid.passive
 __all__ = ["RegistryConfig", "RegistryPlugin", "Registry"]
 
 
@@ -57,7 +60,16 @@ class RegistryPlugin:
 
     @hookimpl
     def lucid_prepare(self, generation: Any) -> None:
-        generation.state["registry"] = generation.config.registry
+        config = generation.config
+        generation.state["registry"] = config.registry
+        if "passive" in config.registry.model_fields_set:
+            # the older spelling of [server.passive], kept working: it sets the
+            # gateway-wide passive health when [server.passive] is not set
+            if "passive" in config.server.model_fields_set:
+                raise ConfigError(generation.source, [
+                    "registry.passive: passive health is set in [server.passive]; "
+                    "[registry.passive] is its older name, keep one of them"])
+            generation.state[PASSIVE_STATE] = config.registry.passive
 
     @hookimpl
     async def lucid_startup(self, runtime: Any) -> None:
@@ -80,17 +92,21 @@ class RegistryPlugin:
     @hookimpl
     def lucid_observe_event(self, event: Any) -> Awaitable[None] | None:
         """After a reload, static services follow the file; when the gateway starts
-        stopping, watches end (other events cost nothing)."""
+        stopping, watches end; passive ejections show in instance statuses (other
+        events cost nothing)."""
         if self.registry is None:
             return None
         if event.kind == STOPPING_EVENT:
             self.registry.close_watches()
             return None
+        if event.kind in PASSIVE_EVENTS:
+            self.registry.passive(event.kind, event.data)
+            return None
         if event.kind != "config_reloaded":
             return None
         registry = self.registry
         config: RegistryConfig = registry.runtime.config.registry
-        registry.config = config  # passive and max_wait follow the reload
+        registry.config = config  # max_wait follows the reload
         return registry.sync_static(config.services)
 
     # data path -----------------------------------------------------------------
@@ -99,17 +115,3 @@ class RegistryPlugin:
         self, exchange: Exchange, generation: Any
     ) -> Sequence[Instance] | None:
         return self.candidates.get(exchange.service)
-
-    @hookimpl
-    def lucid_record_outcome(
-        self, exchange: Exchange, instance: Instance, outcome: Outcome
-    ) -> None:
-        if instance.__class__ is not RegisteredInstance:
-            return
-        record = instance.record  # type: ignore[attr-defined]
-        if outcome.kind == "success":
-            if record.passive_failures or record.passive_connect:
-                record.passive_failures = record.passive_connect = 0
-            return
-        if self.registry is not None:
-            self.registry.record_failure(record, outcome)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lucid.config import first_repeat
 from lucid.model import parse_upstream_url
+from lucid.passive import PassiveConfig
 from lucid.units import Duration
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -184,22 +185,18 @@ class Maintenance(Strict):
     reason: str = Field("", max_length=1024)
 
 
-class Passive(Strict):
-    """Passive health: the proxy's own upstream failures eject an instance for a while."""
-
-    enabled: bool = True
-    connect_failures: int = Field(1, ge=1, le=100, description="refused connections to eject")
-    consecutive_failures: int = Field(
-        5, ge=1, le=1000, description="timeouts, 5xx or broken responses in a row to eject"
-    )
-    eject_for: Duration = Field(10.0, ge=0.1, le=3600, description="then it gets traffic again")
+# ``[registry.passive]`` is the older spelling of the core's ``[server.passive]`` (passive
+# health now covers every instance, whichever plugin declared it): same fields, and
+# set alone it configures the gateway's passive health.
+Passive = PassiveConfig
 
 
 class RegistryConfig(Strict):
     """``[registry]``: static services, passive health and limits of the admin API."""
 
     services: dict[str, StaticService] = Field(default_factory=dict)
-    passive: Passive = Field(default_factory=Passive)
+    passive: Passive = Field(default_factory=Passive,
+                             description="alias of [server.passive]; set one of them")
     check_concurrency: int = Field(
         32, ge=1, le=1024, description="active HTTP checks in flight at once"
     )

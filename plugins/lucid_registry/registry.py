@@ -8,8 +8,9 @@ changes, so resolving is one dict lookup. Every change bumps a registry-wide
 An instance's status is derived, in this order:
 
 * ``maintenance`` while an operator drains it (no new requests; in-flight ones finish);
-* ``critical`` while passively ejected (the proxy saw it refuse connections, time out
-  or fail repeatedly) -- transient, not persisted;
+* ``critical`` while passively ejected (the core's :mod:`lucid.passive` saw it refuse
+  connections, time out or fail repeatedly, and said so in an ``instance_ejected``
+  event) -- transient, not persisted;
 * otherwise the worst of what it *reported* (registration, heartbeats; ``critical``
   when its TTL lapses) and what the *active* HTTP check found.
 
@@ -28,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from lucid.model import Candidates, Event, Instance, Outcome
+from lucid.model import Candidates, Event, Instance
 from lucid_registry.config import (
     CheckSpec,
     InstanceSpec,
@@ -73,8 +74,8 @@ class Record:
 
     __slots__ = (
         "service", "spec", "static", "instance", "reported", "http", "note", "maintenance",
-        "ejected_until", "passive_connect", "passive_failures", "changed_at", "idx",
-        "ttl_deadline", "ttl_timer", "dereg_timer", "eject_timer", "check_timer",
+        "ejected_until", "changed_at", "idx",
+        "ttl_deadline", "ttl_timer", "dereg_timer", "check_timer",
         "check_passes", "check_failures", "removed", "status",
     )
 
@@ -91,15 +92,12 @@ class Record:
         self.http: str | None = None
         self.note = ""
         self.maintenance: str | None = None
-        self.ejected_until = 0.0
-        self.passive_connect = 0
-        self.passive_failures = 0
+        self.ejected_until = 0.0  # while the core's passive health has it out
         self.changed_at = time.time()
         self.idx = 0
         self.ttl_deadline = 0.0
         self.ttl_timer: asyncio.TimerHandle | None = None
         self.dereg_timer: asyncio.TimerHandle | None = None
-        self.eject_timer: asyncio.TimerHandle | None = None
         self.check_timer: asyncio.TimerHandle | None = None
         self.check_passes = 0
         self.check_failures = 0
@@ -120,10 +118,10 @@ class Record:
         return self.health
 
     def cancel_timers(self) -> None:
-        for timer in (self.ttl_timer, self.dereg_timer, self.eject_timer, self.check_timer):
+        for timer in (self.ttl_timer, self.dereg_timer, self.check_timer):
             if timer is not None:
                 timer.cancel()
-        self.ttl_timer = self.dereg_timer = self.eject_timer = self.check_timer = None
+        self.ttl_timer = self.dereg_timer = self.check_timer = None
 
     def describe(self) -> dict[str, Any]:
         spec = self.spec
@@ -372,31 +370,21 @@ class Registry:
             self._persist_later(record)
         return True
 
-    def record_failure(self, record: Record, outcome: Outcome) -> None:
-        """Passive health: the proxy could not use this instance."""
-        passive = self.config.passive
-        if not passive.enabled or record.removed or record.ejected_until:
+    def passive(self, kind: str, data: dict[str, Any]) -> None:
+        """The core's passive health ejected (``instance_ejected``) or readmitted
+        (``instance_readmitted``) an instance: a registry instance shows as critical
+        in between (see :mod:`lucid.passive`; the core already keeps it from traffic)."""
+        service = self.services.get(data["service"])
+        record = service.records.get(data["instance"]) if service is not None else None
+        if record is None or record.removed or record.spec.url != data["url"]:
             return
-        if outcome.kind == "connect_error":
-            record.passive_connect += 1
-            trip = record.passive_connect >= passive.connect_failures
+        if kind == "instance_ejected":
+            record.ejected_until = self.loop.time() + data["seconds"]
+            record.note = f"passive: {data['reason']}"
+        elif record.ejected_until:
+            record.ejected_until = 0.0
         else:
-            record.passive_failures += 1
-            trip = record.passive_failures >= passive.consecutive_failures
-        if not trip:
             return
-        record.passive_connect = record.passive_failures = 0
-        record.ejected_until = self.loop.time() + passive.eject_for
-        record.eject_timer = self.loop.call_later(passive.eject_for, self._readmit, record)
-        record.note = f"passive: {outcome.kind}" + (f" ({outcome.status})" if outcome.status
-                                                     else "")
-        self._restatus(record, "passive")
-
-    def _readmit(self, record: Record) -> None:
-        record.eject_timer = None
-        if record.removed:
-            return
-        record.ejected_until = 0.0
         self._restatus(record, "passive")
 
     # timers: TTL, deregistration ---------------------------------------------
@@ -664,10 +652,13 @@ class Registry:
                 id=spec.id, url=spec.url, service=name, weight=spec.weight, zone=spec.zone,
                 metadata=dict(spec.metadata), tags=tuple(spec.tags), status=record.status,
                 record=record)
+            ejected = spec.url != previous.url and record.ejected_until
             if spec.url != previous.url:
                 record.check_passes = record.check_failures = 0
-                record.passive_connect = record.passive_failures = 0
+                record.ejected_until = 0.0  # the core judges the new URL afresh
             self._changed(record.service)
+            if ejected:
+                self._restatus(record, "passive")
             return record
 
     def record(self, name: str, instance_id: str) -> Record:

@@ -220,7 +220,7 @@ def test_runtime_routes_survive_kill_9_and_are_exported(
         capture_output=True, text=True, timeout=60, check=True)
     exported = tomllib.loads(result.stdout)
     assert [r["id"] for r in exported["gateway"]["routes"]] == ["static", "kept"]
-    assert exported["gateway"]["auth"]["issuers"]["main"]["secret"] == "k" * 40
+    assert exported["gateway"]["auth"]["issuers"]["main"]["secret"] == "***"
 
 
 async def test_config_services_and_metrics(lucid_upstream: Any, lucid_gateway: Any) -> None:

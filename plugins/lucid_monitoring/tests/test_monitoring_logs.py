@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -286,3 +287,28 @@ async def test_workers_share_stdout_without_interleaving_lines(tmp_path):
     ids = sorted(r["request_id"] for r in records)
     assert "w-0000" in ids
     assert [i for i in ids if i != "w-0000"] == [f"w-{n:04d}" for n in range(1, 600)]
+
+
+async def test_access_log_files_are_private(lucid_upstream, lucid_gateway):
+    """The access log and every file it rotates to are created 0600 (they name clients,
+    paths and token subjects), whatever the umask the writer process runs with."""
+    upstream = await lucid_upstream(handler)
+    old = os.umask(0)  # inherited by the writer process: the mode must be Lucid's own
+    try:
+        gw = await lucid_gateway(config(upstream.url, """
+[monitoring.access_log]
+enabled = true
+target = "file"
+path = "private/access.log"
+max_bytes = "1KiB"
+backups = 2
+"""))
+    finally:
+        os.umask(old)
+    folder = gw.runtime.data_dir / "private"
+    for i in range(8):
+        async with gw.session.get(gw.proxy_url + f"/api/{i}") as r:
+            assert r.status == 200
+    await wait_until(lambda: (folder / "access.log.2").exists(), message="two rotations")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.glob("access.log*")}
+    assert modes == dict.fromkeys(["access.log", "access.log.1", "access.log.2"], 0o600)

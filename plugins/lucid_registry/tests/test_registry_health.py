@@ -162,18 +162,40 @@ async def test_repeated_5xx_eject_after_the_threshold(lucid_upstream, lucid_gate
     async def broken(request: web.Request) -> web.Response:
         return web.Response(status=500)
 
-    a = await lucid_upstream(broken)
+    a, b = await lucid_upstream(broken), await lucid_upstream()
     gw = await lucid_gateway(ROUTE.format(eject="1m", extra="consecutive_failures = 3"))
     async with gw.session.post(gw.admin_url + "/registry/services", json={
-        "id": "users", "instances": [{"id": "a", "url": a.url}]}) as r:
+            "id": "users", "instances": [{"id": "a", "url": a.url},
+                                         {"id": "b", "url": b.url}]}) as r:
         assert r.status == 201
     record = registry(gw).services["users"].records["a"]
     statuses = []
-    for _ in range(4):  # 500 is not retried: one attempt each
+    for _ in range(12):  # 500 is not retried: one attempt each, "a" every other one
         async with gw.session.get(gw.proxy_url + "/users") as r:
             statuses.append(r.status)
-    assert statuses == [500, 500, 500, 503]
-    assert record.status == "critical" and record.note == "passive: error_status (500)"
+    assert statuses.count(500) == 3 and statuses[-6:] == [200] * 6
+    await wait_until(lambda: record.status == "critical", message="the status to follow")
+    assert record.note == "passive: error_status (500)"
+
+
+async def test_the_last_instance_is_never_ejected(lucid_upstream, lucid_gateway):
+    """Ejecting a service's only instance would turn its 500s into 503s and hide its
+    recovery: passive health keeps it (a circuit breaker is the tool for that)."""
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=500)
+
+    a = await lucid_upstream(broken)
+    gw = await lucid_gateway(ROUTE.format(eject="1m", extra="consecutive_failures = 3"))
+    async with gw.session.post(gw.admin_url + "/registry/services", json={
+            "id": "users", "instances": [{"id": "a", "url": a.url}]}) as r:
+        assert r.status == 201
+    statuses = []
+    for _ in range(6):
+        async with gw.session.get(gw.proxy_url + "/users") as r:
+            statuses.append(r.status)
+    assert statuses == [500] * 6 and len(a.requests) == 6
+    assert registry(gw).services["users"].records["a"].status == "passing"
+    assert not gw.runtime.passive.ejected
 
 
 async def test_batched_heartbeats_are_all_or_nothing(lucid_gateway):
