@@ -23,6 +23,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 
 from lucid import __version__
 from lucid.config import ConfigError, dotted, redact
+from lucid.definitions import DefinitionError, PreconditionFailed
 from lucid.http import new_request_id
 from lucid.model import Event
 
@@ -126,6 +127,18 @@ def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
         }
         for e in exc.errors(include_url=False)
     ]
+
+
+def if_match() -> int | None:
+    """The revision an ``If-Match`` header names (``"3"``, ``3`` or ``W/"3"``), else
+    None. A value that names no revision can never match: 412 (RFC 9110 §13.1.1)."""
+    value = _header(request.headers, "if-match").strip()
+    if not value or value == "*":
+        return None
+    value = value.removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise PreconditionFailed(f"If-Match {value!r} names no revision")
+    return int(value)
 
 
 def error_response(status: int, message: str, **extra: Any) -> Any:
@@ -280,6 +293,10 @@ def create_admin_app(rt: Runtime) -> Quart:
         return error_response(422, "validation failed", fields=[
             {"field": "body", "message": "the request body is not valid JSON",
              "type": "json_invalid"}])
+
+    @app.errorhandler(DefinitionError)
+    async def _definition(error: DefinitionError) -> Any:
+        return error_response(error.status, error.message, **error.extra)
 
     @app.errorhandler(HTTPException)
     async def _http(error: HTTPException) -> Any:

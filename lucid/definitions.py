@@ -27,30 +27,77 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from lucid.store import Database, open_database
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
 Origin = Literal["static", "dynamic"]
+M = TypeVar("M", bound="BaseModel")
 Key = tuple[str, str]  # (kind, id)
 
 
-@dataclass(frozen=True, slots=True)
-class Definition:
-    """One entity, as the API shows it and the plugins read it."""
+@dataclass(frozen=True)
+class Kind:
+    """A kind of definition, as a plugin registered it (``lucid_register_definitions``)."""
 
-    kind: str
-    id: str
-    body: Mapping[str, Any]
-    origin: Origin
-    revision: int = 0  # the backend revision of its last write; 0 for static ones
+    name: str
+    model: type[BaseModel]  # validates one body
+    # config -> {id: body or validated model}, in file order
+    static: Callable[[Any], Mapping[str, Any]] | None = None
+    legacy: Callable[[Path], Mapping[str, Mapping[str, Any]]] | None = None  # older stores
+
+    def declared(self, config: Any) -> Mapping[str, Any]:
+        """The definitions the config file declares, ``{id: body or model}`` in file
+        order."""
+        return self.static(config) if self.static is not None else {}
+
+
+class Definition:
+    """One entity, as the API shows it and the plugins read it.
+
+    It holds its JSON ``body``, its validated model (``parsed``), or both; each is made
+    from the other once, when first asked for. A snapshot carries unchanged
+    definitions from one generation to the next as the same objects, so a write
+    re-validates only what it wrote, not every route of a large table.
+    """
+
+    __slots__ = ("kind", "id", "origin", "revision", "_body", "_value")
+
+    def __init__(self, kind: str, id: str, body: Mapping[str, Any] | None = None,
+                 origin: Origin = "dynamic", revision: int = 0, value: Any = None):
+        if body is None and value is None:
+            raise ValueError("a definition needs a body or a value")
+        self.kind = kind
+        self.id = id
+        self.origin = origin
+        self.revision = revision  # the backend revision of its last write; 0 if static
+        self._body = body
+        self._value = value
+
+    @property
+    def body(self) -> Mapping[str, Any]:
+        if self._body is None:
+            self._body = self._value.model_dump(mode="json", exclude_unset=True)
+        return self._body
+
+    def parsed(self, model: type[M]) -> M:
+        """The body validated by ``model`` (the kind's), made once."""
+        if self._value is None:
+            self._value = model.model_validate(dict(self.body))
+        return self._value  # type: ignore[no-any-return]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "id": self.id, "origin": self.origin,
                 "revision": self.revision, "body": dict(self.body)}
+
+    def __repr__(self) -> str:
+        return f"Definition({self.kind!r}, {self.id!r}, {self.origin}, r{self.revision})"
 
 
 class DefinitionError(Exception):
@@ -78,6 +125,12 @@ class PreconditionFailed(DefinitionError):
     """``If-Match`` named a revision the definition no longer has."""
 
     status = 412
+
+
+class Invalid(DefinitionError):
+    """A plugin rejected the configuration the write would make (``problems``)."""
+
+    status = 422
 
 
 class BackendUnavailable(DefinitionError):
@@ -156,6 +209,10 @@ class Backend(Protocol):
         so the caller validates again against the new snapshot. Returns the
         snapshot after the commit.
         """
+        ...
+
+    async def revision(self) -> int:
+        """The backend's current revision: cheap, to see whether to load again."""
         ...
 
     async def close(self) -> None: ...
@@ -256,12 +313,31 @@ class _Moved(Exception):
         self.revision = revision
 
 
-def merged(static: Mapping[str, Mapping[str, Any]], snapshot: Snapshot, kind: str
-           ) -> dict[str, Definition]:
+def read_stored(data_dir: Path, kinds: Mapping[str, Kind]) -> Snapshot:
+    """The dynamic definitions a gateway with this ``data_dir`` has stored, read-only
+    and without starting it (``lucid config export``). A data dir an older Lucid wrote
+    is read through the kinds' ``legacy`` readers, as the gateway would import it."""
+    import sqlite3
+
+    path = data_dir / "definitions.db"
+    if path.exists():
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            revision = conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+            if revision is not None and revision[0] > 0:
+                return Snapshot(revision[0], {
+                    (kind, id): Definition(kind, id, json.loads(body), "dynamic", rev)
+                    for kind, id, body, rev in conn.execute(
+                        "SELECT kind, id, body, revision FROM definitions")})
+    writes = [Write(kind.name, id, body) for kind in kinds.values() if kind.legacy is not None
+              for id, body in kind.legacy(data_dir).items()]
+    return Snapshot().applied(writes, 1) if writes else Snapshot()
+
+
+def merged(static: Mapping[str, Any], snapshot: Snapshot, kind: str) -> dict[str, Definition]:
     """Static definitions of ``kind`` (file order) followed by the dynamic ones (id
     order). A dynamic id that a static one now takes (the file gained it) is left out:
     the file wins, and the API shows the static one."""
-    out = {id: Definition(kind, id, body, "static") for id, body in static.items()}
+    out = {id: _static(kind, id, given) for id, given in static.items()}
     for id, definition in snapshot.of(kind).items():
         out.setdefault(id, definition)
     return out
@@ -269,3 +345,9 @@ def merged(static: Mapping[str, Mapping[str, Any]], snapshot: Snapshot, kind: st
 
 def ids(definitions: Iterable[Definition]) -> list[str]:
     return [d.id for d in definitions]
+
+
+def _static(kind: str, id: str, given: Any) -> Definition:
+    if isinstance(given, Mapping):
+        return Definition(kind, id, given, "static")
+    return Definition(kind, id, None, "static", value=given)

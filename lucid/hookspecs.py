@@ -47,6 +47,22 @@ def lucid_register_config(
 
 
 @hookspec
+def lucid_register_definitions(register: Callable[..., None]) -> None:
+    """Contribute the kinds of definition this plugin manages (routes, limits …).
+
+    ``register(kind, model, static=None, legacy=None)``: ``model`` validates one
+    definition's body (the admin API's payload); ``static(config)`` returns the
+    definitions the config file declares, ``{id: body}`` in file order (read-only
+    through the API); ``legacy(data_dir)``, if given, returns the definitions an older
+    Lucid kept in this plugin's own store, imported once into the core's store.
+    Read them in ``lucid_prepare`` with ``generation.defined(kind)``; write them
+    through ``runtime.write(kind, id, body)``.
+
+    :param register: callback that records a kind; raises if the name is taken.
+    """
+
+
+@hookspec
 def lucid_register_admin(register: Callable[[Blueprint], None]) -> None:
     """Contribute this plugin's admin blueprint (with its ``url_prefix`` set).
 
@@ -76,6 +92,21 @@ def lucid_prepare(generation: Generation) -> None | Awaitable[None]:
     Results: list, awaited.
 
     :param generation: the candidate config generation.
+    """
+
+
+@hookspec
+def lucid_activate(generation: Generation) -> None | Awaitable[None]:
+    """The generation this plugin prepared is now live: requests arriving from now on
+    run under it.
+
+    Called once per generation, right after the swap, at startup (after
+    ``lucid_startup``), on every reload and after every definition write. Start
+    here what must follow the live config (move counters over, retarget background
+    work); never re-sync lazily inside a data-path hook. Results: list, awaited in
+    plugin order; an exception is logged, not fatal (the swap has happened).
+
+    :param generation: the generation that just went live.
     """
 
 

@@ -7,9 +7,12 @@ request, and validation already happened when the config or admin payload was re
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
+
+from lucid.definitions import Definition, Kind, Snapshot, merged
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -172,6 +175,21 @@ class Generation:
     state: dict[str, Any] = field(default_factory=dict)  # per plugin, by plugin name
     runtime: Runtime | None = None  # the Runtime this generation belongs to
     loaded_at: float = field(default_factory=time.time)
+    definitions: Snapshot = field(default_factory=Snapshot)  # the dynamic ones, committed
+    kinds: Mapping[str, Kind] = field(default_factory=dict)
+    _defined: dict[str, dict[str, Definition]] = field(default_factory=dict, repr=False)
+
+    def defined(self, kind: str) -> dict[str, Definition]:
+        """Every definition of ``kind`` in this generation, by id: the config file's
+        (``origin == "static"``, file order), then the admin API's (id order)."""
+        found = self._defined.get(kind)
+        if found is None:
+            registered = self.kinds.get(kind)
+            if registered is None:
+                raise KeyError(f"no plugin registered definitions of kind {kind!r}")
+            found = self._defined[kind] = merged(
+                registered.declared(self.config), self.definitions, kind)
+        return found
 
 
 @dataclass(slots=True, eq=False)
