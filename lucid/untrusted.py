@@ -31,7 +31,9 @@ MAX_DEPTH = 32
 # (year 9999): anything later, negative or non-finite is not a date.
 MAX_NUMERIC_DATE = 253402300799
 
-_TOKEN = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
+# An empty signature parses, so an ``alg: none`` token is refused by name, not as
+# malformed; no key verifies it.
+_TOKEN = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]*)")
 # RFC 4648 §3.5: the last character of a segment whose length is 2 (resp. 3) mod 4
 # carries 4 (resp. 2) bits that are not data; canonical encoders write them as zero.
 _LAST_OF_2 = frozenset("AQgw")

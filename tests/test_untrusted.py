@@ -48,8 +48,9 @@ def test_only_the_canonical_spelling_of_a_segment_splits() -> None:
     for data in (b"", b"a", b"ab", b"abc", bytes(range(256))):
         segment = base64.urlsafe_b64encode(data).rstrip(b"=").decode() or "AA"
         assert split_token(f"{segment}.{segment}.{segment}") == (segment,) * 3
+    assert split_token("e30.e30.") == ("e30", "e30", "")  # unsigned: refused by its alg
     for token in ("a.b.c", "QQ=.e30.e30", "QR.e30.e30", "QUF.e30.e30", "QUJ.e30.e30",
-                  "e30.e30", "e30.e30.e30.e30", "e30.e30.", "e+0.e30.e30", "e30.e30.e3/",
+                  "e30.e30", "e30.e30.e30.e30", ".e30.e30", "e+0.e30.e30", "e30.e30.e3/",
                   "e30.e30.e30\n", "ｅ30.e30.e30"):
         with pytest.raises(Malformed):
             split_token(token)
