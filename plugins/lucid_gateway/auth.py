@@ -14,8 +14,6 @@ expiry on every hit and dropped when the issuer's key set changes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import time
 from collections.abc import Awaitable
@@ -28,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lucid.model import Exchange, Rejection
 from lucid.units import Duration
+from lucid.untrusted import Malformed, bearer_challenge, check_numeric_dates, decode_token
 from lucid_gateway.jwks import (
     ALGORITHMS,
     SUPPORTED,
@@ -135,18 +134,15 @@ class AuthFailure(Exception):
 
 def unauthorized(description: str, code: str | None = "invalid_token") -> Rejection:
     """RFC 6750 §3: no error code when the request carried no token at all."""
-    challenge = 'Bearer realm="lucid"'
-    if code:
-        challenge += f', error="{code}", error_description="{description}"'
+    challenge = (bearer_challenge("lucid", error=code, error_description=description) if code
+                 else bearer_challenge("lucid"))
     return Rejection(401, body={"auth_error": code or "missing_token"}, reason=description,
                      headers=[("www-authenticate", challenge)])
 
 
 def forbidden(description: str, scope: str = "") -> Rejection:
-    challenge = ('Bearer realm="lucid", error="insufficient_scope", '
-                 f'error_description="{description}"')
-    if scope:
-        challenge += f', scope="{scope}"'
+    challenge = bearer_challenge("lucid", error="insufficient_scope",
+                                 error_description=description, scope=scope)
     return Rejection(403, body={"auth_error": "insufficient_scope"}, reason=description,
                      headers=[("www-authenticate", challenge)])
 
@@ -163,10 +159,6 @@ class Issuer:
     @property
     def key_version(self) -> int:
         return self.jwks.version if self.jwks is not None else 0
-
-
-def _b64(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
 @dataclass(eq=False)
@@ -194,15 +186,10 @@ class Verifier:
                 if now + leeway < nbf:
                     raise AuthFailure("token not yet valid")
                 return claims
-        try:
-            head, body, sig = token.split(".")
-            header = json.loads(_b64(head))
-            payload = json.loads(_b64(body))
-            signature = _b64(sig)
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            raise AuthFailure("malformed token") from None
-        if not isinstance(header, dict) or not isinstance(payload, dict):
-            raise AuthFailure("malformed token")
+        try:  # canonical base64url, bounded JSON: parsed before the signature is checked
+            header, payload, signature, signing_input = decode_token(token)
+        except Malformed as exc:
+            raise AuthFailure(str(exc)) from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":
             raise AuthFailure("unsigned tokens are not accepted")
@@ -215,7 +202,6 @@ class Verifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthFailure("malformed token")
-        signing_input = f"{head}.{body}".encode()
         keys = self._keys(issuer, alg, kid)
         if keys is None:  # the key must be fetched first
             return self._verify_after_fetch(token, issuer, alg, kid, signing_input, signature,
@@ -277,15 +263,15 @@ class Verifier:
         for name in config.required_claims:
             if name not in claims:
                 raise AuthFailure(f"missing required claim '{name}'")
+        try:
+            check_numeric_dates(claims)  # NaN compares false: it would never expire
+        except Malformed as exc:
+            raise AuthFailure(str(exc)) from None
         now = time.time()
         leeway = config.leeway
         exp = claims.get("exp", float("inf"))
         nbf = claims.get("nbf", float("-inf"))
         iat = claims.get("iat")
-        for name, value in (("exp", exp), ("nbf", nbf), ("iat", iat)):
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, int | float)):
-                raise AuthFailure(f"claim '{name}' must be a number")
         if now > exp + leeway:
             raise AuthFailure("token expired")
         if now + leeway < nbf:
