@@ -19,17 +19,22 @@ def _request(target: bytes = b"/", fields: list[bytes] | None = None) -> bytes:
 
 
 async def _send_in_pieces(served, data: bytes, piece: int = 4096):
-    """Send ``data`` a piece at a time, each piece flushed, then read the answer."""
+    """Send ``data`` a piece at a time, each piece flushed, until the gateway answers."""
     reader, writer = await served.client.connect()
+    answer = asyncio.create_task(read_response(reader))
     try:
         for start in range(0, len(data), piece):
+            if answer.done():
+                break  # refused mid-head: sending on would only provoke a reset
             writer.write(data[start:start + piece])
             try:
                 await writer.drain()
             except ConnectionError:
-                break  # refused mid-head: the answer is already on its way
-        return await asyncio.wait_for(read_response(reader), 10)
+                break
+            await asyncio.sleep(0)
+        return await asyncio.wait_for(answer, 10)
     finally:
+        answer.cancel()
         writer.close()
 
 
@@ -106,3 +111,13 @@ async def test_limits_are_configurable(serve, raw_upstream):
     ok = await served.client.send(_request(fields=[b"X-H%d: v" % i for i in range(4)]))
     assert ok.status == 200
     assert len(upstream.requests) == 1
+
+
+async def test_a_head_past_twice_the_limit_is_cut_off_while_it_arrives(serve, raw_upstream):
+    """Past twice the limit the parser stops reading (a bound on each connection's
+    memory): still a 431 and a close, never a hang nor a head buffered whole."""
+    upstream = await raw_upstream()
+    served = serve(route(upstream.url), max_request_header_size="4KiB")
+    data = _request(fields=[b"X-Big: " + b"v" * (64 * KIB)])
+    _refused(await _send_in_pieces(served, data, piece=1024), 431)
+    assert upstream.requests == []
