@@ -23,6 +23,7 @@ from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 
 from lucid.admin import create_admin_app
 from lucid.config import ConfigError
@@ -75,14 +76,15 @@ class HeadTimedTCPServer(TCPServer):
     closes (nginx's client_header_timeout). An idle keep-alive connection that sends
     nothing still waits the 75 s.
 
-    Relies on TCPServer's internals (``_read_data``, ``idle_task``, ``Updated``
-    events), the same in Hypercorn 0.17 and 0.18; pyproject pins that range.
+    Relies on TCPServer's internals (``_read_data``, ``idle_task``, ``protocol``,
+    ``Updated`` events), the same in Hypercorn 0.17 and 0.18; pyproject pins that range.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._idle = True  # no request in progress (Hypercorn starts idle)
         self._reading_head = False
+        self._head_timeout: float | None = getattr(self.config, "request_head_timeout", None)
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, Updated):  # a head parsed (idle=False), or a response done
@@ -92,14 +94,14 @@ class HeadTimedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         # TCPServer._read_data, plus the head timer started by a new request's first byte.
-        head_timeout = getattr(self.config, "request_head_timeout", None)
         while not self.reader.at_eof():
             try:
                 data = await asyncio.wait_for(self.reader.read(MAX_RECV), self.config.read_timeout)
             except (ConnectionError, OSError, TimeoutError, SSLError):
                 break
             else:
-                if data and self._idle and not self._reading_head and head_timeout:
+                if data and self._idle and not self._reading_head and self._head_timeout and \
+                        isinstance(self.protocol.protocol, H11Protocol):  # not HTTP/2's pings
                     self._reading_head = True
                     await self.idle_task.restart(self._task_group, self._head_timed_out)
                 await self.protocol.handle(RawData(data))
@@ -107,8 +109,7 @@ class HeadTimedTCPServer(TCPServer):
 
     async def _head_timed_out(self) -> None:
         try:
-            await asyncio.wait_for(self.context.terminated.wait(),
-                                   getattr(self.config, "request_head_timeout", None))
+            await asyncio.wait_for(self.context.terminated.wait(), self._head_timeout)
         except TimeoutError:
             # No request has started, so no response either: the 408 is written as is.
             body = json_body(408, "request head not received in time", new_request_id())
