@@ -153,8 +153,13 @@ class Client:
             writer.close()
 
 
-async def read_response(reader: asyncio.StreamReader) -> RawResponse:
-    """One response from ``reader``: status 0 if the connection closed before a head."""
+async def read_response(reader: asyncio.StreamReader, closed_wait: float | None = 0.5
+                        ) -> RawResponse:
+    """One response from ``reader``: status 0 if the connection closed before a head.
+
+    Then ``closed_wait`` seconds to see whether the connection closes; ``None`` skips
+    that (and reads nothing more), for a client that expects another response.
+    """
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
@@ -175,7 +180,8 @@ async def read_response(reader: asyncio.StreamReader) -> RawResponse:
         response.body = await _read_body(reader, RawRequest(head, b""))
     else:
         response.body = await reader.read()
-    response.closed = await _closed(reader)
+    if closed_wait is not None:
+        response.closed = await _closed(reader, closed_wait)
     return response
 
 
