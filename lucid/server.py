@@ -18,6 +18,7 @@ from pathlib import Path
 from ssl import SSLError
 from typing import Any
 
+import h11
 import hypercorn.asyncio.run
 from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
@@ -90,7 +91,18 @@ class HeadTimedTCPServer(TCPServer):
         if isinstance(event, Updated):  # a head parsed (idle=False), or a response done
             self._idle = event.idle
             self._reading_head = False
+            if event.idle and self._head_timeout and self._pipelined():
+                # The next request's head began before this response ended: time it.
+                self._reading_head = True
+                await self.idle_task.restart(self._task_group, self._head_timed_out)
+                return
         await super().protocol_send(event)
+
+    def _pipelined(self) -> bool:
+        """Whether HTTP/1.1 bytes of a next request are already buffered, unparsed."""
+        protocol = self.protocol.protocol
+        return isinstance(protocol, H11Protocol) and isinstance(
+            protocol.connection, h11.Connection) and bool(protocol.connection.trailing_data[0])
 
     async def _read_data(self) -> None:
         # TCPServer._read_data, plus the head timer started by a new request's first byte.

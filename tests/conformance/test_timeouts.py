@@ -135,3 +135,21 @@ async def test_the_head_timeout_does_not_cut_an_idle_keep_alive_connection(
     finally:
         writer.close()
     assert len(upstream.requests) == 2
+
+
+async def test_a_pipelined_head_left_incomplete_gets_408(serve, raw_upstream):
+    """The next request's head arrived with the first request: its timer starts when
+    the first response ends (not the 75 s keep-alive)."""
+    upstream = await raw_upstream()
+    served = serve(route(upstream.url), request_head_timeout="0.5s")
+    reader, writer = await served.client.connect()
+    try:
+        writer.write(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n")
+        await writer.drain()
+        first = await asyncio.wait_for(read_response(reader, None), ANSWERED_WITHIN)
+        assert first.status == 200
+        second = await asyncio.wait_for(read_response(reader), ANSWERED_WITHIN)
+    finally:
+        writer.close()
+    _timed_out(second, "request head not received in time")
+    assert [r.request_line for r in upstream.requests] == [b"GET /1 HTTP/1.1"]
