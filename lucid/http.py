@@ -21,6 +21,11 @@ HOP_BY_HOP = frozenset(
         "upgrade", "proxy-authenticate", "proxy-authorization",
     }
 )
+# Request headers the proxy always sets itself, whatever the client sent.
+FORWARDING = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "traceparent",
+     "host", "via"}
+)
 # Request headers upstream frameworks read the client's address, scheme, port, path
 # prefix or URL from (besides X-Forwarded-For/-Proto/-Host, which Lucid sets itself):
 # de facto standards, CDN and proxy vendors' own, and the ones Rack, Symfony, Spring,

@@ -23,6 +23,7 @@ from yarl import URL
 from lucid.deadline import Deadline, Deadlines
 from lucid.http import (
     CLIENT_IDENTITY,
+    FORWARDING,
     HOP_BY_HOP,
     client_ip,
     forwarded_element,
@@ -47,11 +48,7 @@ BUFFER_LIMIT = 64 * 1024  # bodies up to this size are buffered, so they can be 
 READ_CHUNK = 64 * 1024
 _SAFE_PATH = "/!$&'()*+,;=:@~"
 _JSON = (b"content-type", b"application/json")
-# Request headers Lucid always sets itself, whatever the client sent.
-_FORWARDING = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "traceparent",
-     "host", "via"}
-)
+_FORWARDING = FORWARDING  # set by Lucid whatever the client sent
 _TWINS = underscore_twins(_FORWARDING | CLIENT_IDENTITY)  # dropped from every peer
 # Characters a path may carry unquoted upstream (RFC 3986 pchar and "/"): the usual path
 # needs no quoting at all, and this check is cheaper than quote() finding that out.
