@@ -99,6 +99,8 @@ class ServerConfig(BaseModel):
         default_factory=list,
         description="peers whose X-Forwarded-* headers are believed (CIDR)",
     )
+    forwarded: bool = Field(False, description="send an RFC 7239 Forwarded header upstream")
+    x_real_ip: bool = Field(False, description="send X-Real-IP: the client's address")
     upstream_connections: int = Field(
         1000, ge=1, description="keep-alive pool size across all upstreams"
     )

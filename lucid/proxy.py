@@ -22,7 +22,11 @@ from yarl import URL
 
 from lucid.deadline import Deadline, Deadlines
 from lucid.http import (
+    CLIENT_IDENTITY,
+    FORWARDING,
+    HOP_BY_HOP,
     client_ip,
+    forwarded_element,
     hop_by_hop,
     http_date,
     is_trusted,
@@ -30,6 +34,7 @@ from lucid.http import (
     normalize_path,
     request_id_from,
     traceparent_from,
+    underscore_twins,
 )
 from lucid.model import Exchange, Instance, Outcome, Rejection
 
@@ -44,10 +49,8 @@ READ_CHUNK = 64 * 1024
 _SAFE_PATH = "/!$&'()*+,;=:@~"
 _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
-_FORWARDING = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "traceparent",
-     "host", "via"}
-)
+_FORWARDING = FORWARDING  # set by Lucid whatever the client sent
+_TWINS = underscore_twins(_FORWARDING | CLIENT_IDENTITY)  # dropped from every peer
 # Characters a path may carry unquoted upstream (RFC 3986 pchar and "/"): the usual path
 # needs no quoting at all, and this check is cheaper than quote() finding that out.
 _NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~/!$&'()*+,;=:@]").search
@@ -441,9 +444,11 @@ class ProxyApp:
     ) -> list[tuple[str, str]]:
         headers = exchange.headers
         server = self.runtime.generation.config.server
-        drop = _not_forwarded(headers.get("connection"))
+        trusted = bool(server.trusted_proxies) and is_trusted(peer, server.trusted_proxies)
+        drop = _not_forwarded(headers.get("connection"), exchange.set_request_headers, trusted,
+                              server.forwarded, server.x_real_ip)
         out = [(k, v) for k, v in headers.items() if k not in drop]
-        if server.trusted_proxies and is_trusted(peer, server.trusted_proxies):
+        if trusted:
             incoming = headers.get("x-forwarded-for")
             out.append(("x-forwarded-for", f"{incoming}, {peer}" if incoming else peer))
             out.append(("x-forwarded-proto", headers.get("x-forwarded-proto") or exchange.scheme))
@@ -454,6 +459,12 @@ class ProxyApp:
             host = exchange.host
         if host:
             out.append(("x-forwarded-host", host))
+        if server.forwarded:  # RFC 7239 §4: each proxy appends its element
+            element = forwarded_element(peer, exchange.scheme, exchange.host)
+            incoming = headers.get("forwarded") if trusted else None
+            out.append(("forwarded", f"{incoming}, {element}" if incoming else element))
+        if server.x_real_ip:
+            out.append(("x-real-ip", exchange.client_ip))
         via = self._via()[1]
         out.append(("via", f"{headers['via']}, {via}" if "via" in headers else via))
         out.append(("x-request-id", exchange.request_id))
@@ -534,10 +545,30 @@ class _Sent:
 
 
 @functools.lru_cache(maxsize=256)
-def _not_forwarded(connection: str | None) -> frozenset[str]:
-    """Request headers not copied upstream as they came: hop-by-hop ones, and those
-    Lucid sets itself."""
-    return hop_by_hop(connection) | _FORWARDING
+def _not_forwarded(connection: str | None, own: frozenset[str], trusted: bool,
+                   forwarded: bool, real_ip: bool) -> frozenset[str]:
+    """Request headers not copied upstream as they came, cached per combination (nearly
+    every request has the same one): hop-by-hop ones; those Lucid sets itself; from a
+    client that is not a trusted proxy, those naming who or where it is
+    (``CLIENT_IDENTITY``); and the underscore twins of all these and of ``own``.
+
+    ``own`` are headers a plugin set (the gateway's claim headers). A Connection header
+    names fields of the message as received (RFC 9110 §7.6.1), not ones added on the
+    way, so it cannot remove them; nor does ``CLIENT_IDENTITY`` remove one a route chose.
+    """
+    replaced = _FORWARDING
+    if forwarded:
+        replaced |= {"forwarded"}
+    if real_ip:
+        replaced |= {"x-real-ip"}
+    named = hop_by_hop(connection) if trusted else hop_by_hop(connection) | CLIENT_IDENTITY
+    dropped = (named - own) | HOP_BY_HOP | replaced | _TWINS
+    return dropped | _twins_of(own) if own else dropped
+
+
+@functools.lru_cache(maxsize=64)  # one set per route that sets headers, at most
+def _twins_of(own: frozenset[str]) -> frozenset[str]:
+    return underscore_twins(own)
 
 
 _BODY_LATE = "request body not received in time"

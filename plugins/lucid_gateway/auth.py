@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lucid.http import FORWARDING, HOP_BY_HOP
 from lucid.model import Exchange, Rejection
 from lucid.units import Duration
 from lucid.untrusted import Malformed, bearer_challenge, check_numeric_dates, decode_token
@@ -38,6 +39,7 @@ from lucid_gateway.jwks import (
 )
 
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+_MAX_HYPHENS = 8  # lucid.http.underscore_twins lists every spelling up to this
 _NO_CONTROLS = {c: None for c in (*range(0, 9), *range(10, 32), 127)}  # signed, still unsafe
 
 
@@ -118,6 +120,12 @@ class RouteAuth(Strict):
         for header in value.values():
             if not re.match(_HEADER_NAME, header):
                 raise ValueError(f"{header!r} is not a header name")
+            if header.lower() in HOP_BY_HOP or header.lower() in FORWARDING:
+                # it would never reach the upstream as the claim: say so, not fail silently
+                raise ValueError(f"{header!r} is a header the proxy removes or sets itself")
+            if header.count("-") > _MAX_HYPHENS:
+                raise ValueError(f"{header!r}: at most {_MAX_HYPHENS} '-' (every underscore "
+                                 "spelling of the name is dropped from requests)")
         return {k: v.lower() for k, v in value.items()}
 
 
@@ -330,6 +338,7 @@ class RouteAuthGuard:
     allowed: tuple[Issuer, ...]
     roles_path: tuple[str, ...]
     scopes_path: tuple[str, ...]
+    claim_headers: frozenset[str] = frozenset()  # forward_claims' header names
 
     def token_of(self, exchange: Exchange) -> tuple[str, str] | None:
         """The token and where it was found: ``"header"``, ``"cookie"`` or ``"query"``."""
@@ -390,6 +399,9 @@ class RouteAuthGuard:
                 return forbidden(f"missing scope {' '.join(missing)}", " ".join(s.scopes))
         exchange.identity = dict(claims)  # a copy: cached claims serve many requests
         headers = exchange.headers
+        if self.claim_headers:  # kept from a client's Connection; underscore twins dropped
+            own = exchange.set_request_headers
+            exchange.set_request_headers = own | self.claim_headers if own else self.claim_headers
         for claim, header in s.forward_claims.items():
             value = claims.get(claim)
             if value is None:
@@ -457,4 +469,5 @@ def route_guard(verifier: Verifier, settings: RouteAuth, key: str, problems: lis
         return None
     return RouteAuthGuard(verifier, settings, tuple(verifier.issuers[n] for n in names),
                           tuple(settings.roles_claim.split(".")),
-                          tuple(settings.scopes_claim.split(".")))
+                          tuple(settings.scopes_claim.split(".")),
+                          frozenset(settings.forward_claims.values()))
