@@ -26,6 +26,7 @@ from lucid.config import ConfigError, dotted, redact
 from lucid.definitions import DefinitionError, PreconditionFailed
 from lucid.http import new_request_id
 from lucid.model import Event
+from lucid.untrusted import Malformed, bearer_challenge, check_numeric_dates, decode_token, loads
 
 if TYPE_CHECKING:
     from lucid.runtime import Runtime
@@ -40,6 +41,26 @@ class MalformedJSON(BadRequest):
 class AdminRequest(Request):
     def on_json_loading_failed(self, error: Exception) -> Any:
         raise MalformedJSON()
+
+    async def get_json(self, force: bool = False, silent: bool = False,
+                       cache: bool = True) -> Any:
+        """Quart's, parsed by :func:`lucid.untrusted.loads`: a body that is not UTF-8,
+        nests deeper than a payload ever does, or holds NaN is refused as malformed
+        JSON (Quart's raises ``UnicodeDecodeError`` or ``RecursionError``: a 500).
+        Every view's schema, and the audit, read the body through here."""
+        if cache and self._cached_json[silent] is not Ellipsis:
+            return self._cached_json[silent]
+        if not (force or self.is_json):
+            return None
+        try:
+            result = loads(await self.get_data(cache=cache))
+        except Malformed as exc:
+            if not silent:
+                raise MalformedJSON(f"the request body {exc}") from None
+            result = None
+        if cache:
+            self._cached_json[silent] = result
+        return result
 
     async def get_data(self, cache: bool = True, as_text: bool = False,
                        parse_form_data: bool = False) -> Any:
@@ -218,22 +239,28 @@ def mint_admin_token(secret: str, role: str, ttl: float, subject: str) -> str:
 
 
 def _admin_identity(secret: str) -> tuple[dict[str, Any] | None, Any]:
-    """The verified admin token's claims, or the 401 to answer."""
+    """The verified admin token's claims, or the 401 to answer.
+
+    The token is parsed strictly first (:func:`lucid.untrusted.decode_token`): PyJWT
+    accepts padded and standard-alphabet base64, raises ``RecursionError`` on deeply
+    nested JSON and ``OverflowError`` on an infinite ``exp``; then PyJWT checks the
+    signature and claims."""
     import jwt
 
-    challenge = 'Bearer realm="lucid-admin"'
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         response = error_response(401, "an admin token is required (see `lucid token`)")
-        response.headers["WWW-Authenticate"] = challenge
+        response.headers["WWW-Authenticate"] = bearer_challenge("lucid-admin")
         return None, response
+    token = token.strip()
     try:
-        claims = jwt.decode(token.strip(), secret, algorithms=["HS256"], issuer=ADMIN_ISSUER,
+        check_numeric_dates(decode_token(token)[1])
+        claims = jwt.decode(token, secret, algorithms=["HS256"], issuer=ADMIN_ISSUER,
                             options={"require": ["exp", "sub", "iss"]}, leeway=5)
-    except jwt.PyJWTError as exc:
+    except (Malformed, jwt.PyJWTError) as exc:
         response = error_response(401, f"invalid admin token: {exc}")
-        response.headers["WWW-Authenticate"] = (
-            f'{challenge}, error="invalid_token", error_description="{exc}"')
+        response.headers["WWW-Authenticate"] = bearer_challenge(
+            "lucid-admin", error="invalid_token", error_description=str(exc))
         return None, response
     return claims, None
 
@@ -291,8 +318,7 @@ def create_admin_app(rt: Runtime) -> Quart:
     @app.errorhandler(MalformedJSON)
     async def _malformed(error: MalformedJSON) -> Any:
         return error_response(422, "validation failed", fields=[
-            {"field": "body", "message": "the request body is not valid JSON",
-             "type": "json_invalid"}])
+            {"field": "body", "message": error.description, "type": "json_invalid"}])
 
     @app.errorhandler(DefinitionError)
     async def _definition(error: DefinitionError) -> Any:
@@ -327,10 +353,19 @@ def create_admin_app(rt: Runtime) -> Quart:
         if ADMIN_ROLES.get(role, 0) < ADMIN_ROLES[needed]:
             response = error_response(403, f"this needs the {needed} role; the token has "
                                            f"{role or 'none'}")
-            response.headers["WWW-Authenticate"] = (
-                'Bearer realm="lucid-admin", error="insufficient_scope"')
+            response.headers["WWW-Authenticate"] = bearer_challenge(
+                "lucid-admin", error="insufficient_scope")
             return response
         return None
+
+    @app.before_request
+    async def _parse_write_body() -> None:
+        """A write's JSON body is parsed (once: views and the audit reuse it) before any
+        view runs, so a malformed one is refused on every write endpoint, also those
+        that read no body, and nothing changes."""
+        if (request.method not in READ_METHODS and request.is_json
+                and await request.get_data()):
+            await request.get_json()
 
     @app.after_request
     async def _security_headers(response: Any) -> Any:

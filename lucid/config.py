@@ -99,12 +99,26 @@ class ServerConfig(BaseModel):
         default_factory=list,
         description="peers whose X-Forwarded-* headers are believed (CIDR)",
     )
+    forwarded: bool = Field(False, description="send an RFC 7239 Forwarded header upstream")
+    x_real_ip: bool = Field(False, description="send X-Real-IP: the client's address")
     upstream_connections: int = Field(
         1000, ge=1, description="keep-alive pool size across all upstreams"
     )
     upstream_keepalive: Duration = Field(30.0, gt=0, description="idle upstream connection life")
     max_request_header_size: ByteSize = Field(
-        65536, ge=1024, description="larger request heads get 431"
+        65536, ge=1024,
+        description="larger request heads get 431 (414 if the request line alone is larger)",
+    )
+    max_request_headers: int = Field(
+        100, ge=1, description="requests with more header fields get 431 (Envoy's default)"
+    )
+    # 20 s: a real client sends its head in one round trip, even a 64 KiB one over a
+    # slow mobile link takes a few seconds; Apache's mod_reqtimeout waits 20 s for a
+    # head (nginx's client_header_timeout 60 s). A trickling client holds a connection
+    # that long at most, not for the 75 s keep-alive.
+    request_head_timeout: Duration = Field(
+        20.0, gt=0, description="a request head must arrive within this, from its first "
+        "byte (408, then close); separate from the 75 s keep-alive"
     )
     via: str = Field("lucid", pattern=r"^[A-Za-z0-9._-]+$",
                      description="pseudonym in the Via header")

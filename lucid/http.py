@@ -21,6 +21,29 @@ HOP_BY_HOP = frozenset(
         "upgrade", "proxy-authenticate", "proxy-authorization",
     }
 )
+# Request headers the proxy always sets itself, whatever the client sent.
+FORWARDING = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "traceparent",
+     "host", "via"}
+)
+# Request headers upstream frameworks read the client's address, scheme, port, path
+# prefix or URL from (besides X-Forwarded-For/-Proto/-Host, which Lucid sets itself):
+# de facto standards, CDN and proxy vendors' own, and the ones Rack, Symfony, Spring,
+# IIS and ingress-nginx honour. A client that is not a trusted proxy could otherwise
+# make an upstream believe any of these.
+CLIENT_IDENTITY = frozenset(
+    {
+        "forwarded", "x-forwarded", "forwarded-for", "x-real-ip", "true-client-ip",
+        "x-client-ip", "client-ip", "cf-connecting-ip", "fastly-client-ip",
+        "x-cluster-client-ip", "x-original-forwarded-for", "x-envoy-external-address",
+        "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server", "x-forwarded-scheme",
+        "x-forwarded-protocol", "x-forwarded-ssl", "front-end-https", "x-url-scheme",
+        "x-original-url", "x-rewrite-url", "x-original-uri", "x-forwarded-uri",
+        "x-original-host",
+    }
+)
+_TWIN_LIMIT = 8  # hyphens in a name whose every spelling is listed: 2**8 spellings at most
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
@@ -67,6 +90,49 @@ def hop_by_hop(connection: str | None) -> frozenset[str]:
 @functools.lru_cache(maxsize=256)  # nearly every upstream answers "keep-alive" every time
 def _hop_by_hop(connection: str) -> frozenset[str]:
     return HOP_BY_HOP | connection_tokens(connection)
+
+
+def underscore_twins(names: frozenset[str]) -> frozenset[str]:
+    """Every other spelling of these names with ``_`` for some ``-``: ``x_user_id``,
+    ``x-user_id`` and ``x_user-id`` for ``x-user-id``.
+
+    CGI (RFC 3875 §4.1.18) and so WSGI map both characters to ``_``, so an upstream
+    reading ``HTTP_X_USER_ID`` cannot tell a twin from the header Lucid set or removed.
+    Listing them costs nothing per request: the caller caches the set. A name with
+    more than ``_TWIN_LIMIT`` hyphens gets its all-underscore twin only.
+    """
+    twins: set[str] = set()
+    for name in names:
+        parts = name.split("-")
+        if len(parts) - 1 > _TWIN_LIMIT:
+            twins.add(name.replace("-", "_"))
+            continue
+        for mask in range(1, 2 ** (len(parts) - 1)):
+            spelled = parts[0]
+            for i, part in enumerate(parts[1:]):
+                spelled += ("_" if mask >> i & 1 else "-") + part
+            twins.add(spelled)
+    return frozenset(twins)
+
+
+@functools.lru_cache(maxsize=1024)
+def forwarded_element(peer: str, scheme: str, host: str) -> str:
+    """This hop's RFC 7239 ``Forwarded`` element: who connected (``for``), with what
+    scheme (``proto``), asking for which ``host`` (as received, §5.3).
+
+    An IPv6 address is bracketed, and since ``:`` is not a token character it is a
+    quoted-string (§6); an unknown peer (a Unix socket) is ``unknown`` (§6.2).
+    """
+    node = f'"[{peer}]"' if ":" in peer else peer or "unknown"
+    element = f"for={node};proto={scheme}"
+    if host:
+        element += ";host=" + (host if _TOKEN.match(host) else _quoted(host))
+    return element
+
+
+def _quoted(value: str) -> str:
+    """An RFC 9110 §5.6.4 quoted-string."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # Request and trace ids name things, they guard nothing: a PRNG seeded from the OS

@@ -237,6 +237,9 @@ class Exchange:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     # upstream response headers to drop, lower-case (a plugin's own policy wins, e.g. CORS)
     drop_response_headers: frozenset[str] = frozenset()
+    # request headers a plugin set, lower-case (the gateway's claim headers): a client's
+    # Connection header cannot remove them, and their underscore twins are dropped
+    set_request_headers: frozenset[str] = frozenset()
 
 
 def __getattr__(name: str) -> Any:

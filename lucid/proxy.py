@@ -22,7 +22,11 @@ from yarl import URL
 
 from lucid.deadline import Deadline, Deadlines
 from lucid.http import (
+    CLIENT_IDENTITY,
+    FORWARDING,
+    HOP_BY_HOP,
     client_ip,
+    forwarded_element,
     hop_by_hop,
     http_date,
     is_trusted,
@@ -30,6 +34,7 @@ from lucid.http import (
     normalize_path,
     request_id_from,
     traceparent_from,
+    underscore_twins,
 )
 from lucid.model import Exchange, Instance, Outcome, Rejection
 
@@ -43,10 +48,9 @@ BUFFER_LIMIT = 64 * 1024  # bodies up to this size are buffered, so they can be 
 READ_CHUNK = 64 * 1024
 _SAFE_PATH = "/!$&'()*+,;=:@~"
 _JSON = (b"content-type", b"application/json")
-_FORWARDING = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "traceparent",
-     "host", "via"}
-)
+_CLOSE = (b"connection", b"close")
+_FORWARDING = FORWARDING  # set by Lucid whatever the client sent
+_TWINS = underscore_twins(_FORWARDING | CLIENT_IDENTITY)  # dropped from every peer
 # Characters a path may carry unquoted upstream (RFC 3986 pchar and "/"): the usual path
 # needs no quoting at all, and this check is cheaper than quote() finding that out.
 _NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~/!$&'()*+,;=:@]").search
@@ -60,17 +64,33 @@ class ClientGone(Exception):
     pass
 
 
+class BodyTimeout(Exception):
+    """The client did not send the body it declared in time: answered 408."""
+
+
 class _Body:
-    """The request body as aiohttp wants it, counted and capped on the way through."""
+    """The request body as aiohttp wants it, counted and capped on the way through.
 
-    __slots__ = ("receive", "exchange", "limit", "started", "error")
+    Reading it counts against the route's timeouts, whichever path it takes (buffered,
+    streamed, chunked): no wait for the next piece longer than ``read``, the whole body
+    within ``total``. Without that, a client that declares a body and sends none holds
+    a connection and a task for ever (nginx's client_body_timeout, Envoy's
+    request_timeout do the same job).
+    """
 
-    def __init__(self, receive: Any, exchange: Exchange, limit: int | None):
+    __slots__ = ("receive", "exchange", "limit", "deadlines", "started", "waiting", "error",
+                 "_total")
+
+    def __init__(self, receive: Any, exchange: Exchange, limit: int | None,
+                 deadlines: Deadlines):
         self.receive = receive
         self.exchange = exchange
         self.limit = limit
+        self.deadlines = deadlines
         self.started = False
+        self.waiting = False  # on the client: a timeout now is the client's
         self.error: Exception | None = None
+        self._total: Deadline | None = None
 
     async def read_all(self) -> bytes:
         parts = [chunk async for chunk in self.stream()]
@@ -78,20 +98,43 @@ class _Body:
 
     async def stream(self) -> AsyncIterator[bytes]:
         self.started = True
-        more = True
-        while more:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                self.error = ClientGone()
-                raise self.error
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            if chunk:
-                self.exchange.bytes_in += len(chunk)
-                if self.limit is not None and self.exchange.bytes_in > self.limit:
-                    self.error = BodyTooLarge()
+        policy = self.exchange.policy
+        deadlines = self.deadlines
+        # Created here, in the task that reads (aiohttp sends a streamed body from a
+        # task of its own), so that expiry interrupts the read and nothing else.
+        total = self._total = deadlines.deadline(policy.total_timeout)
+        try:
+            more = True
+            while more:
+                gap = deadlines.deadline(policy.read_timeout)
+                self.waiting = True
+                try:
+                    with total, gap:
+                        message = await self.receive()
+                except TimeoutError:
+                    self.error = BodyTimeout()
+                    raise self.error from None
+                finally:
+                    gap.close()
+                self.waiting = False
+                if message["type"] == "http.disconnect":
+                    self.error = ClientGone()
                     raise self.error
-                yield chunk
+                chunk = message.get("body", b"")
+                more = message.get("more_body", False)
+                if chunk:
+                    self.exchange.bytes_in += len(chunk)
+                    if self.limit is not None and self.exchange.bytes_in > self.limit:
+                        self.error = BodyTooLarge()
+                        raise self.error
+                    yield chunk
+        finally:
+            total.close()
+
+    def close(self) -> None:
+        """Forget the body's deadline, also when aiohttp stopped reading half-way."""
+        if self._total is not None:
+            self._total.close()
 
 
 class ProxyApp:
@@ -119,7 +162,9 @@ class ProxyApp:
         server = generation.config.server
         started = time.perf_counter()
         headers: dict[str, str] = {}
+        head_size = 0  # the fields as sent, "name: value" CRLF, less 4 bytes each
         for raw_name, raw_value in scope["headers"]:
+            head_size += len(raw_name) + len(raw_value)
             name = raw_name.decode("latin-1")
             value = raw_value.decode("latin-1")
             if name in headers:
@@ -144,7 +189,7 @@ class ProxyApp:
         runtime.counters["in_flight"] += 1
         sent = _Sent(send)
         try:
-            await self._proxy(exchange, generation, scope, receive, sent, peer)
+            await self._proxy(exchange, generation, scope, receive, sent, peer, head_size)
         except Exception:
             runtime.counters["errors"] += 1
             log.exception("request %s failed inside Lucid", exchange.request_id)
@@ -159,9 +204,12 @@ class ProxyApp:
 
     async def _proxy(
         self, exchange: Exchange, generation: Any, scope: dict[str, Any], receive: Any,
-        send: _Sent, peer: str,
+        send: _Sent, peer: str, head_size: int,
     ) -> None:
         hooks = self.runtime.hooks
+        refused = _refused_head(scope, exchange.headers, head_size, generation.config.server)
+        if refused is not None:
+            return await self._reply(exchange, send, *refused, close=True)
         path = normalize_path(exchange.path)
         if path is None:
             return await self._reply(exchange, send, 400, "malformed request path")
@@ -183,7 +231,7 @@ class ProxyApp:
         instances = exchange.instances = hooks.resolve_instances(exchange, generation)
         if not instances and not getattr(instances, "everyone", None):
             return await self._reply(exchange, send, 503, _no_instances(exchange))
-        body = _Body(receive, exchange, policy.max_body_size)
+        body = _Body(receive, exchange, policy.max_body_size, self.deadlines)
         data: Any = None
         if length is not None and int(length) <= BUFFER_LIMIT:
             if length == "0":
@@ -193,6 +241,8 @@ class ProxyApp:
                     data = exchange.body = await body.read_all()
                 except BodyTooLarge:
                     return await self._reply(exchange, send, 413, "request body too large")
+                except BodyTimeout:
+                    return await self._reply(exchange, send, 408, _BODY_LATE, close=True)
                 except ClientGone:
                     exchange.error = "client disconnected"
                     return
@@ -256,11 +306,14 @@ class ProxyApp:
                 return
         finally:
             budget.active_requests -= 1
+            body.close()
         if isinstance(body.error, ClientGone):
             exchange.error = "client disconnected"
             return
         if isinstance(body.error, BodyTooLarge):
             return await self._reply(exchange, send, 413, "request body too large")
+        if isinstance(body.error, BodyTimeout):
+            return await self._reply(exchange, send, 408, _BODY_LATE, close=True)
         exchange.rejection = failure
         answer = await hooks.fallback_response(exchange, failure)
         await self._send_rejection(exchange, send, answer)
@@ -293,6 +346,10 @@ class ProxyApp:
                 )
         except Exception as exc:
             deadline.close()
+            if body.error is None and body.waiting and isinstance(exc, TimeoutError):
+                # The upstream waited for the body as long as Lucid did: the client
+                # is the slow side (408), not the instance (no outcome recorded).
+                body.error = BodyTimeout()
             if body.error is not None:
                 return Rejection(400, reason=type(body.error).__name__)
             outcome = _classify(exc, time.perf_counter() - started)
@@ -357,20 +414,20 @@ class ProxyApp:
             await send.body(b"", more=False)
             return
         content = response.content
-        length = response.content_length
         try:
-            if length is not None and length <= BUFFER_LIMIT:
-                with deadline:
-                    chunk = await content.read()
-                exchange.bytes_out += len(chunk)
-                await send.body(chunk, more=False)
-                return
+            # Every body is passed on as it arrives, whatever its declared length: a long
+            # poll or a slow API must not wait for its last byte to show its first. What
+            # is already whole (the usual small response, read with its head) still
+            # goes out as one final message.
             while True:  # the deadline covers reading the upstream, not writing to the client
                 with deadline:
                     chunk = await content.readany()
                 if not chunk:
                     break
                 exchange.bytes_out += len(chunk)
+                if content.at_eof():
+                    await send.body(chunk, more=False)
+                    return
                 await send.body(chunk, more=True)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             # The status line is gone; closing the connection is the only honest signal.
@@ -387,9 +444,11 @@ class ProxyApp:
     ) -> list[tuple[str, str]]:
         headers = exchange.headers
         server = self.runtime.generation.config.server
-        drop = _not_forwarded(headers.get("connection"))
+        trusted = bool(server.trusted_proxies) and is_trusted(peer, server.trusted_proxies)
+        drop = _not_forwarded(headers.get("connection"), exchange.set_request_headers, trusted,
+                              server.forwarded, server.x_real_ip)
         out = [(k, v) for k, v in headers.items() if k not in drop]
-        if server.trusted_proxies and is_trusted(peer, server.trusted_proxies):
+        if trusted:
             incoming = headers.get("x-forwarded-for")
             out.append(("x-forwarded-for", f"{incoming}, {peer}" if incoming else peer))
             out.append(("x-forwarded-proto", headers.get("x-forwarded-proto") or exchange.scheme))
@@ -400,6 +459,12 @@ class ProxyApp:
             host = exchange.host
         if host:
             out.append(("x-forwarded-host", host))
+        if server.forwarded:  # RFC 7239 §4: each proxy appends its element
+            element = forwarded_element(peer, exchange.scheme, exchange.host)
+            incoming = headers.get("forwarded") if trusted else None
+            out.append(("forwarded", f"{incoming}, {element}" if incoming else element))
+        if server.x_real_ip:
+            out.append(("x-real-ip", exchange.client_ip))
         via = self._via()[1]
         out.append(("via", f"{headers['via']}, {via}" if "via" in headers else via))
         out.append(("x-request-id", exchange.request_id))
@@ -436,11 +501,16 @@ class ProxyApp:
             headers.append((b"retry-after", str(max(1, round(rejection.retry_after))).encode()))
         await self._send_full(exchange, send, rejection.status, headers, body)
 
-    async def _reply(self, exchange: Exchange, send: _Sent, status: int, message: str) -> None:
-        """An answer of Lucid's own: a small JSON body carrying the request id."""
+    async def _reply(self, exchange: Exchange, send: _Sent, status: int, message: str,
+                     close: bool = False) -> None:
+        """An answer of Lucid's own: a small JSON body carrying the request id.
+
+        ``close`` when the rest of the connection cannot be trusted or read (a request
+        whose framing is in doubt, a body that stopped): the client is told so, and the
+        server closes it after the answer (RFC 9112 §9.6)."""
         exchange.error = exchange.error or message
         body = json_body(status, message, exchange.request_id)
-        await self._send_full(exchange, send, status, [_JSON], body)
+        await self._send_full(exchange, send, status, [_JSON, _CLOSE] if close else [_JSON], body)
 
     async def _send_full(
         self, exchange: Exchange, send: _Sent, status: int, headers: list[tuple[bytes, bytes]],
@@ -475,10 +545,61 @@ class _Sent:
 
 
 @functools.lru_cache(maxsize=256)
-def _not_forwarded(connection: str | None) -> frozenset[str]:
-    """Request headers not copied upstream as they came: hop-by-hop ones, and those
-    Lucid sets itself."""
-    return hop_by_hop(connection) | _FORWARDING
+def _not_forwarded(connection: str | None, own: frozenset[str], trusted: bool,
+                   forwarded: bool, real_ip: bool) -> frozenset[str]:
+    """Request headers not copied upstream as they came, cached per combination (nearly
+    every request has the same one): hop-by-hop ones; those Lucid sets itself; from a
+    client that is not a trusted proxy, those naming who or where it is
+    (``CLIENT_IDENTITY``); and the underscore twins of all these and of ``own``.
+
+    ``own`` are headers a plugin set (the gateway's claim headers). A Connection header
+    names fields of the message as received (RFC 9110 §7.6.1), not ones added on the
+    way, so it cannot remove them; nor does ``CLIENT_IDENTITY`` remove one a route chose.
+    """
+    replaced = _FORWARDING
+    if forwarded:
+        replaced |= {"forwarded"}
+    if real_ip:
+        replaced |= {"x-real-ip"}
+    named = hop_by_hop(connection) if trusted else hop_by_hop(connection) | CLIENT_IDENTITY
+    dropped = (named - own) | HOP_BY_HOP | replaced | _TWINS
+    return dropped | _twins_of(own) if own else dropped
+
+
+@functools.lru_cache(maxsize=64)  # one set per route that sets headers, at most
+def _twins_of(own: frozenset[str]) -> frozenset[str]:
+    return underscore_twins(own)
+
+
+_BODY_LATE = "request body not received in time"
+
+
+def _refused_head(
+    scope: dict[str, Any], headers: dict[str, str], head_size: int, server: Any
+) -> tuple[int, str] | None:
+    """Why a request head is refused before anything else looks at it, if it is.
+
+    The limits hold however the head arrived: Hypercorn's parser bounds only a head
+    still incomplete, so one that came whole in a single read was never measured.
+    """
+    if "transfer-encoding" in headers:
+        # RFC 9112 §6.3: a message with both is a request-smuggling attempt or a broken
+        # client; a proxy that forwards it lets the next hop frame it otherwise. An
+        # HTTP/1.0 message with Transfer-Encoding has faulty framing too (§6.1).
+        if "content-length" in headers:
+            return 400, "Content-Length together with Transfer-Encoding"
+        if scope["http_version"] == "1.0":
+            return 400, "Transfer-Encoding in an HTTP/1.0 request"
+    count = len(scope["headers"])
+    line = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope["query_string"])
+    limit = server.max_request_header_size
+    if line + 12 > limit:  # " ", "?", " HTTP/1.1", CRLF
+        return 414, f"request line longer than {limit} bytes"
+    if line + 12 + head_size + 4 * count + 2 > limit:
+        return 431, f"request head larger than {limit} bytes"
+    if count > server.max_request_headers:
+        return 431, f"more than {server.max_request_headers} request header fields"
+    return None
 
 
 def _no_instances(exchange: Exchange) -> str:

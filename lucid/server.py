@@ -15,13 +15,20 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from ssl import SSLError
 from typing import Any
 
+import h11
+import hypercorn.asyncio.run
 from hypercorn.asyncio import serve
+from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 
 from lucid.admin import create_admin_app
 from lucid.config import ConfigError
+from lucid.http import http_date, json_body, new_request_id
 from lucid.model import Event
 from lucid.proxy import ProxyApp
 from lucid.runtime import Runtime, load_plugins_and_config
@@ -53,13 +60,109 @@ def address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class LucidHypercornConfig(HypercornConfig):
+    """Hypercorn's settings, and the one it lacks: a time limit on reading a request head."""
+
+    request_head_timeout: float | None = None
+
+
+class HeadTimedTCPServer(TCPServer):
+    """Hypercorn's connection, with a request-head timeout separate from keep-alive.
+
+    Hypercorn arms one timer while a connection is idle (``keep_alive_timeout``) and
+    stops it when the parser has a whole request head, so a client trickling a head
+    held the connection for the full 75 s keep-alive. Here the first byte of a new
+    request, arriving while idle, swaps that timer for ``request_head_timeout``: the
+    head must be complete within it, or the client gets 408 and the connection
+    closes (nginx's client_header_timeout). An idle keep-alive connection that sends
+    nothing still waits the 75 s.
+
+    Relies on TCPServer's internals (``_read_data``, ``idle_task``, ``protocol``,
+    ``Updated`` events), the same in Hypercorn 0.17 and 0.18; pyproject pins that range.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle = True  # no request in progress (Hypercorn starts idle)
+        self._reading_head = False
+        self._head_timeout: float | None = getattr(self.config, "request_head_timeout", None)
+
+    async def protocol_send(self, event: Any) -> None:
+        if isinstance(event, Updated):  # a head parsed (idle=False), or a response done
+            self._idle = event.idle
+            self._reading_head = False
+            if event.idle and self._head_timeout and self._pipelined():
+                # The next request's head began before this response ended: time it.
+                self._reading_head = True
+                await self.idle_task.restart(self._task_group, self._head_timed_out)
+                return
+        await super().protocol_send(event)
+
+    def _pipelined(self) -> bool:
+        """Whether HTTP/1.1 bytes of a next request are already buffered, unparsed."""
+        protocol = self.protocol.protocol
+        return isinstance(protocol, H11Protocol) and isinstance(
+            protocol.connection, h11.Connection) and bool(protocol.connection.trailing_data[0])
+
+    async def _read_data(self) -> None:
+        # TCPServer._read_data, plus the head timer started by a new request's first byte.
+        while not self.reader.at_eof():
+            try:
+                data = await asyncio.wait_for(self.reader.read(MAX_RECV), self.config.read_timeout)
+            except (ConnectionError, OSError, TimeoutError, SSLError):
+                break
+            else:
+                if data and self._idle and not self._reading_head and self._head_timeout and \
+                        isinstance(self.protocol.protocol, H11Protocol):  # not HTTP/2's pings
+                    self._reading_head = True
+                    await self.idle_task.restart(self._task_group, self._head_timed_out)
+                await self.protocol.handle(RawData(data))
+        await self.protocol.handle(Closed())
+
+    async def _head_timed_out(self) -> None:
+        try:
+            await asyncio.wait_for(self.context.terminated.wait(), self._head_timeout)
+        except TimeoutError:
+            # No request has started, so no response either: the 408 is written as is.
+            body = json_body(408, "request head not received in time", new_request_id())
+            head = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\ndate: %s\r\n\r\n"
+                    % (len(body), http_date()))
+            async with self.send_lock:
+                try:
+                    self.writer.write(head + body)
+                    await self.writer.drain()
+                except (ConnectionError, RuntimeError):
+                    pass
+        await asyncio.shield(self._initiate_server_close())
+
+
+def install_head_timeout() -> None:
+    """Make Hypercorn's asyncio worker use HeadTimedTCPServer for every connection.
+
+    ``hypercorn.asyncio.run.worker_serve`` builds each connection's ``TCPServer`` by
+    its module-global name and has no hook for another class; this is the one place
+    that replaces it. Connections of a config without ``request_head_timeout`` behave
+    exactly as Hypercorn's own.
+    """
+    hypercorn.asyncio.run.TCPServer = HeadTimedTCPServer  # type: ignore[misc]
+
+
 def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornConfig:
-    cfg = HypercornConfig()
+    cfg = LucidHypercornConfig()
     cfg.bind = [f"fd://{sock.fileno()}"]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger(f"lucid.{name}.server")
     cfg.graceful_timeout = server.grace_period
-    cfg.h11_max_incomplete_size = server.max_request_header_size
+    if name == "proxy":
+        # h11 bounds only a head still incomplete; the proxy measures the whole head
+        # itself (JSON 431, or 414 for a long request line), so h11's bound is only
+        # for memory, at twice the limit: within it every oversized head gets Lucid's
+        # answer, past it h11 stops reading with a bare 431.
+        cfg.h11_max_incomplete_size = 2 * server.max_request_header_size
+    else:
+        cfg.h11_max_incomplete_size = server.max_request_header_size
+    cfg.request_head_timeout = server.request_head_timeout
     cfg.keep_alive_timeout = 75
     # Hypercorn closes a client connection after 1,000 requests by default; a gateway
     # should not force its clients to reconnect (Envoy sets no such limit either).
@@ -88,6 +191,7 @@ async def run_process(
     if stop is None:
         stop = asyncio.Event()
         _install_signal_handlers(runtime, stop, children)
+    install_head_timeout()
     await runtime.start()
     try:
         server = runtime.config.server

@@ -1,6 +1,7 @@
 """Lucid's own tests use the same fixtures plugin authors get from ``lucid.testing``."""
 
 import os
+from typing import Any
 
 import pytest
 
@@ -12,3 +13,76 @@ def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.upper().startswith("LUCID_"):
             monkeypatch.delenv(name)
+
+
+# Every built-in plugin configured, the admin API behind a secret, and one object of
+# each kind the API can create: for tests that walk (or fuzz) every admin endpoint.
+ADMIN_SECRET = "a" * 48
+EVERY_PLUGIN = f"""
+[server]
+admin_secret = "{ADMIN_SECRET}"
+
+[gateway.services.svc]
+instances = ["http://127.0.0.1:9"]
+
+[gateway.services.svc2]
+instances = ["http://127.0.0.1:9"]
+
+[gateway.auth.issuers.main]
+algorithms = ["HS256"]
+secret = "{'k' * 40}"
+
+[[gateway.routes]]
+id = "static"
+prefix = "/static"
+service = "svc"
+
+[registry.services.billing]
+instances = ["http://127.0.0.1:9101"]
+
+[circuitbreaker.circuits.payments]
+service = "svc"
+
+[loadbalancer.pools.users]
+service = "svc"
+
+[[ratelimiter.limits]]
+id = "per-ip"
+rate = "1000/s"
+
+[monitoring]
+[[monitoring.alerts]]
+name = "HighErrorRate"
+metric = "error_rate"
+threshold = 0.05
+"""
+# (path, body) that create the objects; the path parameters naming them
+CREATED = [
+    ("/gateway/route", {"id": "rt", "prefix": "/rt", "service": "svc"}),
+    ("/circuitbreaker/circuits", {"id": "cb", "service": "svc2"}),
+    ("/loadbalancer/pools", {"id": "lb", "service": "svc2"}),
+    ("/ratelimiter/limits", {"id": "rl", "rate": "10/s"}),
+    ("/monitoring/alerts", {"name": "al", "metric": "error_rate", "threshold": 0.5}),
+    ("/registry/services", {"id": "rs", "instances": [{"id": "i1",
+                                                       "url": "http://127.0.0.1:9"}]}),
+]
+PATH_PARAMETERS = {"route_id": "rt", "circuit_id": "cb", "pool_id": "lb", "limit_id": "rl",
+                   "name": "al", "service_id": "rs", "instance_id": "i1"}
+
+
+def admin_token(role: str = "admin", ttl: int = 3600) -> str:
+    import time
+
+    from joserfc import jwt
+    from joserfc.jwk import OctKey
+
+    now = int(time.time())
+    return jwt.encode({"alg": "HS256"}, {"iss": "lucid-admin", "sub": "tests", "role": role,
+                                         "iat": now, "exp": now + ttl},
+                      OctKey.import_key(ADMIN_SECRET))
+
+
+@pytest.fixture
+def every_plugin() -> Any:
+    """``(config text, admin token, objects to create, path parameters naming them)``."""
+    return EVERY_PLUGIN, admin_token(), CREATED, PATH_PARAMETERS

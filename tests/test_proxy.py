@@ -13,6 +13,7 @@ from aiohttp import web
 from yarl import URL
 
 from lucid.testing import wait_until
+from lucid.testing_http import read_response
 
 
 def route_config(*urls: str, extra_route: str = "", server: str = "", **route: str) -> str:
@@ -458,6 +459,32 @@ async def test_body_over_the_route_limit_answers_413(lucid_upstream, lucid_gatew
         assert r.status == 413
     async with gw.session.post(f"{gw.proxy_url}/x", data=b"x" * 1024) as r:
         assert r.status == 200
+
+
+async def test_a_client_slow_with_its_body_gets_408_and_is_not_the_upstreams_failure(
+    lucid_upstream, lucid_gateway
+):
+    """While Lucid waits for the client's body the upstream waits too; when the route's
+    read timeout passes, that is the client's fault (408), not a failed upstream call
+    for breakers and passive health (it used to be a 504 that opened the breaker)."""
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(route_config(
+        upstream.url, timeouts='{ read = "0.5s" }', retries="{ attempts = 1 }",
+        extra_route='[circuitbreaker.circuits.svc]\nservice = "svc"\nconsecutive_failures = 1',
+    ))
+    host, _, port = gw.proxy_url.removeprefix("http://").rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n"
+                     + b"x" * 1000)
+        await writer.drain()
+        response = await asyncio.wait_for(read_response(reader), 15)
+    finally:
+        writer.close()
+    assert response.status == 408
+    assert response.closed
+    async with gw.session.get(f"{gw.proxy_url}/after") as r:
+        assert r.status == 200  # the breaker saw no failure
 
 
 async def test_upstream_dying_mid_response_closes_the_client_connection(

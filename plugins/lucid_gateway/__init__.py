@@ -79,8 +79,9 @@ def build_state(
 
     Per-route settings of a capability switched off in ``[plugins]`` are ignored, like
     its config section, so switching a plugin off is one line. ``dynamic`` routes
-    (added through the admin API) follow the TOML ones. A route with auth, CORS or
-    header limits gets a compiled guard in its overrides under ``"gateway"``.
+    (added through the admin API) follow the TOML ones. A route with auth, CORS,
+    header limits or ``methods`` gets a compiled guard in its overrides under
+    ``"gateway"``.
     """
     shared = shared or GatewayShared()
     problems: list[str] = []
@@ -94,8 +95,10 @@ def build_state(
         if route.auth is not None:
             auth = route_guard(verifier, route.auth, f"gateway.routes[{index}].auth", problems)
         cors = CorsGuard(route.cors) if route.cors is not None else None
-        if auth is not None or cors is not None or limits is not None:
-            validated["gateway"] = RouteGuard(limits, cors, auth)
+        if auth is not None or cors is not None or limits is not None or route.methods:
+            validated["gateway"] = RouteGuard(limits, cors, auth,
+                                              frozenset(route.methods) or None,
+                                              ", ".join(route.methods))
         for section, values in route.plugins.items():
             if section in disabled:
                 continue

@@ -14,8 +14,6 @@ expiry on every hit and dropped when the issuer's key set changes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import time
 from collections.abc import Awaitable
@@ -26,8 +24,10 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lucid.http import FORWARDING, HOP_BY_HOP
 from lucid.model import Exchange, Rejection
 from lucid.units import Duration
+from lucid.untrusted import Malformed, bearer_challenge, check_numeric_dates, decode_token
 from lucid_gateway.jwks import (
     ALGORITHMS,
     SUPPORTED,
@@ -39,6 +39,7 @@ from lucid_gateway.jwks import (
 )
 
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+_MAX_HYPHENS = 8  # lucid.http.underscore_twins lists every spelling up to this
 _NO_CONTROLS = {c: None for c in (*range(0, 9), *range(10, 32), 127)}  # signed, still unsafe
 
 
@@ -119,6 +120,12 @@ class RouteAuth(Strict):
         for header in value.values():
             if not re.match(_HEADER_NAME, header):
                 raise ValueError(f"{header!r} is not a header name")
+            if header.lower() in HOP_BY_HOP or header.lower() in FORWARDING:
+                # it would never reach the upstream as the claim: say so, not fail silently
+                raise ValueError(f"{header!r} is a header the proxy removes or sets itself")
+            if header.count("-") > _MAX_HYPHENS:
+                raise ValueError(f"{header!r}: at most {_MAX_HYPHENS} '-' (every underscore "
+                                 "spelling of the name is dropped from requests)")
         return {k: v.lower() for k, v in value.items()}
 
 
@@ -135,18 +142,15 @@ class AuthFailure(Exception):
 
 def unauthorized(description: str, code: str | None = "invalid_token") -> Rejection:
     """RFC 6750 §3: no error code when the request carried no token at all."""
-    challenge = 'Bearer realm="lucid"'
-    if code:
-        challenge += f', error="{code}", error_description="{description}"'
+    challenge = (bearer_challenge("lucid", error=code, error_description=description) if code
+                 else bearer_challenge("lucid"))
     return Rejection(401, body={"auth_error": code or "missing_token"}, reason=description,
                      headers=[("www-authenticate", challenge)])
 
 
 def forbidden(description: str, scope: str = "") -> Rejection:
-    challenge = ('Bearer realm="lucid", error="insufficient_scope", '
-                 f'error_description="{description}"')
-    if scope:
-        challenge += f', scope="{scope}"'
+    challenge = bearer_challenge("lucid", error="insufficient_scope",
+                                 error_description=description, scope=scope)
     return Rejection(403, body={"auth_error": "insufficient_scope"}, reason=description,
                      headers=[("www-authenticate", challenge)])
 
@@ -163,10 +167,6 @@ class Issuer:
     @property
     def key_version(self) -> int:
         return self.jwks.version if self.jwks is not None else 0
-
-
-def _b64(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
 @dataclass(eq=False)
@@ -194,15 +194,10 @@ class Verifier:
                 if now + leeway < nbf:
                     raise AuthFailure("token not yet valid")
                 return claims
-        try:
-            head, body, sig = token.split(".")
-            header = json.loads(_b64(head))
-            payload = json.loads(_b64(body))
-            signature = _b64(sig)
-        except (ValueError, binascii.Error, UnicodeDecodeError):
-            raise AuthFailure("malformed token") from None
-        if not isinstance(header, dict) or not isinstance(payload, dict):
-            raise AuthFailure("malformed token")
+        try:  # canonical base64url, bounded JSON: parsed before the signature is checked
+            header, payload, signature, signing_input = decode_token(token)
+        except Malformed as exc:
+            raise AuthFailure(str(exc)) from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":
             raise AuthFailure("unsigned tokens are not accepted")
@@ -215,7 +210,6 @@ class Verifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthFailure("malformed token")
-        signing_input = f"{head}.{body}".encode()
         keys = self._keys(issuer, alg, kid)
         if keys is None:  # the key must be fetched first
             return self._verify_after_fetch(token, issuer, alg, kid, signing_input, signature,
@@ -277,15 +271,15 @@ class Verifier:
         for name in config.required_claims:
             if name not in claims:
                 raise AuthFailure(f"missing required claim '{name}'")
+        try:
+            check_numeric_dates(claims)  # NaN compares false: it would never expire
+        except Malformed as exc:
+            raise AuthFailure(str(exc)) from None
         now = time.time()
         leeway = config.leeway
         exp = claims.get("exp", float("inf"))
         nbf = claims.get("nbf", float("-inf"))
         iat = claims.get("iat")
-        for name, value in (("exp", exp), ("nbf", nbf), ("iat", iat)):
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, int | float)):
-                raise AuthFailure(f"claim '{name}' must be a number")
         if now > exp + leeway:
             raise AuthFailure("token expired")
         if now + leeway < nbf:
@@ -344,6 +338,7 @@ class RouteAuthGuard:
     allowed: tuple[Issuer, ...]
     roles_path: tuple[str, ...]
     scopes_path: tuple[str, ...]
+    claim_headers: frozenset[str] = frozenset()  # forward_claims' header names
 
     def token_of(self, exchange: Exchange) -> tuple[str, str] | None:
         """The token and where it was found: ``"header"``, ``"cookie"`` or ``"query"``."""
@@ -404,6 +399,9 @@ class RouteAuthGuard:
                 return forbidden(f"missing scope {' '.join(missing)}", " ".join(s.scopes))
         exchange.identity = dict(claims)  # a copy: cached claims serve many requests
         headers = exchange.headers
+        if self.claim_headers:  # kept from a client's Connection; underscore twins dropped
+            own = exchange.set_request_headers
+            exchange.set_request_headers = own | self.claim_headers if own else self.claim_headers
         for claim, header in s.forward_claims.items():
             value = claims.get(claim)
             if value is None:
@@ -471,4 +469,5 @@ def route_guard(verifier: Verifier, settings: RouteAuth, key: str, problems: lis
         return None
     return RouteAuthGuard(verifier, settings, tuple(verifier.issuers[n] for n in names),
                           tuple(settings.roles_claim.split(".")),
-                          tuple(settings.scopes_claim.split(".")))
+                          tuple(settings.scopes_claim.split(".")),
+                          frozenset(settings.forward_claims.values()))

@@ -25,10 +25,12 @@ class Strict(BaseModel):
 
 
 class Timeouts(Strict):
-    """Per-route upstream timeouts; each exceeded one answers 504."""
+    """Per-route timeouts; each exceeded one answers 504, or 408 when it was the client
+    that was slow to send its request body."""
 
     connect: Duration = Field(5.0, gt=0, description="establishing the upstream connection")
-    read: Duration = Field(30.0, gt=0, description="waiting for each chunk of the response")
+    read: Duration = Field(30.0, gt=0, description="waiting for each chunk of the response "
+                          "(or of the request body)")
     # (5 s and longer: enforced to the next whole second, on a timer shared by all calls)
     total: Duration = Field(60.0, gt=0, description="the whole upstream exchange, body included")
 

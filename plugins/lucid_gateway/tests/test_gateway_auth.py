@@ -141,6 +141,23 @@ async def test_valid_hs256_token_passes_and_claims_reach_the_upstream(
     assert status == 200 and body["headers"]["authorization"] == "Bearer anything"
 
 
+@pytest.mark.parametrize(("header", "why"), [
+    ("Connection", "removes or sets itself"),
+    ("Proxy-Authorization", "removes or sets itself"),
+    ("X-Forwarded-For", "removes or sets itself"),
+    ("x-request-id", "removes or sets itself"),
+    ("Host", "removes or sets itself"),
+    ("X-A-B-C-D-E-F-G-H-I", "at most 8 '-'"),
+])
+async def test_forward_claims_cannot_name_a_header_the_proxy_removes_or_sets(
+        lucid_upstream: Any, lucid_gateway: Any, header: str, why: str) -> None:
+    """Such a claim header would never reach the upstream: a config error, not a surprise."""
+    upstream = await lucid_upstream()
+    with pytest.raises(ConfigError, match=why):
+        await lucid_gateway(route_toml(
+            upstream.url, f'{{ forward_claims = {{ sub = "{header}" }} }}', HS_ISSUER))
+
+
 async def test_identity_is_set_for_later_hooks(lucid_upstream: Any, lucid_gateway: Any) -> None:
     upstream = await lucid_upstream()
     gw = await lucid_gateway(route_toml(upstream.url, "{}", HS_ISSUER))
