@@ -119,7 +119,8 @@ def micro(pem: Path, toks: dict[str, str], repeats: int, n: int) -> dict[str, An
         plugin_set, cfg = load_plugins_and_config(None, data)
         from lucid.model import Generation
 
-        generation = Generation(1, cfg, "bench", route_models=plugin_set.route_models)
+        generation = Generation(1, cfg, "bench", route_models=plugin_set.route_models,
+                                kinds=plugin_set.kinds)
         lucid_gateway.lucid_prepare(generation)
         headers = {"host": "x", "accept": "*/*"}
         if alg is not None:

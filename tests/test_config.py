@@ -17,9 +17,7 @@ from typing import Any
 import pytest
 
 from lucid.config import ConfigError
-from lucid.model import Generation
-from lucid.plugins import Hooks
-from lucid.runtime import load_plugins_and_config
+from lucid.runtime import Runtime, load_plugins_and_config
 from lucid.testing import builtin_plugins, run_lucid
 from lucid.units import parse_duration, parse_size
 
@@ -47,12 +45,7 @@ def check_ok(stdout: str, source: Path | str, routes: int) -> dict[str, str]:
 def load(path: Path) -> Any:
     """Load a config the way ``lucid check`` does: choose plugins, validate, prepare."""
     plugin_set, config = load_plugins_and_config(path)
-    generation = Generation(
-        1, config, str(path),
-        capabilities=frozenset(p.capability for p in plugin_set.plugins),
-        route_models=plugin_set.route_models,
-    )
-    asyncio.run(Hooks(plugin_set.pm).prepare(generation))
+    asyncio.run(Runtime(plugin_set, config, path).check())
     return config
 
 
