@@ -112,11 +112,18 @@ class Runtime:
         pool, start plugins, then make the generation live."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # if new: private
         self.backend = await SqliteBackend.open(self.data_dir / "definitions.db")
-        snapshot = await self.backend.load()
-        if snapshot.revision == 0:
-            snapshot = await self._import_legacy(snapshot)
-        first = self._generation(1, self.generation.config, snapshot)
-        await self.hooks.prepare(first)
+        try:
+            snapshot = await self.backend.load()
+            if snapshot.revision == 0:
+                snapshot = await self._import_legacy(snapshot)
+            first = self._generation(1, self.generation.config, snapshot)
+            await self.hooks.prepare(first)
+        except BaseException:
+            # aiosqlite's thread is not a daemon: left open, it would keep the
+            # process alive after a refused start
+            await self.backend.close()
+            self.backend = None
+            raise
         self.generation = first
         server = self.config.server
         connector = aiohttp.TCPConnector(
@@ -132,7 +139,11 @@ class Runtime:
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        await self.hooks.startup(self)
+        try:
+            await self.hooks.startup(self)
+        except BaseException:
+            await self.stop()
+            raise
         await self.hooks.activate(first)
         if server.workers > 1:
             self.background(self._follow())
