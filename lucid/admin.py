@@ -69,7 +69,7 @@ class AdminRequest(Request):
         the ``wait_for`` task was ~5% of a heartbeat's CPU, paid twice per write."""
         body = self.body
         if parse_form_data or not body._complete.is_set():
-            return await super().get_data(cache, as_text, parse_form_data)  # type: ignore[call-overload]
+            return await super().get_data(cache, as_text, parse_form_data)
         raw = await body  # complete: returns without suspending
         if not cache:
             body.clear()
@@ -281,8 +281,8 @@ def _cache_quart_schema_adapters() -> None:
     import quart_schema.conversion as conversion
     from pydantic import TypeAdapter
 
-    if conversion.TypeAdapter is TypeAdapter:  # once per process
-        conversion.TypeAdapter = functools.lru_cache(maxsize=512)(TypeAdapter)  # type: ignore[misc,assignment]
+    if conversion.TypeAdapter is TypeAdapter:  # type: ignore[attr-defined]  # once per process
+        conversion.TypeAdapter = functools.lru_cache(maxsize=512)(TypeAdapter)  # type: ignore[attr-defined,assignment]
 
 
 def create_admin_app(rt: Runtime) -> Quart:

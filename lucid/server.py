@@ -145,7 +145,7 @@ def install_head_timeout() -> None:
     that replaces it. Connections of a config without ``request_head_timeout`` behave
     exactly as Hypercorn's own.
     """
-    hypercorn.asyncio.run.TCPServer = HeadTimedTCPServer  # type: ignore[misc]
+    hypercorn.asyncio.run.TCPServer = HeadTimedTCPServer  # type: ignore[attr-defined]
 
 
 def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornConfig:
