@@ -101,8 +101,8 @@ def layer(alg: str, pems: Path, cache: bool) -> dict[str, Any]:
 def micro(pem: Path, toks: dict[str, str], repeats: int, n: int) -> dict[str, Any]:
     import lucid_gateway
 
-    from lucid.gateway import load_plugins_and_config
     from lucid.model import Exchange
+    from lucid.runtime import load_plugins_and_config
 
     results: dict[str, Any] = {}
     variants = [("no auth (floor)", None, True)] + [
@@ -117,9 +117,10 @@ def micro(pem: Path, toks: dict[str, str], repeats: int, n: int) -> dict[str, An
             data["gateway"]["auth"] = extra["gateway"]["auth"]
             data["gateway"]["routes"][0]["auth"] = {}
         plugin_set, cfg = load_plugins_and_config(None, data)
-        from lucid.gateway import Generation
+        from lucid.model import Generation
 
-        generation = Generation(1, cfg, "bench", route_models=plugin_set.route_models)
+        generation = Generation(1, cfg, "bench", route_models=plugin_set.route_models,
+                                kinds=plugin_set.kinds)
         lucid_gateway.lucid_prepare(generation)
         headers = {"host": "x", "accept": "*/*"}
         if alg is not None:

@@ -23,12 +23,13 @@ from werkzeug.exceptions import BadRequest, HTTPException
 
 from lucid import __version__
 from lucid.config import ConfigError, dotted, redact
+from lucid.definitions import DefinitionError, PreconditionFailed
 from lucid.http import new_request_id
 from lucid.model import Event
 from lucid.untrusted import Malformed, bearer_challenge, check_numeric_dates, decode_token, loads
 
 if TYPE_CHECKING:
-    from lucid.gateway import Runtime
+    from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.admin")
 
@@ -68,7 +69,7 @@ class AdminRequest(Request):
         the ``wait_for`` task was ~5% of a heartbeat's CPU, paid twice per write."""
         body = self.body
         if parse_form_data or not body._complete.is_set():
-            return await super().get_data(cache, as_text, parse_form_data)  # type: ignore[call-overload]
+            return await super().get_data(cache, as_text, parse_form_data)
         raw = await body  # complete: returns without suspending
         if not cache:
             body.clear()
@@ -147,6 +148,18 @@ def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
         }
         for e in exc.errors(include_url=False)
     ]
+
+
+def if_match() -> int | None:
+    """The revision an ``If-Match`` header names (``"3"``, ``3`` or ``W/"3"``), else
+    None. A value that names no revision can never match: 412 (RFC 9110 §13.1.1)."""
+    value = _header(request.headers, "if-match").strip()
+    if not value or value == "*":
+        return None
+    value = value.removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise PreconditionFailed(f"If-Match {value!r} names no revision")
+    return int(value)
 
 
 def error_response(status: int, message: str, **extra: Any) -> Any:
@@ -268,8 +281,8 @@ def _cache_quart_schema_adapters() -> None:
     import quart_schema.conversion as conversion
     from pydantic import TypeAdapter
 
-    if conversion.TypeAdapter is TypeAdapter:  # once per process
-        conversion.TypeAdapter = functools.lru_cache(maxsize=512)(TypeAdapter)  # type: ignore[misc,assignment]
+    if conversion.TypeAdapter is TypeAdapter:  # type: ignore[attr-defined]  # once per process
+        conversion.TypeAdapter = functools.lru_cache(maxsize=512)(TypeAdapter)  # type: ignore[attr-defined,assignment]
 
 
 def create_admin_app(rt: Runtime) -> Quart:
@@ -306,6 +319,10 @@ def create_admin_app(rt: Runtime) -> Quart:
     async def _malformed(error: MalformedJSON) -> Any:
         return error_response(422, "validation failed", fields=[
             {"field": "body", "message": error.description, "type": "json_invalid"}])
+
+    @app.errorhandler(DefinitionError)
+    async def _definition(error: DefinitionError) -> Any:
+        return error_response(error.status, error.message, **error.extra)
 
     @app.errorhandler(HTTPException)
     async def _http(error: HTTPException) -> Any:

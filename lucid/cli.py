@@ -40,7 +40,7 @@ def serve(config: str | None) -> None:
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 def check(config: str | None) -> None:
     """Validate a config file and exit: 0 if usable, 2 if not."""
-    from lucid.gateway import load_plugins_and_config
+    from lucid.runtime import load_plugins_and_config
 
     try:
         plugin_set, cfg = load_plugins_and_config(_config_path(config))
@@ -69,14 +69,11 @@ def _prepare(plugin_set: object, cfg: object, path: Path | None) -> None:
     """Run the plugins' prepare hooks too, so a check catches what startup would."""
     import asyncio
 
-    from lucid.gateway import Runtime
+    from lucid.runtime import Runtime
 
     runtime = Runtime(plugin_set, cfg, path)  # type: ignore[arg-type]
 
-    async def prepare() -> None:
-        await runtime.hooks.prepare(runtime._generation(1, cfg))
-
-    asyncio.run(prepare())
+    asyncio.run(runtime.check())
 
 
 @main.command()
@@ -203,28 +200,24 @@ def config_export(config: str | None, output: str | None, show_secrets: bool) ->
     """Print the effective config (file, environment overrides and the routes added
     through the admin API) as TOML, secrets redacted as GET /gateway/config shows
     them."""
-    import sqlite3
 
     import tomli_w
 
     from lucid.config import data_dir, redact
-    from lucid.gateway import load_plugins_and_config
+    from lucid.definitions import read_stored
+    from lucid.runtime import load_plugins_and_config
 
     path = _config_path(config)
     try:
-        _, cfg = load_plugins_and_config(path)
+        plugin_set, cfg = load_plugins_and_config(path)
     except ConfigError as exc:
         click.echo(exc.render(), err=True)
         sys.exit(2)
     data = cfg.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-    db = data_dir(cfg, path) / "gateway.db"
-    if db.exists() and "gateway" in cfg.model_fields:
-        import json
-
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            rows = conn.execute("SELECT id, definition FROM routes ORDER BY id").fetchall()
+    if "route" in plugin_set.kinds:
+        stored = read_stored(data_dir(cfg, path), plugin_set.kinds)
         routes = data.setdefault("gateway", {}).setdefault("routes", [])
-        routes += [{**json.loads(d), "id": i} for i, d in rows]
+        routes += [{**d.body, "id": d.id} for d in stored.of("route").values()]
     text = tomli_w.dumps(data if show_secrets else redact(data))
     if output:
         try:

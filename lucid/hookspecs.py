@@ -22,8 +22,8 @@ import pluggy
 if TYPE_CHECKING:
     from quart import Blueprint
 
-    from lucid.gateway import Generation, Runtime
-    from lucid.model import Event, Exchange, Instance, Outcome, Rejection
+    from lucid.model import Event, Exchange, Generation, Instance, Outcome, Rejection
+    from lucid.runtime import Runtime
 
 hookspec = pluggy.HookspecMarker("lucid")
 
@@ -43,6 +43,22 @@ def lucid_register_config(
     validates per-route overrides written as ``[gateway.routes.plugins.<section>]``.
 
     :param register: callback that records a section; raises if the name is taken.
+    """
+
+
+@hookspec
+def lucid_register_definitions(register: Callable[..., None]) -> None:
+    """Contribute the kinds of definition this plugin manages (routes, limits …).
+
+    ``register(kind, model, static=None, legacy=None)``: ``model`` validates one
+    definition's body (the admin API's payload); ``static(config)`` returns the
+    definitions the config file declares, ``{id: body}`` in file order (read-only
+    through the API); ``legacy(data_dir)``, if given, returns the definitions an older
+    Lucid kept in this plugin's own store, imported once into the core's store.
+    Read them in ``lucid_prepare`` with ``generation.defined(kind)``; write them
+    through ``runtime.write(kind, id, body)``.
+
+    :param register: callback that records a kind; raises if the name is taken.
     """
 
 
@@ -76,6 +92,21 @@ def lucid_prepare(generation: Generation) -> None | Awaitable[None]:
     Results: list, awaited.
 
     :param generation: the candidate config generation.
+    """
+
+
+@hookspec
+def lucid_activate(generation: Generation) -> None | Awaitable[None]:
+    """The generation this plugin prepared is now live: requests arriving from now on
+    run under it.
+
+    Called once per generation, right after the swap, at startup (after
+    ``lucid_startup``), on every reload and after every definition write. Start
+    here what must follow the live config (move counters over, retarget background
+    work); never re-sync lazily inside a data-path hook. Results: list, awaited in
+    plugin order; an exception is logged, not fatal (the swap has happened).
+
+    :param generation: the generation that just went live.
     """
 
 

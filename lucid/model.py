@@ -7,9 +7,17 @@ request, and validation already happened when the config or admin payload was re
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
+
+from lucid.definitions import Definition, Kind, Snapshot, merged
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from lucid.runtime import Runtime
 
 OutcomeKind = Literal["success", "error_status", "timeout", "connect_error", "upstream_error"]
 
@@ -148,6 +156,42 @@ class Event:
     at: float = field(default_factory=time.time)
 
 
+@dataclass(eq=False)
+class Generation:
+    """One validated config and what plugins derived from it.
+
+    Each request reads ``runtime.generation`` once and uses that object to its end, so
+    a reload swaps one reference and in-flight requests finish on the generation they
+    started with. ``config`` is the root model built for the enabled plugins: its
+    sections are attributes named after them (``config.server``, ``config.gateway``).
+    """
+
+    number: int
+    config: Any  # built at startup from the plugins' sections: no static type exists
+    source: str
+    capabilities: frozenset[str] = frozenset()
+    disabled: frozenset[str] = frozenset()  # capabilities switched off in [plugins]
+    route_models: dict[str, type[BaseModel]] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # per plugin, by plugin name
+    runtime: Runtime | None = None  # the Runtime this generation belongs to
+    loaded_at: float = field(default_factory=time.time)
+    definitions: Snapshot = field(default_factory=Snapshot)  # the dynamic ones, committed
+    kinds: Mapping[str, Kind] = field(default_factory=dict)
+    _defined: dict[str, dict[str, Definition]] = field(default_factory=dict, repr=False)
+
+    def defined(self, kind: str) -> dict[str, Definition]:
+        """Every definition of ``kind`` in this generation, by id: the config file's
+        (``origin == "static"``, file order), then the admin API's (id order)."""
+        found = self._defined.get(kind)
+        if found is None:
+            registered = self.kinds.get(kind)
+            if registered is None:
+                raise KeyError(f"no plugin registered definitions of kind {kind!r}")
+            found = self._defined[kind] = merged(
+                registered.declared(self.config), self.definitions, kind)
+        return found
+
+
 @dataclass(slots=True, eq=False)
 class Exchange:
     """One request through the proxy, from arrival to the last byte of the response.
@@ -167,7 +211,7 @@ class Exchange:
     client_ip: str
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     started: float
-    generation: Any = None  # the config generation this request runs under
+    generation: Generation | None = None  # the config generation this request runs under
     route: Any = None  # the routing plugin's route object, once matched
     policy: RoutePolicy = DEFAULT_POLICY
     route_id: str = ""
@@ -196,3 +240,13 @@ class Exchange:
     # request headers a plugin set, lower-case (the gateway's claim headers): a client's
     # Connection header cannot remove them, and their underscore twins are dropped
     set_request_headers: frozenset[str] = frozenset()
+
+
+def __getattr__(name: str) -> Any:
+    """``lucid.model.Runtime``: the running gateway's class, imported on first use
+    (``lucid.runtime`` imports this module)."""
+    if name == "Runtime":
+        from lucid.runtime import Runtime
+
+        return Runtime
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

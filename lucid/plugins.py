@@ -15,19 +15,21 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
 from lucid import hookspecs
 from lucid.config import ConfigError
+from lucid.definitions import Kind
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
     from quart import Blueprint
 
-    from lucid.gateway import Generation, Runtime
-    from lucid.model import Event, Exchange, Instance, Outcome, Rejection
+    from lucid.model import Event, Exchange, Generation, Instance, Outcome, Rejection
+    from lucid.runtime import Runtime
 
 hookimpl = pluggy.HookimplMarker("lucid")
 log = logging.getLogger("lucid.plugins")
@@ -164,6 +166,7 @@ class PluginSet:
     pm: pluggy.PluginManager = field(init=False)
     sections: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
     route_models: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
+    kinds: dict[str, Kind] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pm = pluggy.PluginManager("lucid")
@@ -184,14 +187,16 @@ class PluginSet:
         except pluggy.PluginValidationError as exc:
             name = self.pm.get_name(exc.plugin)
             raise ValueError(f"plugin {name!r}: {exc}") from None
-        for impl in reversed(self.pm.hook.lucid_register_config.get_hookimpls()):
-            try:
-                impl.function(register=self._register_section)
-            except ValueError:
-                raise
-            except Exception as exc:
-                raise ValueError(f"plugin {impl.plugin_name!r} failed in lucid_register_config: "
-                                 f"{type(exc).__name__}: {exc}") from None
+        for hook, register in (("lucid_register_config", self._register_section),
+                               ("lucid_register_definitions", self._register_kind)):
+            for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+                try:
+                    impl.function(register=register)
+                except ValueError:
+                    raise
+                except Exception as exc:
+                    raise ValueError(f"plugin {impl.plugin_name!r} failed in {hook}: "
+                                     f"{type(exc).__name__}: {exc}") from None
 
     def _register_section(
         self, section: str, model: type[BaseModel], route_model: type[BaseModel] | None = None
@@ -201,6 +206,16 @@ class PluginSet:
         self.sections[section] = model
         if route_model is not None:
             self.route_models[section] = route_model
+
+
+    def _register_kind(
+        self, kind: str, model: type[BaseModel],
+        static: Callable[[Any], Mapping[str, Any]] | None = None,
+        legacy: Callable[[Path], Mapping[str, Mapping[str, Any]]] | None = None,
+    ) -> None:
+        if kind in self.kinds:
+            raise ValueError(f"definition kind {kind!r} is already taken")
+        self.kinds[kind] = Kind(kind, model, static, legacy)
 
 
 def hook_names_of(module: object) -> list[str]:
@@ -233,6 +248,7 @@ class Hooks:
         self._observe_exchange = _direct(h.lucid_observe_exchange, ("exchange",))
         self._observe_event = _direct(h.lucid_observe_event, ("event",))
         self.observes_exchanges = bool(self._observe_exchange)
+        self.observes_events = bool(self._observe_event)
 
     # lifecycle -------------------------------------------------------------
     def register_admin(self, register: Callable[[Blueprint], None]) -> None:
@@ -253,6 +269,14 @@ class Hooks:
                 raise ConfigError(generation.source, [
                     f"plugin {impl.plugin_name!r} could not use this config: "
                     f"{type(exc).__name__}: {exc}"]) from None
+
+    async def activate(self, generation: Generation) -> None:
+        for fn in _direct(self._pm.hook.lucid_activate, ("generation",)):
+            try:
+                await resolve(fn(generation))
+            except Exception:
+                log.exception("a plugin failed in lucid_activate (generation %d)",
+                              generation.number)
 
     async def startup(self, runtime: Runtime) -> None:
         for fn in _direct(self._pm.hook.lucid_startup, ("runtime",)):

@@ -39,7 +39,7 @@ from lucid.http import (
 from lucid.model import Exchange, Instance, Outcome, Rejection
 
 if TYPE_CHECKING:
-    from lucid.gateway import Runtime
+    from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.proxy")
 

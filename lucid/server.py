@@ -28,10 +28,10 @@ from hypercorn.protocol.h11 import H11Protocol
 
 from lucid.admin import create_admin_app
 from lucid.config import ConfigError
-from lucid.gateway import Runtime, load_plugins_and_config
 from lucid.http import http_date, json_body, new_request_id
 from lucid.model import Event
 from lucid.proxy import ProxyApp
+from lucid.runtime import Runtime, load_plugins_and_config
 
 log = logging.getLogger("lucid")
 
@@ -145,7 +145,7 @@ def install_head_timeout() -> None:
     that replaces it. Connections of a config without ``request_head_timeout`` behave
     exactly as Hypercorn's own.
     """
-    hypercorn.asyncio.run.TCPServer = HeadTimedTCPServer  # type: ignore[misc]
+    hypercorn.asyncio.run.TCPServer = HeadTimedTCPServer  # type: ignore[attr-defined]
 
 
 def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornConfig:

@@ -13,7 +13,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +46,7 @@ class Database(aiosqlite.Connection):
         self._committed()
         queued = self._queued_commit
         if queued is None:
-            queued = asyncio.ensure_future(self._execute(self._commit_now))
+            queued = asyncio.ensure_future(self._on_thread(self._commit_now))
             self._queued_commit = queued
         # shield: one caller giving up must not cancel the others' commit
         await asyncio.shield(queued)
@@ -71,7 +71,13 @@ class Database(aiosqlite.Connection):
             return result
 
         self._committed()
-        return await self._execute(run)  # type: ignore[no-any-return]
+        return await self._on_thread(run)  # type: ignore[no-any-return]
+
+    def _on_thread(self, fn: Callable[[], T]) -> Awaitable[Any]:
+        """Run ``fn`` on the connection's thread, after what is queued there
+        (aiosqlite's ``_execute``, which its stubs leave untyped)."""
+        execute: Callable[[Callable[[], T]], Awaitable[Any]] = self._execute
+        return execute(fn)
 
     async def close(self) -> None:
         if self._checkpointer is not None:

@@ -30,8 +30,8 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from lucid.gateway import Runtime, load_plugins_and_config
 from lucid.plugins import ENTRY_POINT_GROUP, InstalledPlugin
+from lucid.runtime import Runtime, load_plugins_and_config
 from lucid.server import bind_socket, run_process
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

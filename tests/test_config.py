@@ -2,7 +2,7 @@
 
 Every bad config must come back as exit code 2 and a message naming the file, the
 dotted key, the value found and what was expected -- never a traceback. The same
-files are loaded in-process with :func:`lucid.gateway.load_plugins_and_config` (plus
+files are loaded in-process with :func:`lucid.runtime.load_plugins_and_config` (plus
 the plugins' prepare hooks, which is where route references are checked), so the
 CLI and the library are held to one standard.
 """
@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from lucid.config import ConfigError
-from lucid.gateway import Generation, load_plugins_and_config
-from lucid.plugins import Hooks
+from lucid.runtime import Runtime, load_plugins_and_config
 from lucid.testing import builtin_plugins, run_lucid
 from lucid.units import parse_duration, parse_size
 
@@ -46,12 +45,7 @@ def check_ok(stdout: str, source: Path | str, routes: int) -> dict[str, str]:
 def load(path: Path) -> Any:
     """Load a config the way ``lucid check`` does: choose plugins, validate, prepare."""
     plugin_set, config = load_plugins_and_config(path)
-    generation = Generation(
-        1, config, str(path),
-        capabilities=frozenset(p.capability for p in plugin_set.plugins),
-        route_models=plugin_set.route_models,
-    )
-    asyncio.run(Hooks(plugin_set.pm).prepare(generation))
+    asyncio.run(Runtime(plugin_set, config, path).check())
     return config
 
 

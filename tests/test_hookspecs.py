@@ -109,6 +109,47 @@ async def test_every_hook_is_called_by_a_real_gateway(recorder, lucid_upstream, 
     assert observed[0]["instance"] == upstream.url and observed[0]["bytes_out"] > 0
     outcomes = [d for n, d in recorder.CALLS if n == "lucid_record_outcome"]
     assert outcomes[0] == {"kind": "success", "status": 200}
+    activated = [d for n, d in recorder.CALLS if n == "lucid_activate"]
+    assert activated == [{"number": 1, "notes": ["from-file"]},
+                         {"number": 2, "notes": ["from-file"]}]
+    first_prepare = next(i for i, (n, _) in enumerate(recorder.CALLS) if n == "lucid_prepare")
+    startup = next(i for i, (n, _) in enumerate(recorder.CALLS) if n == "lucid_startup")
+    first_activate = next(i for i, (n, _) in enumerate(recorder.CALLS) if n == "lucid_activate")
+    assert first_prepare < startup < first_activate  # live only once started
+
+
+async def test_definitions_are_written_through_the_core(recorder, lucid_upstream, tmp_path):
+    """A third-party plugin's definitions: static ones are read-only, dynamic ones are
+    committed, carry a revision, honour If-Match, reach lucid_activate and survive a
+    restart."""
+    upstream = await lucid_upstream()
+    async with run_gateway(config(upstream.url), tmp_path) as gw:
+        notes = f"{gw.admin_url}/recorder/notes"
+        async with gw.session.put(f"{notes}/from-file", json={"text": "x"}) as r:
+            assert r.status == 409 and (await r.json())["origin"] == "static"
+        async with gw.session.put(f"{notes}/a", json={"text": "one"}) as r:
+            assert r.status == 200
+            first = await r.json()
+            assert first["origin"] == "dynamic" and first["body"] == {"text": "one"}
+        async with gw.session.put(f"{notes}/a", json={"text": "two"},
+                                  headers={"If-Match": str(first["revision"] + 7)}) as r:
+            assert r.status == 412
+        async with gw.session.put(f"{notes}/a", json={"text": "two"},
+                                  headers={"If-Match": f'"{first["revision"]}"'}) as r:
+            assert r.status == 200
+            second = await r.json()
+            assert second["revision"] > first["revision"]
+        async with gw.session.delete(f"{notes}/missing") as r:
+            assert r.status == 404
+        activated = [d for n, d in recorder.CALLS if n == "lucid_activate"]
+        assert activated[-1]["notes"] == ["a", "from-file"]  # each write went live
+        generation = gw.runtime.generation
+        assert generation.defined("recorder_note")["a"].body == {"text": "two"}
+    recorder.CALLS.clear()
+    async with run_gateway(config(upstream.url), tmp_path) as gw:
+        defined = gw.runtime.generation.defined("recorder_note")
+        assert list(defined) == ["from-file", "a"]
+        assert defined["a"].revision == second["revision"]
 
 
 def test_check_workers_refuses_state_that_would_be_multiplied(recorder, lucid_process):

@@ -29,8 +29,8 @@ import aiohttp
 import pytest
 
 from lucid.config import ConfigError
-from lucid.gateway import load_plugins_and_config
 from lucid.plugins import InstalledPlugin, choose_plugins, installed_plugins
+from lucid.runtime import load_plugins_and_config
 from lucid.testing import (
     GatewayProcess,
     builtin_plugins,

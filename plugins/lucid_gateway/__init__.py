@@ -29,7 +29,6 @@ from lucid_gateway.router import Router
 from lucid_gateway.store import GatewayStore
 
 METRICS_WINDOW = 10_000  # recent requests kept for /gateway/metrics
-ROUTES_POLL_INTERVAL = 1.0  # seconds; how soon other workers see a runtime route
 
 LUCID_CAPABILITY = "gateway"
 __all__ = ["GatewayConfig", "Route", "Router", "GatewayState", "GatewayShared"]
@@ -37,16 +36,14 @@ __all__ = ["GatewayConfig", "Route", "Router", "GatewayState", "GatewayShared"]
 
 class GatewayShared:
     """What outlives a config generation, one per gateway (never a module global):
-    JWKS caches, background tasks, runtime routes, the store, recent request figures."""
+    JWKS caches, background tasks, the store, recent request figures."""
 
     def __init__(self) -> None:
         self.jwks_caches: dict[tuple[str, str], JwksCache] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.dynamic: dict[str, Route] = {}  # runtime routes, by id
         self.store: GatewayStore | None = None
         self.recent: deque[tuple[float, float, int]] = deque(maxlen=METRICS_WINDOW)
         self.started = False
-        self.routes_seen: tuple[Any, ...] = ()  # store signature of the routes applied
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,6 @@ class GatewayState:
     overrides: tuple[dict[str, Any], ...]
     instances: dict[str, list[Instance]]
     shared: GatewayShared = field(default_factory=GatewayShared)
-    static_ids: frozenset[str] = frozenset()
 
 
 def policy_for(route: Route) -> RoutePolicy:
@@ -91,10 +87,6 @@ def build_state(
     problems: list[str] = []
     overrides: list[dict[str, Any]] = []
     routes = [*config.routes, *dynamic]
-    static_ids = frozenset(r.id or f"routes[{i}]" for i, r in enumerate(config.routes))
-    for route in dynamic:
-        if route.id in static_ids:
-            problems.append(f"gateway.routes: id {route.id!r} is a static route (TOML)")
     verifier = build_verifier(config.auth, base, shared.jwks_caches, shared.tasks, problems)
     limits = config.limits if config.limits.enabled else None
     for index, route in enumerate(routes):
@@ -141,13 +133,39 @@ def build_state(
         tuple(overrides),
         instances,
         shared,
-        static_ids,
     )
 
 
 @hookimpl
 def lucid_register_config(register: Callable[..., None]) -> None:
     register("gateway", GatewayConfig)
+
+
+def static_routes(config: Any) -> dict[str, Route]:
+    """The routes the config file declares, by id: a route without one is known as
+    ``routes[<index>]``. This is the one place that rule lives."""
+    return {route.id or f"routes[{i}]": route for i, route in enumerate(config.gateway.routes)}
+
+
+def legacy_routes(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Runtime routes an older Lucid kept in ``gateway.db`` (moved to the core's store)."""
+    import json
+    import sqlite3
+
+    path = data_dir / "gateway.db"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        try:
+            rows = conn.execute("SELECT id, definition FROM routes ORDER BY id").fetchall()
+        except sqlite3.OperationalError:  # no routes table: nothing to move
+            return {}
+    return {id: {**json.loads(body), "id": id} for id, body in rows}
+
+
+@hookimpl
+def lucid_register_definitions(register: Callable[..., None]) -> None:
+    register("route", Route, static=static_routes, legacy=legacy_routes)
 
 
 @hookimpl
@@ -168,7 +186,8 @@ def shared_of(generation: Any) -> GatewayShared:
 @hookimpl
 def lucid_prepare(generation: Any) -> None:
     shared = shared_of(generation)
-    dynamic = generation.state.get("gateway.pending_routes", shared.dynamic)
+    dynamic = [d.parsed(Route) for d in generation.defined("route").values()
+               if d.origin == "dynamic"]
     runtime = getattr(generation, "runtime", None)
     config_path = getattr(runtime, "config_path", None)
     generation.state["gateway"] = build_state(
@@ -177,7 +196,7 @@ def lucid_prepare(generation: Any) -> None:
         generation.source,
         "registry" in generation.capabilities,
         generation.disabled,
-        tuple(dynamic.values()),
+        tuple(dynamic),
         shared,
         config_path.parent if config_path is not None else None,
     )
@@ -188,49 +207,10 @@ async def lucid_startup(runtime: Any) -> None:
     state: GatewayState = runtime.generation.state["gateway"]
     shared = state.shared
     shared.store = await GatewayStore.open(runtime.data_dir / "gateway.db")
-    await load_stored_routes(runtime, shared)
     for cache in shared.jwks_caches.values():  # warm the keys before the first request
         if not cache.loaded:
             cache.refresh_in_background(shared.tasks)
-    if runtime.config.server.workers > 1:
-        # Only worker 0 serves the admin API; the others pick runtime routes up from
-        # the shared SQLite file.
-        task = asyncio.get_running_loop().create_task(_follow_routes(runtime, shared))
-        shared.tasks.add(task)
-        task.add_done_callback(shared.tasks.discard)
     shared.started = True
-
-
-async def load_stored_routes(runtime: Any, shared: GatewayShared) -> None:
-    from pydantic import ValidationError
-
-    assert shared.store is not None
-    shared.routes_seen = await shared.store.routes_signature()
-    stored = await shared.store.load_routes()
-    routes: dict[str, Route] = {}
-    for route_id, definition in stored.items():
-        try:
-            routes[route_id] = Route.model_validate(definition)
-        except ValidationError as exc:
-            import logging
-
-            logging.getLogger("lucid.gateway").error(
-                "stored runtime route %r no longer validates, ignored: %s", route_id, exc)
-    if routes or shared.dynamic:
-        await apply_routes(runtime, routes, persist=None)
-
-
-async def _follow_routes(runtime: Any, shared: GatewayShared) -> None:
-    import logging
-
-    while shared.store is not None:
-        await asyncio.sleep(ROUTES_POLL_INTERVAL)
-        try:
-            if shared.store is not None and (
-                    await shared.store.routes_signature() != shared.routes_seen):
-                await load_stored_routes(runtime, shared)
-        except Exception:
-            logging.getLogger("lucid.gateway").exception("reloading runtime routes failed")
 
 
 @hookimpl
@@ -243,29 +223,6 @@ async def lucid_shutdown(runtime: Any) -> None:
     if shared.store is not None:
         await shared.store.close()
         shared.store = None
-
-
-async def apply_routes(
-    runtime: Any, routes: dict[str, Route],
-    persist: Callable[[], Awaitable[None]] | None = None,
-) -> Any:
-    """Swap in a generation with these runtime routes: validated (ConfigError), then
-    persisted (``persist``), then applied with one reference swap, so the next request
-    sees all of the change or none of it."""
-    async with runtime._reload_lock:
-        old = runtime.generation
-        candidate = runtime._generation(old.number + 1, old.config)
-        candidate.state["gateway.pending_routes"] = routes
-        await runtime.hooks.prepare(candidate)
-        del candidate.state["gateway.pending_routes"]
-        shared = candidate.state["gateway"].shared
-        if persist is not None:
-            await persist()
-            if shared.store is not None:
-                shared.routes_seen = await shared.store.routes_signature()
-        shared.dynamic = routes
-        runtime.generation = candidate
-    return candidate
 
 
 @hookimpl

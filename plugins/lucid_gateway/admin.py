@@ -9,11 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, request
 from quart_schema import tag, validate_request
 
-from lucid.admin import error_response, runtime
+from lucid.admin import error_response, if_match, runtime
 from lucid.config import ConfigError, redact
 from lucid.http import normalize_path
 from lucid.model import Exchange
-from lucid_gateway import apply_routes
 from lucid_gateway.config import HTTP_METHODS, Route
 
 blueprint = Blueprint("gateway", __name__, url_prefix="/gateway")
@@ -160,62 +159,35 @@ class RouteRequest(Route):
 async def put_route(data: RouteRequest) -> Any:
     """Create or replace a runtime route: validated against the live config, stored,
     then applied with one swap (the next request sees it; a rejected one changes
-    nothing)."""
+    nothing). ``If-Match: <revision>`` makes a replace conditional (412)."""
     rt = runtime()
-    state = rt.generation.state["gateway"]
-    shared = state.shared
-    if data.id in state.static_ids:
-        return error_response(409, f"route {data.id!r} is defined in the config file; "
-                                   "change it there")
-    route = Route.model_validate(data.model_dump())
-    routes = {**shared.dynamic, data.id: route}
-    created = data.id not in shared.dynamic
-    definition = route.model_dump(mode="json", exclude_defaults=True)
-
-    async def persist() -> None:
-        assert shared.store is not None
-        await shared.store.put_route(data.id, definition)
-
-    try:
-        generation = await apply_routes(rt, routes, persist)
-    except ConfigError as exc:
-        return error_response(422, "route rejected; nothing changed", problems=exc.problems)
-    return {"route": {**definition, "id": data.id}, "created": created,
-            "generation": generation.number}, 201 if created else 200
+    created = rt.generation.definitions.get("route", data.id) is None
+    body = Route.model_validate(data.model_dump()).model_dump(mode="json",
+                                                              exclude_defaults=True)
+    definition = await rt.write("route", data.id, body, exists=not created,
+                                if_match=if_match())
+    assert definition is not None
+    return {"route": dict(definition.body), "created": created,
+            "revision": definition.revision,
+            "generation": rt.generation.number}, 201 if created else 200
 
 
 @blueprint.get("/route")
 @tag_gateway
 async def list_runtime_routes() -> Any:
     """Routes added through the API (the config file's are in ``GET /gateway/routes``)."""
-    shared = runtime().generation.state["gateway"].shared
-    return {"routes": [{**r.model_dump(mode="json", exclude_defaults=True), "id": i}
-                       for i, r in sorted(shared.dynamic.items())]}
+    defined = runtime().generation.defined("route")
+    return {"routes": [{**d.body, "id": d.id, "revision": d.revision}
+                       for d in sorted(defined.values(), key=lambda d: d.id)
+                       if d.origin == "dynamic"]}
 
 
 @blueprint.delete("/route/<route_id>")
 @tag_gateway
 async def delete_route(route_id: str) -> Any:
     rt = runtime()
-    state = rt.generation.state["gateway"]
-    shared = state.shared
-    if route_id in state.static_ids:
-        return error_response(409, f"route {route_id!r} is static (defined in the config "
-                                   "file) and cannot be deleted through the API")
-    if route_id not in shared.dynamic:
-        return error_response(404, f"no runtime route {route_id!r}")
-    routes = {k: v for k, v in shared.dynamic.items() if k != route_id}
-
-    async def persist() -> None:
-        assert shared.store is not None
-        await shared.store.delete_route(route_id)
-
-    try:
-        generation = await apply_routes(rt, routes, persist)
-    except ConfigError as exc:
-        return error_response(422, "deleting it leaves an invalid config",
-                              problems=exc.problems)
-    return {"deleted": route_id, "generation": generation.number}
+    await rt.write("route", route_id, None, exists=True, if_match=if_match())
+    return {"deleted": route_id, "generation": rt.generation.number}
 
 
 # ---------------------------------------------------------------------------
@@ -226,11 +198,11 @@ async def delete_route(route_id: str) -> Any:
 def effective_config(rt: Any) -> dict[str, Any]:
     """The running config plus runtime routes, as plain data (secrets NOT redacted)."""
     data = rt.config.model_dump(mode="json", exclude_none=True)
-    shared = rt.generation.state["gateway"].shared
     data.setdefault("gateway", {}).setdefault("routes", [])
     data["gateway"]["routes"] = [*data["gateway"]["routes"], *[
-        {**r.model_dump(mode="json", exclude_none=True), "id": i}
-        for i, r in sorted(shared.dynamic.items())]]
+        {**d.parsed(Route).model_dump(mode="json", exclude_none=True), "id": d.id}
+        for d in sorted(rt.generation.defined("route").values(), key=lambda d: d.id)
+        if d.origin == "dynamic"]]
     return data
 
 

@@ -47,6 +47,7 @@ service = "svc"
 
 async def req(gw: Any, method: str, path: str, token: str | None = None, **kw: Any) -> Any:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(kw.pop("headers", {}))
     async with gw.session.request(method, gw.admin_url + path, headers=headers, **kw) as r:
         return r.status, r.headers, await r.json(content_type=None)
 
@@ -290,3 +291,49 @@ def test_every_worker_picks_up_runtime_routes(lucid_process: Any) -> None:
                              message="both workers to route /static2")
 
     asyncio.run(scenario())
+
+
+async def test_runtime_routes_an_older_lucid_kept_are_imported_once(
+        lucid_upstream: Any, lucid_gateway: Any, tmp_path: Path) -> None:
+    """Upgrading: routes an older Lucid stored in gateway.db move to the core's
+    definitions store on the first start, and are served, listed and deletable."""
+    import json
+    import sqlite3
+
+    upstream = await lucid_upstream()
+    data_dir = tmp_path / "old-data"
+    data_dir.mkdir()
+    with sqlite3.connect(data_dir / "gateway.db") as conn:  # the older schema
+        conn.execute("CREATE TABLE routes (id TEXT PRIMARY KEY, definition TEXT NOT NULL, "
+                     "updated_at REAL NOT NULL)")
+        conn.execute("INSERT INTO routes VALUES (?, ?, 0)", (
+            "old", json.dumps({"id": "old", "prefix": "/old", "service": "svc",
+                               "strip_prefix": True})))
+    gw = await lucid_gateway(base_config(upstream.url, secret=False), data_dir=str(data_dir))
+    async with gw.session.get(gw.proxy_url + "/old/x") as r:
+        assert r.status == 200
+    assert upstream.requests[-1].path == "/x"
+    status, _, body = await req(gw, "GET", "/gateway/route")
+    assert [(r["id"], r["revision"]) for r in body["routes"]] == [("old", 1)]
+    with sqlite3.connect(data_dir / "definitions.db") as conn:
+        assert conn.execute("SELECT kind, id FROM definitions").fetchall() == [("route", "old")]
+    assert (await req(gw, "DELETE", "/gateway/route/old"))[0] == 200
+
+
+async def test_a_route_write_can_be_made_conditional(lucid_upstream: Any,
+                                                     lucid_gateway: Any) -> None:
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(base_config(upstream.url, secret=False))
+    route = {"id": "dyn", "prefix": "/dyn", "service": "svc"}
+    status, _, body = await req(gw, "POST", "/gateway/route", json=route)
+    assert status == 201
+    revision = body["revision"]
+    status, _, body = await req(gw, "POST", "/gateway/route", json=route,
+                                headers={"If-Match": str(revision + 1)})
+    assert status == 412 and body["revision"] == revision
+    status, _, body = await req(gw, "POST", "/gateway/route", json=route,
+                                headers={"If-Match": "not-a-revision"})
+    assert status == 412
+    status, _, body = await req(gw, "DELETE", "/gateway/route/dyn",
+                                headers={"If-Match": f'"{revision}"'})
+    assert status == 200

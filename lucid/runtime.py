@@ -1,0 +1,336 @@
+"""The running gateway: its plugins, its current config generation, its upstream pool.
+
+A *generation* is one validated config plus what plugins derived from it (a compiled
+route table, say). Each request reads ``runtime.generation`` once when it arrives and
+uses that object to the end, so a reload swaps one reference and in-flight requests
+finish on the generation they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from lucid import __version__
+from lucid.config import (
+    ConfigError,
+    data_dir,
+    plugin_choices,
+    read_toml,
+    validate_config,
+)
+from lucid.definitions import (
+    Backend,
+    BackendUnavailable,
+    Conflict,
+    Definition,
+    Invalid,
+    Key,
+    Kind,
+    NotFound,
+    Snapshot,
+    SqliteBackend,
+    Write,
+    check_expectations,
+)
+from lucid.model import Event, Generation
+from lucid.passive import PassiveHealth
+from lucid.plugins import Hooks, PluginSet, choose_plugins
+
+log = logging.getLogger("lucid")
+
+
+def load_plugins_and_config(
+    path: Path | None, data: dict[str, Any] | None = None
+) -> tuple[PluginSet, Any]:
+    """Choose plugins from ``[plugins]``, then validate the whole file against them."""
+    source = str(path) if path is not None else "(built-in defaults)"
+    if data is None:
+        data = read_toml(path) if path is not None else {}
+    enabled, disabled = choose_plugins(plugin_choices(data, source), source)
+    try:
+        plugin_set = PluginSet(enabled, disabled)
+    except ValueError as exc:
+        raise ConfigError(source, [str(exc)]) from None
+    config = validate_config(data, plugin_set.sections, source, ignored=disabled)
+    return plugin_set, config
+
+
+class Runtime:
+    """Everything one gateway process shares across requests."""
+
+    # How often a worker without the admin API looks for definitions another process
+    # wrote to the shared store (the local backend has no notifications).
+    FOLLOW_INTERVAL = 1.0
+
+    def __init__(self, plugin_set: PluginSet, config: Any, config_path: Path | None):
+        self.plugin_set = plugin_set
+        self.hooks = Hooks(plugin_set.pm)
+        self.config_path = config_path
+        self.source = str(config_path) if config_path else "(built-in defaults)"
+        self.generation = self._generation(0, config, Snapshot())
+        self.started_at = time.time()
+        self.worker_index = 0
+        self.listeners: dict[str, str] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self.data_dir = data_dir(config, config_path)
+        self.backend: Backend | None = None  # where dynamic definitions live
+        self._apply_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.counters = {"requests": 0, "errors": 0, "in_flight": 0}
+        self.passive = PassiveHealth(self.emit)  # ejections, for every instance
+        self.version = __version__
+
+    def _generation(self, number: int, config: Any, definitions: Snapshot) -> Generation:
+        return Generation(
+            number, config, self.source,
+            capabilities=frozenset(p.capability for p in self.plugin_set.plugins),
+            disabled=self.plugin_set.disabled,
+            route_models=self.plugin_set.route_models,
+            runtime=self,
+            definitions=definitions,
+            kinds=self.plugin_set.kinds,
+        )
+
+    @property
+    def config(self) -> Any:
+        return self.generation.config
+
+    @property
+    def kinds(self) -> Mapping[str, Kind]:
+        return self.plugin_set.kinds
+
+    # lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the definitions store, prepare the first generation, open the upstream
+        pool, start plugins, then make the generation live."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # if new: private
+        self.backend = await SqliteBackend.open(self.data_dir / "definitions.db")
+        try:
+            snapshot = await self.backend.load()
+            if snapshot.revision == 0:
+                snapshot = await self._import_legacy(snapshot)
+            first = self._generation(1, self.generation.config, snapshot)
+            await self.hooks.prepare(first)
+        except BaseException:
+            # aiosqlite's thread is not a daemon: left open, it would keep the
+            # process alive after a refused start
+            await self.backend.close()
+            self.backend = None
+            raise
+        self.generation = first
+        server = self.config.server
+        connector = aiohttp.TCPConnector(
+            limit=server.upstream_connections,
+            limit_per_host=0,
+            keepalive_timeout=server.upstream_keepalive,
+            ttl_dns_cache=60,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        try:
+            await self.hooks.startup(self)
+        except BaseException:
+            await self.stop()
+            raise
+        await self.hooks.activate(first)
+        if server.workers > 1:
+            self.background(self._follow())
+
+    async def stop(self) -> None:
+        """Stop plugins (reverse order), then close the pool. Requests have drained."""
+        for task in list(self._background):
+            task.cancel()
+        await self.hooks.shutdown(self)
+        self.passive.close()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self.backend is not None:
+            await self.backend.close()
+            self.backend = None
+
+    async def check(self) -> None:
+        """Prepare a generation of the config as ``lucid check`` sees it (the file, no
+        stored definitions) without making it live: every plugin's verdict."""
+        await self.hooks.prepare(self._generation(1, self.generation.config, Snapshot()))
+
+    # the one way a generation goes live ----------------------------------------
+    async def apply(
+        self, config: Any = None, definitions: Snapshot | None = None,
+        commit: Callable[[], Awaitable[Snapshot]] | None = None,
+    ) -> Generation:
+        """Validate, prepare and swap in a generation with ``config`` and
+        ``definitions`` (each defaults to the running one's); then tell plugins it is
+        live (``lucid_activate``).
+
+        Every change goes through here: SIGHUP, ``POST /gateway/config/reload``, and
+        every definition written through the admin API. ``commit``, if given, runs
+        after every plugin accepted the candidate and before the swap (a store write):
+        if it raises, nothing changed. A :class:`ConfigError` from any plugin rejects
+        the candidate and the running generation stays.
+        """
+        async with self._apply_lock:
+            return await self._apply(config, definitions, commit)
+
+    async def _apply(
+        self, config: Any, definitions: Snapshot | None,
+        commit: Callable[[], Awaitable[Snapshot]] | None,
+    ) -> Generation:
+        old = self.generation
+        candidate = self._generation(
+            old.number + 1, old.config if config is None else config,
+            old.definitions if definitions is None else definitions)
+        await self.hooks.prepare(candidate)
+        if commit is not None:
+            committed = await commit()
+            if committed.revision != candidate.definitions.revision:
+                # the store moved on meanwhile (another process wrote): prepare what it has
+                candidate = self._generation(candidate.number, candidate.config, committed)
+                await self.hooks.prepare(candidate)
+        self.generation = candidate
+        await self.hooks.activate(candidate)
+        return candidate
+
+    async def write(
+        self, kind: str, id: str, body: Mapping[str, Any] | None, *,
+        exists: bool | None = None, if_match: int | None = None,
+    ) -> Definition | None:
+        """Create, replace or delete (``body`` None) one dynamic definition: checked,
+        prepared by every plugin, committed to the store, then live. ``exists`` True
+        means it must exist already, False that it must not.
+
+        Raises :class:`NotFound` (404), :class:`Conflict` (409: a static id, an id
+        taken, or a definition the config no longer accepts), :class:`PreconditionFailed`
+        (412: ``if_match`` is not the definition's revision) or :class:`Invalid` (422:
+        a plugin rejected the result); nothing changes then.
+        """
+        if kind not in self.kinds:
+            raise KeyError(f"no plugin registered definitions of kind {kind!r}")
+        async with self._apply_lock:
+            if self.backend is None:
+                raise BackendUnavailable("the definitions store is not open")
+            running = self.generation
+            if id in self.kinds[kind].declared(running.config):
+                verb = "change" if body is not None else "remove"
+                raise Conflict(f"{kind} {id!r} is declared in the config file; {verb} it "
+                               "there and reload", field="id", origin="static")
+            found = running.definitions.get(kind, id)
+            expect: dict[Key, int | None] = {}
+            if exists is False:
+                expect[(kind, id)] = None
+            elif found is None and exists:
+                raise NotFound(f"no {kind} {id!r}", field="id")
+            if if_match is not None:
+                expect[(kind, id)] = if_match
+            check_expectations(running.definitions, expect)
+            writes = [Write(kind, id, body)]
+            base = running.definitions.revision
+            preview = running.definitions.applied(writes, base + 1)
+            backend = self.backend
+            try:
+                generation = await self._apply(
+                    None, preview, lambda: backend.commit(writes, base, expect))
+            except ConfigError as exc:
+                raise Invalid(f"{kind} rejected; nothing changed", problems=exc.problems) from None
+            return generation.definitions.get(kind, id)
+
+    async def _import_legacy(self, snapshot: Snapshot) -> Snapshot:
+        """Definitions an older Lucid kept in each plugin's own store, moved into the
+        core's store once (its first start with this version)."""
+        assert self.backend is not None
+        writes = []
+        for kind in self.kinds.values():
+            if kind.legacy is None:
+                continue
+            try:
+                found = await asyncio.to_thread(kind.legacy, self.data_dir)
+            except Exception:
+                log.exception("reading older %s definitions failed; none imported", kind.name)
+                continue
+            writes += [Write(kind.name, id, body) for id, body in found.items()]
+        if not writes:
+            return snapshot
+        log.info("imported %d definitions from older stores into definitions.db", len(writes))
+        return await self.backend.commit(writes, snapshot.revision, {})
+
+    async def _follow(self) -> None:
+        """Workers without the admin API apply what worker 0 committed to the shared
+        store, within ``FOLLOW_INTERVAL``."""
+        while self.backend is not None:
+            await asyncio.sleep(self.FOLLOW_INTERVAL)
+            try:
+                backend = self.backend
+                if backend is None:
+                    return
+                if await backend.revision() != self.generation.definitions.revision:
+                    snapshot = await backend.load()
+                    await self.apply(definitions=snapshot)
+            except ConfigError as exc:
+                log.error("definitions at the store's revision were rejected:\n%s",
+                          exc.render())
+            except Exception:
+                log.exception("following the definitions store failed; retrying")
+
+    # config ----------------------------------------------------------------
+    async def reload(self) -> Generation:
+        """Validate the config file again and swap it in; on any error keep the old one.
+
+        Changing ``[plugins]`` or the listeners needs a restart, and says so.
+        """
+        if self.config_path is None:
+            raise ConfigError(self.source, ["no config file to reload from"])
+        data = await asyncio.to_thread(read_toml, self.config_path)
+        plugin_set, config = load_plugins_and_config(self.config_path, data)
+        old = self.generation
+        problems = []
+        if [p.name for p in plugin_set.plugins] != [p.name for p in self.plugin_set.plugins]:
+            problems.append("plugins: changing which plugins are enabled needs a restart")
+        for key in ("proxy", "admin", "workers", "data_dir"):
+            if getattr(config.server, key) != getattr(old.config.server, key):
+                problems.append(f"server.{key}: changing it needs a restart")
+        if problems:
+            raise ConfigError(self.source, problems)
+        candidate = await self.apply(config)
+        log.info("config reloaded from %s (generation %d)", self.source, candidate.number)
+        self.emit(Event("config_reloaded", {"generation": candidate.number, "source": self.source}))
+        return candidate
+
+    # events and background work --------------------------------------------
+    def emit(self, event: Event) -> None:
+        """Deliver a lifecycle event to observers without making the caller wait."""
+        if not self.hooks.observes_events:
+            return
+        self.background(self.hooks.observe_event(event))
+
+    def background(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``work`` as a task the runtime keeps (and cancels when it stops)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def reload_in_background(self) -> None:
+        """SIGHUP: reload, and on failure log why and keep the running generation."""
+
+        async def run() -> None:
+            try:
+                await self.reload()
+            except ConfigError as exc:
+                log.error("reload rejected, keeping generation %d:\n%s",
+                          self.generation.number, exc.render())
+            except Exception:
+                log.exception("reload failed, keeping generation %d", self.generation.number)
+
+        self.background(run())
