@@ -164,6 +164,20 @@ def lucid_resolve_instances(
     """
 
 
+@hookspec(firstresult=True)
+def lucid_list_instances(service: str, generation: Generation) -> Sequence[Instance] | None:
+    """Every instance of ``service`` that this plugin knows, of any health (each
+    carries its ``status``), outside any request: what ``runtime.instances(service)``
+    answers to admin endpoints, metrics and plugins.
+
+    Synchronous, from memory. Stops at first non-None result: the plugin that
+    resolves a service for requests should answer for it here too.
+
+    :param service: the service name.
+    :param generation: the generation to answer for (the running one).
+    """
+
+
 # ---------------------------------------------------------------------------
 # selection
 # ---------------------------------------------------------------------------

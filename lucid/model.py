@@ -156,6 +156,18 @@ class Event:
     at: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """One route as other plugins may read it: ``generation.routes``, set by the
+    routing plugin in its ``lucid_prepare`` (which runs before the others')."""
+
+    id: str
+    service: str
+    policy: RoutePolicy
+    overrides: Mapping[str, Any]  # per-route plugin settings, validated, by section
+    origin: Literal["static", "dynamic"] = "static"
+
+
 @dataclass(eq=False)
 class Generation:
     """One validated config and what plugins derived from it.
@@ -175,6 +187,7 @@ class Generation:
     state: dict[str, Any] = field(default_factory=dict)  # per plugin, by plugin name
     runtime: Runtime | None = None  # the Runtime this generation belongs to
     loaded_at: float = field(default_factory=time.time)
+    routes: tuple[RouteInfo, ...] = ()  # set by the routing plugin in lucid_prepare
     definitions: Snapshot = field(default_factory=Snapshot)  # the dynamic ones, committed
     kinds: Mapping[str, Kind] = field(default_factory=dict)
     _defined: dict[str, dict[str, Definition]] = field(default_factory=dict, repr=False)

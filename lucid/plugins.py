@@ -238,6 +238,7 @@ class Hooks:
         h = pm.hook
         self._match_route = _direct(h.lucid_match_route, ("exchange", "generation"))
         self._resolve_instances = _direct(h.lucid_resolve_instances, ("exchange", "generation"))
+        self._list_instances = _direct(h.lucid_list_instances, ("service", "generation"))
         self._select_instance = _direct(h.lucid_select_instance, ("exchange", "candidates"))
         self._admit_request = _direct(h.lucid_admit_request, ("exchange",))
         self._permit_call = _direct(h.lucid_permit_call, ("exchange", "instance"))
@@ -307,6 +308,14 @@ class Hooks:
             if result is not None:
                 return result  # type: ignore[no-any-return]
         return None
+
+    def list_instances(self, service: str, generation: Generation) -> Sequence[Instance]:
+        """Stops at first non-None result; none answers an empty list."""
+        for fn in self._list_instances:
+            result = fn(service, generation)
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        return []
 
     # selection -------------------------------------------------------------
     def select_instance(

@@ -39,7 +39,7 @@ from lucid.definitions import (
     Write,
     check_expectations,
 )
-from lucid.model import Event, Generation
+from lucid.model import Event, Generation, Instance
 from lucid.passive import PassiveHealth
 from lucid.plugins import Hooks, PluginSet, choose_plugins
 
@@ -101,6 +101,11 @@ class Runtime:
     @property
     def config(self) -> Any:
         return self.generation.config
+
+    def instances(self, service: str) -> list[Instance]:
+        """Every instance of ``service``, of any health (each carries its ``status``),
+        as the plugin that resolves it knows them now (``lucid_list_instances``)."""
+        return list(self.hooks.list_instances(service, self.generation))
 
     @property
     def kinds(self) -> Mapping[str, Kind]:

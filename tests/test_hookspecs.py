@@ -94,6 +94,9 @@ async def test_every_hook_is_called_by_a_real_gateway(recorder, lucid_upstream, 
             assert await r.read() == b"from the fallback"
         async with gw.session.get(f"{gw.admin_url}/recorder/calls") as r:
             assert r.status == 200
+        assert [i.url for i in gw.runtime.instances("svc")] == ["http://127.0.0.1:1",
+                                                                 upstream.url]
+        assert [(r.id, r.service) for r in gw.runtime.generation.routes] == [("tagged", "svc")]
         async with gw.session.post(f"{gw.admin_url}/gateway/config/reload") as r:
             assert r.status == 200
         await wait_until(

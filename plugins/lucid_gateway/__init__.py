@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lucid.config import ConfigError, describe_errors
-from lucid.model import Exchange, Instance, Rejection, RetryBudget, RoutePolicy
+from lucid.model import Exchange, Instance, Rejection, RetryBudget, RouteInfo, RoutePolicy
 from lucid.plugins import hookimpl
 from lucid_gateway.auth import build_verifier, route_guard
 from lucid_gateway.config import GatewayConfig, Route
@@ -141,10 +141,15 @@ def lucid_register_config(register: Callable[..., None]) -> None:
     register("gateway", GatewayConfig)
 
 
+def route_id(index: int, route: Route) -> str:
+    """A route's id: its own, or ``routes[<index>]`` (its place in the table) when the
+    config file gives none. This is the one place that rule lives."""
+    return route.id or f"routes[{index}]"
+
+
 def static_routes(config: Any) -> dict[str, Route]:
-    """The routes the config file declares, by id: a route without one is known as
-    ``routes[<index>]``. This is the one place that rule lives."""
-    return {route.id or f"routes[{i}]": route for i, route in enumerate(config.gateway.routes)}
+    """The routes the config file declares, by id, in file order."""
+    return {route_id(i, route): route for i, route in enumerate(config.gateway.routes)}
 
 
 def legacy_routes(data_dir: Path) -> dict[str, dict[str, Any]]:
@@ -190,7 +195,7 @@ def lucid_prepare(generation: Any) -> None:
                if d.origin == "dynamic"]
     runtime = getattr(generation, "runtime", None)
     config_path = getattr(runtime, "config_path", None)
-    generation.state["gateway"] = build_state(
+    state = generation.state["gateway"] = build_state(
         generation.config.gateway,
         generation.route_models,
         generation.source,
@@ -200,6 +205,11 @@ def lucid_prepare(generation: Any) -> None:
         shared,
         config_path.parent if config_path is not None else None,
     )
+    static = len(generation.config.gateway.routes)
+    generation.routes = tuple(
+        RouteInfo(route_id(index, route), route.service, state.policies[index],
+                  state.overrides[index], "static" if index < static else "dynamic")
+        for index, route in enumerate(state.router.routes))
 
 
 @hookimpl
@@ -271,6 +281,12 @@ def lucid_match_route(exchange: Exchange, generation: Any) -> Route | None:
 def lucid_resolve_instances(exchange: Exchange, generation: Any) -> Sequence[Instance] | None:
     state: GatewayState = generation.state["gateway"]
     return state.instances.get(exchange.service)
+
+
+@hookimpl(trylast=True)
+def lucid_list_instances(service: str, generation: Any) -> Sequence[Instance] | None:
+    state: GatewayState | None = generation.state.get("gateway")
+    return None if state is None else state.instances.get(service)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from lucid.admin import error_response, if_match, runtime
 from lucid.config import ConfigError, redact
 from lucid.http import normalize_path
 from lucid.model import Exchange
+from lucid_gateway import route_id
 from lucid_gateway.config import HTTP_METHODS, Route
 
 blueprint = Blueprint("gateway", __name__, url_prefix="/gateway")
@@ -136,7 +137,7 @@ async def reload() -> Any:
 
 def _describe(index: int, route: Any) -> dict[str, Any]:
     data = route.model_dump(mode="json", exclude_defaults=True)
-    data["id"] = route.id or f"routes[{index}]"
+    data["id"] = route_id(index, route)
     data["kind"] = route.kind
     return data
 
@@ -227,15 +228,11 @@ async def services() -> Any:
                    | set(generation.state["gateway"].instances))
     out = []
     for name in names:
-        probe = Exchange(request_id="", method="GET", path="/", query="", host="",
-                         scheme="http", client_ip="", headers={}, started=0.0,
-                         generation=generation, service=name)
-        instances = list(rt.hooks.resolve_instances(probe, generation) or [])
+        instances = rt.instances(name)
         healthy = sum(1 for i in instances if i.status == "passing")
         out.append({
             "name": name,
-            "routes": [r.id or f"routes[{n}]" for n, r in enumerate(table.routes)
-                       if r.service == name],
+            "routes": [r.id for r in generation.routes if r.service == name],
             "instances": [{"id": i.id, "url": i.url, "zone": i.zone, "weight": i.weight,
                            "status": i.status} for i in instances],
             "instance_count": len(instances),

@@ -89,7 +89,7 @@ class _Entry:
     def __init__(self, route: Route, index: int) -> None:
         self.route = route
         self.index = index
-        self.route_id = route.id or f"routes[{index}]"
+        self.route_id = route.id or f"routes[{index}]"  # as lucid_gateway.route_id
         self.methods = frozenset(route.methods) or None
         exact = frozenset(h for h in route.hosts if not h.startswith("*."))
         wild = frozenset(h[2:] for h in route.hosts if h.startswith("*."))

@@ -115,3 +115,11 @@ class RegistryPlugin:
         self, exchange: Exchange, generation: Any
     ) -> Sequence[Instance] | None:
         return self.candidates.get(exchange.service)
+
+    @hookimpl
+    def lucid_list_instances(self, service: str, generation: Any) -> Sequence[Instance] | None:
+        registry = self.registry
+        known = registry.services.get(service) if registry is not None else None
+        if known is None:
+            return None
+        return [record.instance for record in known.records.values()]

@@ -214,6 +214,12 @@ async def test_maintenance_drains_an_instance_and_brings_it_back(lucid_upstream,
     assert set(await ports_seen(gw, "/users", 4)) == {b.port}
     healthy = await get(gw, "/registry/services/users/instances?healthy=true")
     assert [i["id"] for i in healthy["instances"]] == ["b"]
+    # what the core answers other plugins and admin endpoints: every instance, any health
+    listed = {i.id: i.status for i in gw.runtime.instances("users")}
+    assert listed == {"a": "maintenance", "b": "passing"}
+    assert [i.url for i in gw.runtime.instances("legacy")] == [a.url]  # the gateway's own
+    services = {s["name"]: s for s in (await get(gw, "/gateway/services"))["services"]}
+    assert services["users"]["instance_count"] == 2 and services["users"]["healthy"] == 1
     async with gw.session.put(url, json={"enabled": False}) as r:
         assert (await r.json())["status"] == "passing"
     assert set(await ports_seen(gw, "/users", 4)) == {a.port, b.port}
