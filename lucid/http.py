@@ -10,7 +10,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -199,9 +199,19 @@ def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) 
     return hops[0] if hops else peer
 
 
-def json_body(status: int, message: str, request_id: str, **extra: Any) -> bytes:
-    body = {"error": message, "status": status, "request_id": request_id, **extra}
-    return json.dumps(body).encode()
+def json_body(status: int, message: str, request_id: str,
+              extra: Mapping[str, Any] | None = None) -> bytes:
+    """An answer of Lucid's own (or a plugin's ``Rejection`` body) as JSON.
+
+    The contract for a plugin's body: it gives ``error`` (replacing ``message``) and
+    any extra fields; the core's ``status`` and ``request_id`` always win, since they
+    must say what the client actually got. A value JSON cannot carry is sent as its
+    text rather than turning the answer into a 500.
+    """
+    body: dict[str, Any] = {"error": message, "status": status, "request_id": request_id}
+    if extra:
+        body.update((k, v) for k, v in extra.items() if k not in ("status", "request_id"))
+    return json.dumps(body, default=str).encode()
 
 
 _date_cache: tuple[int, bytes] = (0, b"")

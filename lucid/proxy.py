@@ -492,7 +492,7 @@ class ProxyApp:
         if isinstance(body, dict) or (not body and rejection.status not in (204, 304)):
             extra = body if isinstance(body, dict) else {}
             message = rejection.reason or "request rejected"
-            body = json_body(rejection.status, message, exchange.request_id, **extra)
+            body = json_body(rejection.status, message, exchange.request_id, extra)
             if b"content-type" not in names:
                 headers.append(_JSON)
         elif isinstance(body, str):

@@ -85,6 +85,14 @@ async def test_every_hook_is_called_by_a_real_gateway(recorder, lucid_upstream, 
             assert r.headers["x-rejected-by"] == "recorder"
             body = await r.json()
             assert body["why"] == "asked to" and body["request_id"]
+        # A plugin's body may carry error, status and request_id, even a value JSON
+        # cannot hold: the core's status and request id win, never a 500.
+        async with gw.session.get(f"{gw.proxy_url}/no", headers={"x-reject-full": "1"}) as r:
+            assert r.status == 429
+            body = await r.json()
+            assert body["error"] == "slow down" and body["status"] == 429
+            assert body["request_id"] == r.headers["x-request-id"] != "mine"
+            assert body["when"].startswith("Exchange(")
         async with gw.session.get(f"{gw.proxy_url}/no", headers={"x-refuse": "1"}) as r:
             assert r.status == 503
             assert r.headers["retry-after"] == "7"
