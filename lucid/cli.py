@@ -146,6 +146,8 @@ def plugins_command(config: str | None) -> None:
     if problem is not None:
         click.echo(problem.render(), err=True)
         sys.exit(2)
+    if any(row[1] == "?" for row in rows):
+        sys.exit(2)  # a broken package is worth a non-zero exit here, used or not
 
 
 @main.command()

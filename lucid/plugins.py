@@ -99,17 +99,26 @@ def choose_plugins(
 
     A capability left out of ``[plugins]`` gets the plugin named after it, or its only
     provider. Naming a plugin that is not installed is an error listing those that are.
+
+    A plugin whose import fails is an error only when ``[plugins]`` names it; otherwise
+    it is left out with a warning, so one broken package beside the gateway cannot stop
+    a gateway that does not use it (Kong likewise loads only the plugins it is told to).
     """
     installed = list(installed_plugins() if installed is None else installed)
     by_name = {p.name: p for p in installed}
     problems: list[str] = []
     providers: dict[str, list[InstalledPlugin]] = {}
     capability_of: dict[str, str] = {}  # plugins that imported
+    named = {choice for choice in choices.values() if isinstance(choice, str)}
     for plugin in installed:
         try:
             capability_of[plugin.name] = plugin.capability
         except Exception as exc:  # a broken third-party package must not hide the others
-            problems.append(f"plugin {plugin.name!r} ({plugin.target}) failed to import: {exc}")
+            failure = f"plugin {plugin.name!r} ({plugin.target}) failed to import: {exc}"
+            if plugin.name in named or choices.get(plugin.name) is True:
+                problems.append(failure)
+            else:
+                log.warning("%s; it is not used (name it in [plugins] to need it)", failure)
         else:
             providers.setdefault(capability_of[plugin.name], []).append(plugin)
     names = ", ".join(sorted(by_name)) or "none"

@@ -199,13 +199,20 @@ def test_naming_a_plugin_of_another_capability(thirdparty: None, tmp_path: Path)
 def test_a_plugin_whose_import_fails_is_reported_by_name(tmp_path: Path) -> None:
     problem = ("plugin 'broken' (lucid_fake_broken) failed to import: "
                "No module named 'lucid_fake_dependency_that_is_not_installed'")
-    for text in ("", '[plugins]\nbroken = "broken"\n'):
+    # Named in [plugins] (as the provider of some capability, or its own): an error.
+    for text in ('[plugins]\nbroken = "broken"\n', "[plugins]\nbroken = true\n"):
         path = write(tmp_path, text)
         result = run_lucid("check", "--config", str(path), installed=(BROKEN,))
         assert result.returncode == 2, result
         assert "Traceback" not in result.stderr
         assert f"invalid config {path}:" in result.stderr
         assert problem in result.stderr
+    # Not used by the config: left out with a warning, the gateway still starts.
+    path = write(tmp_path, "")
+    result = run_lucid("check", "--config", str(path), installed=(BROKEN,))
+    assert result.returncode == 0, result
+    assert "Traceback" not in result.stderr
+    assert f"{problem}; it is not used" in result.stderr
 
     # `lucid plugins` still lists what is installed, the broken one included.
     listing = run_lucid("plugins", installed=(BROKEN,))
