@@ -109,13 +109,13 @@ def choose_plugins(
     problems: list[str] = []
     providers: dict[str, list[InstalledPlugin]] = {}
     capability_of: dict[str, str] = {}  # plugins that imported
-    named = {choice for choice in choices.values() if isinstance(choice, str)}
+    chosen = {choice for choice in choices.values() if isinstance(choice, str)}
     for plugin in installed:
         try:
             capability_of[plugin.name] = plugin.capability
         except Exception as exc:  # a broken third-party package must not hide the others
             failure = f"plugin {plugin.name!r} ({plugin.target}) failed to import: {exc}"
-            if plugin.name in named or choices.get(plugin.name) is True:
+            if plugin.name in chosen or choices.get(plugin.name) is True:
                 problems.append(failure)
             else:
                 log.warning("%s; it is not used (name it in [plugins] to need it)", failure)
