@@ -14,7 +14,7 @@ import pytest
 import tomli_w
 from aiohttp import web
 
-from lucid.testing import PluginAdmin, json_request, two_services
+from lucid.testing import PluginAdmin, json_request, two_services, wait_until
 
 
 def named(name: str) -> Any:
@@ -179,24 +179,40 @@ async def test_several_workers_share_pools_and_the_affinity_key(
     lucid_upstream: Any, lucid_process: Any
 ) -> None:
     """Two workers: a TOML pool with affinity works in both (one key, made once in
-    loadbalancer.db), and admin writes are refused (they would reach one worker)."""
+    loadbalancer.db), and a pool written through the admin API (worker 0) reaches the
+    other worker through the core's definitions store. (It used to be refused with
+    409: a write reached one worker only.)"""
     ups = [await lucid_upstream(named(n)) for n in "abc"]
     listed = ", ".join(f'{{ url = "{u.url}" }}' for u in ups)
     process = lucid_process(two_services(ups[0].url) + f"""
+[[gateway.routes]]
+prefix = "/other"
+service = "other"
+retries = {{ attempts = 1 }}
+
 [loadbalancer.pools.sticky]
 service = "svc"
 instances = [{listed}]
 affinity = {{}}
 """, workers=2)
     async with aiohttp.ClientSession() as session:
-        code, body = await json_request(session, "POST", process.admin_url + "/loadbalancer/pools",
-                                json={"id": "x", "service": "other"})
-        assert code == 409 and "workers" in body["error"]
+        code, body = await json_request(
+            session, "POST", process.admin_url + "/loadbalancer/pools",
+            json={"id": "x", "service": "other", "instances": [{"url": ups[2].url}]})
+        assert code == 201, body
         async with session.get(process.proxy_url + "/x") as r:
             pinned = await r.text()
             cookie = r.headers["set-cookie"].split(";")[0]
-    for _ in range(12):  # a new connection each: both workers answer some
-        async with aiohttp.ClientSession() as session:
-            async with session.get(process.proxy_url + "/x", headers={"cookie": cookie}) as r:
-                assert await r.text() == pinned
-                assert "set-cookie" not in r.headers
+
+    async def fresh_get(path: str, **kw: Any) -> tuple[str, aiohttp.typedefs.LooseHeaders]:
+        async with aiohttp.ClientSession() as session:  # a new connection: either worker
+            async with session.get(process.proxy_url + path, **kw) as r:
+                return await r.text(), r.headers
+
+    async def both_follow() -> bool:
+        return all([(await fresh_get("/other"))[0] == "c" for _ in range(12)])
+
+    await wait_until(both_follow, message="every worker to balance 'other' by pool x")
+    for _ in range(12):
+        text, headers = await fresh_get("/x", headers={"cookie": cookie})
+        assert text == pinned and "set-cookie" not in headers
