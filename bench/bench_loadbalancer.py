@@ -33,14 +33,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from lucid_loadbalancer import LoadBalancerPlugin
+from lucid_loadbalancer import LoadBalancerPlugin, plan_pools
 from lucid_loadbalancer.algorithms import Load, _ketama_points, build_maglev
 from lucid_loadbalancer.algorithms import RingHash as _Ring
 from lucid_loadbalancer.config import LoadBalancerConfig
 
+from lucid.definitions import Definition
 from lucid.model import Candidates, Exchange, Instance
 
 ROOT = Path(__file__).resolve().parent
@@ -80,7 +80,9 @@ def make_plugin(spec: dict[str, Any]) -> LoadBalancerPlugin:
     plugin = LoadBalancerPlugin(rng=random.Random(1))
     config = LoadBalancerConfig.model_validate({
         "affinity_secret": "x" * 32, "pools": {"bench": {"service": "svc", **spec}}})
-    plugin.sync(SimpleNamespace(state={"loadbalancer": config}))
+    defined = {pid: Definition("pool", pid, None, "static", value=spec)
+               for pid, spec in config.pools.items()}
+    plugin.adopt(plan_pools(config, defined))
     return plugin
 
 

@@ -3,31 +3,114 @@ connections, least request (P2C), weighted random, ring hash and Maglev; panic
 threshold, slow start, signed session-affinity cookies, failover.
 
 Inert for services without a pool: the selection hook is one dict lookup that misses,
-and the core's own rotation applies. Pools come from ``[loadbalancer.pools.<id>]``
-(static) and from the admin API (kept in ``loadbalancer.db``); a change applies to the
-next request.
+and the core's own rotation applies. Pools are definitions of kind ``"pool"``: static
+ones from ``[loadbalancer.pools.<id>]``, dynamic ones from the admin API, kept by the
+core's definitions store (an older Lucid's ``loadbalancer.db`` pools are imported
+once). ``lucid_prepare`` decides which pool balances which service; ``lucid_activate``
+makes those pools live, carrying counters and slow-start clocks over, so the data
+path never checks which generation it runs under.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lucid.model import Event, Exchange, Instance
+from lucid.model import Event, Exchange, Generation, Instance
 from lucid.plugins import hookimpl
 from lucid_loadbalancer.config import LoadBalancerConfig, PoolSpec
 from lucid_loadbalancer.pool import Pool
 from lucid_loadbalancer.store import SQLiteStore
 
+if TYPE_CHECKING:
+    from lucid.definitions import Definition
+    from lucid.runtime import Runtime
+
 LUCID_CAPABILITY = "loadbalancer"
+KIND = "pool"
 DB_NAME = "loadbalancer.db"
 log = logging.getLogger("lucid.loadbalancer")
-__all__ = ["LoadBalancerPlugin", "LoadBalancerConfig", "PoolSpec", "Pool"]
+__all__ = ["LoadBalancerPlugin", "LoadBalancerConfig", "PoolSpec", "Pool", "Plan", "plan_pools"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One pool a generation makes live."""
+
+    id: str
+    spec: PoolSpec
+    static: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``lucid_prepare`` derives from a generation: the ``[loadbalancer]``
+    section and the pools that balance a service, one per service. Pure data: the
+    live :class:`Pool` objects (with their counters) are made from it on activation,
+    so preparing a candidate that is then rejected touches nothing running."""
+
+    config: LoadBalancerConfig
+    entries: tuple[Entry, ...] = ()
+
+    @property
+    def needs_key(self) -> bool:
+        """Some pool signs affinity cookies and no ``affinity_secret`` is set: the
+        store's random key is needed."""
+        return self.config.affinity_secret is None and any(
+            e.spec.affinity is not None for e in self.entries)
+
+    def threshold(self, spec: PoolSpec) -> float:
+        value = spec.panic_threshold
+        return (value if value is not None else self.config.panic_threshold) / 100.0
+
+
+def static_pools(config: Any) -> dict[str, PoolSpec]:
+    """The pools the config file declares, by id, in file order."""
+    return dict(config.loadbalancer.pools)
+
+
+def legacy_pools(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Pools an older Lucid kept in the ``pools`` table of ``loadbalancer.db`` (moved
+    to the core's store; the file keeps the affinity key)."""
+    path = data_dir / DB_NAME
+    if not path.exists():
+        return {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        try:
+            rows = conn.execute("SELECT id, spec FROM pools ORDER BY id").fetchall()
+        except sqlite3.OperationalError:  # no pools table: nothing to move
+            return {}
+    return {id: json.loads(spec) for id, spec in rows}
+
+
+def plan_pools(config: LoadBalancerConfig, defined: Mapping[str, Definition]) -> Plan:
+    """The pools to run, static first: a pool whose service an earlier one (a static
+    one, or a dynamic one with a smaller id) balances already is left out with a
+    warning. The admin API refuses to make such a pool; the config file can gain one
+    (the file wins), and a start never fails over it."""
+    entries: list[Entry] = []
+    by_service: dict[str, str] = {}
+    for pool_id, definition in defined.items():
+        try:
+            spec = definition.parsed(PoolSpec)
+        except ValueError as exc:  # stored by a Lucid whose rules were looser
+            log.error("pool %r in the store is not valid any more, ignored: %s", pool_id, exc)
+            continue
+        if spec.service in by_service:
+            log.warning("pool %r balances service %r, already balanced by pool %r: ignored",
+                        pool_id, spec.service, by_service[spec.service])
+            continue
+        by_service[spec.service] = pool_id
+        entries.append(Entry(pool_id, spec, definition.origin == "static"))
+    return Plan(config, tuple(entries))
 
 
 class LoadBalancerPlugin:
@@ -39,22 +122,25 @@ class LoadBalancerPlugin:
                  rng: random.Random | None = None):
         self.clock = clock  # tests may replace it (slow start)
         self.rng = rng or random.Random()
-        self.runtime: Any = None
+        self.runtime: Runtime | None = None
         self.store: SQLiteStore | None = None
         self.store_path: Path | None = None
-        self.key: bytes | None = None  # the affinity signing key
-        self.config = LoadBalancerConfig()
-        self.static: dict[str, PoolSpec] = {}
-        self.dynamic: dict[str, PoolSpec] = {}
+        self.stored_key: bytes | None = None  # the random affinity key in loadbalancer.db
+        self.key: bytes | None = None  # the affinity key the live pools sign with
+        self.plan = Plan(LoadBalancerConfig())
         self.pools: dict[str, Pool] = {}
         self.by_service: dict[str, Pool] = {}
-        self.lock: asyncio.Lock | None = None
-        self._generation: Any = None
+        # admin writes of pools: the service checks and the write, one at a time
+        self.lock = asyncio.Lock()
 
     # lifecycle ------------------------------------------------------------
     @hookimpl
     def lucid_register_config(self, register: Callable[..., None]) -> None:
         register("loadbalancer", LoadBalancerConfig)
+
+    @hookimpl
+    def lucid_register_definitions(self, register: Callable[..., None]) -> None:
+        register(KIND, PoolSpec, static=static_pools, legacy=legacy_pools)
 
     @hookimpl
     def lucid_register_admin(self, register: Callable[..., None]) -> None:
@@ -64,39 +150,35 @@ class LoadBalancerPlugin:
 
     @hookimpl
     def lucid_check_workers(self, config: Any, workers: int) -> str | None:
-        """Every worker balances on its own (as nginx workers do): round-robin turns
-        and in-flight counts are per process, which spreads load just as well. Pools
-        from TOML and from the store are loaded by every worker; the admin API refuses
-        writes while workers > 1 (it reaches one worker only)."""
+        """Every worker balances on its own (as nginx and Envoy workers do): round-robin
+        turns, in-flight counts and slow-start clocks are per process, which spreads
+        load just as well. Pools reach every worker through the core's definitions
+        store, and the affinity key is made once in loadbalancer.db: nothing to refuse."""
         return None
 
     @hookimpl
-    async def lucid_prepare(self, generation: Any) -> None:
-        config: LoadBalancerConfig = generation.config.loadbalancer
-        generation.state["loadbalancer"] = config
-        if self.runtime is not None and self._needs_key(config.pools.values(), config):
-            await self.ensure_key(config)
+    async def lucid_prepare(self, generation: Generation) -> None:
+        plan = plan_pools(generation.config.loadbalancer, generation.defined(KIND))
+        generation.state[LUCID_CAPABILITY] = plan
+        if self.runtime is not None and plan.needs_key:  # started: the store may open
+            await self.ensure_key()
 
     @hookimpl
-    async def lucid_startup(self, runtime: Any) -> None:
+    async def lucid_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.lock = asyncio.Lock()
         self.store_path = runtime.data_dir / DB_NAME
-        config: LoadBalancerConfig = runtime.config.loadbalancer
-        raw: dict[str, Any] = {}
-        if self.store_path.exists():  # no pool ever stored: no file, no cost
-            raw = await (await self.open_store()).load()
-        for pool_id, data in raw.items():
-            try:
-                self.dynamic[pool_id] = PoolSpec.model_validate(data)
-            except ValueError as exc:
-                log.error("pool %r in the store is not valid any more, ignored: %s", pool_id, exc)
-        if self._needs_key([*config.pools.values(), *self.dynamic.values()], config):
-            await self.ensure_key(config)
-        self.sync(runtime.generation, force=True)
+        plan = runtime.generation.state.get(LUCID_CAPABILITY)
+        if plan is not None and plan.needs_key:
+            await self.ensure_key()
 
     @hookimpl
-    async def lucid_shutdown(self, runtime: Any) -> None:
+    def lucid_activate(self, generation: Generation) -> None:
+        plan = generation.state.get(LUCID_CAPABILITY)
+        if plan is not None:
+            self.adopt(plan)
+
+    @hookimpl
+    async def lucid_shutdown(self, runtime: Runtime) -> None:
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -109,63 +191,39 @@ class LoadBalancerPlugin:
             self.store = await SQLiteStore.open(self.store_path)
         return self.store
 
-    @staticmethod
-    def _needs_key(specs: Any, config: LoadBalancerConfig) -> bool:
-        return config.affinity_secret is None and any(s.affinity is not None for s in specs)
+    async def ensure_key(self) -> None:
+        """Read (or make) the store's random affinity key, once per process."""
+        if self.stored_key is None:
+            self.stored_key = await (await self.open_store()).affinity_key()
 
-    async def ensure_key(self, config: LoadBalancerConfig | None = None) -> None:
-        """The affinity key: ``affinity_secret`` when set, else the store's random key."""
-        config = config or self.config
-        if config.affinity_secret is not None:
-            self.key = config.affinity_secret.encode()
-        elif self.key is None:
-            self.key = await (await self.open_store()).affinity_key()
+    # activation ------------------------------------------------------------
+    def adopt(self, plan: Plan) -> None:
+        """Make ``plan``'s pools live. A pool whose definition, threshold and key are
+        unchanged is kept as it is (its ring or table too); a redefined one starts
+        from the counters and slow-start clocks of the one it replaces."""
+        secret = plan.config.affinity_secret
+        self.key = secret.encode() if secret is not None else self.stored_key
+        self.plan = plan
+        self.pools, self.by_service = self._pools(plan.entries)
 
-    # definitions ----------------------------------------------------------
-    def sync(self, generation: Any, force: bool = False) -> None:
-        """Adopt a generation's config (startup, reload)."""
-        if generation is self._generation and not force:
-            return
-        config = generation.state.get("loadbalancer")
-        if config is None:
-            return
-        self._generation = generation
-        if config.affinity_secret is not None:
-            self.key = config.affinity_secret.encode()
-        self.config = config
-        self.static = dict(config.pools)
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        """Pools from static (TOML) and dynamic (API) definitions; a static pool wins an
-        id or a service both claim. Unchanged pools keep their state."""
+    def _pools(self, entries: Iterable[Entry]) -> tuple[dict[str, Pool], dict[str, Pool]]:
         pools: dict[str, Pool] = {}
         by_service: dict[str, Pool] = {}
-        entries = [(pid, spec, True) for pid, spec in self.static.items()]
-        entries += [(pid, spec, False) for pid, spec in self.dynamic.items()
-                    if pid not in self.static]
-        for pool_id, spec, static in entries:
-            if spec.service in by_service:
-                log.warning("pool %r balances service %r, already balanced by pool %r: "
-                            "ignored", pool_id, spec.service, by_service[spec.service].id)
-                continue
-            old = self.pools.get(pool_id)
-            if old is not None and old.spec == spec and old.static == static and (
-                    old.threshold == self._threshold(spec) and old.secret == self.key):
+        for entry in entries:
+            old = self.pools.get(entry.id)
+            threshold = self.plan.threshold(entry.spec)
+            if old is not None and old.spec == entry.spec and old.static == entry.static and (
+                    old.threshold == threshold and old.secret == self.key):
                 pool = old
             else:
-                pool = Pool(pool_id, spec, static, self.config.panic_threshold, self.key,
-                            self.clock, self.rng, self._notify,
-                            previous=old if old is not None and old.service == spec.service
+                pool = Pool(entry.id, entry.spec, entry.static,
+                            self.plan.config.panic_threshold, self.key, self.clock, self.rng,
+                            self._notify,
+                            previous=old if old is not None and old.service == entry.spec.service
                             else None)
-            pools[pool_id] = pool
-            by_service[spec.service] = pool
-        self.pools = pools
-        self.by_service = by_service
-
-    def _threshold(self, spec: PoolSpec) -> float:
-        value = spec.panic_threshold
-        return (value if value is not None else self.config.panic_threshold) / 100.0
+            pools[entry.id] = pool
+            by_service[entry.spec.service] = pool
+        return pools, by_service
 
     def _notify(self, kind: str, data: dict[str, Any]) -> None:
         log.warning("pool %s: %s (%d of %d instances healthy)", data["pool"],
@@ -177,28 +235,11 @@ class LoadBalancerPlugin:
             except RuntimeError:  # no running loop (a synchronous caller in a test)
                 pass
 
-    def instances_of(self, pool: Pool) -> Sequence[Instance] | None:
-        """A pool's current candidate list, as the data path would resolve it (minus
-        the instances the core's passive health has ejected)."""
-        runtime = self.runtime
-        found: Sequence[Instance] | None = pool.inline
-        if found is None and runtime is not None:
-            generation = runtime.generation
-            exchange = Exchange(request_id="", method="GET", path="/", query="", host="",
-                                scheme="http", client_ip="", headers={}, started=0.0,
-                                generation=generation, service=pool.service)
-            found = runtime.hooks.resolve_instances(exchange, generation)
-        if found and runtime is not None and runtime.passive.ejected:
-            return runtime.passive.view(found)  # type: ignore[no-any-return]
-        return found
-
     # the data path --------------------------------------------------------
     @hookimpl(tryfirst=True)
     def lucid_resolve_instances(
-        self, exchange: Exchange, generation: Any
+        self, exchange: Exchange, generation: Generation
     ) -> Sequence[Instance] | None:
-        if generation is not self._generation:
-            self.sync(generation)
         pool = self.by_service.get(exchange.service)
         return pool.inline if pool is not None else None
 

@@ -147,10 +147,17 @@ class Pool:
         self.successor: Pool | None = None  # the pool that replaced this one, same counters
 
     # building --------------------------------------------------------------
+    def panics(self, source: Sequence[Instance]) -> bool:
+        """Whether too small a share of ``source``'s instances is healthy (Envoy's panic
+        mode): then every instance takes traffic. A plain list has no others."""
+        everyone: Sequence[Instance] | None = getattr(source, "everyone", None)
+        return bool(everyone) and self.threshold > 0 and (
+            len(source) < self.threshold * len(everyone or ()))
+
     def state_for(self, source: Sequence[Instance]) -> State:
         everyone = getattr(source, "everyone", None)
         healthy, total = len(source), len(everyone) if everyone is not None else len(source)
-        panic = bool(everyone) and self.threshold > 0 and healthy < self.threshold * total
+        panic = self.panics(source)
         chosen: Sequence[Instance] = everyone if panic else source  # type: ignore[assignment]
         state = State(source, self.build(chosen, self.load, self.rng), panic, healthy, total)
         if self.affinity is not None and self.secret is not None:
@@ -353,23 +360,26 @@ class Pool:
 
     # reading -----------------------------------------------------------------
     def status(self, source: Sequence[Instance] | None) -> dict[str, Any]:
-        """Algorithm, instances with in-flight and pick counts, ejected instances."""
-        state = self.state if self.state is not None and (
-            source is None or self.state.source is source) else None
-        if state is None and source:
-            state = self.state_for(source)
+        """Algorithm, instances with in-flight and pick counts, ejected instances.
+
+        ``source`` is the service's candidates as they are now (healthy ones, with
+        ``everyone``); None shows what the last request saw. A read never rebuilds
+        the balancer: that would move a round-robin turn or a slow-start clock."""
+        if source is None and self.state is not None:
+            source = self.state.source
+        panic = source is not None and self.panics(source)
         counts = self.load.counts
         now = self.clock()
         out: dict[str, Any] = {"id": self.id, "service": self.service,
                                "algorithm": self.algorithm,
                                "source": "static" if self.static else "api",
-                               "panic": bool(state and state.panic),
+                               "panic": panic,
                                "in_flight": self.load.total}
         instances: list[dict[str, Any]] = []
         ejected: list[str] = []
-        if state is not None:
-            healthy = {i.id for i in state.source}
-            everyone = getattr(state.source, "everyone", None) or list(state.source)
+        if source is not None:
+            healthy = {i.id for i in source}
+            everyone = getattr(source, "everyone", None) or list(source)
             for instance in everyone:
                 row = {"id": instance.id, "url": instance.url, "weight": instance.weight,
                        "status": instance.status, "healthy": instance.id in healthy,

@@ -14,7 +14,7 @@ import pytest
 import tomli_w
 from aiohttp import web
 
-from lucid.testing import PluginAdmin, json_request, two_services
+from lucid.testing import PluginAdmin, json_request, two_services, wait_until
 
 
 def named(name: str) -> Any:
@@ -179,24 +179,108 @@ async def test_several_workers_share_pools_and_the_affinity_key(
     lucid_upstream: Any, lucid_process: Any
 ) -> None:
     """Two workers: a TOML pool with affinity works in both (one key, made once in
-    loadbalancer.db), and admin writes are refused (they would reach one worker)."""
+    loadbalancer.db), and a pool written through the admin API (worker 0) reaches the
+    other worker through the core's definitions store. (It used to be refused with
+    409: a write reached one worker only.)"""
     ups = [await lucid_upstream(named(n)) for n in "abc"]
     listed = ", ".join(f'{{ url = "{u.url}" }}' for u in ups)
     process = lucid_process(two_services(ups[0].url) + f"""
+[[gateway.routes]]
+prefix = "/other"
+service = "other"
+retries = {{ attempts = 1 }}
+
 [loadbalancer.pools.sticky]
 service = "svc"
 instances = [{listed}]
 affinity = {{}}
 """, workers=2)
     async with aiohttp.ClientSession() as session:
-        code, body = await json_request(session, "POST", process.admin_url + "/loadbalancer/pools",
-                                json={"id": "x", "service": "other"})
-        assert code == 409 and "workers" in body["error"]
+        code, body = await json_request(
+            session, "POST", process.admin_url + "/loadbalancer/pools",
+            json={"id": "x", "service": "other", "instances": [{"url": ups[2].url}]})
+        assert code == 201, body
         async with session.get(process.proxy_url + "/x") as r:
             pinned = await r.text()
             cookie = r.headers["set-cookie"].split(";")[0]
-    for _ in range(12):  # a new connection each: both workers answer some
-        async with aiohttp.ClientSession() as session:
-            async with session.get(process.proxy_url + "/x", headers={"cookie": cookie}) as r:
-                assert await r.text() == pinned
-                assert "set-cookie" not in r.headers
+
+    async def fresh_get(path: str, **kw: Any) -> tuple[str, aiohttp.typedefs.LooseHeaders]:
+        async with aiohttp.ClientSession() as session:  # a new connection: either worker
+            async with session.get(process.proxy_url + path, **kw) as r:
+                return await r.text(), r.headers
+
+    async def both_follow() -> bool:
+        return all([(await fresh_get("/other"))[0] == "c" for _ in range(12)])
+
+    await wait_until(both_follow, message="every worker to balance 'other' by pool x")
+    for _ in range(12):
+        text, headers = await fresh_get("/x", headers={"cookie": cookie})
+        assert text == pinned and "set-cookie" not in headers
+
+
+async def test_a_pool_write_can_be_made_conditional(setup: tuple[Admin, list[Any]]) -> None:
+    """Reads show each pool's revision (0 for the config file's); ``If-Match`` names
+    the revision a replace or a delete expects, and a stale one is refused with 412."""
+    admin, ups = setup
+    pool = {"service": "svc", "instances": [{"url": ups[1].url}]}
+    code, body = await admin("POST", "/pools", {"id": "p", **pool})
+    assert code == 201, body
+    first = body["revision"]
+    assert first > 0
+    _, listing = await admin("GET", "/pools")
+    assert {p["id"]: p["revision"] for p in listing["pools"]} == {"fixed": 0, "p": first}
+    code, body = await admin("PUT", "/pools/p", {**pool, "algorithm": "random"},
+                             headers={"If-Match": str(first + 1)})
+    assert code == 412 and body["revision"] == first, body
+    _, listing = await admin("GET", "/pools")
+    assert [p["effective"]["algorithm"] for p in listing["pools"] if p["id"] == "p"] == [
+        "round_robin"]  # nothing changed
+    code, body = await admin("PUT", "/pools/p", {**pool, "algorithm": "random"},
+                             headers={"If-Match": f'"{first}"'})
+    assert code == 200 and body["revision"] > first, body
+    assert (await admin("DELETE", "/pools/p", headers={"If-Match": str(first)}))[0] == 412
+    code, _ = await admin("DELETE", "/pools/p", headers={"If-Match": str(body["revision"])})
+    assert code == 200
+    assert await admin.text() == "a"
+
+
+async def test_pools_an_older_lucid_kept_are_imported_once(
+        lucid_upstream: Any, lucid_gateway: Any, tmp_path: Path) -> None:
+    """Upgrading: pools an older Lucid stored in loadbalancer.db move to the core's
+    definitions store on the first start and are served, listed and deletable; the
+    affinity key stays in loadbalancer.db, so cookies issued before still pin."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+    import sqlite3
+
+    ups = [await lucid_upstream(named(n)) for n in "ab"]
+    data_dir = tmp_path / "old-data"
+    data_dir.mkdir()
+    key = bytes(range(32))
+    with sqlite3.connect(data_dir / "loadbalancer.db") as conn:  # the older schema
+        conn.execute("CREATE TABLE pools (id TEXT PRIMARY KEY, spec TEXT NOT NULL, "
+                     "updated REAL NOT NULL)")
+        conn.execute("CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO secrets VALUES ('affinity', ?)", (key.hex(),))
+        conn.execute("INSERT INTO pools VALUES (?, ?, 0)", ("old", json.dumps({
+            "service": "svc", "instances": [{"url": ups[1].url}],
+            "affinity": {"cookie": "lb"}})))
+    gw = await lucid_gateway(two_services(ups[0].url), data_dir=str(data_dir))
+    admin = Admin(gw)
+    async with gw.session.get(gw.proxy_url + "/x") as r:
+        assert await r.text() == "b"
+        cookie = r.headers["set-cookie"].split(";")[0]
+    mac = hmac.new(key, f"old\n{ups[1].url}".encode(), hashlib.sha256).digest()[:18]
+    assert cookie == "lb=" + base64.urlsafe_b64encode(mac).decode()  # the older key signs
+    _, listing = await admin("GET", "/pools")
+    assert [(p["id"], p["source"], p["revision"]) for p in listing["pools"]] == [
+        ("old", "api", 1)]
+    with sqlite3.connect(data_dir / "definitions.db") as conn:
+        assert conn.execute("SELECT kind, id FROM definitions").fetchall() == [("pool", "old")]
+    assert (await admin("DELETE", "/pools/old"))[0] == 200
+    again = Admin(await lucid_gateway(two_services(ups[0].url), data_dir=str(data_dir)))
+    _, listing = await again("GET", "/pools")
+    assert listing["pools"] == []  # imported once: the deletion holds
+    assert await again.text() == "a"
