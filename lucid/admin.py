@@ -24,7 +24,7 @@ from werkzeug.exceptions import BadRequest, HTTPException
 from lucid import __version__
 from lucid.config import ConfigError, dotted, redact
 from lucid.definitions import DefinitionError, PreconditionFailed
-from lucid.http import new_request_id
+from lucid.http import json_body, new_request_id, refused_head
 from lucid.model import Event
 from lucid.untrusted import Malformed, bearer_challenge, check_numeric_dates, decode_token, loads
 
@@ -283,6 +283,35 @@ def _cache_quart_schema_adapters() -> None:
 
     if conversion.TypeAdapter is TypeAdapter:  # type: ignore[attr-defined]  # once per process
         conversion.TypeAdapter = functools.lru_cache(maxsize=512)(TypeAdapter)  # type: ignore[attr-defined,assignment]
+
+
+class HeadLimits:
+    """The proxy's request-head limits (size, count, Content-Length with
+    Transfer-Encoding) for the admin listener, in front of Quart: Hypercorn's parser
+    bounds only a head still incomplete, so a head that came in one read was never
+    measured there either."""
+
+    def __init__(self, app: Any, rt: Runtime):
+        self.app = app
+        self.rt = rt
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            names = set()
+            size = 0
+            for name, value in scope["headers"]:
+                size += len(name) + len(value)
+                names.add(name.decode("latin-1").lower())
+            refused = refused_head(scope, names, size, self.rt.config.server)
+            if refused is not None:
+                status, message = refused
+                body = json_body(status, message, new_request_id())
+                await send({"type": "http.response.start", "status": status, "headers": [
+                    (b"content-type", b"application/json"), (b"connection", b"close"),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+        await self.app(scope, receive, send)
 
 
 def create_admin_app(rt: Runtime) -> Quart:

@@ -10,7 +10,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -197,6 +197,36 @@ def client_ip(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) 
         if not is_trusted(hop, trusted):
             return hop
     return hops[0] if hops else peer
+
+
+def refused_head(
+    scope: dict[str, Any], headers: Container[str], head_size: int, server: Any
+) -> tuple[int, str] | None:
+    """Why a request head is refused before anything else looks at it, if it is:
+    ``headers`` holds the lower-case names, ``head_size`` the names' and values' bytes.
+    The proxy and the admin listener both ask.
+
+    The limits hold however the head arrived: Hypercorn's parser bounds only a head
+    still incomplete, so one that came whole in a single read was never measured.
+    """
+    if "transfer-encoding" in headers:
+        # RFC 9112 §6.3: a message with both is a request-smuggling attempt or a broken
+        # client; a proxy that forwards it lets the next hop frame it otherwise. An
+        # HTTP/1.0 message with Transfer-Encoding has faulty framing too (§6.1).
+        if "content-length" in headers:
+            return 400, "Content-Length together with Transfer-Encoding"
+        if scope["http_version"] == "1.0":
+            return 400, "Transfer-Encoding in an HTTP/1.0 request"
+    count = len(scope["headers"])
+    line = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope["query_string"])
+    limit = server.max_request_header_size
+    if line + 12 > limit:  # " ", "?", " HTTP/1.1", CRLF
+        return 414, f"request line longer than {limit} bytes"
+    if line + 12 + head_size + 4 * count + 2 > limit:
+        return 431, f"request head larger than {limit} bytes"
+    if count > server.max_request_headers:
+        return 431, f"more than {server.max_request_headers} request header fields"
+    return None
 
 
 def json_body(status: int, message: str, request_id: str,

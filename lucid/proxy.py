@@ -32,6 +32,7 @@ from lucid.http import (
     is_trusted,
     json_body,
     normalize_path,
+    refused_head,
     request_id_from,
     traceparent_from,
     underscore_twins,
@@ -207,7 +208,7 @@ class ProxyApp:
         send: _Sent, peer: str, head_size: int,
     ) -> None:
         hooks = self.runtime.hooks
-        refused = _refused_head(scope, exchange.headers, head_size, generation.config.server)
+        refused = refused_head(scope, exchange.headers, head_size, generation.config.server)
         if refused is not None:
             return await self._reply(exchange, send, *refused, close=True)
         path = normalize_path(exchange.path)
@@ -572,34 +573,6 @@ def _twins_of(own: frozenset[str]) -> frozenset[str]:
 
 
 _BODY_LATE = "request body not received in time"
-
-
-def _refused_head(
-    scope: dict[str, Any], headers: dict[str, str], head_size: int, server: Any
-) -> tuple[int, str] | None:
-    """Why a request head is refused before anything else looks at it, if it is.
-
-    The limits hold however the head arrived: Hypercorn's parser bounds only a head
-    still incomplete, so one that came whole in a single read was never measured.
-    """
-    if "transfer-encoding" in headers:
-        # RFC 9112 §6.3: a message with both is a request-smuggling attempt or a broken
-        # client; a proxy that forwards it lets the next hop frame it otherwise. An
-        # HTTP/1.0 message with Transfer-Encoding has faulty framing too (§6.1).
-        if "content-length" in headers:
-            return 400, "Content-Length together with Transfer-Encoding"
-        if scope["http_version"] == "1.0":
-            return 400, "Transfer-Encoding in an HTTP/1.0 request"
-    count = len(scope["headers"])
-    line = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope["query_string"])
-    limit = server.max_request_header_size
-    if line + 12 > limit:  # " ", "?", " HTTP/1.1", CRLF
-        return 414, f"request line longer than {limit} bytes"
-    if line + 12 + head_size + 4 * count + 2 > limit:
-        return 431, f"request head larger than {limit} bytes"
-    if count > server.max_request_headers:
-        return 431, f"more than {server.max_request_headers} request header fields"
-    return None
 
 
 def _no_instances(exchange: Exchange) -> str:

@@ -26,7 +26,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 
-from lucid.admin import create_admin_app
+from lucid.admin import HeadLimits, create_admin_app
 from lucid.config import ConfigError
 from lucid.http import http_date, json_body, new_request_id
 from lucid.model import Event
@@ -213,14 +213,11 @@ def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornCo
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger(f"lucid.{name}.server")
     cfg.graceful_timeout = server.grace_period
-    if name == "proxy":
-        # h11 bounds only a head still incomplete; the proxy measures the whole head
-        # itself (JSON 431, or 414 for a long request line), so h11's bound is only
-        # for memory, at twice the limit: within it every oversized head gets Lucid's
-        # answer, past it h11 stops reading with a bare 431.
-        cfg.h11_max_incomplete_size = 2 * server.max_request_header_size
-    else:
-        cfg.h11_max_incomplete_size = server.max_request_header_size
+    # h11 bounds only a head still incomplete; the proxy and the admin listener
+    # (HeadLimits) measure the whole head themselves (JSON 431, or 414 for a long
+    # request line), so h11's bound is only for memory, at twice the limit: within it
+    # every oversized head gets Lucid's answer, past it h11 stops reading with a bare 431.
+    cfg.h11_max_incomplete_size = 2 * server.max_request_header_size
     cfg.request_head_timeout = server.request_head_timeout
     cfg.keep_alive_timeout = 75
     # Hypercorn closes a client connection after 1,000 requests by default; a gateway
@@ -260,7 +257,7 @@ async def run_process(
                          shutdown_trigger=stop.wait)]
         if admin_sock is not None:
             runtime.listeners["admin"] = address(admin_sock)
-            admin_app = create_admin_app(runtime)
+            admin_app: Any = HeadLimits(create_admin_app(runtime), runtime)
             serving.append(serve(admin_app, hypercorn_config(admin_sock, server, "admin"),
                                  shutdown_trigger=stop.wait))
         for name, where in runtime.listeners.items():

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lucid.testing_http import read_response, route
+from lucid.testing_http import Client, read_response, route
 
 KIB = 1024
 
@@ -121,3 +121,26 @@ async def test_a_head_past_twice_the_limit_is_cut_off_while_it_arrives(serve, ra
     data = _request(fields=[b"X-Big: " + b"v" * (64 * KIB)])
     _refused(await _send_in_pieces(served, data, piece=1024), 431)
     assert upstream.requests == []
+
+
+async def test_the_admin_listener_holds_the_same_head_limits(serve, raw_upstream):
+    """Hostile heads on the admin API get the same 4xx as on the proxy, however they
+    arrive, and nothing behind it runs."""
+    upstream = await raw_upstream()
+    served = serve(route(upstream.url))
+    host, _, port = served.process.admin_url.removeprefix("http://").rpartition(":")
+    admin = Client(host, int(port))
+    cases = {
+        b"GET /gateway/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n": 431,
+        b"GET /gateway/status HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)) + b"\r\n": 431,
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n": 414,
+        b"POST /gateway/config/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n": 400,
+    }
+    for request, status in cases.items():
+        response = await admin.send(request)
+        assert response.status == status, (request[:60], response.raw[:200])
+        assert response.header("content-type") == "application/json"
+        assert response.closed
+    assert "config reloaded" not in served.process.output
