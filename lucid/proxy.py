@@ -373,24 +373,28 @@ class ProxyApp:
         )
         exchange.outcome = outcome
         await hooks.record_outcome(exchange, instance, outcome)
-        if status >= 500 or self.passive.failing:
+        if status >= 500:
             self.passive.record(exchange, instance, outcome)
         if retryable:
             deadline.close()
             response.release()
             return Rejection(status, reason=f"upstream answered {status}")
         try:
-            await self._stream_response(exchange, response, send, deadline)
+            whole = await self._stream_response(exchange, response, send, deadline)
         finally:
             deadline.close()
             response.release()
             exchange.upstream_duration = time.perf_counter() - started
+        if whole and status < 500 and self.passive.failing:
+            # a success for passive health only once the body came whole
+            self.passive.record(exchange, instance, outcome)
         return None
 
     async def _stream_response(
         self, exchange: Exchange, response: aiohttp.ClientResponse, send: _Sent,
         deadline: Deadline,
-    ) -> None:
+    ) -> bool:
+        """Pass the response on; False if the upstream broke it off mid-body."""
         status = response.status
         headers = response.headers
         drop = hop_by_hop(headers.get("connection"))
@@ -413,7 +417,7 @@ class ProxyApp:
         await send.start(status, out)
         if exchange.method == "HEAD" or status in (204, 304):
             await send.body(b"", more=False)
-            return
+            return True
         content = response.content
         try:
             # Every body is passed on as it arrives, whatever its declared length: a long
@@ -428,7 +432,7 @@ class ProxyApp:
                 exchange.bytes_out += len(chunk)
                 if content.at_eof():
                     await send.body(chunk, more=False)
-                    return
+                    return True
                 await send.body(chunk, more=True)
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             # The status line is gone; closing the connection is the only honest signal.
@@ -437,8 +441,13 @@ class ProxyApp:
                         "client connection", exchange.request_id, exchange.instance and
                         exchange.instance.url, type(exc).__name__)
             response.close()
-            return
+            if exchange.instance is not None:  # a broken response counts against it
+                self.passive.record(exchange, exchange.instance, Outcome(
+                    "upstream_error", status, time.perf_counter() - exchange.upstream_started,
+                    f"failed mid-response: {type(exc).__name__}"))
+            return False
         await send.body(b"", more=False)
+        return True
 
     def _upstream_headers(
         self, exchange: Exchange, peer: str, scope: dict[str, Any]

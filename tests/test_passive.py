@@ -239,3 +239,41 @@ def test_nothing_ejected_costs_no_filtering() -> None:
     first = passive.view(source)
     assert list(first) == source[1:] and first.everyone == source  # type: ignore[attr-defined]
     assert passive.view(source) is first
+
+
+async def test_responses_broken_mid_body_count_as_failures(lucid_upstream: Any,
+                                                           lucid_gateway: Any) -> None:
+    """An instance whose answers start well and then break is ejected like one that
+    answers 5xx: the status line alone is not a success."""
+    import asyncio
+
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100)
+            await writer.drain()
+            writer.transport.abort()
+            return
+
+    broken = await asyncio.start_server(half, "127.0.0.1", 0)
+    a = f"http://127.0.0.1:{broken.sockets[0].getsockname()[1]}"
+    b = await lucid_upstream()
+    try:
+        gw = await lucid_gateway(PASSIVE.format(eject="1m") + "consecutive_failures = 2\n"
+                                 + STATIC.format(plugins="", a=a, b=b.url))
+
+        async def one() -> None:
+            try:
+                async with gw.session.get(gw.proxy_url + "/") as r:
+                    await r.read()
+            except Exception:  # the broken answers are cut off: that is the point
+                pass
+
+        await wait_until(lambda: one() if not gw.runtime.passive.ejected else True,
+                         message="the instance breaking its answers to be ejected")
+        assert list(gw.runtime.passive.ejected) == [("svc", a, a)]
+    finally:
+        broken.close()
