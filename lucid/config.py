@@ -125,6 +125,10 @@ class ServerConfig(BaseModel):
     admin_secret: str | None = Field(
         None, min_length=32, description="key that signs admin API tokens (lucid init makes one)"
     )
+    admission_order: list[str] = Field(
+        default_factory=list,
+        description="plugins whose admission runs first, in this order; the others "
+                    "follow by priority (gateway 1000, ratelimiter 800, others 500)")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     passive: PassiveConfig = Field(
         default_factory=PassiveConfig,

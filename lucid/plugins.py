@@ -40,6 +40,13 @@ ENTRY_POINT_GROUP = "lucid"
 CAPABILITY_ORDER = (
     "gateway", "registry", "circuitbreaker", "ratelimiter", "loadbalancer", "monitoring",
 )
+# Admission runs by priority, highest first (Kong's and APISIX's plugin priorities): a
+# plugin sets ``LUCID_ADMISSION_PRIORITY`` on its module or class, else its capability
+# gives it one. Authentication (CORS, header limits, JWT) comes before limiting, so a
+# refused request spends no allowance; a third-party auth plugin takes a value between
+# (900, say). ``[server] admission_order`` names plugins to run first, in that order.
+ADMISSION_PRIORITY = {"gateway": 1000, "ratelimiter": 800}
+DEFAULT_ADMISSION_PRIORITY = 500
 
 T = TypeVar("T")
 
@@ -176,6 +183,7 @@ class PluginSet:
     sections: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
     route_models: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
     kinds: dict[str, Kind] = field(init=False, default_factory=dict)
+    admission_priority: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pm = pluggy.PluginManager("lucid")
@@ -185,7 +193,13 @@ class PluginSet:
         # is a config problem naming that plugin, not a traceback.
         for plugin in reversed(self.plugins):
             try:
-                self.pm.register(plugin.instantiate(), name=plugin.name)
+                instance = plugin.instantiate()
+                self.pm.register(instance, name=plugin.name)
+                self.admission_priority[plugin.name] = int(getattr(
+                    instance, "LUCID_ADMISSION_PRIORITY", getattr(
+                        plugin.module, "LUCID_ADMISSION_PRIORITY",
+                        ADMISSION_PRIORITY.get(plugin.capability,
+                                               DEFAULT_ADMISSION_PRIORITY))))
             except pluggy.PluginValidationError as exc:
                 raise ValueError(f"plugin {plugin.name!r} ({plugin.target}): {exc}") from None
             except Exception as exc:  # a third-party constructor that raises
@@ -242,14 +256,18 @@ class Hooks:
     supported on data-path hooks; the manager refuses them at startup.
     """
 
-    def __init__(self, pm: pluggy.PluginManager):
+    def __init__(self, pm: pluggy.PluginManager, priorities: Mapping[str, int] | None = None,
+                 admission_order: Sequence[str] = ()):
         self._pm = pm
         h = pm.hook
+        #: plugin names in the order their lucid_admit_request runs
+        self.admission = _admission_plan(h.lucid_admit_request, priorities or {},
+                                         admission_order)
         self._match_route = _direct(h.lucid_match_route, ("exchange", "generation"))
         self._resolve_instances = _direct(h.lucid_resolve_instances, ("exchange", "generation"))
         self._list_instances = _direct(h.lucid_list_instances, ("service", "generation"))
         self._select_instance = _direct(h.lucid_select_instance, ("exchange", "candidates"))
-        self._admit_request = _direct(h.lucid_admit_request, ("exchange",))
+        self._admit_request = _direct(h.lucid_admit_request, ("exchange",), self.admission)
         self._permit_call = _direct(h.lucid_permit_call, ("exchange", "instance"))
         self._record_outcome = _direct(
             h.lucid_record_outcome, ("exchange", "instance", "outcome")
@@ -389,14 +407,35 @@ class Hooks:
                 log.exception("an observer raised in lucid_observe_event (%s)", event.kind)
 
 
-def _direct(caller: Any, spec_args: tuple[str, ...]) -> list[Callable[..., Any]]:
-    """A hook's implementations as plain functions taking the spec's arguments in order.
+def _admission_plan(caller: Any, priorities: Mapping[str, int],
+                    order: Sequence[str]) -> list[str]:
+    """Plugins implementing admission, in the order they run: those ``order`` names
+    first, in its order, then the others by priority, highest first (ties keep the
+    plugin order)."""
+    names = [impl.plugin_name for impl in reversed(caller.get_hookimpls())]
+    unknown = [n for n in order if n not in names]
+    if unknown:
+        raise ConfigError("plugins", [
+            f"server.admission_order: {', '.join(map(repr, unknown))} is not an enabled "
+            f"plugin that admits requests (those that do: {', '.join(names) or 'none'})"])
+    rest = sorted((n for n in names if n not in order),
+                  key=lambda n: -priorities.get(n, DEFAULT_ADMISSION_PRIORITY))
+    return [*order, *rest]
+
+
+def _direct(caller: Any, spec_args: tuple[str, ...],
+            order: Sequence[str] | None = None) -> list[Callable[..., Any]]:
+    """A hook's implementations as plain functions taking the spec's arguments in order
+    (pluggy's call order, or ``order``: plugin names).
 
     pluggy passes only the arguments an implementation names; so does this, once,
     at build time instead of on every call.
     """
     functions: list[Callable[..., Any]] = []
-    for impl in reversed(caller.get_hookimpls()):
+    impls = list(reversed(caller.get_hookimpls()))
+    if order is not None:
+        impls.sort(key=lambda impl: order.index(impl.plugin_name))
+    for impl in impls:
         if impl.hookwrapper or impl.wrapper:
             raise ConfigError(
                 "plugins",

@@ -71,7 +71,8 @@ class Runtime:
 
     def __init__(self, plugin_set: PluginSet, config: Any, config_path: Path | None):
         self.plugin_set = plugin_set
-        self.hooks = Hooks(plugin_set.pm)
+        self.hooks = Hooks(plugin_set.pm, plugin_set.admission_priority,
+                           config.server.admission_order)
         self.config_path = config_path
         self.source = str(config_path) if config_path else "(built-in defaults)"
         self.generation = self._generation(0, config, Snapshot())
@@ -302,7 +303,7 @@ class Runtime:
         problems = []
         if [p.name for p in plugin_set.plugins] != [p.name for p in self.plugin_set.plugins]:
             problems.append("plugins: changing which plugins are enabled needs a restart")
-        for key in ("proxy", "admin", "workers", "data_dir"):
+        for key in ("proxy", "admin", "workers", "data_dir", "admission_order"):
             if getattr(config.server, key) != getattr(old.config.server, key):
                 problems.append(f"server.{key}: changing it needs a restart")
         if problems:

@@ -451,3 +451,49 @@ def test_switching_a_plugin_off_ignores_its_per_route_overrides(tmp_path: Path) 
                  + ROUTE_WITH_OVERRIDE.format(override='action = "reject"'))
     result = run_lucid("check", "--config", str(path), installed=(THIRDPARTY,))
     assert result.returncode == 0, result.stderr
+
+
+LIMITED = """
+[ratelimiter]
+[[ratelimiter.limits]]
+id = "tight"
+rate = "2/m"
+algorithm = "fixed_window"
+key = "global"
+"""
+
+
+@pytest.mark.parametrize("order", ["[]", '["boom"]'])
+async def test_admission_runs_by_priority_and_the_order_is_configurable(
+    thirdparty: None, lucid_upstream: Any, lucid_gateway: Any, order: str
+) -> None:
+    """Authentication (gateway, 1000) before limiting (ratelimiter, 800) before a
+    third-party plugin without a priority (500): a request it refuses has already spent
+    rate-limit allowance. ``admission_order`` puts it first, and then it spends none."""
+    upstream = await lucid_upstream()
+    gateway = await lucid_gateway(ROUTE_ALL.format(url=upstream.url) + LIMITED,
+                                  admission_order=json.loads(order))
+    expected = ["gateway", "ratelimiter", "boom", "guard"]
+    if order != "[]":
+        expected = ["boom", "gateway", "ratelimiter", "guard"]
+    assert under_test(gateway.runtime.hooks.admission) == under_test(expected)
+    url = f"{gateway.proxy_url}/orders"
+    statuses = []
+    for _ in range(3):
+        async with gateway.session.get(url, headers={"x-boom": "reject"}) as response:
+            statuses.append(response.status)
+    async with gateway.session.get(url) as response:
+        statuses.append(response.status)
+    if order == "[]":
+        assert statuses == [403, 403, 429, 429]  # the refused ones used the allowance up
+    else:
+        assert statuses == [403, 403, 403, 200]
+
+
+def test_admission_order_names_only_plugins_that_admit(thirdparty: None,
+                                                      tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nadmission_order = ["nosuch"]\n')
+    result = run_lucid("check", "--config", str(path), installed=(THIRDPARTY,))
+    assert result.returncode == 2, result
+    assert "server.admission_order: 'nosuch' is not an enabled plugin that admits" in (
+        result.stderr)
