@@ -35,10 +35,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from lucid_circuitbreaker import CircuitBreakerPlugin
-from lucid_circuitbreaker.config import CircuitSpec, Thresholds
+from lucid_circuitbreaker import KIND, CircuitBreakerPlugin, static_circuits
+from lucid_circuitbreaker.config import CircuitBreakerConfig, CircuitSpec
 
-from lucid.model import Exchange, Instance, Outcome
+from lucid.definitions import Kind
+from lucid.model import Exchange, Generation, Instance, Outcome
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_JSON = ROOT / "results" / "circuitbreaker.json"
@@ -55,14 +56,15 @@ THROUGHPUT_GOAL = 0.80
 def make_plugin(
     specs: dict[str, dict[str, Any]], instances: list[Instance]
 ) -> tuple[CircuitBreakerPlugin, Any]:
-    """A plugin with static circuits, adopted the way a config generation is; the
-    service resolves to ``instances`` (asked once, when instance scope meets one)."""
+    """A plugin with static circuits, prepared and activated the way a config
+    generation is (the instance list comes with each exchange)."""
     plugin = CircuitBreakerPlugin()
-    circuits = {cid: CircuitSpec.model_validate(spec) for cid, spec in specs.items()}
-    hooks = SimpleNamespace(resolve_instances=lambda exchange, generation: instances)
-    generation = SimpleNamespace(state={"circuitbreaker": (Thresholds(), circuits, 1.0)},
-                                 runtime=SimpleNamespace(hooks=hooks))
-    plugin.sync(generation)
+    config = SimpleNamespace(circuitbreaker=CircuitBreakerConfig.model_validate(
+        {"circuits": specs}))
+    generation = Generation(1, config, "bench", kinds={
+        KIND: Kind(KIND, CircuitSpec, static=static_circuits)})
+    plugin.lucid_prepare(generation)
+    plugin.lucid_activate(generation)
     return plugin, generation
 
 

@@ -253,6 +253,9 @@ class Exchange:
     # request headers a plugin set, lower-case (the gateway's claim headers): a client's
     # Connection header cannot remove them, and their underscore twins are dropped
     set_request_headers: frozenset[str] = frozenset()
+    # the headers the proxy sends upstream, made once before the first attempt (read
+    # them through lucid.proxy.upstream_request)
+    upstream_headers: list[tuple[str, str]] | None = None
 
 
 def __getattr__(name: str) -> Any:

@@ -57,6 +57,28 @@ _TWINS = underscore_twins(_FORWARDING | CLIENT_IDENTITY)  # dropped from every p
 _NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9\-._~/!$&'()*+,;=:@]").search
 
 
+def upstream_url(exchange: Exchange, instance: Instance) -> URL:
+    """Where ``exchange`` goes at ``instance``: its upstream path, quoted only where it
+    must be, and its query. The proxy's own call and a plugin's (a breaker's fallback
+    to another service) build it here, so both send the same request line."""
+    path = exchange.upstream_path
+    if _NEEDS_QUOTING(path):
+        path = quote(path, safe=_SAFE_PATH)
+    return URL(instance.base + path + ("?" + exchange.query if exchange.query else ""),
+               encoded=True)
+
+
+def upstream_request(exchange: Exchange, instance: Instance) -> tuple[URL, list[tuple[str, str]]]:
+    """The URL and headers the proxy sends for ``exchange`` to ``instance``, for a plugin
+    that calls an upstream itself from a hook that runs once attempts began
+    (``lucid_permit_call`` onwards, ``lucid_fallback_response``): hop-by-hop headers
+    dropped, forwarding headers, request id and trace context set, as the proxy did."""
+    headers = exchange.upstream_headers
+    if headers is None:
+        raise ValueError(f"request {exchange.request_id}: no upstream call was prepared")
+    return upstream_url(exchange, instance), headers
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -262,6 +284,7 @@ class ProxyApp:
         budget = policy.budget
         idempotent = exchange.method in IDEMPOTENT
         upstream_headers = self._upstream_headers(exchange, peer, scope)
+        exchange.upstream_headers = upstream_headers
         tried: list[Instance] = []
         failure = Rejection(503, reason="no instance accepted the request" if instances
                             else _no_instances(exchange))
@@ -328,13 +351,7 @@ class ProxyApp:
         session = self.runtime.session
         assert session is not None
         policy = exchange.policy
-        path = exchange.upstream_path
-        if _NEEDS_QUOTING(path):
-            path = quote(path, safe=_SAFE_PATH)
-        url = URL(
-            instance.base + path + ("?" + exchange.query if exchange.query else ""),
-            encoded=True,
-        )
+        url = upstream_url(exchange, instance)
         payload = data.stream() if isinstance(data, _Body) else data
         deadline = self.deadlines.deadline(policy.total_timeout)
         started = time.perf_counter()

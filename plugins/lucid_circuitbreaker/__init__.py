@@ -1,48 +1,96 @@
 """Lucid's circuit breaker plugin: states, sliding windows, slow calls, fallbacks, ejection.
 
 Inert unless a circuit is configured: with no circuit, each data-path hook is one
-identity check and one empty-dict test. Circuit state lives on the plugin instance
-(not on a config generation) so a reload keeps the state of circuits whose
-definition did not change.
+empty-dict test. Circuits are definitions of kind ``"circuit"`` (static from
+``[circuitbreaker] circuits``, dynamic from the admin API, kept by the core's
+definitions layer). ``lucid_prepare`` resolves them for a candidate generation;
+``lucid_activate`` makes them live, carrying over the state of every circuit whose
+definition did not change. Circuit state lives on the plugin instance (not on a
+generation) for that reason; operator modes (forced open, disabled) are state too,
+kept in the plugin's own store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any
 
 from lucid.config import ConfigError
-from lucid.model import Event, Exchange, Instance, Outcome, Rejection
+from lucid.http import hop_by_hop
+from lucid.model import Event, Exchange, Generation, Instance, Outcome, Rejection
 from lucid.plugins import hookimpl
+from lucid.proxy import upstream_request
 from lucid_circuitbreaker.circuits import NORMAL, Circuit
 from lucid_circuitbreaker.config import (
     CircuitBreakerConfig,
     CircuitSpec,
     Fallback,
+    Resolved,
     RouteBreaker,
     Thresholds,
     resolve,
 )
 from lucid_circuitbreaker.machine import Breaker
-from lucid_circuitbreaker.store import CircuitStore, SQLiteStore
+from lucid_circuitbreaker.store import ModeStore, SQLiteStore
+
+if TYPE_CHECKING:
+    from lucid.runtime import Runtime
 
 LUCID_CAPABILITY = "circuitbreaker"
+KIND = "circuit"
 log = logging.getLogger("lucid.circuitbreaker")
-_NOT_FORWARDED = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length",
-})
-_NOT_RETURNED = _NOT_FORWARDED | {"date"}
+# response headers the core sets itself on the answer it sends for a Rejection
+_SET_BY_CORE = frozenset({"content-length", "date"})
 FALLBACK_BODY_LIMIT = 1 << 20
 RECENT_TRANSITIONS = 100
+
+
+def static_circuits(config: Any) -> dict[str, CircuitSpec]:
+    """The circuits the config file declares, by id, in file order."""
+    return dict(config.circuitbreaker.circuits)
+
+
+def legacy_circuits(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Circuits an older Lucid kept in ``circuitbreaker.db`` (moved to the core's store
+    once; the ``modes`` table beside them stays this plugin's)."""
+    path = data_dir / "circuitbreaker.db"
+    if not path.exists():
+        return {}
+    with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        try:
+            rows = db.execute("SELECT id, spec FROM circuits ORDER BY id").fetchall()
+        except sqlite3.OperationalError:  # no circuits table: nothing to move
+            return {}
+    return {cid: json.loads(spec) for cid, spec in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One circuit as a candidate generation defines it, resolved."""
+
+    id: str
+    spec: CircuitSpec
+    resolved: Resolved
+    static: bool
+    revision: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``lucid_prepare`` derives from one generation, for ``lucid_activate``."""
+
+    defaults: Thresholds
+    circuits: tuple[Planned, ...]
+    tick_interval: float
 
 
 class CircuitBreakerPlugin:
@@ -52,19 +100,17 @@ class CircuitBreakerPlugin:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock  # the one clock every breaker reads; tests may replace it
-        self.runtime: Any = None
-        self.store: CircuitStore | None = None
+        self.runtime: Runtime | None = None
+        self.store: ModeStore | None = None
         self.store_path: Path | None = None
         self.circuits: dict[str, Circuit] = {}
         self.by_service: dict[str, Circuit] = {}
         self.defaults = Thresholds()
-        self.static: dict[str, CircuitSpec] = {}
-        self.dynamic: dict[str, CircuitSpec] = {}
+        self.tick_interval = 1.0
         self.modes: dict[str, str] = {}
         self.transition_counts: dict[str, int] = {}
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_TRANSITIONS)
         self.lock: asyncio.Lock | None = None
-        self._generation: Any = None
         self._ticker: asyncio.Task[None] | None = None
         self._rotation = 0
 
@@ -78,6 +124,10 @@ class CircuitBreakerPlugin:
     @hookimpl
     def lucid_register_config(self, register: Callable[..., None]) -> None:
         register("circuitbreaker", CircuitBreakerConfig, route_model=RouteBreaker)
+
+    @hookimpl
+    def lucid_register_definitions(self, register: Callable[..., None]) -> None:
+        register(KIND, CircuitSpec, static=static_circuits, legacy=legacy_circuits)
 
     @hookimpl
     def lucid_register_admin(self, register: Callable[..., None]) -> None:
@@ -94,66 +144,68 @@ class CircuitBreakerPlugin:
         return None
 
     @hookimpl
-    def lucid_prepare(self, generation: Any) -> None:
+    def lucid_prepare(self, generation: Generation) -> None:
+        """Resolve every circuit of the candidate against its defaults. A static circuit
+        that does not resolve, or guards a service another static one guards, rejects
+        the config; a dynamic one that no longer resolves (the defaults changed under
+        it) stays stored but inert, as the admin API checked it when it was written."""
         config: CircuitBreakerConfig = generation.config.circuitbreaker
         problems: list[str] = []
         _, errors = resolve(Thresholds(), config.defaults)
         problems += [f"circuitbreaker.defaults.{f}: {m}" for f, m in errors]
         services: dict[str, str] = {}
-        for cid, spec in config.circuits.items():
-            _, errors = resolve(spec, config.defaults)
-            problems += [f"circuitbreaker.circuits.{cid}.{f}: {m}" for f, m in errors]
-            if spec.service in services:
-                problems.append(f"circuitbreaker.circuits.{cid}.service = {spec.service!r}: "
-                                f"circuit {services[spec.service]!r} already guards it")
-            services.setdefault(spec.service, cid)
-        known = set(config.circuits) | self._stored_ids(generation)
+        planned: list[Planned] = []
+        defined = generation.defined(KIND)
+        for cid, definition in defined.items():
+            static = definition.origin == "static"
+            try:
+                spec = definition.parsed(CircuitSpec)
+            except ValueError as exc:  # stored by an older Lucid, not valid any more
+                log.error("circuit %r in the store is not valid any more, ignored: %s",
+                          cid, exc)
+                continue
+            resolved, errors = resolve(spec, config.defaults)
+            if static:
+                problems += [f"circuitbreaker.circuits.{cid}.{f}: {m}" for f, m in errors]
+                if spec.service in services:
+                    problems.append(f"circuitbreaker.circuits.{cid}.service = {spec.service!r}"
+                                    f": circuit {services[spec.service]!r} already guards it")
+                services.setdefault(spec.service, cid)
+            if resolved is None:
+                if not static:
+                    log.error("circuit %r is not valid under the current defaults, inert: %s",
+                              cid, "; ".join(f"{f}: {m}" for f, m in errors))
+                continue
+            planned.append(Planned(cid, spec, resolved, static, definition.revision))
         for index, route_id, circuit_id in route_circuits(generation):
-            if circuit_id not in known:
+            if circuit_id not in defined:
                 problems.append(
                     f"gateway.routes[{index}].plugins.circuitbreaker.circuit = {circuit_id!r}"
                     f" (route {route_id!r}): no such circuit (declared: "
-                    f"{', '.join(sorted(known)) or 'none'})")
+                    f"{', '.join(sorted(defined)) or 'none'})")
         if problems:
             raise ConfigError(generation.source, problems)
-        generation.state["circuitbreaker"] = (config.defaults, dict(config.circuits),
-                                              config.tick_interval)
-
-    def _stored_ids(self, generation: Any) -> set[str]:
-        """Ids of the circuits made through the API: from memory once started, else
-        read from the store file (the first config is prepared before startup)."""
-        if self.runtime is not None:
-            return set(self.dynamic)
-        runtime = generation.runtime
-        path = runtime.data_dir / "circuitbreaker.db" if runtime is not None else None
-        if path is None or not path.exists():
-            return set()
-        try:
-            with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-                return {row[0] for row in db.execute("SELECT id FROM circuits")}
-        except sqlite3.Error as exc:
-            log.warning("could not read circuit ids from %s: %s", path, exc)
-            return set()
+        generation.state["circuitbreaker"] = Plan(config.defaults, tuple(planned),
+                                                  config.tick_interval)
 
     @hookimpl
-    async def lucid_startup(self, runtime: Any) -> None:
+    async def lucid_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.lock = asyncio.Lock()
         self.store_path = runtime.data_dir / "circuitbreaker.db"
-        raw: dict[str, Any] = {}
-        if self.store_path.exists():  # no circuit ever stored: no file, no cost
-            store = await self.open_store()
-            raw, self.modes = await store.load()
-        for cid, data in raw.items():
-            try:
-                self.dynamic[cid] = CircuitSpec.model_validate(data)
-            except ValueError as exc:
-                log.error("circuit %r in the store is not valid any more, ignored: %s", cid, exc)
-        self.sync(runtime.generation, force=True)
+        if self.store_path.exists():  # no mode ever stored: no file, no cost
+            self.modes = await (await self.open_store()).load()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     @hookimpl
-    async def lucid_shutdown(self, runtime: Any) -> None:
+    def lucid_activate(self, generation: Generation) -> None:
+        """The generation is live: its circuits replace the running ones."""
+        plan: Plan | None = generation.state.get("circuitbreaker")
+        if plan is not None:
+            self.adopt(plan)
+
+    @hookimpl
+    async def lucid_shutdown(self, runtime: Runtime) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
@@ -161,7 +213,7 @@ class CircuitBreakerPlugin:
             await self.store.close()
             self.store = None
 
-    async def open_store(self) -> CircuitStore:
+    async def open_store(self) -> ModeStore:
         """The store, opened (and created) on first need. Workers starting together
         may find the new file locked: lucid.store.open_database waits that out."""
         if self.store is None:
@@ -172,55 +224,39 @@ class CircuitBreakerPlugin:
     async def _tick_loop(self) -> None:
         """Half-open circuits with no traffic go back to open on time, with an event."""
         while True:
-            state = self.runtime.generation.state.get("circuitbreaker")
-            await asyncio.sleep(state[2] if state else 1.0)
+            await asyncio.sleep(self.tick_interval)
             try:
-                self.sync(self.runtime.generation)
                 for circuit in list(self.circuits.values()):
                     circuit.tick()
             except Exception:
                 log.exception("circuit breaker tick failed")
 
     # definitions ----------------------------------------------------------
-    def sync(self, generation: Any, force: bool = False) -> None:
-        """Adopt a generation's static circuits (a reload), keeping unchanged circuits."""
-        if generation is self._generation and not force:
-            return
-        state = generation.state.get("circuitbreaker")
-        if state is None:
-            return
-        self._generation = generation
-        self.defaults, self.static, _ = state
-        self.rebuild()
-
-    def rebuild(self) -> None:
-        """Circuits from static (TOML) and dynamic (API) definitions; static ones win
-        an id or a service both claim."""
+    def adopt(self, plan: Plan) -> None:
+        """Make a prepared generation's circuits the running ones. A circuit whose
+        origin, definition and effective settings did not change keeps its object, so
+        its state; any other starts closed (in its persisted operator mode). Where two
+        circuits guard one service, the first (static ones come first) takes it."""
         circuits: dict[str, Circuit] = {}
         by_service: dict[str, Circuit] = {}
-        entries = [(cid, spec, True) for cid, spec in self.static.items()]
-        entries += [(cid, spec, False) for cid, spec in self.dynamic.items()
-                    if cid not in self.static]
-        for cid, spec, static in entries:
-            resolved, problems = resolve(spec, self.defaults)
-            if resolved is None:
-                log.error("circuit %r is not valid under the current defaults, inert: %s",
-                          cid, "; ".join(f"{f}: {m}" for f, m in problems))
-                continue
-            old = self.circuits.get(cid)
-            if (old is not None and old.static == static and old.spec == spec
-                    and old.resolved.effective == resolved.effective):
+        for entry in plan.circuits:
+            old = self.circuits.get(entry.id)
+            if (old is not None and old.static == entry.static and old.spec == entry.spec
+                    and old.resolved.effective == entry.resolved.effective):
                 circuit = old
             else:
-                circuit = Circuit(cid, spec, resolved, static, self.clock, self._notify,
-                                  self.modes.get(cid, NORMAL))
-            circuits[cid] = circuit
-            if spec.service in by_service:
+                circuit = Circuit(entry.id, entry.spec, entry.resolved, entry.static,
+                                  self.clock, self._notify, self.modes.get(entry.id, NORMAL))
+            circuit.revision = entry.revision
+            circuits[entry.id] = circuit
+            if entry.spec.service in by_service:
                 log.warning("circuit %r guards service %r, already guarded by %r: it applies "
-                            "only to routes that name it", cid, spec.service,
-                            by_service[spec.service].id)
+                            "only to routes that name it", entry.id, entry.spec.service,
+                            by_service[entry.spec.service].id)
             else:
-                by_service[spec.service] = circuit
+                by_service[entry.spec.service] = circuit
+        self.defaults = plan.defaults
+        self.tick_interval = plan.tick_interval
         self.circuits = circuits
         self.by_service = by_service
 
@@ -256,8 +292,6 @@ class CircuitBreakerPlugin:
 
     @hookimpl
     def lucid_permit_call(self, exchange: Exchange, instance: Instance) -> Rejection | None:
-        if exchange.generation is not self._generation:
-            self.sync(exchange.generation)
         if not self.circuits:
             return None
         circuit = (self._circuit_for(exchange) if exchange.overrides
@@ -289,7 +323,9 @@ class CircuitBreakerPlugin:
             circuit.record(instance, outcome)
 
     @hookimpl
-    def lucid_fallback_response(self, exchange: Exchange, rejection: Rejection) -> Any:
+    def lucid_fallback_response(
+        self, exchange: Exchange, rejection: Rejection
+    ) -> Rejection | Awaitable[Rejection | None] | None:
         """A circuit that refused this request answers with its (or its route's)
         fallback; without one, the circuit's own 503 (or the core's answer) stands."""
         circuit = exchange.attributes.get("circuitbreaker") if exchange.attributes else None
@@ -304,13 +340,14 @@ class CircuitBreakerPlugin:
             return static_answer(fallback, circuit)
         return self._forward(exchange, fallback.service, circuit)
 
-    async def _forward(self, exchange: Exchange, service: str, circuit: Circuit) -> Any:
-        """The request, body included, sent to the fallback service; its answer buffered.
+    async def _forward(self, exchange: Exchange, service: str,
+                       circuit: Circuit) -> Rejection | None:
+        """The request, body included, sent to the fallback service as the proxy would
+        send it (``lucid.proxy.upstream_request``); its answer buffered.
 
         A body the core streamed (over 64 KiB, or chunked) was not kept, so it cannot be
         sent: such a request gets the default answer rather than a body-less copy."""
         import aiohttp
-        from yarl import URL
 
         if exchange.body is None and (
                 exchange.headers.get("content-length", "0") != "0"
@@ -318,23 +355,14 @@ class CircuitBreakerPlugin:
             log.warning("circuit %s: request %s has a streamed body; fallback service %r "
                         "not called", circuit.id, exchange.request_id, service)
             return None
-        generation = exchange.generation
-        runtime = generation.runtime
-        original = exchange.service
-        exchange.service = service
-        try:
-            instances = runtime.hooks.resolve_instances(exchange, generation)
-        finally:
-            exchange.service = original
-        if not instances or runtime.session is None:
+        runtime = self.runtime
+        instances = healthy(runtime.instances(service)) if runtime is not None else []
+        if runtime is None or not instances or runtime.session is None:
             log.warning("circuit %s: fallback service %r has no instances", circuit.id, service)
             return None
         instance = instances[self._rotation % len(instances)]
         self._rotation += 1
-        url = URL(instance.base + quote(exchange.upstream_path, safe="/!$&'()*+,;=:@~")
-                  + ("?" + exchange.query if exchange.query else ""), encoded=True)
-        headers = {k: v for k, v in exchange.headers.items() if k not in _NOT_FORWARDED}
-        headers["x-request-id"] = exchange.request_id
+        url, headers = upstream_request(exchange, instance)
         try:
             async with runtime.session.request(
                 exchange.method, url, headers=headers, data=exchange.body or None,
@@ -343,8 +371,8 @@ class CircuitBreakerPlugin:
             ) as response:
                 body = await response.content.read(FALLBACK_BODY_LIMIT)
                 status = response.status
-                out = [(k, v) for k, v in response.headers.items()
-                       if k.lower() not in _NOT_RETURNED]
+                drop = hop_by_hop(response.headers.get("connection")) | _SET_BY_CORE
+                out = [(k, v) for k, v in response.headers.items() if k.lower() not in drop]
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("circuit %s: fallback service %r failed: %s", circuit.id, service, exc)
             return None
@@ -353,17 +381,21 @@ class CircuitBreakerPlugin:
                          reason=f"fallback of circuit {circuit.id!r}")
 
 
-def route_circuits(generation: Any) -> list[tuple[int, str, str]]:
+def healthy(instances: Sequence[Instance]) -> list[Instance]:
+    """The instances a request may go to: passing ones, else those only warning (the
+    registry's rule for its candidates)."""
+    passing = [i for i in instances if i.status == "passing"]
+    return passing or [i for i in instances if i.status == "warning"]
+
+
+def route_circuits(generation: Generation) -> list[tuple[int, str, str]]:
     """``(index, route id, circuit id)`` of every route that names its circuit, from the
-    gateway plugin's route table in this generation (none without it)."""
-    state = generation.state.get("gateway")
-    routes = getattr(getattr(state, "router", None), "routes", ())
+    routing plugin's table in this generation (``generation.routes``)."""
     found = []
-    overrides_of = getattr(state, "overrides", ())
-    for index, (route, overrides) in enumerate(zip(routes, overrides_of, strict=True)):
-        setting = overrides.get("circuitbreaker")
+    for index, route in enumerate(generation.routes):
+        setting = route.overrides.get("circuitbreaker")
         if setting is not None and setting.circuit is not None:
-            found.append((index, route.id or f"routes[{index}]", setting.circuit))
+            found.append((index, route.id, setting.circuit))
     return found
 
 

@@ -1,9 +1,11 @@
 """The circuit breaker's admin blueprint, mounted at ``/circuitbreaker``.
 
 Writes are validated completely (payload, then the settings merged with the
-defaults, then conflicts) before anything is stored; each is committed before the
-answer. Circuits declared in TOML are static: the API can reset, force open or
-disable them, but not change or delete them.
+defaults, then conflicts) before anything is stored. A definition is written through
+the core (``runtime.write``): committed to the definitions store, prepared by every
+plugin and live before the answer; ``If-Match: <revision>`` makes a replace or a
+delete conditional (412). Circuits declared in TOML are static: the API can reset,
+force open or disable them, but not change or delete them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any
 from quart import Blueprint
 from quart_schema import tag, validate_request
 
-from lucid.admin import error_response, runtime
-from lucid_circuitbreaker import route_circuits
+from lucid.admin import error_response, if_match, runtime
+from lucid.definitions import Definition
+from lucid_circuitbreaker import KIND, CircuitBreakerPlugin, route_circuits
 from lucid_circuitbreaker.circuits import NORMAL, Circuit
 from lucid_circuitbreaker.config import CircuitCreate, CircuitSpec, resolve
 from lucid_circuitbreaker.machine import FORCED_OPEN, METRICS_ONLY
@@ -24,13 +27,18 @@ blueprint = Blueprint("circuitbreaker", __name__, url_prefix="/circuitbreaker")
 tag_cb = tag(["circuitbreaker"])
 
 
-def _plugin() -> Any:
-    plugin = runtime().plugin_set.pm.get_plugin("circuitbreaker")
-    plugin.sync(runtime().generation)
+def _plugin() -> CircuitBreakerPlugin:
+    """This plugin's instance: its circuits are the live generation's (``lucid_activate``
+    made them so), nothing to catch up on here."""
+    plugin: CircuitBreakerPlugin = runtime().plugin_set.pm.get_plugin("circuitbreaker")
     return plugin
 
 
-def _wall_offset(plugin: Any) -> float:
+def _defined(circuit_id: str) -> Definition | None:
+    return runtime().generation.defined(KIND).get(circuit_id)
+
+
+def _wall_offset(plugin: CircuitBreakerPlugin) -> float:
     return time.time() - plugin.clock()
 
 
@@ -44,7 +52,7 @@ def _static(circuit_id: str, verb: str) -> Any:
         "reload", field="circuit_id")
 
 
-def _check(plugin: Any, circuit_id: str, spec: CircuitSpec) -> Any | None:
+def _check(plugin: CircuitBreakerPlugin, circuit_id: str, spec: CircuitSpec) -> Any | None:
     """422 for settings that are wrong once merged with the defaults; 409 for a service
     another circuit guards. None when the definition can be stored."""
     _, problems = resolve(spec, plugin.defaults)
@@ -56,6 +64,11 @@ def _check(plugin: Any, circuit_id: str, spec: CircuitSpec) -> Any | None:
             return error_response(409, f"service {spec.service!r} is already guarded by "
                                   f"circuit {other.id!r}", field="service")
     return None
+
+
+def _body(spec: CircuitSpec) -> dict[str, Any]:
+    """A definition's body as stored: the fields given, as JSON."""
+    return spec.model_dump(mode="json", exclude_unset=True)
 
 
 @blueprint.get("/health")
@@ -114,75 +127,79 @@ async def get_circuit(circuit_id: str) -> Any:
 async def create_circuit(data: CircuitCreate) -> Any:
     """Create a circuit (persisted; survives restarts)."""
     plugin = _plugin()
-    workers = runtime().config.server.workers
+    rt = runtime()
+    workers = rt.config.server.workers
     if workers > 1:
         return error_response(
-            409, f"this gateway runs {workers} workers: a circuit made here would exist in "
-            "one of them only; declare circuits in the config file and run one worker",
-            field="id")
+            409, f"this gateway runs {workers} workers: each would keep its own state of "
+            "this circuit, and reset or force-open would reach one of them only; run one "
+            "worker to use circuits", field="id")
     spec = CircuitSpec.model_validate(data.model_dump(exclude={"id"}, exclude_unset=True))
+    assert plugin.lock is not None
     async with plugin.lock:
-        if data.id in plugin.static:
+        found = _defined(data.id)
+        if found is not None and found.origin == "static":
             return error_response(409, f"circuit {data.id!r} is declared in the config file",
                                   field="id")
-        if data.id in plugin.dynamic:
+        if found is not None:
             return error_response(409, f"circuit {data.id!r} already exists", field="id")
         problem = _check(plugin, data.id, spec)
         if problem is not None:
             return problem
-        await (await plugin.open_store()).put_circuit(data.id, spec.model_dump(exclude_unset=True))
-        plugin.dynamic[data.id] = spec
-        plugin.rebuild()
-    circuit = plugin.circuits[data.id]
-    return circuit.describe(), 201
+        await rt.write(KIND, data.id, _body(spec), exists=False, if_match=if_match())
+    return plugin.circuits[data.id].describe(), 201
 
 
 @blueprint.put("/circuits/<circuit_id>")
 @tag_cb
 @validate_request(CircuitSpec)
 async def replace_circuit(circuit_id: str, data: CircuitSpec) -> Any:
-    """Replace a circuit's definition (its state restarts closed if it changed)."""
+    """Replace a circuit's definition (its state restarts closed if it changed).
+    ``If-Match: <revision>`` makes it conditional (412 when the circuit moved on)."""
     plugin = _plugin()
+    assert plugin.lock is not None
     async with plugin.lock:
-        if circuit_id in plugin.static:
+        found = _defined(circuit_id)
+        if found is not None and found.origin == "static":
             return _static(circuit_id, "change")
-        if circuit_id not in plugin.dynamic:
+        if found is None:
             return _unknown(circuit_id)
         problem = _check(plugin, circuit_id, data)
         if problem is not None:
             return problem
-        store = await plugin.open_store()
-        await store.put_circuit(circuit_id, data.model_dump(exclude_unset=True))
-        plugin.dynamic[circuit_id] = data
-        plugin.rebuild()
+        await runtime().write(KIND, circuit_id, _body(data), exists=True, if_match=if_match())
     return plugin.circuits[circuit_id].describe()
 
 
 @blueprint.delete("/circuits/<circuit_id>")
 @tag_cb
 async def delete_circuit(circuit_id: str) -> Any:
-    """Delete a circuit made through the API."""
+    """Delete a circuit made through the API (and its operator mode). ``If-Match:
+    <revision>`` makes it conditional (412 when the circuit moved on)."""
     plugin = _plugin()
+    rt = runtime()
+    assert plugin.lock is not None
     async with plugin.lock:
-        if circuit_id in plugin.static:
+        found = _defined(circuit_id)
+        if found is not None and found.origin == "static":
             return _static(circuit_id, "remove")
-        if circuit_id not in plugin.dynamic:
+        if found is None:
             return _unknown(circuit_id)
-        users = [route for _, route, cid in route_circuits(runtime().generation)
+        users = [route for _, route, cid in route_circuits(rt.generation)
                  if cid == circuit_id]
         if users:
             return error_response(
                 409, f"circuit {circuit_id!r} guards route(s) {', '.join(map(repr, users))}; "
                 "change those routes first", field="circuit_id", routes=users)
-        await (await plugin.open_store()).delete_circuit(circuit_id)
-        del plugin.dynamic[circuit_id]
-        plugin.modes.pop(circuit_id, None)
-        plugin.rebuild()
+        await rt.write(KIND, circuit_id, None, exists=True, if_match=if_match())
+        if plugin.modes.pop(circuit_id, None) is not None:
+            await (await plugin.open_store()).set_mode(circuit_id, None)
     return {"deleted": circuit_id}
 
 
 async def _set_mode(circuit_id: str, mode: str) -> Any:
     plugin = _plugin()
+    assert plugin.lock is not None
     async with plugin.lock:
         circuit: Circuit | None = plugin.circuits.get(circuit_id)
         if circuit is None:

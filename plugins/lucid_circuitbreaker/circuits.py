@@ -31,7 +31,7 @@ class Circuit:
 
     __slots__ = ("id", "spec", "resolved", "static", "clock", "notify", "mode", "breaker",
                  "instances", "ejected", "suppressed", "service", "slow_threshold",
-                 "failure_statuses", "ignored_statuses", "_answers")
+                 "failure_statuses", "ignored_statuses", "revision", "_answers")
 
     def __init__(self, circuit_id: str, spec: CircuitSpec, resolved: Resolved, static: bool,
                  clock: Callable[[], float], notify: Notify, mode: str = NORMAL):
@@ -40,6 +40,7 @@ class Circuit:
         self.service = spec.service
         self.resolved = resolved
         self.static = static
+        self.revision = 0  # of its definition; set when a generation goes live
         self.clock = clock
         self.notify = notify
         self.mode = NORMAL
@@ -175,6 +176,7 @@ class Circuit:
         return {
             "id": self.id,
             "source": "static" if self.static else "api",
+            "revision": self.revision,
             "service": self.service,
             "mode": self.mode,
             "definition": self.spec.model_dump(exclude_unset=True),

@@ -1,27 +1,24 @@
-"""Where circuit definitions made through the admin API, and operator modes (forced
-open, disabled), are kept. SQLite today; the interface is what a Redis store will
-implement. Every write is committed before it returns."""
+"""Where operator modes (forced open, disabled) are kept: state an operator set, not
+a definition, so it stays the plugin's (circuit definitions live in the core's
+definitions layer). SQLite today; the interface is what a Redis store will implement.
+Every write is committed before it returns.
+
+An older Lucid also kept circuit definitions here (a ``circuits`` table); the plugin's
+``legacy_circuits`` reader hands them to the core once, and the table is left alone.
+"""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from lucid.store import open_database
 
-SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS circuits (id TEXT PRIMARY KEY, spec TEXT NOT NULL, "
-    "updated REAL NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS modes (id TEXT PRIMARY KEY, mode TEXT NOT NULL)",
-)
+SCHEMA = ("CREATE TABLE IF NOT EXISTS modes (id TEXT PRIMARY KEY, mode TEXT NOT NULL)",)
 
 
-class CircuitStore(Protocol):
-    async def load(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]: ...
-    async def put_circuit(self, circuit_id: str, spec: dict[str, Any]) -> None: ...
-    async def delete_circuit(self, circuit_id: str) -> None: ...
+class ModeStore(Protocol):
+    async def load(self) -> dict[str, str]: ...
     async def set_mode(self, circuit_id: str, mode: str | None) -> None: ...
     async def close(self) -> None: ...
 
@@ -36,26 +33,13 @@ class SQLiteStore:
     async def open(cls, path: Path) -> SQLiteStore:
         return cls(await open_database(path, SCHEMA))
 
-    async def load(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-        async with self.db.execute("SELECT id, spec FROM circuits ORDER BY id") as cursor:
-            specs = {row["id"]: json.loads(row["spec"]) for row in await cursor.fetchall()}
+    async def load(self) -> dict[str, str]:
+        """Every persisted operator mode, by circuit id."""
         async with self.db.execute("SELECT id, mode FROM modes") as cursor:
-            modes = {row["id"]: row["mode"] for row in await cursor.fetchall()}
-        return specs, modes
-
-    async def put_circuit(self, circuit_id: str, spec: dict[str, Any]) -> None:
-        await self.db.execute(
-            "INSERT INTO circuits (id, spec, updated) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE "
-            "SET spec = excluded.spec, updated = excluded.updated",
-            (circuit_id, json.dumps(spec, sort_keys=True), time.time()))
-        await self.db.commit()
-
-    async def delete_circuit(self, circuit_id: str) -> None:
-        await self.db.execute("DELETE FROM circuits WHERE id = ?", (circuit_id,))
-        await self.db.execute("DELETE FROM modes WHERE id = ?", (circuit_id,))
-        await self.db.commit()
+            return {row["id"]: row["mode"] for row in await cursor.fetchall()}
 
     async def set_mode(self, circuit_id: str, mode: str | None) -> None:
+        """Persist a mode; None forgets it (back to normal, or the circuit deleted)."""
         if mode is None:
             await self.db.execute("DELETE FROM modes WHERE id = ?", (circuit_id,))
         else:

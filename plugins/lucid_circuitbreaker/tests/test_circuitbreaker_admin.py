@@ -3,7 +3,10 @@ static circuits, and persistence across a kill -9."""
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import aiohttp
 import pytest
 from lucid_circuitbreaker.testing import Switch, plugin_of
 
-from lucid.testing import PluginAdmin, json_request, two_services
+from lucid.testing import PluginAdmin, json_request, run_gateway, two_services
 
 STATIC = """
 [circuitbreaker.circuits.fixed]
@@ -240,3 +243,89 @@ async def test_circuits_cannot_be_made_through_the_api_with_several_workers(
     status, body = await Admin(gw)("POST", "/circuits", {"id": "c", "service": "svc"})
     assert status == 409 and "2 workers" in body["error"] and body["field"] == "id"
     assert (await Admin(gw)("GET", "/circuits"))[1]["circuits"] == []
+
+
+async def test_circuits_an_older_lucid_kept_are_imported_once(
+    lucid_upstream: Any, tmp_path: Path
+) -> None:
+    """Upgrading: circuits an older Lucid stored in circuitbreaker.db move to the core's
+    definitions store on the first start; their operator modes stay where they were."""
+    switch = Switch(200)
+    up = await lucid_upstream(switch)
+    data_dir = tmp_path / "old-data"
+    data_dir.mkdir()
+    with closing(sqlite3.connect(data_dir / "circuitbreaker.db")) as db, db:  # older schema
+        db.execute("CREATE TABLE circuits (id TEXT PRIMARY KEY, spec TEXT NOT NULL, "
+                   "updated REAL NOT NULL)")
+        db.execute("CREATE TABLE modes (id TEXT PRIMARY KEY, mode TEXT NOT NULL)")
+        db.execute("INSERT INTO circuits VALUES (?, ?, 0)", (
+            "old", json.dumps({"service": "svc", "consecutive_failures": 3,
+                               "wait_duration_in_open_state": 30.0})))
+        db.execute("INSERT INTO modes VALUES ('old', 'forced_open')")
+    async with run_gateway(two_services(up.url), tmp_path / "first",
+                           data_dir=str(data_dir)) as gw:
+        admin = Admin(gw)
+        code, body = await admin("GET", "/circuits/old")
+        assert code == 200, body
+        assert (body["source"], body["revision"], body["mode"]) == ("api", 1, "forced_open")
+        assert body["definition"] == {"service": "svc", "consecutive_failures": 3,
+                                      "wait_duration_in_open_state": 30.0}
+        assert (await admin.proxy())[0] == 503 and switch.calls == 0  # still forced open
+        with closing(sqlite3.connect(data_dir / "definitions.db")) as db:
+            assert db.execute("SELECT kind, id FROM definitions").fetchall() == [
+                ("circuit", "old")]
+        assert (await admin("DELETE", "/circuits/old"))[0] == 200
+    async with run_gateway(two_services(up.url), tmp_path / "second",
+                           data_dir=str(data_dir)) as gw:
+        admin = Admin(gw)  # deleted stays deleted: the old table is not read again
+        assert (await admin("GET", "/circuits"))[1]["circuits"] == []
+        assert (await admin.proxy())[0] == 200
+        assert (await admin("POST", "/circuits", {"id": "old", "service": "svc"}))[0] == 201
+        assert (await admin("GET", "/circuits/old"))[1]["mode"] == "normal"  # mode forgotten
+
+
+async def test_reads_show_the_revision_and_writes_honour_if_match(
+    setup: tuple[Admin, Switch]
+) -> None:
+    admin, _ = setup
+    code, body = await admin("POST", "/circuits", {"id": "c", "service": "svc"})
+    assert code == 201
+    revision = body["revision"]
+    assert revision > 0
+    assert (await admin("GET", "/circuits/c"))[1]["revision"] == revision
+    listed = {c["id"]: c["revision"] for c in (await admin("GET", "/circuits"))[1]["circuits"]}
+    assert listed == {"fixed": 0, "c": revision}  # static ones have no store revision
+
+    change = {"service": "svc", "consecutive_failures": 2}
+    code, body = await admin("PUT", "/circuits/c", change,
+                             headers={"If-Match": str(revision + 1)})
+    assert code == 412 and body["revision"] == revision
+    assert (await admin("GET", "/circuits/c"))[1]["definition"] == {"service": "svc"}
+    code, body = await admin("PUT", "/circuits/c", change, headers={"If-Match": str(revision)})
+    assert code == 200 and body["revision"] > revision
+    code, body = await admin("DELETE", "/circuits/c", headers={"If-Match": f'"{revision}"'})
+    assert code == 412
+    code, body = await admin("DELETE", "/circuits/c", headers={"If-Match": "W/\"x\""})
+    assert code == 412
+    current = (await admin("GET", "/circuits/c"))[1]["revision"]
+    assert (await admin("DELETE", "/circuits/c", headers={"If-Match": str(current)}))[0] == 200
+
+
+async def test_a_write_of_another_kind_keeps_the_breaker_state(
+    setup: tuple[Admin, Switch]
+) -> None:
+    """Every definition write makes a new generation; circuits that did not change
+    carry their state into it (lucid_activate), whatever kind was written."""
+    admin, switch = setup
+    assert (await admin("POST", "/circuits", {
+        "id": "c", "service": "svc", "consecutive_failures": 1,
+        "wait_duration_in_open_state": "1h"}))[0] == 201
+    before = plugin_of(admin.gw).circuits["c"]
+    assert [(await admin.proxy())[0] for _ in range(2)] == [500, 503]
+    route = {"id": "extra", "prefix": "/extra", "service": "other"}
+    async with admin.gw.session.post(admin.gw.admin_url + "/gateway/route", json=route) as r:
+        assert r.status == 201, await r.text()
+    assert plugin_of(admin.gw).circuits["c"] is before
+    assert (await admin.proxy())[0] == 503 and switch.calls == 1  # still open
+    assert (await admin("POST", "/circuits", {"id": "d", "service": "nowhere"}))[0] == 201
+    assert plugin_of(admin.gw).circuits["c"] is before

@@ -463,3 +463,30 @@ async def test_a_route_naming_an_unknown_circuit_is_a_config_error(
     problem = " ".join(info.value.problems)
     assert "gateway.routes[0].plugins.circuitbreaker.circuit = 'nope'" in problem
     assert "route 'main'" in problem and "declared: svc" in problem
+
+
+async def test_the_fallback_service_gets_the_request_as_the_proxy_sends_it(
+    lucid_upstream: Any, lucid_gateway: Any
+) -> None:
+    """The fallback call is built by the core (lucid.proxy.upstream_request): same
+    path quoting, same hop-by-hop rules, same forwarding headers as a proxied call."""
+    broken = await lucid_upstream(Switch(500))
+    backup = await lucid_upstream()  # echo
+    gw = await lucid_gateway(config(
+        [broken.url], "consecutive_failures = 1",
+        extra=f'[circuitbreaker.circuits.svc.fallback]\nservice = "backup"\n'
+              f'[gateway.services.backup]\ninstances = ["{backup.url}"]\n'))
+    assert (await get(gw))[0] == 500
+    proxied = broken.requests[-1]
+    headers = {"x-custom": "1", "connection": "x-private", "x-private": "no",
+               "x-request-id": "fallback-1", "x-real-ip": "6.6.6.6"}
+    async with gw.session.get(gw.proxy_url + "/caf%C3%A9/a b?q=1", headers=headers) as r:
+        assert r.status == 200 and r.headers["x-lucid-fallback"] == "svc"
+        assert r.headers["x-request-id"] == "fallback-1"
+        echoed = await r.json()
+    assert echoed["path"] == "/caf%C3%A9/a%20b" and echoed["query"] == "q=1"
+    sent = echoed["headers"]
+    assert sent["x-custom"] == "1" and sent["x-request-id"] == "fallback-1"
+    assert "x-private" not in sent and "x-real-ip" not in sent
+    assert sent["x-forwarded-for"] == "127.0.0.1" and sent["x-forwarded-proto"] == "http"
+    assert sent["via"] == proxied.headers["via"] and sent["traceparent"]
