@@ -26,6 +26,7 @@ has to make ``commit`` atomic.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from lucid.store import Database, open_database
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+log = logging.getLogger("lucid.definitions")
 Origin = Literal["static", "dynamic"]
 M = TypeVar("M", bound="BaseModel")
 Key = tuple[str, str]  # (kind, id)
@@ -317,19 +319,28 @@ def read_stored(data_dir: Path, kinds: Mapping[str, Kind]) -> Snapshot:
     """The dynamic definitions a gateway with this ``data_dir`` has stored, read-only
     and without starting it (``lucid config export``). A data dir an older Lucid wrote
     is read through the kinds' ``legacy`` readers, as the gateway would import it."""
+    import contextlib
     import sqlite3
 
     path = data_dir / "definitions.db"
     if path.exists():
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
             revision = conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
             if revision is not None and revision[0] > 0:
                 return Snapshot(revision[0], {
                     (kind, id): Definition(kind, id, json.loads(body), "dynamic", rev)
                     for kind, id, body, rev in conn.execute(
                         "SELECT kind, id, body, revision FROM definitions")})
-    writes = [Write(kind.name, id, body) for kind in kinds.values() if kind.legacy is not None
-              for id, body in kind.legacy(data_dir).items()]
+    writes: list[Write] = []
+    for kind in kinds.values():
+        if kind.legacy is None:
+            continue
+        try:
+            found = kind.legacy(data_dir)
+        except Exception:  # an unreadable older store: the gateway would skip it too
+            log.warning("reading older %s definitions under %s failed", kind.name, data_dir)
+            continue
+        writes += [Write(kind.name, id, body) for id, body in found.items()]
     return Snapshot().applied(writes, 1) if writes else Snapshot()
 
 

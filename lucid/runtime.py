@@ -38,6 +38,7 @@ from lucid.definitions import (
     SqliteBackend,
     Write,
     check_expectations,
+    read_stored,
 )
 from lucid.model import Event, Generation, Instance
 from lucid.passive import PassiveHealth
@@ -168,9 +169,11 @@ class Runtime:
             self.backend = None
 
     async def check(self) -> None:
-        """Prepare a generation of the config as ``lucid check`` sees it (the file, no
-        stored definitions) without making it live: every plugin's verdict."""
-        await self.hooks.prepare(self._generation(1, self.generation.config, Snapshot()))
+        """Prepare a generation of the config as ``lucid serve`` would start it (the
+        file, and the definitions stored under ``data_dir``, read-only) without making
+        it live: every plugin's verdict."""
+        stored = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+        await self.hooks.prepare(self._generation(1, self.generation.config, stored))
 
     # the one way a generation goes live ----------------------------------------
     async def apply(
