@@ -186,8 +186,10 @@ def legacy_limits(data_dir: Path) -> dict[str, dict[str, Any]]:
 
 def unknown_routes(generation: Generation, config: RateLimiterConfig) -> list[str]:
     """Static limits naming a route the config file does not declare. Routes come from
-    ``generation.routes`` (whichever plugin routes); dynamic limits and dynamic routes
-    are not checked, as before: an API write must not make a config file invalid."""
+    ``generation.routes`` (whichever plugin routes). Only the file's routes count, as
+    before: whether a file is valid must not depend on what the API stored, and deleting
+    a runtime route must not be refused for a limit's sake. Dynamic limits may name
+    routes that do not exist (yet)."""
     known = {route.id for route in generation.routes if route.origin == "static"}
     return [
         f"ratelimiter.limits[{i}].routes = {route!r}: no such route "
