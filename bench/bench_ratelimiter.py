@@ -50,7 +50,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-from lucid_ratelimiter import RateLimiterPlugin  # noqa: E402
+from lucid_ratelimiter import RateLimiterPlugin, compile_table  # noqa: E402
 from lucid_ratelimiter.algorithms import ALGORITHMS  # noqa: E402
 from lucid_ratelimiter.config import Limit, RateLimiterConfig  # noqa: E402
 
@@ -64,7 +64,7 @@ def _plugin(limits: list[dict[str, Any]], headers: str = "all") -> tuple[Any, An
     plugin = RateLimiterPlugin()
     config = RateLimiterConfig(limits=[Limit(**x) for x in limits], headers=headers)
     generation = SimpleNamespace(number=1, state={"ratelimiter": config})
-    plugin.rebuild(generation)
+    plugin.go_live(compile_table(config, ((spec, "static", 0) for spec in config.limits)))
     return plugin, generation
 
 

@@ -2,8 +2,13 @@
 
 Decisions are synchronous and in memory (:mod:`lucid_ratelimiter.algorithms`); quota
 counters (windows of an hour or more) are written to SQLite in the background, in
-batches (:mod:`lucid_ratelimiter.store`). Limits come from ``[[ratelimiter.limits]]``
-("static") and from the admin API ("dynamic", persisted); both apply without a restart.
+batches (:mod:`lucid_ratelimiter.store`). Limits are definitions of kind ``"limit"``
+in the core's definitions layer: ``[[ratelimiter.limits]]`` ("static") and the admin
+API ("dynamic", kept by the core's store); both apply without a restart.
+
+Each generation gets its table in ``lucid_prepare``; ``lucid_activate`` makes it live
+and moves the counters of unchanged limits over, so the data path only reads
+``self.table``.
 """
 
 from __future__ import annotations
@@ -14,17 +19,21 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lucid.config import ConfigError, data_dir
-from lucid.model import Event, Exchange, Rejection
+from lucid.definitions import Kind, read_stored
+from lucid.model import Event, Exchange, Generation, Rejection
 from lucid.plugins import hookimpl
 from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
 from lucid_ratelimiter.config import Limit, RateLimiterConfig, RouteSettings
-from lucid_ratelimiter.store import SqliteStore
+from lucid_ratelimiter.store import Row, SqliteStore
+
+if TYPE_CHECKING:
+    from lucid.runtime import Runtime
 
 LUCID_CAPABILITY = "ratelimiter"
 __all__ = ["RateLimiterPlugin", "RateLimiterConfig", "Limit", "RouteSettings"]
@@ -82,14 +91,16 @@ def signature(spec: Limit) -> str:
 class CompiledLimit:
     """One live limit: its definition, its counters and its rejection tally."""
 
-    __slots__ = ("id", "spec", "source", "limiter", "key_of", "quota", "concurrent",
+    __slots__ = ("id", "spec", "source", "revision", "limiter", "key_of", "quota", "concurrent",
                  "signature", "rejections", "limit", "policy", "ietf_prefix", "x_limit",
                  "dirty")
 
-    def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str):
+    def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str,
+                 revision: int = 0):
         self.id = spec.id
         self.spec = spec
         self.source = source
+        self.revision = revision  # of its definition; 0 if static
         self.limiter = limiter
         self.key_of = key_function(spec, api_key_header)
         self.quota = spec.quota
@@ -118,9 +129,12 @@ class Plan:
 
 @dataclass
 class Table:
-    """Every live limit, for one config generation plus the dynamic limits."""
+    """Every limit of one generation, static and dynamic, compiled in ``lucid_prepare``.
 
-    generation: Any
+    Its limiters start empty; :meth:`RateLimiterPlugin.lucid_activate` swaps in the live
+    ones of limits whose counters still mean the same (same :func:`signature`), so a
+    candidate that is never swapped in touches no live counter."""
+
     config: RateLimiterConfig
     limits: dict[str, CompiledLimit] = field(default_factory=dict)
     plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
@@ -139,6 +153,52 @@ class Table:
         return plan
 
 
+def compile_table(config: RateLimiterConfig,
+                  specs: Iterable[tuple[Limit, str, int]]) -> Table:
+    """A table of fresh limiters for ``(spec, origin, revision)``, in the given order."""
+    table = Table(config)
+    for spec, source, revision in specs:
+        limiter = ALGORITHMS[spec.algorithm](
+            spec.count, spec.period, spec.capacity, config.max_keys)
+        table.limits[spec.id] = CompiledLimit(spec, source, limiter, config.api_key_header,
+                                              revision)
+    return table
+
+
+def static_limits(config: Any) -> dict[str, Limit]:
+    """The limits ``[[ratelimiter.limits]]`` declares, by id, in file order."""
+    return {spec.id: spec for spec in config.ratelimiter.limits}
+
+
+def legacy_limits(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Limits an older Lucid kept in the ``limits`` table of ``ratelimiter.db`` (moved
+    to the core's definitions store once; its quota counters stay where they are)."""
+    path = data_dir / "ratelimiter.db"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        try:
+            rows = conn.execute("SELECT id, body FROM limits ORDER BY rowid").fetchall()
+        except sqlite3.OperationalError:  # no limits table: nothing to move
+            return {}
+    return {id: {**json.loads(body), "id": id} for id, body in rows}
+
+
+def unknown_routes(generation: Generation, config: RateLimiterConfig) -> list[str]:
+    """Static limits naming a route the config file does not declare. Routes come from
+    ``generation.routes`` (whichever plugin routes). Only the file's routes count, as
+    before: whether a file is valid must not depend on what the API stored, and deleting
+    a runtime route must not be refused for a limit's sake. Dynamic limits may name
+    routes that do not exist (yet)."""
+    known = {route.id for route in generation.routes if route.origin == "static"}
+    return [
+        f"ratelimiter.limits[{i}].routes = {route!r}: no such route "
+        f"(routes: {', '.join(sorted(known)) or 'none'})"
+        for i, spec in enumerate(config.limits) for route in spec.routes
+        if route not in known
+    ]
+
+
 class RateLimiterPlugin:
     """One instance per gateway (Lucid instantiates the class named by the entry point)."""
 
@@ -146,12 +206,10 @@ class RateLimiterPlugin:
 
     def __init__(self) -> None:
         self.clock: Callable[[], float] = time.time  # injectable (tests)
-        self.runtime: Any = None
+        self.runtime: Runtime | None = None
         self.store: SqliteStore | None = None
-        self.dynamic: dict[str, Limit] = {}
-        self.table: Table | None = None
-        self._generation_number = -1
-        self._limiters: dict[str, tuple[str, Limiter]] = {}  # id -> (signature, limiter)
+        self.table: Table | None = None  # the live one, swapped in by lucid_activate
+        self._restored: list[Row] = []  # quota counters read at startup, until activation
         self._tasks: list[asyncio.Task[Any]] = []
         self.admitted = 0
         self.rejected = 0
@@ -167,6 +225,10 @@ class RateLimiterPlugin:
         register("ratelimiter", RateLimiterConfig, route_model=RouteSettings)
 
     @hookimpl
+    def lucid_register_definitions(self, register: Callable[..., None]) -> None:
+        register("limit", Limit, static=static_limits, legacy=legacy_limits)
+
+    @hookimpl
     def lucid_register_admin(self, register: Callable[..., None]) -> None:
         from lucid_ratelimiter.admin import blueprint
 
@@ -174,55 +236,38 @@ class RateLimiterPlugin:
 
     @hookimpl
     def lucid_check_workers(self, config: Any, workers: int) -> str | None:
+        """Counters live in each worker's memory: any limit, in the file or stored
+        through the admin API (by this or an older Lucid), refuses several workers."""
         if workers <= 1:
             return None
         section = getattr(config, "ratelimiter", None)
         if section is not None and section.limits:
             return WORKERS_REASON.format(workers=workers)
-        path = data_dir(config, None) / "ratelimiter.db"
-        if path.exists():
-            try:
-                db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-                try:
-                    (count,) = db.execute("SELECT count(*) FROM limits").fetchone()
-                finally:
-                    db.close()
-            except sqlite3.Error:
-                count = 0
-            if count:
-                return WORKERS_REASON.format(workers=workers)
-        return None
+        kind = Kind("limit", Limit, legacy=legacy_limits)
+        try:
+            stored = read_stored(data_dir(config, None), {"limit": kind}).of("limit")
+        except sqlite3.Error:
+            stored = {}
+        return WORKERS_REASON.format(workers=workers) if stored else None
 
     @hookimpl
-    def lucid_prepare(self, generation: Any) -> None:
+    def lucid_prepare(self, generation: Generation) -> None:
+        """Compile the candidate's limits (file, then admin API) into a table of fresh
+        limiters; the live counters move over only when it goes live."""
         config: RateLimiterConfig = generation.config.ratelimiter
-        generation.state["ratelimiter"] = config
         if config.limits and "gateway" in generation.capabilities:
-            gateway = getattr(generation.config, "gateway", None)
-            known = {r.id or f"routes[{i}]"
-                     for i, r in enumerate(getattr(gateway, "routes", []))}
-            problems = [
-                f"ratelimiter.limits[{i}].routes = {route!r}: no such route "
-                f"(routes: {', '.join(sorted(known)) or 'none'})"
-                for i, spec in enumerate(config.limits) for route in spec.routes
-                if route not in known
-            ]
+            problems = unknown_routes(generation, config)
             if problems:
                 raise ConfigError(generation.source, problems)
+        generation.state["ratelimiter"] = compile_table(config, (
+            (d.parsed(Limit), d.origin, d.revision)
+            for d in generation.defined("limit").values()))
 
     @hookimpl
-    async def lucid_startup(self, runtime: Any) -> None:
+    async def lucid_startup(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.store = await SqliteStore.open(runtime.data_dir / "ratelimiter.db")
-        for body in await self.store.load_limits():
-            spec = Limit.model_validate(body)
-            self.dynamic[spec.id] = spec
-        table = self.rebuild(runtime.generation)
-        now = self.clock()
-        for limit_id, sig, key, window, value, previous in await self.store.load_counters():
-            compiled = table.limits.get(limit_id)
-            if compiled is not None and compiled.signature == sig:
-                compiled.limiter.load(key, window, value, previous, now)
+        self._restored = await self.store.load_counters()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._every(lambda: self.flush_interval, self.flush)),
@@ -230,7 +275,53 @@ class RateLimiterPlugin:
         ]
 
     @hookimpl
-    async def lucid_shutdown(self, runtime: Any) -> None:
+    async def lucid_activate(self, generation: Generation) -> None:
+        """Make the generation's table the live one: counters, rejection tallies and
+        unflushed quota keys of unchanged limits carry over; persisted quota counters
+        of limits that changed what they count, or are gone, are dropped."""
+        table: Table | None = generation.state.get("ratelimiter")
+        if table is None:
+            return
+        dropped = self.go_live(table)
+        if self.store is not None and dropped:
+            async with self.write_lock:
+                await self.store.drop_counters(dropped)
+
+    def go_live(self, table: Table) -> dict[str, str | None]:
+        """Swap ``table`` in (synchronously: no request sees half of it) and say which
+        limits' persisted counters no longer apply: ``{id: signature kept or None}``."""
+        old = self.table.limits if self.table is not None else {}
+        max_keys = table.config.max_keys
+        for compiled in table.limits.values():
+            previous = old.get(compiled.id)
+            if previous is not None and previous.signature == compiled.signature:
+                compiled.limiter = limiter = previous.limiter
+                limiter.max_keys = max_keys
+                limiter.count = compiled.spec.count  # a concurrency limit's max_in_flight
+                compiled.rejections = previous.rejections
+                compiled.dirty = previous.dirty
+        if self.table is None and self._restored:  # first activation: quotas from disk
+            now = self.clock()
+            for limit_id, sig, key, window, value, before in self._restored:
+                restored = table.limits.get(limit_id)
+                if restored is not None and restored.signature == sig:
+                    restored.limiter.load(key, window, value, before, now)
+            self._restored = []
+        self.table = table
+        return {
+            id: (table.limits[id].signature if id in table.limits else None)
+            for id, previous in old.items()
+            if id not in table.limits or table.limits[id].signature != previous.signature
+        }
+
+    def current(self) -> Table:
+        """The live table (admin reads; tests)."""
+        if self.table is None:
+            raise RuntimeError("the rate limiter has not been activated")
+        return self.table
+
+    @hookimpl
+    async def lucid_shutdown(self, runtime: Runtime) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -264,57 +355,11 @@ class RateLimiterPlugin:
             except Exception:
                 log.exception("ratelimiter background job failed")
 
-    # tables ---------------------------------------------------------------------
-    def rebuild(self, generation: Any) -> Table:
-        """Compile static + dynamic limits; counters of unchanged limits carry over."""
-        config: RateLimiterConfig = generation.state["ratelimiter"]
-        table = Table(generation, config)
-        specs: list[tuple[Limit, str]] = [(s, "static") for s in config.limits]
-        static_ids = {s.id for s in config.limits}
-        specs += [(s, "dynamic") for i, s in self.dynamic.items() if i not in static_ids]
-        limiters: dict[str, tuple[str, Limiter]] = {}
-        for spec, source in specs:
-            sig = signature(spec)
-            previous = self._limiters.get(spec.id)
-            if previous is not None and previous[0] == sig:
-                limiter = previous[1]
-                limiter.max_keys = config.max_keys
-                limiter.count = spec.count  # a concurrency limit's new max_in_flight
-            else:
-                limiter = ALGORITHMS[spec.algorithm](
-                    spec.count, spec.period, spec.capacity, config.max_keys)
-            limiters[spec.id] = (sig, limiter)
-            compiled = CompiledLimit(spec, source, limiter, config.api_key_header)
-            old = self.table.limits.get(spec.id) if self.table else None
-            if old is not None and old.signature == sig:
-                compiled.rejections = old.rejections
-                compiled.dirty = old.dirty
-            table.limits[spec.id] = compiled
-        self._limiters = limiters
-        self.table = table
-        self._generation_number = generation.number
-        return table
-
-    def current(self) -> Table:
-        """The live table, rebuilt if the config was reloaded since the last request."""
-        generation = self.runtime.generation
-        table = self.table
-        if table is None or (generation is not table.generation
-                             and generation.number > self._generation_number):
-            table = self.rebuild(generation)
-        return table
-
     # data path ------------------------------------------------------------------------
     @hookimpl
     def lucid_admit_request(self, exchange: Exchange) -> Rejection | None:
         table = self.table
-        if table is None:
-            return None
-        generation = exchange.generation
-        if generation is not table.generation and generation is not None \
-                and generation.number > self._generation_number:
-            table = self.rebuild(generation)
-        if not table.limits:
+        if table is None or not table.limits:
             return None
         config = table.config
         style = config.headers

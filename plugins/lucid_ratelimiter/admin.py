@@ -1,23 +1,27 @@
 """The rate limiter's admin blueprint, mounted at ``/ratelimiter``.
 
-Every write is validated whole before anything changes, committed to SQLite, then
-applied to the live table (no restart). Limits declared in TOML are static: the API
-lists them but cannot change or delete them.
+Limits are definitions of kind ``"limit"``: every write goes through the core
+(``runtime().write``), which validates it whole (every plugin prepares the result),
+commits it to the definitions store and swaps the generation in; the rate limiter's
+``lucid_activate`` then moves the counters over. Limits declared in TOML are static:
+the API lists them but cannot change or delete them (409). Reads show each limit's
+``revision``; writes accept ``If-Match: <revision>`` (412 when it moved on).
 """
 
 from __future__ import annotations
 
 import heapq
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint
 from quart_schema import tag, validate_querystring, validate_request
 
-from lucid.admin import error_response, runtime
-from lucid_ratelimiter import signature
+from lucid.admin import error_response, if_match, runtime
 from lucid_ratelimiter.config import Limit
+
+if TYPE_CHECKING:
+    from lucid_ratelimiter import CompiledLimit, RateLimiterPlugin
 
 blueprint = Blueprint("ratelimiter", __name__, url_prefix="/ratelimiter")
 tag_ratelimiter = tag(["ratelimiter"])
@@ -46,15 +50,18 @@ class ResetRequest(BaseModel):
     limit: str | None = None
 
 
-def plugin() -> Any:
-    return runtime().plugin_set.pm.get_plugin("ratelimiter")
+def plugin() -> RateLimiterPlugin:
+    """This plugin's instance (its live table and counters)."""
+    found: RateLimiterPlugin = runtime().plugin_set.pm.get_plugin("ratelimiter")
+    return found
 
 
-def describe(compiled: Any) -> dict[str, Any]:
+def describe(compiled: CompiledLimit) -> dict[str, Any]:
     spec = compiled.spec
     return {
         **spec.model_dump(),
         "source": compiled.source,
+        "revision": compiled.revision,
         "quota": compiled.quota,
         "period_seconds": spec.period,
         "keys": len(compiled.limiter),
@@ -67,7 +74,7 @@ async def health() -> Any:
     """The limiter is up; its store is reachable."""
     p = plugin()
     return {"status": "ok" if p.store is not None else "starting", "store": "memory",
-            "persistence": "sqlite", "limits": len(p.current().limits)}
+            "persistence": "sqlite", "limits": len(p.table.limits) if p.table else 0}
 
 
 @blueprint.get("/status")
@@ -120,12 +127,11 @@ def _refuse_workers() -> Any:
     return None
 
 
-async def _write(p: Any, spec: Limit) -> Any:
-    async with p.write_lock:
-        await p.store.save_limit(spec.model_dump(), time.time(), signature(spec))
-        p.dynamic[spec.id] = spec
-        table = p.rebuild(runtime().generation)
-    return describe(table.limits[spec.id])
+async def _write(spec: Limit, created: bool) -> Any:
+    """Write through the core; answer with the limit as it is now live."""
+    body = spec.model_dump(mode="json", exclude_defaults=True)
+    await runtime().write("limit", spec.id, body, exists=not created, if_match=if_match())
+    return describe(plugin().current().limits[spec.id])
 
 
 @blueprint.post("/limits")
@@ -135,49 +141,36 @@ async def create_limit(data: Limit) -> Any:
     """Add a limit; it applies to the next request and survives restarts."""
     if (refusal := _refuse_workers()) is not None:
         return refusal
-    p = plugin()
-    existing = p.current().limits.get(data.id)
-    if existing is not None or data.id in p.dynamic:
+    if data.id in runtime().generation.defined("limit"):
         return error_response(409, f"limit {data.id!r} exists; PUT /ratelimiter/limits/"
                                    f"{data.id} replaces it")
-    return await _write(p, data), 201
+    return await _write(data, created=True), 201
 
 
 @blueprint.put("/limits/<limit_id>")
 @tag_ratelimiter
 @validate_request(LimitUpdate)
 async def replace_limit(limit_id: str, data: LimitUpdate) -> Any:
-    """Replace a dynamic limit. Its counters carry over unless what they count changed."""
+    """Replace a dynamic limit. Its counters carry over unless what they count changed.
+    ``If-Match: <revision>`` makes it conditional (412)."""
     if data.id is not None and data.id != limit_id:
         return error_response(422, "validation failed", fields=[{
             "field": "id", "message": f"must be {limit_id!r} (the id in the path)",
             "type": "value_error"}])
-    p = plugin()
-    existing = p.current().limits.get(limit_id)
-    if existing is None:
+    if limit_id not in runtime().generation.defined("limit"):
         return error_response(404, f"no limit {limit_id!r}; POST /ratelimiter/limits creates one")
-    if existing.source == "static":
-        return error_response(409, f"limit {limit_id!r} is declared in the config file; "
-                                   "change it there and reload")
     spec = Limit.model_validate({**data.model_dump(), "id": limit_id})
-    return await _write(p, spec)
+    return await _write(spec, created=False)
 
 
 @blueprint.delete("/limits/<limit_id>")
 @tag_ratelimiter
 async def delete_limit(limit_id: str) -> Any:
-    """Remove a dynamic limit and its counters."""
-    p = plugin()
-    existing = p.current().limits.get(limit_id)
-    if existing is None:
+    """Remove a dynamic limit and its counters. ``If-Match: <revision>`` makes it
+    conditional (412)."""
+    if limit_id not in runtime().generation.defined("limit"):
         return error_response(404, f"no limit {limit_id!r}")
-    if existing.source == "static":
-        return error_response(409, f"limit {limit_id!r} is declared in the config file; "
-                                   "remove it there and reload")
-    async with p.write_lock:
-        await p.store.delete_limit(limit_id)
-        del p.dynamic[limit_id]
-        p.rebuild(runtime().generation)
+    await runtime().write("limit", limit_id, None, exists=True, if_match=if_match())
     return {"deleted": limit_id}
 
 

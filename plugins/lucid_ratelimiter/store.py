@@ -1,5 +1,6 @@
-"""What the rate limiter keeps on disk: limit definitions made through the admin API,
-and quota counters (windows of an hour or more).
+"""What the rate limiter keeps on disk: quota counters (windows of an hour or more).
+Limits themselves are definitions, kept by the core (an older Lucid kept the ones made
+through the admin API here, in a ``limits`` table: see ``legacy_limits``).
 
 Counters are never written per request: the data path marks a key dirty (a set add)
 and :meth:`SqliteStore.flush` writes every dirty key in one transaction, every
@@ -10,20 +11,13 @@ implement the same small interface.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 
 from lucid.store import open_database
 
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS limits (
-        id TEXT PRIMARY KEY,
-        body TEXT NOT NULL,
-        updated_at REAL NOT NULL
-    )""",
     """CREATE TABLE IF NOT EXISTS counters (
         limit_id TEXT NOT NULL,
         signature TEXT NOT NULL,
@@ -39,7 +33,7 @@ Row = tuple[str, str, str, float, float, float]  # limit id, signature, key, win
 
 
 class SqliteStore:
-    """Limit definitions and quota counters in ``<data_dir>/ratelimiter.db``."""
+    """Quota counters in ``<data_dir>/ratelimiter.db``."""
 
     def __init__(self, db: aiosqlite.Connection):
         self.db = db
@@ -50,28 +44,6 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self.db.close()
-
-    # definitions -------------------------------------------------------------
-    async def load_limits(self) -> list[dict[str, Any]]:
-        async with self.db.execute("SELECT body FROM limits ORDER BY rowid") as cursor:
-            return [json.loads(row[0]) async for row in cursor]
-
-    async def save_limit(self, body: dict[str, Any], now: float, signature: str) -> None:
-        """Upsert a definition; counters persisted under another signature are dropped
-        in the same transaction (what they counted changed)."""
-        await self.db.execute(
-            "INSERT INTO limits (id, body, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
-            (body["id"], json.dumps(body), now),
-        )
-        await self.db.execute("DELETE FROM counters WHERE limit_id = ? AND signature != ?",
-                              (body["id"], signature))
-        await self.db.commit()
-
-    async def delete_limit(self, limit_id: str) -> None:
-        await self.db.execute("DELETE FROM limits WHERE id = ?", (limit_id,))
-        await self.db.execute("DELETE FROM counters WHERE limit_id = ?", (limit_id,))
-        await self.db.commit()
 
     # quota counters ------------------------------------------------------------
     async def load_counters(self) -> list[Row]:
@@ -93,4 +65,13 @@ class SqliteStore:
                 "value = excluded.value, previous = excluded.previous",
                 rows,
             )
+        await self.db.commit()
+
+    async def drop_counters(self, stale: dict[str, str | None]) -> None:
+        """Forget counters that no longer mean anything: ``{limit id: signature}``
+        drops that limit's counters kept under any other signature (what they counted
+        changed), ``{limit id: None}`` all of them (the limit is gone)."""
+        await self.db.executemany(
+            "DELETE FROM counters WHERE limit_id = ? AND signature IS NOT ?",
+            list(stale.items()))
         await self.db.commit()

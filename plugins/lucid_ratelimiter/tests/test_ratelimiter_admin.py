@@ -158,3 +158,94 @@ async def test_replacing_a_quota_keeps_its_counters_unless_what_they_count_chang
     assert (await call(gw, "PUT", "/limits/daily", json={**daily, "rate": "6/day"}))[0] == 200
     assert await p.store.load_counters() == []
     assert (await call(gw, "GET", "/usage?limit=daily"))[1]["usage"] == []
+
+
+async def test_limit_reads_show_the_revision_and_writes_honour_if_match(
+        lucid_upstream, lucid_gateway):
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(BASE.format(url=upstream.url))
+    status, body = await call(gw, "POST", "/limits", json={"id": "tenant", "rate": "5/s"})
+    assert status == 201 and body["revision"] >= 1
+    revision = body["revision"]
+    status, body = await call(gw, "GET", "/limits")
+    assert [(x["id"], x["revision"]) for x in body["limits"]] == [
+        ("static", 0), ("tenant", revision)]
+    assert (await call(gw, "GET", "/limits/tenant"))[1]["revision"] == revision
+    status, body = await call(gw, "PUT", "/limits/tenant", json={"rate": "6/s"},
+                              headers={"If-Match": str(revision + 1)})
+    assert status == 412 and body["revision"] == revision
+    assert (await call(gw, "GET", "/limits/tenant"))[1]["rate"] == "5/s"  # unchanged
+    status, body = await call(gw, "PUT", "/limits/tenant", json={"rate": "6/s"},
+                              headers={"If-Match": f'"{revision}"'})
+    assert status == 200 and body["rate"] == "6/s" and body["revision"] > revision
+    status, body = await call(gw, "DELETE", "/limits/tenant",
+                              headers={"If-Match": str(revision)})
+    assert status == 412
+    status, body = await call(gw, "DELETE", "/limits/tenant",
+                              headers={"If-Match": str(body["revision"])})
+    assert status == 200 and body == {"deleted": "tenant"}
+
+
+async def test_counters_carry_over_when_another_definition_is_written(
+        lucid_upstream, lucid_gateway):
+    """Any write makes a new generation; limits it does not change keep counting."""
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(BASE.format(url=upstream.url))
+    plugin(gw).clock = lambda: T0
+    assert (await call(gw, "POST", "/limits", json={
+        "id": "tenant", "rate": "2/minute", "key": "header", "header": "x-tenant"}))[0] == 201
+    assert [await proxied(gw, {"X-Tenant": "a"}) for _ in range(2)] == [200, 200]
+    generation = gw.runtime.generation.number
+    other = {"id": "other", "rate": "1/s", "key": "header", "header": "x-other"}
+    assert (await call(gw, "POST", "/limits", json=other))[0] == 201
+    async with gw.session.post(gw.admin_url + "/gateway/route", json={
+            "id": "extra", "prefix": "/extra", "service": "svc"}) as r:
+        assert r.status == 201
+    assert gw.runtime.generation.number == generation + 2
+    assert await proxied(gw, {"X-Tenant": "a"}) == 429
+
+
+async def test_limits_an_older_lucid_kept_are_imported_once(lucid_upstream, tmp_path):
+    """Upgrading: limits an older Lucid stored in ratelimiter.db's ``limits`` table move
+    to the core's definitions store on the first start; their quota counters (still in
+    ratelimiter.db) keep counting; a limit deleted after the upgrade stays deleted."""
+    import json
+    import sqlite3
+    import time
+
+    from lucid_ratelimiter import signature
+    from lucid_ratelimiter.config import Limit
+
+    from lucid.testing import run_gateway
+
+    upstream = await lucid_upstream()
+    data_dir = tmp_path / "old-data"
+    data_dir.mkdir()
+    hourly = Limit(id="hourly", rate="3/day", algorithm="fixed_window")
+    now = time.time()
+    window = now - now % 86400  # today's: counters of another window are not restored
+    with sqlite3.connect(data_dir / "ratelimiter.db") as conn:  # the older schema
+        conn.execute("CREATE TABLE limits (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
+                     "updated_at REAL NOT NULL)")
+        conn.execute("CREATE TABLE counters (limit_id TEXT NOT NULL, signature TEXT NOT NULL, "
+                     "key TEXT NOT NULL, window REAL NOT NULL, value REAL NOT NULL, "
+                     "previous REAL NOT NULL, PRIMARY KEY (limit_id, key))")
+        for spec in (hourly, Limit(id="in-flight", algorithm="concurrency", max_in_flight=2)):
+            conn.execute("INSERT INTO limits VALUES (?, ?, 0)",
+                         (spec.id, json.dumps(spec.model_dump())))  # as it was written
+        conn.execute("INSERT INTO counters VALUES (?, ?, ?, ?, 2, 0)",
+                     ("hourly", signature(hourly), "127.0.0.1", window))
+    text = BASE.format(url=upstream.url)
+    async with run_gateway(text, tmp_path / "first", data_dir=str(data_dir)) as gw:
+        status, body = await call(gw, "GET", "/limits")
+        assert [(x["id"], x["source"], x["revision"]) for x in body["limits"]] == [
+            ("static", "static", 0), ("hourly", "dynamic", 1), ("in-flight", "dynamic", 1)]
+        assert body["limits"][2]["max_in_flight"] == 2
+        with sqlite3.connect(data_dir / "definitions.db") as conn:
+            assert conn.execute("SELECT kind, id FROM definitions ORDER BY id").fetchall() == [
+                ("limit", "hourly"), ("limit", "in-flight")]
+        assert [await proxied(gw) for _ in range(2)] == [200, 429]  # 2 of 3 were used
+        assert (await call(gw, "DELETE", "/limits/hourly"))[0] == 200
+    async with run_gateway(text, tmp_path / "second", data_dir=str(data_dir)) as gw:
+        status, body = await call(gw, "GET", "/limits")
+        assert [x["id"] for x in body["limits"]] == ["static", "in-flight"]

@@ -107,3 +107,20 @@ async def test_the_api_refuses_limits_on_a_multi_worker_gateway(lucid_upstream, 
                                json={"id": "a", "rate": "1/s"}) as r:
         assert r.status == 409
         assert "multiplying the limit" in (await r.json())["error"]
+
+
+def test_limits_an_older_lucid_stored_also_refuse_several_workers(lucid_process, tmp_path):
+    """Before the first start imports them, limits in an older ratelimiter.db count."""
+    import sqlite3
+
+    data_dir = tmp_path / "old-data"
+    data_dir.mkdir()
+    with sqlite3.connect(data_dir / "ratelimiter.db") as conn:
+        conn.execute("CREATE TABLE limits (id TEXT PRIMARY KEY, body TEXT NOT NULL, "
+                     "updated_at REAL NOT NULL)")
+        conn.execute("INSERT INTO limits VALUES ('api', ?, 0)",
+                     (json.dumps({"id": "api", "rate": "5/s"}),))
+    text = CONFIG.split("[ratelimiter]")[0].format(url="http://127.0.0.1:9")
+    process = lucid_process(text, wait=False, workers=2, data_dir=str(data_dir))
+    assert process.wait() != 0
+    assert "would admit 2x every limit" in process.output
