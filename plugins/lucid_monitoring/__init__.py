@@ -101,6 +101,7 @@ class MonitoringPlugin:
         self.registry: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._alerted = False  # an alert fired since the last rollup
+        self._shadowed: set[str] = set()  # API rules a config rule hides (warned about)
         # Drawn before `lucid serve` forks its workers, so they all share it: where
         # they leave their metrics for worker 0 (see workers.py).
         self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -136,9 +137,10 @@ class MonitoringPlugin:
         """The generation is live: follow its config and run its alert rules."""
         self.config = generation.config.monitoring
         prepared: AlertRules = generation.state["monitoring"]
-        for name in prepared.shadowed:
+        for name in set(prepared.shadowed) - self._shadowed:  # once, not at every write
             log.warning("monitoring: alert rule %r from the API is shadowed by the "
                         "config's rule of that name", name)
+        self._shadowed = set(prepared.shadowed)
         self.engine.set_rules(prepared.rules)
 
     @hookimpl

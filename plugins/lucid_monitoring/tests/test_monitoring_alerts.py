@@ -325,3 +325,14 @@ for = "1h"
                                                                  'name = "Renamed"'))
     await rt.reload()
     assert sorted(plugin.engine.alerts) == ["Api", "Renamed"]
+    api_revision = plugin.engine.alerts["Api"].revision
+    without = gw.config_path.read_text()
+    gw.config_path.write_text(without.replace("alerts = [\n", 'alerts = [\n    { name = "Api", '
+                                              'metric = "request_rate", threshold = 5 },\n'))
+    await rt.reload()  # the file takes the API rule's name: it wins
+    assert plugin.engine.alerts["Api"].static is True
+    assert plugin.engine.alerts["Api"].rule.metric == "request_rate"
+    gw.config_path.write_text(without)
+    await rt.reload()  # and the API rule is back, as it was stored
+    api = plugin.engine.alerts["Api"]
+    assert (api.static, api.revision, api.rule.metric) == (False, api_revision, "error_rate")
