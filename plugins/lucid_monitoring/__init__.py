@@ -4,6 +4,12 @@ Per request it does only in-memory bookkeeping (:class:`~lucid_monitoring.metric
 a ring buffer, and a list append when the access log is on); everything else runs in
 background tasks: window ticks, alert evaluation and notification, per-minute
 rollups to SQLite, and log writing in a process of its own.
+
+Alert rules are definitions (kind ``alert_rule``): the config file's
+``[[monitoring.alerts]]`` are static, those created through ``POST /monitoring/alerts``
+are dynamic and kept by the core's definitions store. ``lucid_prepare`` validates
+them into the generation, and ``lucid_activate`` hands them to the alert engine once
+that generation is live -- at startup, on a reload and after every rule write alike.
 """
 
 from __future__ import annotations
@@ -15,21 +21,65 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
+from lucid.config import ConfigError
 from lucid.plugins import hookimpl
 from lucid_monitoring.accesslog import FLUSH_INTERVAL, AccessLogWriter, entry
 from lucid_monitoring.alerts import AlertEngine, alertmanager_payload, make_notifier
+from lucid_monitoring.config import ALERT_RULE as KIND
 from lucid_monitoring.config import AlertRule, MonitoringConfig, RouteMonitoring
 from lucid_monitoring.metrics import TICK, PrometheusCollector, Recorder
 from lucid_monitoring.reports import Rollups
-from lucid_monitoring.store import MonitoringStore
+from lucid_monitoring.store import MonitoringStore, legacy_alert_rules
 from lucid_monitoring.workers import SHARE_INTERVAL, WorkerShare
+
+if TYPE_CHECKING:
+    from lucid.model import Generation
+    from lucid.runtime import Runtime
 
 LUCID_CAPABILITY = "monitoring"
 __all__ = ["MonitoringPlugin", "MonitoringConfig", "AlertRule"]
 
 log = logging.getLogger("lucid.monitoring")
+
+
+def static_alert_rules(config: Any) -> dict[str, AlertRule]:
+    """The rules the config file declares (``[[monitoring.alerts]]``), by name, in file
+    order: read-only through the API."""
+    return {rule.name: rule for rule in config.monitoring.alerts}
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    """What ``lucid_prepare`` derives for one generation: the rules the engine runs,
+    ``(rule, static, revision)`` each, and the API rules a config rule now shadows."""
+
+    rules: tuple[tuple[AlertRule, bool, int], ...]
+    shadowed: tuple[str, ...] = ()
+
+
+def alert_rules(generation: Generation) -> AlertRules:
+    """Validate every alert rule of ``generation``; a stored one that no longer
+    validates rejects the generation (ConfigError) rather than vanish silently."""
+    rules = []
+    problems = []
+    defined = generation.defined(KIND)
+    for id, definition in defined.items():
+        try:
+            rule = definition.parsed(AlertRule)
+        except ValidationError as exc:
+            problems.append(f"alert rule {id!r} ({definition.origin}): {exc}")
+            continue
+        rules.append((rule, definition.origin == "static", definition.revision))
+    if problems:
+        raise ConfigError(generation.source, problems)
+    shadowed = tuple(id for id in generation.definitions.of(KIND)
+                     if defined[id].origin == "static")
+    return AlertRules(tuple(rules), shadowed)
 
 
 class MonitoringPlugin:
@@ -38,7 +88,7 @@ class MonitoringPlugin:
     LUCID_CAPABILITY = LUCID_CAPABILITY
 
     def __init__(self) -> None:
-        self.runtime: Any = None
+        self.runtime: Runtime | None = None
         self.config = MonitoringConfig()
         self.recorder: Recorder | None = None
         self.ring: deque[tuple[Any, ...]] | None = None
@@ -50,9 +100,8 @@ class MonitoringPlugin:
         self.rollups: Rollups | None = None
         self.registry: Any = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._reloads: set[asyncio.Task[None]] = set()
         self._alerted = False  # an alert fired since the last rollup
-        self._rules_lock = asyncio.Lock()
+        self._shadowed: set[str] = set()  # API rules a config rule hides (warned about)
         # Drawn before `lucid serve` forks its workers, so they all share it: where
         # they leave their metrics for worker 0 (see workers.py).
         self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -64,6 +113,10 @@ class MonitoringPlugin:
         register("monitoring", MonitoringConfig, route_model=RouteMonitoring)
 
     @hookimpl
+    def lucid_register_definitions(self, register: Callable[..., None]) -> None:
+        register(KIND, AlertRule, static=static_alert_rules, legacy=legacy_alert_rules)
+
+    @hookimpl
     def lucid_register_admin(self, register: Callable[..., None]) -> None:
         from lucid_monitoring.admin import blueprint, metrics_blueprint
 
@@ -71,7 +124,8 @@ class MonitoringPlugin:
         register(metrics_blueprint)
 
     @hookimpl
-    def lucid_prepare(self, generation: Any) -> None:
+    def lucid_prepare(self, generation: Generation) -> None:
+        generation.state["monitoring"] = alert_rules(generation)
         # The recorder exists before any plugin starts: the registry emits
         # instance_registered events from its own startup, which runs first.
         cfg: MonitoringConfig = generation.config.monitoring
@@ -79,7 +133,18 @@ class MonitoringPlugin:
             self.recorder = Recorder(cfg.buckets, cfg.max_clients)
 
     @hookimpl
-    async def lucid_startup(self, runtime: Any) -> None:
+    def lucid_activate(self, generation: Generation) -> None:
+        """The generation is live: follow its config and run its alert rules."""
+        self.config = generation.config.monitoring
+        prepared: AlertRules = generation.state["monitoring"]
+        for name in set(prepared.shadowed) - self._shadowed:  # once, not at every write
+            log.warning("monitoring: alert rule %r from the API is shadowed by the "
+                        "config's rule of that name", name)
+        self._shadowed = set(prepared.shadowed)
+        self.engine.set_rules(prepared.rules)
+
+    @hookimpl
+    async def lucid_startup(self, runtime: Runtime) -> None:
         from prometheus_client import CollectorRegistry
 
         self.runtime = runtime
@@ -111,7 +176,6 @@ class MonitoringPlugin:
         if runtime.worker_index != 0:
             return  # alerts, notifications and rollups run in the first worker only
         self.store = await MonitoringStore.open(runtime.data_dir / "monitoring.db")
-        await self.load_rules()
         self.notifiers = [make_notifier(n) for n in cfg.notifiers]
         for notifier in self.notifiers:
             notifier.start()
@@ -124,8 +188,8 @@ class MonitoringPlugin:
             ]
 
     @hookimpl
-    async def lucid_shutdown(self, runtime: Any) -> None:
-        tasks = [*self._tasks, *self._reloads]
+    async def lucid_shutdown(self, runtime: Runtime) -> None:
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -182,10 +246,6 @@ class MonitoringPlugin:
     def lucid_observe_event(self, event: Any) -> None:
         if self.recorder is not None:
             self.recorder.observe_event(event.kind, event.data)
-        if event.kind == "config_reloaded" and self.store is not None:
-            task = asyncio.get_running_loop().create_task(self._reloaded())
-            self._reloads.add(task)
-            task.add_done_callback(self._reloads.discard)
 
     # background -------------------------------------------------------------------
     async def _every(self, seconds: float, job: Callable[[], Awaitable[Any]]) -> None:
@@ -208,29 +268,12 @@ class MonitoringPlugin:
 
     async def _share(self) -> None:
         assert self.workers is not None and self.recorder is not None
+        assert self.runtime is not None
         self.workers.write(self.recorder, self.runtime.counters.get("in_flight", 0))
 
     async def _tick(self) -> None:
         assert self.recorder is not None
         self.recorder.tick()
-
-    async def _reloaded(self) -> None:
-        self.config = self.runtime.config.monitoring
-        await self.load_rules()
-
-    async def load_rules(self) -> None:
-        """Static rules from the live config, then those created through the API."""
-        assert self.store is not None
-        rules: list[tuple[AlertRule, bool]] = [(r, True) for r in self.config.alerts]
-        static = {r.name for r in self.config.alerts}
-        for definition in await self.store.rules():
-            rule = AlertRule.model_validate(definition)
-            if rule.name in static:
-                log.warning("monitoring: alert rule %r from the API is shadowed by the "
-                            "config's rule of that name", rule.name)
-                continue
-            rules.append((rule, False))
-        self.engine.set_rules(rules)
 
     async def evaluate(self) -> list[Any]:
         """Run every rule once; persist and notify the transitions."""

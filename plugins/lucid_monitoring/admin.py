@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, Response
 from quart_schema import tag, validate_querystring, validate_request
 
-from lucid.admin import error_response, public, runtime
+from lucid.admin import error_response, if_match, public, runtime
 from lucid_monitoring.accesslog import query
+from lucid_monitoring.config import ALERT_RULE as KIND
 from lucid_monitoring.config import AlertRule
 from lucid_monitoring.dashboard import PAGE
 from lucid_monitoring.metrics import (
@@ -242,35 +243,36 @@ async def alerts() -> Any:
 @validate_request(AlertRule)
 @tag_monitoring
 async def create_alert(data: AlertRule) -> Any:
-    """Create an alert rule; it is persisted and survives restarts."""
-    p = plugin()
-    if p.store is None:
-        return error_response(409, "alert rules are managed by worker 0's admin listener")
-    async with p._rules_lock:
-        if data.name in p.engine.alerts:
-            existing = p.engine.alerts[data.name]
-            why = "declared in the config" if existing.static else "created through the API"
-            return error_response(409, f"alert rule {data.name!r} exists ({why})")
-        definition = data.model_dump(by_alias=True, mode="json")
-        await p.store.save_rule(data.name, definition, time.time())
-        await p.load_rules()
-    return p.engine.alerts[data.name].describe(), 201
+    """Create an alert rule; it is persisted and survives restarts. With
+    ``If-Match: <revision>`` it replaces the API rule of that name instead, if that
+    rule is still at this revision (412 if not)."""
+    rt = runtime()
+    expected = if_match()
+    existing = rt.generation.defined(KIND).get(data.name)
+    if existing is not None and (expected is None or existing.origin == "static"):
+        why = "declared in the config" if existing.origin == "static" else \
+            "created through the API"
+        return error_response(409, f"alert rule {data.name!r} exists ({why})")
+    body = data.model_dump(by_alias=True, mode="json")
+    definition = await rt.write(KIND, data.name, body, exists=False if expected is None
+                                else None, if_match=expected)
+    assert definition is not None
+    return plugin().engine.alerts[data.name].describe(), 201 if existing is None else 200
 
 
 @blueprint.delete("/alerts/<name>")
 @tag_monitoring
 async def delete_alert(name: str) -> Any:
-    """Delete a rule created through the API (config rules are static)."""
-    p = plugin()
-    alert = p.engine.alerts.get(name)
-    if alert is None or p.store is None:
+    """Delete a rule created through the API (config rules are static);
+    ``If-Match: <revision>`` makes it conditional (412)."""
+    rt = runtime()
+    existing = rt.generation.defined(KIND).get(name)
+    if existing is None:
         return error_response(404, f"no alert rule named {name!r}")
-    if alert.static:
+    if existing.origin == "static":
         return error_response(409, f"alert rule {name!r} is declared in the config "
                                    "([[monitoring.alerts]]); remove it there and reload")
-    async with p._rules_lock:
-        await p.store.delete_rule(name)
-        await p.load_rules()
+    await rt.write(KIND, name, None, exists=True, if_match=if_match())
     return "", 204
 
 

@@ -16,9 +16,10 @@ import logging
 import operator
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -33,6 +34,9 @@ from lucid_monitoring.metrics import (
     quantile,
 )
 
+if TYPE_CHECKING:
+    from lucid.runtime import Runtime
+
 log = logging.getLogger("lucid.monitoring.alerts")
 
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
@@ -44,7 +48,7 @@ def iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
 
 
-def measure(rule: AlertRule, rec: Recorder, runtime: Any, now: float) -> float | None:
+def measure(rule: AlertRule, rec: Recorder, runtime: Runtime | None, now: float) -> float | None:
     """The rule's figure now, or None when there is nothing to judge (no traffic)."""
     metric = rule.metric
     if metric == "healthy_instance_share":
@@ -81,6 +85,7 @@ def measure(rule: AlertRule, rec: Recorder, runtime: Any, now: float) -> float |
 class AlertState:
     rule: AlertRule
     static: bool
+    revision: int = 0  # of the rule's definition (0: from the config file)
     state: str = "inactive"  # inactive | pending | firing
     since: float = 0.0  # when the condition started holding
     fired_at: float = 0.0
@@ -101,7 +106,7 @@ class AlertState:
             "name": self.rule.name, "state": self.state,
             "value": None if self.value is None else round(self.value, 6),
             "since": self.since or None, "fired_at": self.fired_at or None,
-            "static": self.static, "labels": self.labels,
+            "static": self.static, "revision": self.revision, "labels": self.labels,
             "rule": self.rule.model_dump(by_alias=True),
         }
 
@@ -122,19 +127,21 @@ class AlertEngine:
     alerts: dict[str, AlertState] = field(default_factory=dict)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200))
 
-    def set_rules(self, rules: list[tuple[AlertRule, bool]]) -> None:
-        """Replace the rule set, keeping the state of rules that did not change."""
+    def set_rules(self, rules: Iterable[tuple[AlertRule, bool, int]]) -> None:
+        """Replace the rule set (``(rule, static, revision)`` each), keeping the state
+        of rules that did not change: a reload or another rule's write must not reset
+        a pending ``for`` timer or re-send a firing alert."""
         kept: dict[str, AlertState] = {}
-        for rule, static in rules:
+        for rule, static, revision in rules:
             old = self.alerts.get(rule.name)
             if old is not None and old.rule == rule:
-                old.static = static
+                old.static, old.revision = static, revision
                 kept[rule.name] = old
             else:
-                kept[rule.name] = AlertState(rule, static)
+                kept[rule.name] = AlertState(rule, static, revision)
         self.alerts = kept
 
-    def evaluate(self, rec: Recorder, runtime: Any, now: float) -> list[Transition]:
+    def evaluate(self, rec: Recorder, runtime: Runtime | None, now: float) -> list[Transition]:
         out: list[Transition] = []
         for alert in list(self.alerts.values()):
             value = measure(alert.rule, rec, runtime, now)

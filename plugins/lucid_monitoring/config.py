@@ -24,6 +24,7 @@ Metric = Literal[
     "healthy_instance_share", "breaker_open", "rejections_rate", "upstream_errors_rate",
 ]
 Comparison = Literal[">", ">=", "<", "<=", "==", "!="]
+ALERT_RULE = "alert_rule"  # the definitions kind of alert rules
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$")
 _LABEL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -9,7 +9,8 @@ background tick takes of the cumulative tables every ``TICK`` seconds.
 
 Labels are bounded: a request that matched no route is labelled ``(unmatched)``,
 never with its path; a method outside the standard ones is ``OTHER``; status codes
-are reduced to their class (``2xx`` …); instance labels come from the registry.
+are reduced to their class (``2xx`` …); instance labels come from the instances the
+core lists (``runtime.instances``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -26,6 +27,9 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from lucid.runtime import Runtime
 
 UNMATCHED = "(unmatched)"
 OTHER_CLIENTS = "(other)"
@@ -275,7 +279,7 @@ def figures(bounds: tuple[float, ...], count: float, errors: float, buckets: lis
 class PrometheusCollector(Collector):
     """Turns a :class:`Recorder` into metric families, at scrape time only."""
 
-    def __init__(self, recorder: Recorder, runtime: Callable[[], Any],
+    def __init__(self, recorder: Recorder, runtime: Callable[[], Runtime | None],
                  alerts: Callable[[], Iterable[tuple[str, str, str]]],
                  workers: Callable[[Recorder], tuple[Recorder, int]] | None = None):
         self.recorder = recorder
@@ -397,24 +401,19 @@ class PrometheusCollector(Collector):
         return family
 
 
-def instance_health(runtime: Any, rec: Recorder | None) -> dict[tuple[str, str], str]:
-    """Health of every known instance: the config's (or registry's) list, overridden by
-    what health events said."""
+def instance_health(runtime: Runtime | None,
+                    rec: Recorder | None) -> dict[tuple[str, str], str]:
+    """Health of every known instance: what the core knows of each service the routes
+    name, or a health event mentioned (``runtime.instances``: whichever plugin resolves
+    it answers), overridden by what health events said since."""
     known: dict[tuple[str, str], str] = {}
     if runtime is not None:
-        state = runtime.generation.state.get("gateway")
-        for service, instances in getattr(state, "instances", {}).items():
-            for instance in instances:
+        services = dict.fromkeys(route.service for route in runtime.generation.routes)
+        if rec is not None:
+            services.update(dict.fromkeys(service for service, _ in rec.health))
+        for service in services:
+            for instance in runtime.instances(service):
                 known[(service, instance.id)] = instance.status
-        # The registry plugin does not announce the instances it loads at startup;
-        # read its records (duck-typed: any registry exposing services -> records).
-        registry = getattr(runtime.plugin_set.pm.get_plugin("registry"), "registry", None)
-        try:
-            for name, service in dict(getattr(registry, "services", {}) or {}).items():
-                for record_id, record in dict(getattr(service, "records", {})).items():
-                    known[(str(name), str(record_id))] = str(getattr(record, "status", "unknown"))
-        except (AttributeError, TypeError):
-            pass
     if rec is not None:
         known.update(rec.health)
     return known

@@ -1,5 +1,10 @@
-"""Monitoring's persistent state: alert rules created through the API, alert history
-and per-minute report rollups, in ``<data_dir>/monitoring.db``.
+"""Monitoring's persistent state: alert history and per-minute report rollups, in
+``<data_dir>/monitoring.db``.
+
+Alert rules created through the API are definitions (kind ``alert_rule``) in the
+core's store; an older Lucid kept them here, in ``alert_rules``, which
+:func:`legacy_alert_rules` reads once for the core to import. That table is left as
+it was (an older Lucid started on this data dir again still finds its rules).
 
 Kept behind this small class so another backend can replace SQLite later.
 """
@@ -15,8 +20,6 @@ import aiosqlite
 from lucid.store import open_database
 
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS alert_rules (
-        name TEXT PRIMARY KEY, definition TEXT NOT NULL, created_at REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS alert_history (
         id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, state TEXT NOT NULL,
         value REAL, severity TEXT NOT NULL, labels TEXT NOT NULL, at REAL NOT NULL)""",
@@ -28,8 +31,26 @@ SCHEMA = (
 )
 
 
+def legacy_alert_rules(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Alert rules an older Lucid created through the API and kept in
+    ``monitoring.db``, ``{name: rule}`` in creation order (moved to the core's store)."""
+    import sqlite3
+    from contextlib import closing
+
+    path = data_dir / "monitoring.db"
+    if not path.exists():
+        return {}
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        try:
+            rows = conn.execute("SELECT name, definition FROM alert_rules "
+                                "ORDER BY created_at, name").fetchall()
+        except sqlite3.OperationalError:  # no alert_rules table: nothing to move
+            return {}
+    return {name: {**json.loads(body), "name": name} for name, body in rows}
+
+
 class MonitoringStore:
-    """Alert rules, alert history and rollups; every write is committed before return."""
+    """Alert history and rollups; every write is committed before return."""
 
     def __init__(self, db: aiosqlite.Connection):
         self.db = db
@@ -40,23 +61,6 @@ class MonitoringStore:
 
     async def close(self) -> None:
         await self.db.close()
-
-    # rules -----------------------------------------------------------------
-    async def rules(self) -> list[dict[str, Any]]:
-        async with self.db.execute(
-                "SELECT definition FROM alert_rules ORDER BY created_at, name") as cur:
-            return [json.loads(row[0]) for row in await cur.fetchall()]
-
-    async def save_rule(self, name: str, definition: dict[str, Any], at: float) -> None:
-        await self.db.execute(
-            "INSERT INTO alert_rules (name, definition, created_at) VALUES (?, ?, ?)",
-            (name, json.dumps(definition), at))
-        await self.db.commit()
-
-    async def delete_rule(self, name: str) -> bool:
-        cur = await self.db.execute("DELETE FROM alert_rules WHERE name = ?", (name,))
-        await self.db.commit()
-        return cur.rowcount > 0
 
     # history ---------------------------------------------------------------
     async def record_transitions(self, rows: list[tuple[str, str, float | None, str,

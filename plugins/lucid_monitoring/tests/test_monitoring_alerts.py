@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import socket
+import sqlite3
+from contextlib import closing
 
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from lucid.model import Event
-from lucid.testing import wait_until
+from lucid.testing import run_gateway, wait_until
 
 
 def free_port() -> int:
@@ -204,3 +207,132 @@ threshold = 1000
         async with session.get(url) as r:
             assert [a["name"] for a in (await r.json())["alerts"]] == ["Static"]
 
+
+
+async def test_alert_rules_an_older_lucid_kept_are_imported_once(lucid_upstream, tmp_path):
+    """Upgrading: rules an older Lucid stored in monitoring.db move to the core's
+    definitions store on the first start; their history stays where it was."""
+    upstream = await lucid_upstream()
+    data_dir = tmp_path / "old-data"
+    data_dir.mkdir()
+    rule = {"name": "SlowApi", "metric": "p99_latency", "op": ">", "threshold": 0.5,
+            "window": "1m", "for": 60.0, "service": "", "route": "api",
+            "severity": "critical", "labels": {"team": "core"}, "annotations": {}}
+    with closing(sqlite3.connect(data_dir / "monitoring.db")) as conn, conn:  # older schema
+        conn.execute("CREATE TABLE alert_rules (name TEXT PRIMARY KEY, "
+                     "definition TEXT NOT NULL, created_at REAL NOT NULL)")
+        conn.execute("INSERT INTO alert_rules VALUES (?, ?, 1.0)",
+                     ("SlowApi", json.dumps(rule)))
+        conn.execute("CREATE TABLE alert_history (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                     "name TEXT NOT NULL, state TEXT NOT NULL, value REAL, "
+                     "severity TEXT NOT NULL, labels TEXT NOT NULL, at REAL NOT NULL)")
+        conn.execute("INSERT INTO alert_history (name, state, value, severity, labels, at) "
+                     "VALUES ('SlowApi', 'firing', 0.9, 'critical', '{}', 2.0)")
+    text = base(upstream.url)
+    async with run_gateway(text, tmp_path / "first", data_dir=str(data_dir)) as gw:
+        async with gw.session.get(gw.admin_url + "/monitoring/alerts") as r:
+            body = await r.json()
+        (alert,) = body["alerts"]
+        assert alert["name"] == "SlowApi" and alert["static"] is False
+        assert alert["revision"] == 1 and alert["rule"] == rule
+        assert [(h["name"], h["state"]) for h in body["recent"]] == [("SlowApi", "firing")]
+        with closing(sqlite3.connect(data_dir / "definitions.db")) as conn:
+            assert conn.execute("SELECT kind, id FROM definitions").fetchall() == [
+                ("alert_rule", "SlowApi")]
+        async with gw.session.delete(gw.admin_url + "/monitoring/alerts/SlowApi") as r:
+            assert r.status == 204
+    async with run_gateway(text, tmp_path / "again", data_dir=str(data_dir)) as gw:
+        async with gw.session.get(gw.admin_url + "/monitoring/alerts") as r:
+            assert (await r.json())["alerts"] == []  # deleted stays deleted: imported once
+
+
+async def test_alert_rule_reads_show_the_revision_and_writes_honour_if_match(
+        lucid_upstream, lucid_gateway):
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(base(upstream.url) + """
+[[monitoring.alerts]]
+name = "Static"
+metric = "request_rate"
+threshold = 1000
+""")
+    url = gw.admin_url + "/monitoring/alerts"
+    rule = {"name": "Api", "metric": "error_rate", "threshold": 0.5}
+
+    async def revisions() -> dict[str, int]:
+        async with gw.session.get(url) as r:
+            return {a["name"]: a["revision"] for a in (await r.json())["alerts"]}
+
+    async with gw.session.post(url, json=rule) as r:
+        assert r.status == 201
+        revision = (await r.json())["revision"]
+    assert revision > 0
+    assert await revisions() == {"Static": 0, "Api": revision}
+    changed = {**rule, "threshold": 0.25}
+    async with gw.session.post(url, json=changed,
+                               headers={"If-Match": str(revision + 1)}) as r:
+        assert r.status == 412
+        assert (await r.json())["revision"] == revision
+    async with gw.session.post(url, json=changed, headers={"If-Match": str(revision)}) as r:
+        assert r.status == 200  # a conditional replace
+        replaced = await r.json()
+    assert replaced["rule"]["threshold"] == 0.25 and replaced["revision"] > revision
+    async with gw.session.post(url, json={**rule, "name": "Static"},
+                               headers={"If-Match": "0"}) as r:
+        assert r.status == 409  # the config file's rule
+    async with gw.session.post(url, json={**rule, "name": "Nope"},
+                               headers={"If-Match": str(revision)}) as r:
+        assert r.status == 412  # nothing to replace
+    async with gw.session.delete(url + "/Api", headers={"If-Match": str(revision)}) as r:
+        assert r.status == 412
+    async with gw.session.delete(url + "/Api",
+                                 headers={"If-Match": f'"{replaced["revision"]}"'}) as r:
+        assert r.status == 204
+    assert await revisions() == {"Static": 0}
+
+
+async def test_alert_state_survives_other_writes_and_follows_a_reload(
+        lucid_upstream, lucid_gateway):
+    """Rules follow the live generation (lucid_activate): another definition's write
+    keeps a pending rule's timer; a reload replaces the config's rules."""
+    upstream = await lucid_upstream()
+    rules = """
+[monitoring]
+evaluation_interval = "20ms"
+
+[[monitoring.alerts]]
+name = "BreakerOpen"
+metric = "breaker_open"
+threshold = 0
+for = "1h"
+"""
+    gw = await lucid_gateway(base(upstream.url) + rules)
+    rt = gw.runtime
+    plugin = rt.plugin_set.pm.get_plugin("monitoring")
+    rt.emit(Event("breaker_transition", {"service": "svc", "instance": "i1",
+                                         "from": "closed", "to": "open"}))
+    await wait_until(lambda: plugin.engine.alerts["BreakerOpen"].state == "pending",
+                     message="the alert to be pending")
+    since = plugin.engine.alerts["BreakerOpen"].since
+    async with gw.session.post(gw.admin_url + "/monitoring/alerts", json={
+            "name": "Api", "metric": "error_rate", "threshold": 0.5}) as r:
+        assert r.status == 201
+    async with gw.session.post(gw.admin_url + "/gateway/route", json={
+            "id": "dyn", "prefix": "/dyn", "service": "svc"}) as r:
+        assert r.status == 201
+    pending = plugin.engine.alerts["BreakerOpen"]
+    assert (pending.state, pending.since) == ("pending", since)
+    gw.config_path.write_text(gw.config_path.read_text().replace('name = "BreakerOpen"',
+                                                                 'name = "Renamed"'))
+    await rt.reload()
+    assert sorted(plugin.engine.alerts) == ["Api", "Renamed"]
+    api_revision = plugin.engine.alerts["Api"].revision
+    without = gw.config_path.read_text()
+    gw.config_path.write_text(without.replace("alerts = [\n", 'alerts = [\n    { name = "Api", '
+                                              'metric = "request_rate", threshold = 5 },\n'))
+    await rt.reload()  # the file takes the API rule's name: it wins
+    assert plugin.engine.alerts["Api"].static is True
+    assert plugin.engine.alerts["Api"].rule.metric == "request_rate"
+    gw.config_path.write_text(without)
+    await rt.reload()  # and the API rule is back, as it was stored
+    api = plugin.engine.alerts["Api"]
+    assert (api.static, api.revision, api.rule.metric) == (False, api_revision, "error_rate")

@@ -59,7 +59,7 @@ threshold = 0.01
 severity = "critical"
 """)
     rt = gw.runtime
-    instance = rt.generation.state["gateway"].instances["svc"][0].id
+    instance = rt.instances("svc")[0].id
     rt.emit(Event("limit_rejected", {"limit": "per-ip", "key": "203.0.113.9"}))
     rt.emit(Event("breaker_transition", {"service": "svc", "instance": instance,
                                          "from": "closed", "to": "half_open"}))

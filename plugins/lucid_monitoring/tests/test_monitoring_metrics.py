@@ -114,7 +114,7 @@ async def test_events_feed_breaker_limit_health_and_reload_metrics(
     upstream = await lucid_upstream(handler)
     gw = await lucid_gateway(config(upstream.url))
     rt = gw.runtime
-    instance = rt.generation.state["gateway"].instances["svc"][0].id
+    instance = rt.instances("svc")[0].id
     plugin = rt.plugin_set.pm.get_plugin("monitoring")
     rt.emit(Event("breaker_transition", {"service": "svc", "instance": instance,
                                          "from": "closed", "to": "open"}))
