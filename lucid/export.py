@@ -23,10 +23,9 @@ def effective_config(config: Any, kinds: Mapping[str, Kind], definitions: Snapsh
     and each definition's body as written (a file to keep, ``lucid config export``).
 
     A dynamic definition whose id the file now declares is left out: the file wins."""
-    if full:
-        data: dict[str, Any] = config.model_dump(mode="json", exclude_none=True)
-    else:
-        data = config.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    shapes: dict[str, Any] = config.model_dump(mode="json", exclude_none=True)
+    data = shapes if full else config.model_dump(mode="json", exclude_none=True,
+                                                 exclude_defaults=True)
     for kind in kinds.values():
         if kind.section is None:
             continue
@@ -34,7 +33,7 @@ def effective_config(config: Any, kinds: Mapping[str, Kind], definitions: Snapsh
                    if d.origin == "dynamic"]
         if not dynamic:
             continue
-        place = _place(data, kind.section)
+        place = _place(data, kind.section, shapes)
         for d in dynamic:
             body = (d.parsed(kind.model).model_dump(mode="json", exclude_none=True)
                     if full else dict(d.body))
@@ -45,11 +44,16 @@ def effective_config(config: Any, kinds: Mapping[str, Kind], definitions: Snapsh
     return data
 
 
-def _place(data: dict[str, Any], section: str) -> list[Any] | dict[str, Any]:
-    """The list (or table by id) at the dotted ``section``, made if missing."""
+def _place(data: dict[str, Any], section: str,
+           shapes: dict[str, Any]) -> list[Any] | dict[str, Any]:
+    """The list (or table by id) at the dotted ``section``, made if missing (left out
+    as a default): the same shape as in ``shapes``, the config with its defaults."""
     *parents, last = section.split(".")
-    node = data
+    node, shape = data, shapes
     for key in parents:
         node = node.setdefault(key, {})
-    found: list[Any] | dict[str, Any] = node.setdefault(last, [])
+        shape = shape.get(key, {}) if isinstance(shape, dict) else {}
+    empty: list[Any] | dict[str, Any] = (
+        {} if isinstance(shape, dict) and isinstance(shape.get(last), dict) else [])
+    found: list[Any] | dict[str, Any] = node.setdefault(last, empty)
     return found
