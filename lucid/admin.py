@@ -10,18 +10,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from quart import Quart, Request, current_app, g, jsonify, request
+from quart import Blueprint, Quart, Request, current_app, g, jsonify, request
 from quart.asgi import ASGIHTTPConnection
 from quart.utils import encode_headers
 from quart.wrappers.response import DataBody
-from quart_schema import Info, QuartSchema, RequestSchemaValidationError
+from quart_schema import Info, QuartSchema, RequestSchemaValidationError, tag
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from lucid import __version__
+from lucid.audit import AuditQuery
 from lucid.config import ConfigError, dotted, redact
 from lucid.definitions import DefinitionError, PreconditionFailed
 from lucid.http import json_body, new_request_id, refused_head
@@ -404,24 +406,173 @@ def create_admin_app(rt: Runtime) -> Quart:
         present = {key.lower() for key in headers.keys()}
         headers.extend([(k, v) for k, v in SECURITY_HEADERS if k.lower() not in present])
         if request.method not in READ_METHODS:
-            # Every write attempt, every plugin's endpoint: awaited, so the audit
-            # record is stored before the client has its answer.
-            payload = request.parsed_json()  # type: ignore[attr-defined]
-            if payload is None:
-                try:
-                    payload = await request.get_json(silent=True)
-                except Exception:
-                    payload = None
-            await rt.hooks.observe_event(Event("admin_write", {
-                "subject": getattr(g, "admin_subject", "anonymous"),
-                "role": getattr(g, "admin_role", ""),
-                "method": request.method,
-                "path": request.path,
-                "status": response.status_code,
-                "summary": _summary(payload),
-                "request_id": _header(request.headers, "x-request-id") or new_request_id(),
-            }))
+            await _audit(rt, response.status_code)
         return response
 
+    app.register_blueprint(operations)  # first: the core's paths win over a plugin's
     rt.hooks.register_admin(app.register_blueprint)
     return app
+
+
+async def _audit(rt: Runtime, status: int) -> None:
+    """Record a write attempt (every plugin's endpoint, refused ones too) in the core's
+    audit log, then tell observers (an ``admin_write`` event). Awaited: the record is
+    committed before the client has its answer."""
+    payload = request.parsed_json()  # type: ignore[attr-defined]
+    if payload is None:
+        try:
+            payload = await request.get_json(silent=True)
+        except Exception:
+            payload = None
+    event = Event("admin_write", {
+        "subject": getattr(g, "admin_subject", "anonymous"),
+        "role": getattr(g, "admin_role", ""),
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "summary": _summary(payload),
+        "request_id": _header(request.headers, "x-request-id") or new_request_id(),
+    })
+    if rt.audit is not None:
+        try:
+            await rt.audit.record({**event.data, "at": event.at})
+        except Exception:  # the write itself is done: answer it, and say so in the log
+            log.exception("recording an admin write in the audit log failed: %s %s",
+                          event.data["method"], event.data["path"])
+    if rt.hooks.observes_events:
+        await rt.hooks.observe_event(event)
+
+
+# ---------------------------------------------------------------------------
+# operations: the core's own endpoints, whichever plugins are enabled
+# ---------------------------------------------------------------------------
+
+operations = Blueprint("lucid", __name__, url_prefix="/gateway")
+tag_operations = tag(["gateway"])
+
+
+@operations.get("/health")
+@tag_operations
+async def health() -> Any:
+    """Liveness and readiness: plugins started, the definitions store answers.
+
+    Open even when admin auth is on, so load balancers and probes can call it."""
+    rt = runtime()
+    checks = {"plugins_started": rt.started, "store": False}
+    if rt.backend is not None:
+        try:
+            await rt.backend.revision()
+            checks["store"] = True
+        except Exception:
+            pass
+    ready = all(checks.values())
+    body = {"status": "ok" if ready else "unavailable", "generation": rt.generation.number,
+            "checks": checks}
+    return body, 200 if ready else 503
+
+
+@operations.get("/status")
+@tag_operations
+async def status() -> Any:
+    """Uptime, version, config generation, plugins, listeners and request counters."""
+    rt = runtime()
+    return {
+        "version": rt.version,
+        "uptime_seconds": round(time.time() - rt.started_at, 3),
+        "generation": rt.generation.number,
+        "config_source": rt.source,
+        "config_loaded_at": rt.generation.loaded_at,
+        "plugins": [
+            {"name": p.name, "capability": p.capability} for p in rt.plugin_set.plugins
+        ],
+        "listeners": rt.listeners,
+        "workers": rt.config.server.workers,
+        "requests": dict(rt.counters),
+    }
+
+
+@operations.post("/config/reload")
+@tag_operations
+async def reload() -> Any:
+    """Validate the config file again and swap it in; on error the running one stays."""
+    rt = runtime()
+    try:
+        generation = await rt.reload()
+    except ConfigError as exc:
+        return error_response(422, "config rejected; the running config is unchanged",
+                              problems=exc.problems, generation=rt.generation.number)
+    return {"status": "reloaded", "generation": generation.number}
+
+
+@operations.get("/config")
+@tag_operations
+async def config() -> Any:
+    """The effective config (file, environment overrides and the definitions added
+    through the API that their plugin places in the file), secrets redacted."""
+    from lucid.export import effective_config
+
+    rt = runtime()
+    generation = rt.generation
+    data = effective_config(generation.config, rt.kinds, generation.definitions, full=True)
+    return {"generation": generation.number, "source": rt.source, "config": redact(data)}
+
+
+@operations.get("/metrics")
+@tag_operations
+async def metrics() -> Any:
+    """Gateway-level figures over the last minute (and the last 10,000 requests at
+    most): req/s, error rate, latency percentiles."""
+    rt = runtime()
+    now = time.perf_counter()  # the clock the proxy stamps ``rt.recent`` with
+    window = [r for r in rt.recent if now - r[0] <= 60.0]
+    durations = sorted(r[1] for r in window)
+    errors = sum(1 for r in window if r[2] >= 500 or r[2] == 0)
+    span = min(60.0, now - window[0][0]) if window else 0.0
+
+    def pct(p: float) -> float | None:
+        if not durations:
+            return None
+        return round(durations[min(len(durations) - 1, int(p / 100 * len(durations)))]
+                     * 1000, 3)
+
+    return {
+        "window_seconds": round(span, 3),
+        "requests": len(window),
+        "requests_per_second": round(len(window) / span, 3) if span > 0 else 0.0,
+        "error_rate": round(errors / len(window), 4) if window else 0.0,
+        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)},
+        "totals": dict(rt.counters),
+    }
+
+
+AUDIT_FILTERS = {"since": float, "until": float, "status": int, "limit": int}
+
+
+@operations.get("/audit")
+@tag_operations
+async def audit() -> Any:
+    """Admin writes, newest first. Filters: ``subject``, ``path`` (prefix), ``since``
+    and ``until`` (Unix seconds), ``status``, ``limit`` (1-1000, default 100)."""
+    args = request.args
+    problems = []
+    parsed: dict[str, Any] = {}
+    for name, kind in AUDIT_FILTERS.items():
+        if name in args:
+            try:
+                parsed[name] = kind(args[name])
+            except ValueError:
+                problems.append({"field": name, "message": f"expected a {kind.__name__}",
+                                 "type": "value_error"})
+    if not 1 <= parsed.get("limit", 100) <= 1000:
+        problems.append({"field": "limit", "message": "between 1 and 1000",
+                         "type": "value_error"})
+    unknown = set(args) - {"subject", "path", *AUDIT_FILTERS}
+    problems += [{"field": n, "message": "unknown filter", "type": "extra_forbidden"}
+                 for n in sorted(unknown)]
+    if problems:
+        return error_response(422, "validation failed", fields=problems)
+    log_ = runtime().audit
+    if log_ is None:
+        return error_response(503, "the audit log is not open")
+    query = AuditQuery(subject=args.get("subject"), path_prefix=args.get("path"), **parsed)
+    return {"entries": await log_.entries(query)}

@@ -199,14 +199,15 @@ def config_group() -> None:
               help="print secrets (server.admin_secret, issuer secrets ...) in clear, "
                    "for a backup or a migration; by default they read \"***\"")
 def config_export(config: str | None, output: str | None, show_secrets: bool) -> None:
-    """Print the effective config (file, environment overrides and the routes added
-    through the admin API) as TOML, secrets redacted as GET /gateway/config shows
-    them."""
+    """Print the effective config (file, environment overrides and the definitions
+    added through the admin API, routes among them) as TOML, secrets redacted as GET
+    /gateway/config shows them."""
 
     import tomli_w
 
     from lucid.config import data_dir, redact
     from lucid.definitions import read_stored
+    from lucid.export import effective_config
     from lucid.runtime import load_plugins_and_config
 
     path = _config_path(config)
@@ -215,11 +216,8 @@ def config_export(config: str | None, output: str | None, show_secrets: bool) ->
     except ConfigError as exc:
         click.echo(exc.render(), err=True)
         sys.exit(2)
-    data = cfg.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-    if "route" in plugin_set.kinds:
-        stored = read_stored(data_dir(cfg, path), plugin_set.kinds)
-        routes = data.setdefault("gateway", {}).setdefault("routes", [])
-        routes += [{**d.body, "id": d.id} for d in stored.of("route").values()]
+    stored = read_stored(data_dir(cfg, path), plugin_set.kinds)
+    data = effective_config(cfg, plugin_set.kinds, stored, full=False)
     text = tomli_w.dumps(data if show_secrets else redact(data))
     if output:
         try:

@@ -53,6 +53,9 @@ class Kind:
     # config -> {id: body or validated model}, in file order
     static: Callable[[Any], Mapping[str, Any]] | None = None
     legacy: Callable[[Path], Mapping[str, Mapping[str, Any]]] | None = None  # older stores
+    # where the file declares them ("gateway.routes"): the effective config shows the
+    # dynamic ones there too (lucid.export)
+    section: str | None = None
 
     def declared(self, config: Any) -> Mapping[str, Any]:
         """The definitions the config file declares, ``{id: body or model}`` in file

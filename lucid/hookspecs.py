@@ -50,11 +50,14 @@ def lucid_register_config(
 def lucid_register_definitions(register: Callable[..., None]) -> None:
     """Contribute the kinds of definition this plugin manages (routes, limits …).
 
-    ``register(kind, model, static=None, legacy=None)``: ``model`` validates one
-    definition's body (the admin API's payload); ``static(config)`` returns the
-    definitions the config file declares, ``{id: body}`` in file order (read-only
-    through the API); ``legacy(data_dir)``, if given, returns the definitions an older
-    Lucid kept in this plugin's own store, imported once into the core's store.
+    ``register(kind, model, static=None, legacy=None, section=None)``: ``model``
+    validates one definition's body (the admin API's payload); ``static(config)``
+    returns the definitions the config file declares, ``{id: body}`` in file order
+    (read-only through the API); ``legacy(data_dir)``, if given, returns the
+    definitions an older Lucid kept in this plugin's own store, imported once into the
+    core's store; ``section``, the dotted config key where the file declares them (a
+    list of tables with ``id``, or a table by id), places the dynamic ones there in
+    the effective config (``GET /gateway/config``, ``lucid config export``).
     Read them in ``lucid_prepare`` with ``generation.defined(kind)``; write them
     through ``runtime.write(kind, id, body)``.
 

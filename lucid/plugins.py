@@ -235,10 +235,11 @@ class PluginSet:
         self, kind: str, model: type[BaseModel],
         static: Callable[[Any], Mapping[str, Any]] | None = None,
         legacy: Callable[[Path], Mapping[str, Mapping[str, Any]]] | None = None,
+        section: str | None = None,
     ) -> None:
         if kind in self.kinds:
             raise ValueError(f"definition kind {kind!r} is already taken")
-        self.kinds[kind] = Kind(kind, model, static, legacy)
+        self.kinds[kind] = Kind(kind, model, static, legacy, section)
 
 
 def hook_names_of(module: object) -> list[str]:

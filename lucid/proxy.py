@@ -221,7 +221,9 @@ class ProxyApp:
                 await self._reply(exchange, sent, 500, "internal error")
         finally:
             runtime.counters["in_flight"] -= 1
-            exchange.duration = time.perf_counter() - started
+            ended = time.perf_counter()
+            exchange.duration = ended - started
+            runtime.recent.append((ended, exchange.duration, exchange.status))  # metrics
             if runtime.hooks.observes_exchanges:
                 await runtime.hooks.observe_exchange(exchange)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from lucid import __version__
+from lucid.audit import AuditLog, SqliteAudit
 from lucid.config import (
     ConfigError,
     data_dir,
@@ -45,6 +47,8 @@ from lucid.passive import PassiveHealth
 from lucid.plugins import Hooks, PluginSet, choose_plugins
 
 log = logging.getLogger("lucid")
+
+RECENT_EXCHANGES = 10_000  # kept for GET /gateway/metrics
 
 
 def load_plugins_and_config(
@@ -83,6 +87,11 @@ class Runtime:
         self.session: aiohttp.ClientSession | None = None
         self.data_dir = data_dir(config, config_path)
         self.backend: Backend | None = None  # where dynamic definitions live
+        self.audit: AuditLog | None = None  # admin writes (lucid.audit)
+        self.started = False  # every plugin's startup ran (GET /gateway/health)
+        # (perf_counter, duration, status) of recent exchanges, for /gateway/metrics:
+        # appended by the proxy, one tuple per request
+        self.recent: deque[tuple[float, float, int]] = deque(maxlen=RECENT_EXCHANGES)
         self._apply_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = {"requests": 0, "errors": 0, "in_flight": 0}
@@ -120,6 +129,7 @@ class Runtime:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # if new: private
         self.backend = await SqliteBackend.open(self.data_dir / "definitions.db")
         try:
+            self.audit = await SqliteAudit.open(self.data_dir)
             snapshot = await self.backend.load()
             if snapshot.revision == 0:
                 snapshot = await self._import_legacy(snapshot)
@@ -130,6 +140,7 @@ class Runtime:
             # process alive after a refused start
             await self.backend.close()
             self.backend = None
+            await self._close_audit()
             raise
         self.generation = first
         server = self.config.server
@@ -152,11 +163,13 @@ class Runtime:
             await self.stop()
             raise
         await self.hooks.activate(first)
+        self.started = True
         if server.workers > 1:
             self.background(self._follow())
 
     async def stop(self) -> None:
         """Stop plugins (reverse order), then close the pool. Requests have drained."""
+        self.started = False
         for task in list(self._background):
             task.cancel()
         await self.hooks.shutdown(self)
@@ -167,6 +180,12 @@ class Runtime:
         if self.backend is not None:
             await self.backend.close()
             self.backend = None
+        await self._close_audit()
+
+    async def _close_audit(self) -> None:
+        if self.audit is not None:
+            await self.audit.close()
+            self.audit = None
 
     async def check(self) -> None:
         """Prepare a generation of the config as ``lucid serve`` would start it (the

@@ -380,7 +380,9 @@ def test_serve_keeps_its_state_private(tmp_path: Path) -> None:
         data = tmp_path / "data"
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
         files = sorted(p for p in data.rglob("*.db*") if p.is_file())
-        assert {p.name for p in files} >= {"gateway.db", "gateway.db-wal", "gateway.db-shm"}
+        # the core's stores (the gateway plugin keeps no file of its own any more)
+        assert {p.name for p in files} >= {"audit.db", "audit.db-wal", "audit.db-shm",
+                                           "definitions.db"}
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {
             p.name: 0o600 for p in files}
     finally:

@@ -321,8 +321,7 @@ service = "users"
     assert check.returncode == 0, check.stderr
     assert "ok (plugins: boom=boom, guard=guard; routes: 0)" in check.stdout
 
-    # A subprocess: lucid.testing.run_gateway waits on /gateway/health, which only
-    # exists while a gateway plugin is enabled.
+    # A subprocess, so the real `lucid serve` is what runs with no routing plugin.
     process = GatewayProcess(config, env=lucid_env(THIRDPARTY))
     try:
         process.wait_ready()
@@ -342,6 +341,9 @@ service = "users"
                 for path in ("/", "/users/1", "/gateway/health"):
                     async with client.post(f"{process.proxy_url}{path}", data=b"x") as r:
                         out.append((r.status, json.loads(await r.read())))
+                # the core's operations answer on the admin listener all the same
+                async with client.get(f"{process.admin_url}/gateway/health") as r:
+                    assert r.status == 200, await r.text()
                 return out
 
         for status, body in asyncio.run(requests()):

@@ -8,8 +8,6 @@ plugin; ``[plugins] gateway = "other"`` swaps it for another routing plugin.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +24,6 @@ from lucid_gateway.cors import CorsGuard
 from lucid_gateway.guard import RouteGuard
 from lucid_gateway.jwks import JwksCache
 from lucid_gateway.router import Router
-from lucid_gateway.store import GatewayStore
-
-METRICS_WINDOW = 10_000  # recent requests kept for /gateway/metrics
 
 LUCID_CAPABILITY = "gateway"
 __all__ = ["GatewayConfig", "Route", "Router", "GatewayState", "GatewayShared"]
@@ -36,14 +31,12 @@ __all__ = ["GatewayConfig", "Route", "Router", "GatewayState", "GatewayShared"]
 
 class GatewayShared:
     """What outlives a config generation, one per gateway (never a module global):
-    JWKS caches, background tasks, the store, recent request figures."""
+    JWKS caches and their background tasks. (The audit log and the recent request
+    figures are the core's now: ``runtime.audit``, ``runtime.recent``.)"""
 
     def __init__(self) -> None:
         self.jwks_caches: dict[tuple[str, str], JwksCache] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.store: GatewayStore | None = None
-        self.recent: deque[tuple[float, float, int]] = deque(maxlen=METRICS_WINDOW)
-        self.started = False
 
 
 @dataclass(frozen=True)
@@ -170,7 +163,8 @@ def legacy_routes(data_dir: Path) -> dict[str, dict[str, Any]]:
 
 @hookimpl
 def lucid_register_definitions(register: Callable[..., None]) -> None:
-    register("route", Route, static=static_routes, legacy=legacy_routes)
+    register("route", Route, static=static_routes, legacy=legacy_routes,
+             section="gateway.routes")
 
 
 @hookimpl
@@ -216,11 +210,9 @@ def lucid_prepare(generation: Any) -> None:
 async def lucid_startup(runtime: Any) -> None:
     state: GatewayState = runtime.generation.state["gateway"]
     shared = state.shared
-    shared.store = await GatewayStore.open(runtime.data_dir / "gateway.db")
     for cache in shared.jwks_caches.values():  # warm the keys before the first request
         if not cache.loaded:
             cache.refresh_in_background(shared.tasks)
-    shared.started = True
 
 
 @hookimpl
@@ -230,9 +222,6 @@ async def lucid_shutdown(runtime: Any) -> None:
         task.cancel()
     for cache in shared.jwks_caches.values():
         await cache.close()
-    if shared.store is not None:
-        await shared.store.close()
-        shared.store = None
 
 
 @hookimpl
@@ -242,13 +231,6 @@ def lucid_admit_request(exchange: Exchange) -> Rejection | None | Awaitable[Reje
     if guard is None:
         return None
     return guard.admit(exchange)  # type: ignore[no-any-return]
-
-
-@hookimpl
-def lucid_observe_exchange(exchange: Exchange) -> None:
-    generation = exchange.generation
-    if generation is not None and (state := generation.state.get("gateway")) is not None:
-        state.shared.recent.append((time.monotonic(), exchange.duration, exchange.status))
 
 
 @hookimpl
@@ -287,21 +269,3 @@ def lucid_resolve_instances(exchange: Exchange, generation: Any) -> Sequence[Ins
 def lucid_list_instances(service: str, generation: Any) -> Sequence[Instance] | None:
     state: GatewayState | None = generation.state.get("gateway")
     return None if state is None else state.instances.get(service)
-
-
-@hookimpl
-def lucid_observe_event(event: Any) -> Awaitable[None] | None:
-    """Admin writes are audited; the core's admin app awaits this inside its app
-    context, so the record is committed before the client gets its answer."""
-    if event.kind != "admin_write":
-        return None
-    from quart import has_app_context
-
-    if not has_app_context():
-        return None
-    from lucid.admin import runtime
-
-    store = runtime().generation.state["gateway"].shared.store
-    if store is None:
-        return None
-    return store.audit({**event.data, "at": event.at})  # type: ignore[no-any-return]

@@ -1,16 +1,17 @@
-"""The gateway's admin blueprint, mounted at ``/gateway``."""
+"""The gateway's admin blueprint, mounted at ``/gateway``: the route table and the
+services it targets. The operations endpoints under ``/gateway`` (health, status,
+reload, config, metrics, audit) are the core's (:mod:`lucid.admin`), so they answer
+whichever plugin does routing."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from quart import Blueprint, request
+from quart import Blueprint
 from quart_schema import tag, validate_request
 
 from lucid.admin import error_response, if_match, runtime
-from lucid.config import ConfigError, redact
 from lucid.http import normalize_path
 from lucid.model import Exchange
 from lucid_gateway import route_id
@@ -43,47 +44,6 @@ class MatchRequest(BaseModel):
         if not value.startswith("/"):
             raise ValueError("must start with '/'")
         return value
-
-
-@blueprint.get("/health")
-@tag_gateway
-async def health() -> Any:
-    """Liveness and readiness: plugins started, the gateway's store answers.
-
-    Open even when admin auth is on, so load balancers and probes can call it."""
-    rt = runtime()
-    shared = rt.generation.state["gateway"].shared
-    checks = {"plugins_started": shared.started, "store": False}
-    if shared.store is not None:
-        try:
-            await (await shared.store.db.execute("SELECT 1")).close()
-            checks["store"] = True
-        except Exception:
-            pass
-    ready = all(checks.values())
-    body = {"status": "ok" if ready else "unavailable", "generation": rt.generation.number,
-            "checks": checks}
-    return body, 200 if ready else 503
-
-
-@blueprint.get("/status")
-@tag_gateway
-async def status() -> Any:
-    """Uptime, version, config generation, plugins, listeners and request counters."""
-    rt = runtime()
-    return {
-        "version": rt.version,
-        "uptime_seconds": round(time.time() - rt.started_at, 3),
-        "generation": rt.generation.number,
-        "config_source": rt.source,
-        "config_loaded_at": rt.generation.loaded_at,
-        "plugins": [
-            {"name": p.name, "capability": p.capability} for p in rt.plugin_set.plugins
-        ],
-        "listeners": rt.listeners,
-        "workers": rt.config.server.workers,
-        "requests": dict(rt.counters),
-    }
 
 
 @blueprint.get("/routes")
@@ -120,19 +80,6 @@ async def match(data: MatchRequest) -> Any:
         "upstream_path": exchange.upstream_path,
         "params": exchange.path_params,
     }
-
-
-@blueprint.post("/config/reload")
-@tag_gateway
-async def reload() -> Any:
-    """Validate the config file again and swap it in; on error the running one stays."""
-    rt = runtime()
-    try:
-        generation = await rt.reload()
-    except ConfigError as exc:
-        return error_response(422, "config rejected; the running config is unchanged",
-                              problems=exc.problems, generation=rt.generation.number)
-    return {"status": "reloaded", "generation": generation.number}
 
 
 def _describe(index: int, route: Any) -> dict[str, Any]:
@@ -192,29 +139,9 @@ async def delete_route(route_id: str) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# config, services, metrics, audit
+# services (health, status, reload, config, metrics and the audit log are the
+# core's: lucid.admin)
 # ---------------------------------------------------------------------------
-
-
-def effective_config(rt: Any) -> dict[str, Any]:
-    """The running config plus runtime routes, as plain data (secrets NOT redacted)."""
-    data = rt.config.model_dump(mode="json", exclude_none=True)
-    data.setdefault("gateway", {}).setdefault("routes", [])
-    data["gateway"]["routes"] = [*data["gateway"]["routes"], *[
-        {**d.parsed(Route).model_dump(mode="json", exclude_none=True), "id": d.id}
-        for d in sorted(rt.generation.defined("route").values(), key=lambda d: d.id)
-        if d.origin == "dynamic"]]
-    return data
-
-
-@blueprint.get("/config")
-@tag_gateway
-async def config() -> Any:
-    """The effective config (file, environment overrides and runtime routes), secrets
-    redacted."""
-    rt = runtime()
-    return {"generation": rt.generation.number, "source": rt.source,
-            "config": redact(effective_config(rt))}
 
 
 @blueprint.get("/services")
@@ -240,64 +167,3 @@ async def services() -> Any:
             "status": "up" if healthy else "down",
         })
     return {"services": out}
-
-
-@blueprint.get("/metrics")
-@tag_gateway
-async def metrics() -> Any:
-    """Gateway-level figures over the last minute (and the last 10,000 requests at
-    most): req/s, error rate, latency percentiles."""
-    rt = runtime()
-    recent = rt.generation.state["gateway"].shared.recent
-    now = time.monotonic()
-    window = [r for r in recent if now - r[0] <= 60.0]
-    durations = sorted(r[1] for r in window)
-    errors = sum(1 for r in window if r[2] >= 500 or r[2] == 0)
-    span = min(60.0, now - window[0][0]) if window else 0.0
-
-    def pct(p: float) -> float | None:
-        if not durations:
-            return None
-        return round(durations[min(len(durations) - 1, int(p / 100 * len(durations)))]
-                     * 1000, 3)
-
-    return {
-        "window_seconds": round(span, 3),
-        "requests": len(window),
-        "requests_per_second": round(len(window) / span, 3) if span > 0 else 0.0,
-        "error_rate": round(errors / len(window), 4) if window else 0.0,
-        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)},
-        "totals": dict(rt.counters),
-    }
-
-
-@blueprint.get("/audit")
-@tag_gateway
-async def audit() -> Any:
-    """Admin writes, newest first. Filters: ``subject``, ``path`` (prefix), ``since``
-    and ``until`` (Unix seconds), ``status``, ``limit`` (1-1000, default 100)."""
-    args = request.args
-    problems = []
-    parsed: dict[str, Any] = {}
-    for name, kind in (("since", float), ("until", float), ("status", int), ("limit", int)):
-        if name in args:
-            try:
-                parsed[name] = kind(args[name])
-            except ValueError:
-                problems.append({"field": name, "message": f"expected a {kind.__name__}",
-                                 "type": "value_error"})
-    limit = parsed.pop("limit", 100)
-    if not 1 <= limit <= 1000:
-        problems.append({"field": "limit", "message": "between 1 and 1000",
-                         "type": "value_error"})
-    unknown = set(args) - {"subject", "path", "since", "until", "status", "limit"}
-    problems += [{"field": n, "message": "unknown filter", "type": "extra_forbidden"}
-                 for n in sorted(unknown)]
-    if problems:
-        return error_response(422, "validation failed", fields=problems)
-    store = runtime().generation.state["gateway"].shared.store
-    if store is None:
-        return error_response(503, "the gateway store is not open")
-    entries = await store.audit_entries(args.get("subject"), args.get("path"), limit=limit,
-                                        **parsed)
-    return {"entries": entries}
