@@ -127,7 +127,8 @@ class CircuitBreakerPlugin:
 
     @hookimpl
     def lucid_register_definitions(self, register: Callable[..., None]) -> None:
-        register(KIND, CircuitSpec, static=static_circuits, legacy=legacy_circuits)
+        register(KIND, CircuitSpec, static=static_circuits, legacy=legacy_circuits,
+                 section="circuitbreaker.circuits")
 
     @hookimpl
     def lucid_register_admin(self, register: Callable[..., None]) -> None:

@@ -140,7 +140,8 @@ class LoadBalancerPlugin:
 
     @hookimpl
     def lucid_register_definitions(self, register: Callable[..., None]) -> None:
-        register(KIND, PoolSpec, static=static_pools, legacy=legacy_pools)
+        register(KIND, PoolSpec, static=static_pools, legacy=legacy_pools,
+                 section="loadbalancer.pools")
 
     @hookimpl
     def lucid_register_admin(self, register: Callable[..., None]) -> None:

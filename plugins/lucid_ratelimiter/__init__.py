@@ -226,7 +226,8 @@ class RateLimiterPlugin:
 
     @hookimpl
     def lucid_register_definitions(self, register: Callable[..., None]) -> None:
-        register("limit", Limit, static=static_limits, legacy=legacy_limits)
+        register("limit", Limit, static=static_limits, legacy=legacy_limits,
+                 section="ratelimiter.limits")
 
     @hookimpl
     def lucid_register_admin(self, register: Callable[..., None]) -> None:
