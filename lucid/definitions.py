@@ -318,6 +318,21 @@ class _Moved(Exception):
         self.revision = revision
 
 
+def legacy_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
+    """Rows an older Lucid's own SQLite file holds, read-only, for a kind's ``legacy``
+    reader: none when the file or its table does not exist (nothing to move)."""
+    import contextlib
+    import sqlite3
+
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        try:
+            return conn.execute(query).fetchall()
+        except sqlite3.OperationalError:  # no such table: that version kept none
+            return []
+
+
 def read_stored(data_dir: Path, kinds: Mapping[str, Kind]) -> Snapshot:
     """The dynamic definitions a gateway with this ``data_dir`` has stored, read-only
     and without starting it (``lucid config export``). A data dir an older Lucid wrote

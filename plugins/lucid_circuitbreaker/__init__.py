@@ -15,16 +15,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lucid.config import ConfigError
+from lucid.definitions import legacy_rows
 from lucid.http import hop_by_hop
 from lucid.model import Event, Exchange, Generation, Instance, Outcome, Rejection
 from lucid.plugins import hookimpl
@@ -62,14 +61,7 @@ def static_circuits(config: Any) -> dict[str, CircuitSpec]:
 def legacy_circuits(data_dir: Path) -> dict[str, dict[str, Any]]:
     """Circuits an older Lucid kept in ``circuitbreaker.db`` (moved to the core's store
     once; the ``modes`` table beside them stays this plugin's)."""
-    path = data_dir / "circuitbreaker.db"
-    if not path.exists():
-        return {}
-    with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-        try:
-            rows = db.execute("SELECT id, spec FROM circuits ORDER BY id").fetchall()
-        except sqlite3.OperationalError:  # no circuits table: nothing to move
-            return {}
+    rows = legacy_rows(data_dir / "circuitbreaker.db", "SELECT id, spec FROM circuits ORDER BY id")
     return {cid: json.loads(spec) for cid, spec in rows}
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from lucid.config import ConfigError, describe_errors
+from lucid.definitions import legacy_rows
 from lucid.model import Exchange, Instance, Rejection, RetryBudget, RouteInfo, RoutePolicy
 from lucid.plugins import hookimpl
 from lucid_gateway.auth import build_verifier, route_guard
@@ -148,16 +149,8 @@ def static_routes(config: Any) -> dict[str, Route]:
 def legacy_routes(data_dir: Path) -> dict[str, dict[str, Any]]:
     """Runtime routes an older Lucid kept in ``gateway.db`` (moved to the core's store)."""
     import json
-    import sqlite3
 
-    path = data_dir / "gateway.db"
-    if not path.exists():
-        return {}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        try:
-            rows = conn.execute("SELECT id, definition FROM routes ORDER BY id").fetchall()
-        except sqlite3.OperationalError:  # no routes table: nothing to move
-            return {}
+    rows = legacy_rows(data_dir / "gateway.db", "SELECT id, definition FROM routes ORDER BY id")
     return {id: {**json.loads(body), "id": id} for id, body in rows}
 
 

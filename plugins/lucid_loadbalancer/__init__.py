@@ -17,13 +17,13 @@ import asyncio
 import json
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lucid.definitions import legacy_rows
 from lucid.model import Event, Exchange, Generation, Instance
 from lucid.plugins import hookimpl
 from lucid_loadbalancer.config import LoadBalancerConfig, PoolSpec
@@ -80,14 +80,7 @@ def static_pools(config: Any) -> dict[str, PoolSpec]:
 def legacy_pools(data_dir: Path) -> dict[str, dict[str, Any]]:
     """Pools an older Lucid kept in the ``pools`` table of ``loadbalancer.db`` (moved
     to the core's store; the file keeps the affinity key)."""
-    path = data_dir / DB_NAME
-    if not path.exists():
-        return {}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        try:
-            rows = conn.execute("SELECT id, spec FROM pools ORDER BY id").fetchall()
-        except sqlite3.OperationalError:  # no pools table: nothing to move
-            return {}
+    rows = legacy_rows(data_dir / DB_NAME, "SELECT id, spec FROM pools ORDER BY id")
     return {id: json.loads(spec) for id, spec in rows}
 
 

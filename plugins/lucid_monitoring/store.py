@@ -17,6 +17,7 @@ from typing import Any
 
 import aiosqlite
 
+from lucid.definitions import legacy_rows
 from lucid.store import open_database
 
 SCHEMA = (
@@ -34,18 +35,8 @@ SCHEMA = (
 def legacy_alert_rules(data_dir: Path) -> dict[str, dict[str, Any]]:
     """Alert rules an older Lucid created through the API and kept in
     ``monitoring.db``, ``{name: rule}`` in creation order (moved to the core's store)."""
-    import sqlite3
-    from contextlib import closing
-
-    path = data_dir / "monitoring.db"
-    if not path.exists():
-        return {}
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        try:
-            rows = conn.execute("SELECT name, definition FROM alert_rules "
-                                "ORDER BY created_at, name").fetchall()
-        except sqlite3.OperationalError:  # no alert_rules table: nothing to move
-            return {}
+    rows = legacy_rows(data_dir / "monitoring.db",
+                       "SELECT name, definition FROM alert_rules ORDER BY created_at, name")
     return {name: {**json.loads(body), "name": name} for name, body in rows}
 
 

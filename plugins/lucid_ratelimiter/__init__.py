@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lucid.config import ConfigError, data_dir
-from lucid.definitions import Kind, read_stored
+from lucid.definitions import Kind, legacy_rows, read_stored
 from lucid.model import Event, Exchange, Generation, Rejection
 from lucid.plugins import hookimpl
 from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
@@ -173,14 +173,7 @@ def static_limits(config: Any) -> dict[str, Limit]:
 def legacy_limits(data_dir: Path) -> dict[str, dict[str, Any]]:
     """Limits an older Lucid kept in the ``limits`` table of ``ratelimiter.db`` (moved
     to the core's definitions store once; its quota counters stay where they are)."""
-    path = data_dir / "ratelimiter.db"
-    if not path.exists():
-        return {}
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        try:
-            rows = conn.execute("SELECT id, body FROM limits ORDER BY rowid").fetchall()
-        except sqlite3.OperationalError:  # no limits table: nothing to move
-            return {}
+    rows = legacy_rows(data_dir / "ratelimiter.db", "SELECT id, body FROM limits ORDER BY rowid")
     return {id: {**json.loads(body), "id": id} for id, body in rows}
 
 
