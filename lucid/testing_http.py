@@ -8,6 +8,7 @@ against a running ``lucid serve``, so that every proxy engine passes the same te
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -215,3 +216,20 @@ retries = {{ attempts = 1 }}
 """
 
 
+AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
+
+
+def challenge_params(value: str) -> dict[str, str]:
+    """An RFC 9110 §11.2 challenge's auth-params, quoted-strings unescaped; fails if the
+    value does not parse, as a client's parser would."""
+    scheme, _, rest = value.partition(" ")
+    assert scheme == "Bearer"
+    params: dict[str, str] = {}
+    position = 0
+    while position < len(rest):
+        match = AUTH_PARAM.match(rest, position)
+        assert match is not None, f"unparseable challenge {value!r} at {position}"
+        name, raw = match.groups()
+        params[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        position = match.end()
+    return params

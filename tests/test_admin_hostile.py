@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from lucid.testing import RunningGateway
+from lucid.testing_http import challenge_params
 
 SECRET = "a" * 48  # tests/conftest.py: ADMIN_SECRET
 CONFIG = f"""
@@ -111,22 +112,6 @@ async def test_admin_tokens_are_canonical_base64url(lucid_gateway: Any) -> None:
         assert (status, answer["error"]) == (401, "invalid admin token: malformed token")
 
 
-AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
-
-
-def challenge_params(value: str) -> dict[str, str]:
-    """An RFC 9110 §11.2 challenge's auth-params, quoted-strings unescaped; fails if the
-    value does not parse, as a client's parser would."""
-    scheme, _, rest = value.partition(" ")
-    assert scheme == "Bearer"
-    params, position = {}, 0
-    while position < len(rest):
-        match = AUTH_PARAM.match(rest, position)
-        assert match is not None, f"unparseable challenge {value!r} at {position}"
-        name, raw = match.groups()
-        params[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
-        position = match.end()
-    return params
 
 
 async def test_the_admin_challenge_quotes_its_description(lucid_gateway: Any) -> None:

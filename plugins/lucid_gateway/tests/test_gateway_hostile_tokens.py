@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from lucid.testing_http import challenge_params
+
 SECRET = "s" * 40
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 ISSUER = f"""
@@ -186,22 +188,6 @@ async def test_only_canonical_base64url_segments_are_accepted(
     assert len(upstream.requests) == 1
 
 
-AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
-
-
-def challenge_params(value: str) -> dict[str, str]:
-    """An RFC 9110 §11.2 challenge's auth-params, quoted-strings unescaped; fails if the
-    value does not parse, as a client's parser would."""
-    scheme, _, rest = value.partition(" ")
-    assert scheme == "Bearer"
-    params, position = {}, 0
-    while position < len(rest):
-        match = AUTH_PARAM.match(rest, position)
-        assert match is not None, f"unparseable challenge {value!r} at {position}"
-        name, raw = match.groups()
-        params[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
-        position = match.end()
-    return params
 
 
 async def test_challenge_parameters_are_quoted_strings(
