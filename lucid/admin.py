@@ -260,6 +260,8 @@ def _admin_identity(secret: str) -> tuple[dict[str, Any] | None, Any]:
         claims = jwt.decode(token, secret, algorithms=["HS256"], issuer=ADMIN_ISSUER,
                             options={"require": ["exp", "sub", "iss"]}, leeway=5)
     except (Malformed, jwt.PyJWTError) as exc:
+        if isinstance(exc, Malformed):  # one line, no traceback, never the token
+            log.info("refused a malformed admin token: %s", exc.detail or exc)
         response = error_response(401, f"invalid admin token: {exc}")
         response.headers["WWW-Authenticate"] = bearer_challenge(
             "lucid-admin", error="invalid_token", error_description=str(exc))

@@ -80,6 +80,9 @@ async def test_a_deeply_nested_admin_token_is_a_401_without_a_traceback(
         assert 'error="invalid_token"' in headers["WWW-Authenticate"]
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert "RecursionError" not in caplog.text
+    refused = [r.getMessage() for r in caplog.records if "malformed admin token" in
+               r.getMessage()]
+    assert len(refused) == 2 and all("nests deeper than" in m for m in refused)
 
 
 @pytest.mark.parametrize("name, literal", [

@@ -15,6 +15,7 @@ expiry on every hit and dropped when the issuer's key set changes.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from lucid_gateway.jwks import (
     pem_key,
     secret_key,
 )
+
+log = logging.getLogger("lucid.gateway.auth")
 
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 _MAX_HYPHENS = 8  # lucid.http.underscore_twins lists every spelling up to this
@@ -197,6 +200,8 @@ class Verifier:
         try:  # canonical base64url, bounded JSON: parsed before the signature is checked
             header, payload, signature, signing_input = decode_token(token)
         except Malformed as exc:
+            # One line, no traceback: what was wrong, never the token itself.
+            log.info("refused a malformed bearer token: %s", exc.detail or exc)
             raise AuthFailure(str(exc)) from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":

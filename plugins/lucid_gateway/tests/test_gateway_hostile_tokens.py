@@ -102,6 +102,9 @@ async def test_deeply_nested_header_or_payload_is_a_401_without_a_traceback(
     assert len(upstream.requests) == 1
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert "RecursionError" not in caplog.text
+    refused = [r.getMessage() for r in caplog.records if "malformed bearer token" in
+               r.getMessage()]
+    assert len(refused) == 4 and all("nests deeper than 32 levels" in m for m in refused)
 
 
 NOT_JSON = "malformed token"  # NaN, Infinity and 1e400 are no JSON numbers (RFC 8259 §6)
