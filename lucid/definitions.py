@@ -333,6 +333,23 @@ def legacy_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
             return []
 
 
+def legacy_writes(data_dir: Path, kinds: Mapping[str, Kind]) -> list[Write]:
+    """What the kinds' ``legacy`` readers find under ``data_dir``: definitions an older
+    Lucid kept in each plugin's own store. A reader that fails is logged and skipped."""
+    writes: list[Write] = []
+    for kind in kinds.values():
+        if kind.legacy is None:
+            continue
+        try:
+            found = kind.legacy(data_dir)
+        except Exception:
+            log.exception("reading older %s definitions under %s failed; none imported",
+                          kind.name, data_dir)
+            continue
+        writes += [Write(kind.name, id, body) for id, body in found.items()]
+    return writes
+
+
 def read_stored(data_dir: Path, kinds: Mapping[str, Kind]) -> Snapshot:
     """The dynamic definitions a gateway with this ``data_dir`` has stored, read-only
     and without starting it (``lucid config export``). A data dir an older Lucid wrote
@@ -349,16 +366,7 @@ def read_stored(data_dir: Path, kinds: Mapping[str, Kind]) -> Snapshot:
                     (kind, id): Definition(kind, id, json.loads(body), "dynamic", rev)
                     for kind, id, body, rev in conn.execute(
                         "SELECT kind, id, body, revision FROM definitions")})
-    writes: list[Write] = []
-    for kind in kinds.values():
-        if kind.legacy is None:
-            continue
-        try:
-            found = kind.legacy(data_dir)
-        except Exception:  # an unreadable older store: the gateway would skip it too
-            log.warning("reading older %s definitions under %s failed", kind.name, data_dir)
-            continue
-        writes += [Write(kind.name, id, body) for id, body in found.items()]
+    writes = legacy_writes(data_dir, kinds)
     return Snapshot().applied(writes, 1) if writes else Snapshot()
 
 

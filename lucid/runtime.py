@@ -40,6 +40,7 @@ from lucid.definitions import (
     SqliteBackend,
     Write,
     check_expectations,
+    legacy_writes,
     read_stored,
 )
 from lucid.model import Event, Generation, Instance
@@ -278,16 +279,7 @@ class Runtime:
         """Definitions an older Lucid kept in each plugin's own store, moved into the
         core's store once (its first start with this version)."""
         assert self.backend is not None
-        writes = []
-        for kind in self.kinds.values():
-            if kind.legacy is None:
-                continue
-            try:
-                found = await asyncio.to_thread(kind.legacy, self.data_dir)
-            except Exception:
-                log.exception("reading older %s definitions failed; none imported", kind.name)
-                continue
-            writes += [Write(kind.name, id, body) for id, body in found.items()]
+        writes = await asyncio.to_thread(legacy_writes, self.data_dir, self.kinds)
         if not writes:
             return snapshot
         log.info("imported %d definitions from older stores into definitions.db", len(writes))
