@@ -392,11 +392,13 @@ else:
 
     def pytest_addoption(parser: pytest.Parser) -> None:
         """``--lucid-conformance=FILE``: run :mod:`lucid.conformance` against the plugin
-        that FILE (a ``conformance.toml``) names, instead of against the built-ins."""
+        that FILE (a ``conformance.toml``) names, instead of against the built-ins; may
+        be given more than once."""
         parser.getgroup("lucid").addoption(
-            "--lucid-conformance", metavar="FILE", default=None,
+            "--lucid-conformance", metavar="FILE", action="append", default=[],
             help="conformance.toml naming the plugin that "
-                 "'pytest --pyargs lucid.conformance' tests (default: Lucid's built-ins)")
+                 "'pytest --pyargs lucid.conformance' tests (default: Lucid's built-ins); "
+                 "repeatable")
 
     @pytest_asyncio.fixture
     async def lucid_gateway(
