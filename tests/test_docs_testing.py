@@ -1,17 +1,19 @@
-"""``docs/testing.md`` runs: its pytest setup block is the configuration its Python
-blocks (complete test modules) run under, in a project of their own; its
-``conformance.toml`` block loads, and its ``[conformance]`` table is valid."""
+"""``docs/testing.md`` runs: its Python blocks are complete test modules that pass
+with the kit's fixtures; its TOML blocks load (the pytest setup, and a
+``conformance.toml`` whose ``[conformance]`` table is valid)."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from lucid.conformance.support import ConformanceTable
-from lucid.testing_internal import lucid_env
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "testing.md"
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
@@ -35,16 +37,23 @@ def test_the_toml_blocks_load_and_the_conformance_table_is_valid() -> None:
         "{upstream}", "{upstream2}"]
 
 
-def test_the_python_blocks_pass_as_a_plugin_authors_tests(tmp_path: Path) -> None:
-    (tmp_path / "pyproject.toml").write_text(blocks("toml")[0])
+@pytest.mark.parametrize("index", [0, 1])
+async def test_the_python_blocks_pass_as_a_plugin_authors_tests(
+    index: int, tmp_path: Path, lucid_upstream: Any, lucid_gateway: Any,
+) -> None:
+    """Each block is a complete test module: imported, its tests are called with the
+    kit's fixtures they name (in this test's event loop, as pytest would)."""
     modules = blocks("python")
     assert len(modules) == 2
-    for n, text in enumerate(modules):
-        (tmp_path / f"test_doc_block_{n}.py").write_text(text)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-p", "no:schemathesis", "-p", "no:hypothesispytest", "-W", "error"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=lucid_env(),
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert f"{len(modules)} passed" in result.stdout
+    path = tmp_path / f"test_doc_block_{index}.py"
+    path.write_text(modules[index])
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tests = [f for name, f in vars(module).items() if name.startswith("test_")]
+    assert tests
+    for test in tests:
+        kit = {"lucid_upstream": lucid_upstream, "lucid_gateway": lucid_gateway}
+        fixtures = {n: kit[n] for n in inspect.signature(test).parameters}
+        await test(**fixtures)
