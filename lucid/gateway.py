@@ -4,22 +4,10 @@ plugins that import from here keep working; each use warns."""
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
+from lucid.deprecation import moved
 
-_MOVED = {
+__getattr__ = moved(__name__, {
     "Runtime": "lucid.runtime",
     "load_plugins_and_config": "lucid.runtime",
     "Generation": "lucid.model",
-}
-
-
-def __getattr__(name: str) -> Any:
-    where = _MOVED.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"lucid.gateway.{name} moved to {where}.{name}", DeprecationWarning,
-                  stacklevel=2)
-    import importlib
-
-    return getattr(importlib.import_module(where), name)
+})

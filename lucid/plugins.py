@@ -179,6 +179,9 @@ class PluginSet:
 
     plugins: list[InstalledPlugin]
     disabled: frozenset[str] = frozenset()
+    #: ``(name, object)`` plugins registered in-process besides the installed ones (a
+    #: test's observer, see ``lucid.testing.run_gateway``); called after them
+    extra: Sequence[tuple[str, object]] = ()
     pm: pluggy.PluginManager = field(init=False)
     sections: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
     route_models: dict[str, type[BaseModel]] = field(init=False, default_factory=dict)
@@ -191,25 +194,32 @@ class PluginSet:
         # pluggy calls the last registered first; register in reverse for call order.
         # A plugin that does not fit the hookspecs (unknown hook, wrong argument names)
         # is a config problem naming that plugin, not a traceback.
-        for plugin in reversed(self.plugins):
+        registrations: list[tuple[str, str, Callable[[], Any]]] = [
+            *((name, "in-process", lambda obj=obj: obj) for name, obj in reversed(self.extra)),
+            *((p.name, p.target, p.instantiate) for p in reversed(self.plugins)),
+        ]
+        capability = {p.name: p.capability for p in self.plugins}
+        for name, target, make in registrations:
+            if self.pm.has_plugin(name):
+                raise ValueError(f"plugin {name!r} ({target}): the name is taken")
             try:
-                instance = plugin.instantiate()
-                self.pm.register(instance, name=plugin.name)
-                self.admission_priority[plugin.name] = int(getattr(
+                instance = make()
+                self.pm.register(instance, name=name)
+                module = _import(target) if target != "in-process" else instance
+                self.admission_priority[name] = int(getattr(
                     instance, "LUCID_ADMISSION_PRIORITY", getattr(
-                        plugin.module, "LUCID_ADMISSION_PRIORITY",
-                        ADMISSION_PRIORITY.get(plugin.capability,
+                        module, "LUCID_ADMISSION_PRIORITY",
+                        ADMISSION_PRIORITY.get(capability.get(name, name),
                                                DEFAULT_ADMISSION_PRIORITY))))
             except pluggy.PluginValidationError as exc:
-                raise ValueError(f"plugin {plugin.name!r} ({plugin.target}): {exc}") from None
+                raise ValueError(f"plugin {name!r} ({target}): {exc}") from None
             except Exception as exc:  # a third-party constructor that raises
-                raise ValueError(f"plugin {plugin.name!r} ({plugin.target}) failed to start: "
+                raise ValueError(f"plugin {name!r} ({target}) failed to start: "
                                  f"{type(exc).__name__}: {exc}") from None
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            name = self.pm.get_name(exc.plugin)
-            raise ValueError(f"plugin {name!r}: {exc}") from None
+            raise ValueError(f"plugin {self.pm.get_name(exc.plugin)!r}: {exc}") from None
         for hook, register in (("lucid_register_config", self._register_section),
                                ("lucid_register_definitions", self._register_kind)):
             for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,19 @@ RECENT_EXCHANGES = 10_000  # kept for GET /gateway/metrics
 
 
 def load_plugins_and_config(
-    path: Path | None, data: dict[str, Any] | None = None
+    path: Path | None, data: dict[str, Any] | None = None,
+    extra: Sequence[tuple[str, object]] = (),
 ) -> tuple[PluginSet, Any]:
-    """Choose plugins from ``[plugins]``, then validate the whole file against them."""
+    """Choose plugins from ``[plugins]``, then validate the whole file against them.
+
+    ``extra``: ``(name, object)`` plugins to register besides the chosen ones, in
+    process (a test's observer); their config sections are validated like any."""
     source = str(path) if path is not None else "(built-in defaults)"
     if data is None:
         data = read_toml(path) if path is not None else {}
     enabled, disabled = choose_plugins(plugin_choices(data, source), source)
     try:
-        plugin_set = PluginSet(enabled, disabled)
+        plugin_set = PluginSet(enabled, disabled, extra)
     except ValueError as exc:
         raise ConfigError(source, [str(exc)]) from None
     config = validate_config(data, plugin_set.sections, source, ignored=disabled)

@@ -1,9 +1,17 @@
-"""Testing helpers for Lucid and its plugin authors, shipped with the package.
+"""The test kit for Lucid plugin authors (and Lucid's own tests), shipped in the package.
 
-Everything here runs for real: a gateway on loopback sockets built from a TOML
-string, upstream servers on loopback, and gateway subprocesses for signal and
-crash tests. Installed as a pytest plugin (``pytest11`` entry point), it provides the
-fixtures ``lucid_gateway``, ``lucid_upstream`` and ``lucid_process``.
+Everything here runs for real: a gateway on loopback sockets built from a TOML string,
+upstream servers on loopback, a real HTTP client, and gateway subprocesses for signal
+and crash tests. Installed as a pytest plugin (the ``pytest11`` entry point ``lucid``),
+it provides the fixtures ``lucid_gateway``, ``lucid_upstream`` and ``lucid_process``,
+and the ``--lucid-conformance=FILE`` option of the conformance suite
+(:mod:`lucid.conformance`). Tests that use the fixtures need pytest-asyncio with
+``asyncio_mode = "auto"``. ``docs/testing.md`` is the guide.
+
+The names in ``__all__`` are the public kit; raw-socket HTTP/1.1 helpers are in
+:mod:`lucid.testing_http`. Helpers only Lucid's own tests use live in
+:mod:`lucid.testing_internal`; the ones that used to be here still answer from here
+for one release, with a :class:`DeprecationWarning`.
 """
 
 from __future__ import annotations
@@ -11,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +36,29 @@ import tomli_w
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from lucid.plugins import ENTRY_POINT_GROUP, InstalledPlugin
+from lucid.deprecation import moved
 from lucid.runtime import Runtime, load_plugins_and_config
 from lucid.server import bind_socket, run_process
+
+__all__ = [
+    "GatewayProcess",
+    "Handler",
+    "PluginAdmin",
+    "RunningGateway",
+    "Upstream",
+    "echo",
+    "json_request",
+    "run_gateway",
+    "start_upstream",
+    "wait_until",
+    "wait_until_answered",
+    "write_config",
+]
+
+# Lucid's own test helpers, moved to lucid.testing_internal (one release of aliases)
+__getattr__ = moved(__name__, dict.fromkeys(
+    ("two_services", "lucid_env", "run_lucid", "builtin_plugins", "plugin_rows",
+     "debian_tool"), "lucid.testing_internal"))
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,22 +112,52 @@ async def wait_until_answered(request: Callable[[], Awaitable[int]]) -> None:
 
 @dataclass
 class RunningGateway:
-    """A gateway serving in the current event loop."""
+    """A gateway serving in the current event loop, as :func:`run_gateway` and the
+    ``lucid_gateway`` fixture give it."""
 
+    #: the gateway itself: ``runtime.generation`` (the live config, ``.config.<section>``
+    #: and what plugins prepared), ``runtime.instances(service)``, ``runtime.hooks``
     runtime: Runtime
+    #: the ``cluster.toml`` written for it (free ports and a private ``data_dir`` filled in)
     config_path: Path
+    #: ``http://127.0.0.1:<port>`` of the proxy listener (the data plane)
     proxy_url: str
+    #: ``http://127.0.0.1:<port>`` of the admin API
     admin_url: str
+    #: an aiohttp client session, closed with the gateway; it does not decompress
+    #: bodies, so a test sees what the gateway sent
     session: aiohttp.ClientSession
+
+    def plugin_hook(self, plugin: str, hook: str) -> Callable[..., Any]:
+        """Call ``hook`` of the enabled plugin named ``plugin`` alone, with keyword
+        arguments as the hook spec names them: that plugin's own answer, not the first
+        of all plugins' (a firstresult hook answers one value, any other a list).
+        LookupError if the plugin is not enabled or does not implement the hook."""
+        pm = self.runtime.plugin_set.pm
+        target = pm.get_plugin(plugin)
+        if target is None:
+            raise LookupError(f"no enabled plugin is named {plugin!r}")
+        caller = getattr(pm.hook, hook)
+        if not any(impl.plugin is target for impl in caller.get_hookimpls()):
+            raise LookupError(f"plugin {plugin!r} does not implement {hook}")
+        return pm.subset_hook_caller(
+            hook, [p for p in pm.get_plugins() if p is not target])
 
 
 @asynccontextmanager
 async def run_gateway(
-    text: str | dict[str, Any], directory: Path, **server: Any
+    text: str | dict[str, Any], directory: Path, *, plugins: Sequence[object] = (),
+    **server: Any,
 ) -> AsyncIterator[RunningGateway]:
-    """Start a gateway from a TOML string on free loopback ports; stop it on exit."""
+    """Start a gateway from a TOML string (or a dict) on free loopback ports, its files
+    under ``directory``; stop it on exit. ``server`` settings are added to ``[server]``.
+
+    ``plugins``: objects with ``@hookimpl`` methods registered in this gateway besides
+    the installed plugins the config chooses (a test's observer, a spy), called after
+    them; one may register a config section like any plugin. Each is named after its
+    class (``"Spy"``; a second of one class ``"Spy-2"``)."""
     path = write_config(text, directory, **server)
-    plugin_set, config = load_plugins_and_config(path)
+    plugin_set, config = load_plugins_and_config(path, extra=_named(plugins))
     runtime = Runtime(plugin_set, config, path)
     proxy_sock = bind_socket(config.server.proxy)
     admin_sock = bind_socket(config.server.admin)
@@ -130,6 +186,15 @@ async def run_gateway(
         await asyncio.wait_for(task, timeout=30)
 
 
+def _named(plugins: Sequence[object]) -> list[tuple[str, object]]:
+    named: list[tuple[str, object]] = []
+    for plugin in plugins:
+        base = type(plugin).__name__ if not isinstance(plugin, type) else plugin.__name__
+        count = sum(1 for name, _ in named if name.split("-")[0] == base)
+        named.append((base if count == 0 else f"{base}-{count + 1}", plugin))
+    return named
+
+
 async def json_request(
     session: aiohttp.ClientSession, method: str, url: str, **kw: Any
 ) -> tuple[int, Any]:
@@ -150,23 +215,6 @@ class PluginAdmin:
                        ) -> tuple[int, Any]:
         return await json_request(self.gw.session, method,
                                   self.gw.admin_url + self.prefix + path, json=json, **kw)
-
-
-def two_services(url: str, extra: str = "") -> str:
-    """Config: services ``svc`` and ``other``, both at ``url``; every path routed to
-    ``svc`` without retries; then ``extra``."""
-    return f"""
-[gateway.services.svc]
-instances = ["{url}"]
-[gateway.services.other]
-instances = ["{url}"]
-
-[[gateway.routes]]
-prefix = "/"
-service = "svc"
-retries = {{ attempts = 1 }}
-{extra}
-"""
 
 
 @dataclass
@@ -224,80 +272,11 @@ async def echo(request: web.Request) -> web.StreamResponse:
     })
 
 
-def lucid_env(*installed: Path, **extra: str) -> dict[str, str]:
-    """The environment for a ``lucid`` subprocess: no stray ``LUCID_*`` overrides from
-    the caller's shell, the ``installed`` folders (plugin dist-infos) importable, and
-    ``extra`` variables set."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LUCID_")}
-    paths = [str(p) for p in installed]
-    if paths:
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update(extra)
-    return env
-
-
-def run_lucid(
-    *args: str, installed: tuple[Path, ...] = (), **env: str
-) -> subprocess.CompletedProcess[str]:
-    """Run the ``lucid`` command (``python -m lucid ARGS``) and capture what it says."""
-    return subprocess.run(
-        [sys.executable, "-m", "lucid", *args],
-        capture_output=True, text=True, timeout=60, env=lucid_env(*installed, **env),
-    )
-
-
-def builtin_plugins() -> list[InstalledPlugin]:
-    """Lucid's own plugins (the ``lucid`` entry points of ``lucid-gateway``), by name."""
-    return sorted(
-        (InstalledPlugin(ep.name, ep.value, ep.dist.name)
-         for ep in entry_points(group=ENTRY_POINT_GROUP)
-         if ep.dist is not None and ep.dist.name == "lucid-gateway"),
-        key=lambda p: p.name,
-    )
-
-
-def plugin_rows(output: str) -> dict[str, list[str]]:
-    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``.
-
-    Columns are cut where the header's words start, so a plugin implementing no hooks
-    (an empty last column) parses too, as ``""``."""
-    header, *lines = output.splitlines()
-    assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
-    starts = [m.start() for m in re.finditer(r"\S+", header)]
-    rows = {}
-    for line in lines:
-        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
-        assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
-        rows[cells[0]] = cells[1:]
-    return rows
-
-
-_apt_lock = threading.Lock()
-
-
-def debian_tool(binary: str, package: str) -> str:
-    """The path of a tool a test needs from Debian's packages, installing the package
-    first when it is missing and this is a root shell with apt (as on CI and a fresh
-    development machine); otherwise the test fails saying what to install."""
-    found = shutil.which(binary)
-    if found:
-        return found
-    with _apt_lock:
-        if shutil.which(binary) is None and os.geteuid() == 0 and shutil.which("apt-get"):
-            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True,
-                           timeout=600)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                            package], env=env, capture_output=True, timeout=900)
-    found = shutil.which(binary)
-    assert found, f"this test needs {binary!r}: apt-get install -y {package}"
-    return found
-
-
 class GatewayProcess:
-    """``lucid serve`` in a subprocess, for signals, restarts and memory measurements."""
+    """``lucid serve --config config_path`` in a subprocess, for signals, restarts and
+    memory measurements. ``env`` is added to this process's environment; its stderr
+    (the log) is collected in ``lines``, and ``proxy_url``/``admin_url`` come from its
+    "listening on" lines."""
 
     LISTENING = re.compile(r"(proxy|admin) listening on (http://\S+)")
 
@@ -328,6 +307,7 @@ class GatewayProcess:
 
     @property
     def output(self) -> str:
+        """Everything it logged so far."""
         with self._changed:
             return "\n".join(self.lines)
 
@@ -348,6 +328,8 @@ class GatewayProcess:
                 self._changed.wait(min(remaining, 0.2))
 
     def wait_ready(self, timeout: float = 20.0) -> GatewayProcess:
+        """Block until both listeners are announced (see :func:`wait_until_answered` for
+        a worker's first connections)."""
         self.wait_for_line("admin listening on", timeout)
         self.wait_for_line("proxy listening on", timeout)
         return self
@@ -361,14 +343,17 @@ class GatewayProcess:
         return self.urls["admin"]
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` (``signal.SIGHUP`` reloads, ``SIGTERM`` drains and exits)."""
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the process to exit; its exit code."""
         code = self.proc.wait(timeout)
         self._reader.join(5)
         return code
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 30 s."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -390,7 +375,8 @@ else:
 
     @pytest_asyncio.fixture
     async def lucid_upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
-        """Factory: ``await lucid_upstream(handler)`` serves a handler on a free port."""
+        """Factory: ``await lucid_upstream(handler=None)`` serves a handler (or an aiohttp
+        app) on a free loopback port (see :func:`start_upstream`); closed after the test."""
         started: list[Upstream] = []
 
         async def factory(handler: Handler | web.Application | None = None) -> Upstream:
@@ -402,15 +388,30 @@ else:
         for upstream in started:
             await upstream.close()
 
+    __all__ += ["lucid_gateway", "lucid_process", "lucid_upstream"]
+
+    def pytest_addoption(parser: pytest.Parser) -> None:
+        """``--lucid-conformance=FILE``: run :mod:`lucid.conformance` against the plugin
+        that FILE (a ``conformance.toml``) names, instead of against the built-ins; may
+        be given more than once."""
+        parser.getgroup("lucid").addoption(
+            "--lucid-conformance", metavar="FILE", action="append", default=[],
+            help="conformance.toml naming the plugin that "
+                 "'pytest --pyargs lucid.conformance' tests (default: Lucid's built-ins); "
+                 "repeatable")
+
     @pytest_asyncio.fixture
     async def lucid_gateway(
         tmp_path: Path,
     ) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
-        """Factory: ``await lucid_gateway(toml_text)`` runs a gateway in this event loop."""
+        """Factory: ``await lucid_gateway(toml_text, plugins=(), **server)`` runs a
+        gateway in this event loop (see :func:`run_gateway`); stopped after the test."""
         stack: list[Any] = []
 
-        async def factory(text: str | dict[str, Any], **server: Any) -> RunningGateway:
-            context = run_gateway(text, tmp_path / f"gateway{len(stack)}", **server)
+        async def factory(text: str | dict[str, Any], *, plugins: Sequence[object] = (),
+                          **server: Any) -> RunningGateway:
+            context = run_gateway(text, tmp_path / f"gateway{len(stack)}", plugins=plugins,
+                                  **server)
             gateway = await context.__aenter__()
             stack.append(context)
             return gateway
@@ -421,7 +422,9 @@ else:
 
     @pytest.fixture
     def lucid_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
-        """Factory: ``lucid_process(toml_text)`` starts ``lucid serve`` in a subprocess."""
+        """Factory: ``lucid_process(toml_text, env=None, wait=True, **server)`` starts
+        ``lucid serve`` in a subprocess (a :class:`GatewayProcess`), ready unless
+        ``wait=False``; stopped (SIGTERM) after the test."""
         started: list[GatewayProcess] = []
 
         def factory(text: str | dict[str, Any], env: dict[str, str] | None = None,

@@ -1,16 +1,37 @@
-"""Raw HTTP/1.1 on loopback for tests of a proxy engine: an upstream that records the
-exact bytes it receives, and a client that sends exactly the bytes it is given.
+"""Raw HTTP/1.1 on loopback, part of the public test kit: an upstream that records
+the exact bytes it receives (:class:`RawUpstream`), and a client that sends exactly
+the bytes it is given (:class:`Client`, :func:`read_response`).
 
-Lucid's HTTP/1.1 conformance module (``tests/conformance/``) is written with these
-against a running ``lucid serve``, so that every proxy engine passes the same tests.
+A plugin that touches framing or headers (a header transform, a body limit) can test
+what really crossed the wire with these, where an HTTP client library would
+normalise it. Lucid's HTTP/1.1 conformance module (``tests/conformance/``) is written
+with them against a running ``lucid serve``, so that every proxy engine passes the
+same tests. ``docs/testing.md`` describes the kit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from lucid.deprecation import moved
+
+__all__ = [
+    "Client",
+    "RawRequest",
+    "RawResponse",
+    "RawUpstream",
+    "Responder",
+    "answer_ok",
+    "closed_within",
+    "read_response",
+]
+
+# Lucid's own test helpers, moved to lucid.testing_internal (one release of aliases)
+__getattr__ = moved(__name__, {"route": "lucid.testing_internal",
+                               "challenge_params": "lucid.testing_internal",
+                               "AUTH_PARAM": "lucid.testing_internal"})
 
 
 @dataclass
@@ -199,37 +220,3 @@ async def _closed(reader: asyncio.StreamReader, wait: float = 0.5) -> bool:
         return False
     except ConnectionError:
         return True
-
-
-def route(upstream_url: str, extra: str = "") -> str:
-    """Config: every path to one service at ``upstream_url``, no retries; then ``extra``."""
-    return f"""
-[gateway.services.svc]
-instances = ["{upstream_url}"]
-
-[[gateway.routes]]
-id = "all"
-prefix = "/"
-service = "svc"
-retries = {{ attempts = 1 }}
-{extra}
-"""
-
-
-AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
-
-
-def challenge_params(value: str) -> dict[str, str]:
-    """An RFC 9110 §11.2 challenge's auth-params, quoted-strings unescaped; fails if the
-    value does not parse, as a client's parser would."""
-    scheme, _, rest = value.partition(" ")
-    assert scheme == "Bearer"
-    params: dict[str, str] = {}
-    position = 0
-    while position < len(rest):
-        match = AUTH_PARAM.match(rest, position)
-        assert match is not None, f"unparseable challenge {value!r} at {position}"
-        name, raw = match.groups()
-        params[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
-        position = match.end()
-    return params

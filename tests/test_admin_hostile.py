@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from lucid.testing import RunningGateway
-from lucid.testing_http import challenge_params
+from lucid.testing_internal import challenge_params
 
 SECRET = "a" * 48  # tests/conftest.py: ADMIN_SECRET
 CONFIG = f"""

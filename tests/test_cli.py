@@ -22,15 +22,12 @@ from aiohttp import web
 from lucid import __version__, hookspecs
 from lucid.testing import (
     GatewayProcess,
-    builtin_plugins,
-    lucid_env,
-    plugin_rows,
-    run_lucid,
     start_upstream,
     wait_until,
     wait_until_answered,
     write_config,
 )
+from lucid.testing_internal import builtin_plugins, lucid_env, plugin_rows, run_lucid
 
 
 def builtin_capabilities() -> dict[str, str]:

@@ -18,7 +18,7 @@ import pytest
 
 from lucid.config import ConfigError
 from lucid.runtime import Runtime, load_plugins_and_config
-from lucid.testing import builtin_plugins, run_lucid
+from lucid.testing_internal import builtin_plugins, run_lucid
 from lucid.units import parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,16 +31,8 @@ import pytest
 from lucid.config import ConfigError
 from lucid.plugins import InstalledPlugin, choose_plugins, installed_plugins
 from lucid.runtime import load_plugins_and_config
-from lucid.testing import (
-    GatewayProcess,
-    builtin_plugins,
-    lucid_env,
-    plugin_rows,
-    run_gateway,
-    run_lucid,
-    wait_until,
-    write_config,
-)
+from lucid.testing import GatewayProcess, run_gateway, wait_until, write_config
+from lucid.testing_internal import builtin_plugins, lucid_env, plugin_rows, run_lucid
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 THIRDPARTY = FIXTURES / "thirdparty"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lucid.testing_http import read_response, route
+from lucid.testing_http import read_response
+from lucid.testing_internal import route
 
 
 async def test_a_plain_request_is_proxied_and_the_connection_kept(serve, raw_upstream):

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from lucid.testing import wait_until
-from lucid.testing_http import RawRequest, read_response, route
+from lucid.testing_http import RawRequest, read_response
+from lucid.testing_internal import route
 
 CHUNKED_BODY = b"5\r\nhello\r\n0\r\n\r\n"
 

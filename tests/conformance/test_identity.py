@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from lucid.testing_http import route
+from lucid.testing_internal import route
 
 # Every header an upstream framework may read the client's address, scheme, port,
 # prefix or URL from, other than X-Forwarded-For/-Proto/-Host (which Lucid sets).

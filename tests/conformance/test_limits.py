@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from lucid.testing_http import Client, read_response, route
+from lucid.testing_http import Client, read_response
+from lucid.testing_internal import route
 
 KIB = 1024
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from lucid.testing_http import closed_within, read_response, route
+from lucid.testing_http import closed_within, read_response
+from lucid.testing_internal import route
 
 # Generous: what is asserted is that an answer comes at all, not how fast.
 ANSWERED_WITHIN = 15

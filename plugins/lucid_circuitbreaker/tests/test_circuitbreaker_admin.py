@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from lucid_circuitbreaker.testing import Switch, plugin_of
 
-from lucid.testing import PluginAdmin, json_request, run_gateway, two_services
+from lucid.testing import PluginAdmin, json_request, run_gateway
+from lucid.testing_internal import two_services
 
 STATIC = """
 [circuitbreaker.circuits.fixed]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lucid.testing_http import challenge_params
+from lucid.testing_internal import challenge_params
 
 SECRET = "s" * 40
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"

@@ -14,7 +14,8 @@ import pytest
 import tomli_w
 from aiohttp import web
 
-from lucid.testing import PluginAdmin, json_request, two_services, wait_until
+from lucid.testing import PluginAdmin, json_request, wait_until
+from lucid.testing_internal import two_services
 
 
 def named(name: str) -> Any:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from lucid.admin import mint_admin_token
 from lucid.model import Event
-from lucid.testing import debian_tool
+from lucid.testing_internal import debian_tool
 
 SECRET = "s" * 48
 

@@ -19,12 +19,12 @@ from aiohttp import web
 
 from lucid.testing import (
     GatewayProcess,
-    lucid_env,
     start_upstream,
     wait_until,
     wait_until_answered,
     write_config,
 )
+from lucid.testing_internal import lucid_env
 
 
 def config(upstream_url: str, monitoring: str) -> str:

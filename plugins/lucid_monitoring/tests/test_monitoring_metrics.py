@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from lucid.model import Event
-from lucid.testing import debian_tool
+from lucid.testing_internal import debian_tool
 
 
 def config(upstream_url: str, extra: str = "") -> str:

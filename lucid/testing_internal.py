@@ -1,0 +1,157 @@
+"""Helpers for Lucid's own tests, not part of the plugin-author kit.
+
+They know Lucid's repository and its built-in plugins (the ``gateway`` plugin's config
+format, the ``lucid plugins`` table, the Debian packages the monitoring tests drive),
+or do things a plugin's test suite should not (``debian_tool`` runs ``apt-get``), so
+they may change without notice. The public kit is :mod:`lucid.testing`
+(``docs/testing.md``); these names answered from there before and still do, with a
+:class:`DeprecationWarning`, for one release.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from lucid.plugins import ENTRY_POINT_GROUP, InstalledPlugin
+
+__all__ = [
+    "AUTH_PARAM",
+    "builtin_plugins",
+    "challenge_params",
+    "debian_tool",
+    "lucid_env",
+    "plugin_rows",
+    "route",
+    "run_lucid",
+    "two_services",
+]
+
+
+def two_services(url: str, extra: str = "") -> str:
+    """Config: services ``svc`` and ``other``, both at ``url``; every path routed to
+    ``svc`` without retries; then ``extra``."""
+    return f"""
+[gateway.services.svc]
+instances = ["{url}"]
+[gateway.services.other]
+instances = ["{url}"]
+
+[[gateway.routes]]
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+{extra}
+"""
+
+
+def route(upstream_url: str, extra: str = "") -> str:
+    """Config: every path to one service at ``upstream_url``, no retries; then ``extra``."""
+    return f"""
+[gateway.services.svc]
+instances = ["{upstream_url}"]
+
+[[gateway.routes]]
+id = "all"
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+{extra}
+"""
+
+
+AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')
+
+
+def challenge_params(value: str) -> dict[str, str]:
+    """An RFC 9110 §11.2 challenge's auth-params, quoted-strings unescaped; fails if the
+    value does not parse, as a client's parser would."""
+    scheme, _, rest = value.partition(" ")
+    assert scheme == "Bearer"
+    params: dict[str, str] = {}
+    position = 0
+    while position < len(rest):
+        match = AUTH_PARAM.match(rest, position)
+        assert match is not None, f"unparseable challenge {value!r} at {position}"
+        name, raw = match.groups()
+        params[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        position = match.end()
+    return params
+
+
+def lucid_env(*installed: Path, **extra: str) -> dict[str, str]:
+    """The environment for a ``lucid`` subprocess: no stray ``LUCID_*`` overrides from
+    the caller's shell, the ``installed`` folders (plugin dist-infos) importable, and
+    ``extra`` variables set."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("LUCID_")}
+    paths = [str(p) for p in installed]
+    if paths:
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra)
+    return env
+
+
+def run_lucid(
+    *args: str, installed: tuple[Path, ...] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``lucid`` command (``python -m lucid ARGS``) and capture what it says."""
+    return subprocess.run(
+        [sys.executable, "-m", "lucid", *args],
+        capture_output=True, text=True, timeout=60, env=lucid_env(*installed, **env),
+    )
+
+
+def builtin_plugins() -> list[InstalledPlugin]:
+    """Lucid's own plugins (the ``lucid`` entry points of ``lucid-gateway``), by name."""
+    return sorted(
+        (InstalledPlugin(ep.name, ep.value, ep.dist.name)
+         for ep in entry_points(group=ENTRY_POINT_GROUP)
+         if ep.dist is not None and ep.dist.name == "lucid-gateway"),
+        key=lambda p: p.name,
+    )
+
+
+def plugin_rows(output: str) -> dict[str, list[str]]:
+    """``lucid plugins`` output as ``name -> [capability, enabled, package, hooks]``.
+
+    Columns are cut where the header's words start, so a plugin implementing no hooks
+    (an empty last column) parses too, as ``""``."""
+    header, *lines = output.splitlines()
+    assert header.split() == ["plugin", "capability", "enabled", "package", "hooks"]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    rows = {}
+    for line in lines:
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        assert all(cells[:4]) and " " not in "".join(cells[:4]), f"misaligned row: {line!r}"
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+_apt_lock = threading.Lock()
+
+
+def debian_tool(binary: str, package: str) -> str:
+    """The path of a tool a test needs from Debian's packages, installing the package
+    first when it is missing and this is a root shell with apt (as on CI and a fresh
+    development machine); otherwise the test fails saying what to install."""
+    found = shutil.which(binary)
+    if found:
+        return found
+    with _apt_lock:
+        if shutil.which(binary) is None and os.geteuid() == 0 and shutil.which("apt-get"):
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True,
+                           timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                            package], env=env, capture_output=True, timeout=900)
+    found = shutil.which(binary)
+    assert found, f"this test needs {binary!r}: apt-get install -y {package}"
+    return found
