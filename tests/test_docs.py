@@ -196,3 +196,25 @@ def check_shell(block: Block) -> None:
         assert helped.returncode == 0, f"{block.where}: no command `lucid {command[0]}`"
         for option in (w.split("=")[0] for w in words if w.startswith("-")):
             assert option in helped.stdout, f"{block.where}: `{line}` has no {option}"
+
+
+def test_an_unmarked_block_that_does_not_run_fails(tmp_path: Path) -> None:
+    """The checks refuse what would not run: a shell line that is not Lucid's, an
+    option a command lacks, a config section nobody defines, a block of no language;
+    a not-run marker needs its reason."""
+    page = tmp_path / "page.md"
+    page.write_text("\n".join([
+        "```sh", "curl http://127.0.0.1:8080/", "```",
+        "```sh", "lucid config export --no-such-option", "```",
+        "```toml", "[nosuchplugin]", "x = 1", "```",
+        "```", "plain text", "```",
+        "<!-- not-run: no -->", "```python", "raise SystemExit(1)", "```",
+        "<!-- not-run: it needs a Redis server -->", "```python", "raise SystemExit(1)", "```",
+    ]) + "\n")
+    curl, option, toml, plain, unexplained, explained = read_blocks(page)
+    for block in (curl, option, toml, unexplained):
+        with pytest.raises(AssertionError):
+            test_block_runs(block, tmp_path / str(block.line))
+    with pytest.raises(pytest.fail.Exception, match="mark it"):
+        test_block_runs(plain, tmp_path)
+    test_block_runs(explained, tmp_path)  # skipped with its reason, nothing raised
