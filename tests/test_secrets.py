@@ -19,7 +19,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 
 from lucid.admin import mint_admin_token
 from lucid.config import REDACTED, RouteOverrides, redact, redact_url, secret_fields
-from lucid.testing import run_lucid, write_config
+from lucid.testing import json_request, run_lucid, write_config
 
 VAULT = Path(__file__).resolve().parent / "fixtures" / "vault"
 ADMIN_SECRET = "s" * 40
@@ -69,9 +69,8 @@ def vault(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def call(gw: Any, method: str, path: str, **kw: Any) -> tuple[int, Any]:
     token = mint_admin_token(ADMIN_SECRET, "admin", 600, "tests")
-    headers = {"Authorization": f"Bearer {token}"}
-    async with gw.session.request(method, gw.admin_url + path, headers=headers, **kw) as r:
-        return r.status, await r.json(content_type=None)
+    return await json_request(gw.session, method, gw.admin_url + path,
+                              headers={"Authorization": f"Bearer {token}"}, **kw)
 
 
 async def test_secret_types_are_hidden_by_the_config_endpoint_and_the_audit(
