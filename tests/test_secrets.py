@@ -95,10 +95,11 @@ async def test_secret_types_are_hidden_by_the_config_endpoint_and_the_audit(
     assert (await call(gw, "POST", "/vault/keys",
                        json={"name": "", "key": WRITTEN_KEY}))[0] == 422
     # a route written through the API, with the plugin's per-route secret
-    status, _ = await call(gw, "POST", "/gateway/route", json={
+    status, written = await call(gw, "POST", "/gateway/route", json={
         "id": "api", "prefix": "/api", "service": "svc",
         "plugins": {"vault": {"key": ROUTE_KEY}}})
     assert status == 201
+    assert written["route"]["plugins"] == {"vault": {"key": REDACTED}}
 
     status, audit = await call(gw, "GET", "/gateway/audit")
     assert status == 200
@@ -107,6 +108,14 @@ async def test_secret_types_are_hidden_by_the_config_endpoint_and_the_audit(
     assert summaries[("/vault/keys", 422)] == {"name": "", "key": REDACTED}
     assert summaries[("/gateway/route", 201)]["plugins"] == {"vault": {"key": REDACTED}}
     assert_no_secret(json.dumps(audit))
+
+    # the router's own endpoints show the routes' settings without the secrets too
+    for path in ("/gateway/routes", "/gateway/route"):
+        status, listed = await call(gw, "GET", path)
+        assert status == 200
+        assert {r["id"]: r["plugins"]["vault"]["key"] for r in listed["routes"]} == (
+            {"vaulted": REDACTED, "api": REDACTED} if path.endswith("s") else {"api": REDACTED})
+        assert_no_secret(json.dumps(listed))
 
     # the API-made route is in the effective config too, its override hidden
     status, body = await call(gw, "GET", "/gateway/config")
