@@ -391,14 +391,16 @@ def validate_config(
     sections: Mapping[str, type[BaseModel]],
     source: str,
     ignored: frozenset[str] = frozenset(),
+    route_models: Mapping[str, type[BaseModel]] | None = None,
 ) -> BaseSettings:
-    """Validate a whole config; raise ConfigError listing every problem."""
+    """Validate a whole config; raise ConfigError listing every problem (secrets
+    hidden, those of ``route_models`` in a route's settings too)."""
     model = build_root_model(sections)
     data = {k: v for k, v in data.items() if k not in ignored}
     try:
         return model(**data)
     except ValidationError as exc:
-        raise ConfigError(source, describe_errors(exc, model, data)) from None
+        raise ConfigError(source, describe_errors(exc, model, data, route_models)) from None
     except SettingsError as exc:
         # pydantic-settings decodes lists and tables from the environment as JSON
         # itself, and its error names neither the variable nor the value.
@@ -454,10 +456,12 @@ def _is_structured(annotation: Any) -> bool:
     return origin in (list, dict, set, frozenset, tuple)
 
 
-def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any) -> list[str]:
-    """One line per problem: dotted key, the value found, what was expected."""
+def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any,
+                    route_models: Mapping[str, type[BaseModel]] | None = None) -> list[str]:
+    """One line per problem: dotted key, the value found (never a secret's), what was
+    expected."""
     problems = []
-    secrets = secret_fields(model)
+    secrets = secret_fields(model, route_models)
     for error in exc.errors(include_url=False):
         loc = [p for p in error["loc"] if p not in _UNION_TAGS]
         key = dotted(loc) or "(top level)"

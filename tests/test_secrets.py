@@ -160,11 +160,18 @@ def test_config_errors_do_not_print_secret_types(vault: None, tmp_path: Path) ->
     (the root model's errors) and in a route's settings (the router's errors)."""
     for bad, problem in ((config().replace(CONFIG_KEY, "shorty7"), "vault.key"),
                          (config().replace(ROUTE_KEY, "tiny-k7"),
-                          "gateway.routes[0].plugins.vault.key")):
+                          "gateway.routes[0].plugins.vault.key"),
+                         # a route refused whole: its table is shown, its key hidden
+                         (config().replace('prefix = "/v"', 'prefix = "/v"\npath = "/w"')
+                          .replace(ROUTE_KEY, "tiny-k7"), "gateway.routes[0]")):
         path = write_config(bad, tmp_path / problem)
         result = run_lucid("check", "--config", str(path), installed=(VAULT,))
         assert result.returncode == 2
-        assert f"{problem} = {REDACTED!r}: Value should have at least 8" in result.stderr
+        assert problem in result.stderr
+        if problem.endswith("key"):
+            assert f"{problem} = {REDACTED!r}: Value should have at least 8" in result.stderr
+        else:
+            assert f"'vault': {{'key': {REDACTED!r}}}" in result.stderr
         assert "shorty7" not in result.stderr and "tiny-k7" not in result.stderr
 
 
