@@ -20,11 +20,12 @@ from quart.asgi import ASGIHTTPConnection
 from quart.utils import encode_headers
 from quart.wrappers.response import DataBody
 from quart_schema import Info, QuartSchema, RequestSchemaValidationError, tag
+from quart_schema.validation import QUART_SCHEMA_REQUEST_ATTRIBUTE
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from lucid import __version__
 from lucid.audit import AuditQuery
-from lucid.config import ConfigError, dotted, redact
+from lucid.config import ConfigError, SecretTree, dotted, redact, secret_fields
 from lucid.definitions import DefinitionError, PreconditionFailed
 from lucid.http import json_body, new_request_id, refused_head
 from lucid.model import Event
@@ -269,12 +270,13 @@ def _admin_identity(secret: str) -> tuple[dict[str, Any] | None, Any]:
     return claims, None
 
 
-def _summary(payload: Any) -> str:
+def _summary(payload: Any, secrets: SecretTree | None = None) -> str:
     import json
 
     if payload is None:
         return ""
-    text = json.dumps(redact(payload), separators=(",", ":"), sort_keys=True, default=str)
+    text = json.dumps(redact(payload, secrets), separators=(",", ":"), sort_keys=True,
+                      default=str)
     return text if len(text) <= 500 else text[:497] + "..."
 
 
@@ -370,14 +372,14 @@ def create_admin_app(rt: Runtime) -> Quart:
     @app.before_request
     async def _authenticate() -> Any:
         g.admin_subject, g.admin_role = "anonymous", ""
-        secret = rt.config.server.admin_secret
-        if secret is None or request.path in OPEN_PATHS:
+        key = rt.config.server.admin_secret
+        if key is None or request.path in OPEN_PATHS:
             return None
         if request.method in READ_METHODS and request.endpoint:
             rule = getattr(app.view_functions.get(request.endpoint), "lucid_public", None)
             if rule is not None and rule(rt):
                 return None
-        claims, refusal = _admin_identity(secret)
+        claims, refusal = _admin_identity(key.get_secret_value())
         if claims is None:
             return refusal
         g.admin_subject = str(claims.get("sub"))
@@ -416,6 +418,17 @@ def create_admin_app(rt: Runtime) -> Quart:
     return app
 
 
+def _payload_secrets(rt: Runtime) -> SecretTree | None:
+    """Where the body the view validates (its quart-schema model) keeps ``SecretStr``
+    fields, a route's per-plugin settings included: the audit hides them by type,
+    whatever their names, in any plugin's endpoint."""
+    view = current_app.view_functions.get(request.endpoint or "")
+    schema = getattr(view, QUART_SCHEMA_REQUEST_ATTRIBUTE, None)
+    if schema is None:
+        return None
+    return secret_fields(schema[0], rt.generation.route_models)
+
+
 async def _audit(rt: Runtime, status: int) -> None:
     """Record a write attempt (every plugin's endpoint, refused ones too) in the core's
     audit log, then tell observers (an ``admin_write`` event). Awaited: the record is
@@ -432,7 +445,7 @@ async def _audit(rt: Runtime, status: int) -> None:
         "method": request.method,
         "path": request.path,
         "status": status,
-        "summary": _summary(payload),
+        "summary": _summary(payload, _payload_secrets(rt)),
         "request_id": _header(request.headers, "x-request-id") or new_request_id(),
     })
     if rt.audit is not None:
@@ -511,12 +524,14 @@ async def reload() -> Any:
 async def config() -> Any:
     """The effective config (file, environment overrides and the definitions added
     through the API that their plugin places in the file), secrets redacted."""
-    from lucid.export import effective_config
+    from lucid.export import config_secrets, effective_config
 
     rt = runtime()
     generation = rt.generation
     data = effective_config(generation.config, rt.kinds, generation.definitions, full=True)
-    return {"generation": generation.number, "source": rt.source, "config": redact(data)}
+    secrets = config_secrets(type(generation.config), rt.kinds, generation.route_models)
+    return {"generation": generation.number, "source": rt.source,
+            "config": redact(data, secrets)}
 
 
 @operations.get("/metrics")

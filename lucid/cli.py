@@ -183,7 +183,7 @@ def token(config: str | None, role: str, ttl: str, subject: str | None) -> None:
                    err=True)
         sys.exit(2)
     who = subject or os.environ.get("USER") or "operator"
-    click.echo(mint_admin_token(server.admin_secret, role, seconds, who))
+    click.echo(mint_admin_token(server.admin_secret.get_secret_value(), role, seconds, who))
 
 
 @main.group("config")
@@ -207,7 +207,7 @@ def config_export(config: str | None, output: str | None, show_secrets: bool) ->
 
     from lucid.config import data_dir, redact
     from lucid.definitions import read_stored
-    from lucid.export import effective_config
+    from lucid.export import config_secrets, effective_config
     from lucid.runtime import load_plugins_and_config
 
     path = _config_path(config)
@@ -218,7 +218,9 @@ def config_export(config: str | None, output: str | None, show_secrets: bool) ->
         sys.exit(2)
     stored = read_stored(data_dir(cfg, path), plugin_set.kinds)
     data = effective_config(cfg, plugin_set.kinds, stored, full=False)
-    text = tomli_w.dumps(data if show_secrets else redact(data))
+    if not show_secrets:
+        data = redact(data, config_secrets(type(cfg), plugin_set.kinds, plugin_set.route_models))
+    text = tomli_w.dumps(data)
     if output:
         try:
             write_private(Path(output), text)

@@ -9,16 +9,29 @@ file, the dotted key, the value found and what was expected.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Secret,
+    SecretBytes,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,14 +42,42 @@ from pydantic_settings import (
 from lucid.passive import PassiveConfig
 from lucid.units import ByteSize, Duration
 
+_SECRET_TYPES = (SecretStr, SecretBytes, Secret)
+
+# Secret text of a least length, refused as a ``str`` field would be ("String should
+# have at least 32 characters"; ``SecretStr`` with ``min_length`` says "items").
+SecretText16 = Secret[Annotated[str, StringConstraints(min_length=16)]]
+SecretText32 = Secret[Annotated[str, StringConstraints(min_length=32)]]
+
 ENV_PREFIX = "LUCID_"
 ENV_DELIMITER = "__"
 
-# Secrets are found by the key that holds them, in any plugin's section: a plugin's
-# ``*_secret``, ``password`` or ``api_key`` is hidden without it registering anything.
+# Secrets are found two ways, and redacted wherever config or a written body is shown
+# (``GET /gateway/config``, ``lucid config export``, the audit log, config errors):
+#
+# * by type: a field of a pydantic model typed ``SecretStr``, ``SecretBytes`` or
+#   ``Secret[...]``, whatever it is called (a third-party plugin's ``key``);
+# * by the key that holds it, in any section: a plugin's ``*_secret``, ``password`` or
+#   ``api_key`` is hidden without it declaring anything (operators rely on this).
+#
+# A password inside a URL (``redis://user:pw@host``) is hidden in any string.
 REDACTED = "***"
 SECRET_WORDS = ("secret", "password", "passwd", "token", "private", "credential",
                 "api_key", "apikey")
+
+EVERY_ITEM = "[*]"  # a secret tree's key for "every item of this list, every value of this table"
+_LEAF: dict[str, Any] = {}  # a secret tree's mark for "this value is a secret"
+SecretTree = dict[str, Any]
+
+
+class RouteOverrides:
+    """Marks a model field holding per-route plugin settings by section (the built-in
+    router's ``plugins``: ``{section: settings}``), typed ``dict[str, Any]`` since the
+    sections are the plugins'. Redaction then reads each section's secrets from the
+    ``route_model`` its plugin registered::
+
+        plugins: Annotated[dict[str, dict[str, Any]], RouteOverrides()]
+    """
 
 
 def is_secret_key(key: object) -> bool:
@@ -44,24 +85,162 @@ def is_secret_key(key: object) -> bool:
     return isinstance(key, str) and any(w in key.lower() for w in SECRET_WORDS)
 
 
-def redact(value: Any) -> Any:
+def is_secret_type(annotation: Any) -> bool:
+    """Whether a field of this type holds a secret: ``SecretStr``, ``SecretBytes``,
+    ``Secret[...]`` (also inside ``Annotated``)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    annotation = get_origin(annotation) or annotation
+    return isinstance(annotation, type) and issubclass(annotation, _SECRET_TYPES)
+
+
+def secret_fields(model: Any, route_models: Mapping[str, type[BaseModel]] | None = None,
+                  ) -> SecretTree | None:
+    """Where ``model`` (a pydantic model class, or any type) keeps secrets, as a tree:
+    ``{"server": {"admin_secret": {}}}``, with ``"[*]"`` for every item of a list or
+    value of a table and ``{}`` at a secret; None when it keeps none. ``route_models``
+    (section -> model) are read into a field marked :class:`RouteOverrides`. Pass the
+    tree to :func:`redact`."""
+    routes = tuple(sorted((route_models or {}).items()))
+    try:
+        return _cached_secret_fields(model, routes)
+    except TypeError:  # an unhashable annotation: not worth a cache
+        return _secret_fields(model, routes, frozenset())
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_secret_fields(model: Any, routes: tuple[tuple[str, Any], ...]) -> SecretTree | None:
+    return _secret_fields(model, routes, frozenset())
+
+
+def _secret_fields(annotation: Any, routes: tuple[tuple[str, Any], ...],
+                   visiting: frozenset[Any]) -> SecretTree | None:
+    """None: no secret inside; ``_LEAF``: a secret; else a tree."""
+    if is_secret_type(annotation):
+        return _LEAF
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        inner, *meta = get_args(annotation)
+        if any(isinstance(m, RouteOverrides) or m is RouteOverrides for m in meta):
+            tree = {section: found for section, model in routes
+                    if (found := _secret_fields(model, routes, visiting)) is not None}
+            return tree or None
+        return _secret_fields(inner, routes, visiting)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation in visiting:  # a recursive model: its secrets are found once
+            return None
+        inside = visiting | {annotation}
+        tree = {name: found for name, field in annotation.model_fields.items()
+                if (found := _secret_fields(_annotated(field), routes, inside)) is not None}
+        return tree or None
+    if origin in (Union, UnionType):
+        merged: SecretTree | None = None
+        for arg in get_args(annotation):
+            merged = merge_secrets(merged, _secret_fields(arg, routes, visiting))
+        return merged
+    if isinstance(origin, type) and issubclass(origin, Iterable) and not issubclass(
+            origin, str | bytes):
+        items: SecretTree | None = None
+        args = get_args(annotation)
+        for arg in (args[1:] if issubclass(origin, Mapping) else args):
+            if arg is not Ellipsis:
+                items = merge_secrets(items, _secret_fields(arg, routes, visiting))
+        return {EVERY_ITEM: items} if items is not None else None
+    return None
+
+
+def _annotated(field: Any) -> Any:
+    """A model field's type with its ``Annotated`` metadata (pydantic keeps it apart)."""
+    if field.metadata:
+        return Annotated[(field.annotation, *field.metadata)]
+    return field.annotation
+
+
+def merge_secrets(a: SecretTree | None, b: SecretTree | None) -> SecretTree | None:
+    """Secrets found in either tree (a value that may be of two models)."""
+    if a is None or b is None:
+        return a if b is None else b
+    if a is _LEAF or b is _LEAF:
+        return _LEAF
+    out = dict(a)
+    for key, sub in b.items():
+        out[key] = merge_secrets(out.get(key), sub)
+    return out
+
+
+def secrets_at(tree: SecretTree | None, loc: Iterable[Any]) -> SecretTree | None:
+    """The part of a secret tree under ``loc`` (keys and list indexes)."""
+    for part in loc:
+        if tree is None or tree is _LEAF:
+            break
+        tree = _child(tree, part)
+    return tree
+
+
+def redact(value: Any, secrets: SecretTree | None = None) -> Any:
     """A JSON-like value with every secret replaced by ``***``: what ``GET
     /gateway/config``, ``lucid config export``, the audit log and config errors show.
 
-    A number or a flag under a secret-looking key is kept: it is a count or a switch
-    (``token_cache_size``), never a key, and hiding it would make an export that no
-    longer loads."""
+    ``secrets`` (from :func:`secret_fields`) says where the value's model keeps
+    ``SecretStr`` fields; keys that look secret are hidden whatever the model, and so
+    is a password inside a URL. A number or a flag under a secret-looking key is kept:
+    it is a count or a switch (``token_cache_size``), never a key, and hiding it would
+    make an export that no longer loads."""
+    if secrets is _LEAF:
+        return value if value is None else REDACTED
     if isinstance(value, dict):
-        return {k: _redact_item(k, v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
+        return {k: _redact_item(k, v, _child(secrets, k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, _child(secrets, None)) for v in value]
+    if isinstance(value, str):
+        return redact_url(value)
     return value
 
 
-def _redact_item(key: Any, value: Any) -> Any:
+def _child(tree: SecretTree | None, key: Any) -> SecretTree | None:
+    if not tree:
+        return None
+    if isinstance(key, str) and key in tree:
+        return tree[key]  # type: ignore[no-any-return]
+    return tree.get(EVERY_ITEM)
+
+
+def _redact_item(key: Any, value: Any, secrets: SecretTree | None = None) -> Any:
+    if secrets is _LEAF:
+        return value if value is None else REDACTED
     if value is None or isinstance(value, bool | int | float) or not is_secret_key(key):
-        return redact(value)
+        return redact(value, secrets)
     return REDACTED
+
+
+# scheme://user:password@host; the password runs to the authority's last "@"
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/\s]*(?=@)")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any URL in it hidden: ``redis://user:***@host``
+    (``redis://:***@host`` without a user name); anything else unchanged."""
+    if "@" not in text or "://" not in text:
+        return text
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, text)
+
+
+def reveal(instance: Any, dumped: Any) -> Any:
+    """``dumped`` (``instance.model_dump(mode="json")``, any ``exclude_*``) with its
+    secrets in clear: pydantic writes a ``SecretStr`` as ``"**********"``, which is
+    neither the value (a backup must restore it) nor ``***`` (what Lucid shows)."""
+    if isinstance(instance, _SECRET_TYPES):
+        secret = instance.get_secret_value()
+        return secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret
+    if isinstance(instance, BaseModel) and isinstance(dumped, dict):
+        return {k: reveal(getattr(instance, k, None), v) if k in type(instance).model_fields
+                else v for k, v in dumped.items()}
+    if isinstance(instance, Mapping) and isinstance(dumped, dict):
+        return {k: reveal(instance.get(k), v) for k, v in dumped.items()}
+    if isinstance(instance, list | tuple) and isinstance(dumped, list) and len(
+            instance) == len(dumped):
+        return [reveal(i, d) for i, d in zip(instance, dumped, strict=True)]
+    return dumped
 
 
 class ConfigError(Exception):
@@ -122,8 +301,8 @@ class ServerConfig(BaseModel):
     )
     via: str = Field("lucid", pattern=r"^[A-Za-z0-9._-]+$",
                      description="pseudonym in the Via header")
-    admin_secret: str | None = Field(
-        None, min_length=32, description="key that signs admin API tokens (lucid init makes one)"
+    admin_secret: SecretText32 | None = Field(
+        None, description="key that signs admin API tokens (lucid init makes one)"
     )
     admission_order: list[str] = Field(
         default_factory=list,
@@ -212,14 +391,16 @@ def validate_config(
     sections: Mapping[str, type[BaseModel]],
     source: str,
     ignored: frozenset[str] = frozenset(),
+    route_models: Mapping[str, type[BaseModel]] | None = None,
 ) -> BaseSettings:
-    """Validate a whole config; raise ConfigError listing every problem."""
+    """Validate a whole config; raise ConfigError listing every problem (secrets
+    hidden, those of ``route_models`` in a route's settings too)."""
     model = build_root_model(sections)
     data = {k: v for k, v in data.items() if k not in ignored}
     try:
         return model(**data)
     except ValidationError as exc:
-        raise ConfigError(source, describe_errors(exc, model, data)) from None
+        raise ConfigError(source, describe_errors(exc, model, data, route_models)) from None
     except SettingsError as exc:
         # pydantic-settings decodes lists and tables from the environment as JSON
         # itself, and its error names neither the variable nor the value.
@@ -239,9 +420,10 @@ def undecodable_env(model: type[BaseModel]) -> list[str]:
             json.loads(value)
         except ValueError:
             # Not JSON, so not redactable key by key: hidden whole if it may hold one.
-            text = REDACTED if is_secret_key(value) else value
+            hidden = is_secret_key(value) or secrets_at(secret_fields(model), loc) is not None
             problems.append(
-                f"{dotted(loc)} = {shown(loc, text)!r}: a list or table set from the "
+                f"{dotted(loc)} = {shown(loc, REDACTED if hidden else value)!r}: a list or "
+                "table set from the "
                 "environment must be "
                 f"JSON, e.g. '[\"a\", \"b\"]' (set by environment variable {name.upper()})"
             )
@@ -274,9 +456,12 @@ def _is_structured(annotation: Any) -> bool:
     return origin in (list, dict, set, frozenset, tuple)
 
 
-def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any) -> list[str]:
-    """One line per problem: dotted key, the value found, what was expected."""
+def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any,
+                    route_models: Mapping[str, type[BaseModel]] | None = None) -> list[str]:
+    """One line per problem: dotted key, the value found (never a secret's), what was
+    expected."""
     problems = []
+    secrets = secret_fields(model, route_models)
     for error in exc.errors(include_url=False):
         loc = [p for p in error["loc"] if p not in _UNION_TAGS]
         key = dotted(loc) or "(top level)"
@@ -289,18 +474,20 @@ def describe_errors(exc: ValidationError, model: type[BaseModel], data: Any) -> 
             problems.append(f"{key}: unknown key{hint}")
         else:
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{key} = {shown(loc, error.get('input'))!r}: {message}")
+            problems.append(
+                f"{key} = {shown(loc, error.get('input'), secrets)!r}: {message}")
         env = env_name(loc)
         if env and env in {k.upper() for k in os.environ}:
             problems[-1] += f" (set by environment variable {env})"
     return problems
 
 
-def shown(loc: list[Any], value: Any) -> Any:
+def shown(loc: list[Any], value: Any, secrets: SecretTree | None = None) -> Any:
     """A value as a config error may print it: an operator's log is no place for a
     secret (a too-short ``admin_secret`` from the environment, an issuer table that
-    fails its own check)."""
-    return _redact_item(loc[-1] if loc else "", value)
+    fails its own check, a plugin's ``SecretStr`` field whatever its name).
+    ``secrets`` is the validated model's :func:`secret_fields`."""
+    return _redact_item(loc[-1] if loc else "", value, secrets_at(secrets, loc))
 
 
 _UNION_TAGS = {"str", "bool", "int", "float", "list[str]", "dict[str,any]"}

@@ -68,7 +68,8 @@ def load_plugins_and_config(
         plugin_set = PluginSet(enabled, disabled, extra)
     except ValueError as exc:
         raise ConfigError(source, [str(exc)]) from None
-    config = validate_config(data, plugin_set.sections, source, ignored=disabled)
+    config = validate_config(data, plugin_set.sections, source, ignored=disabled,
+                             route_models=plugin_set.route_models)
     return plugin_set, config
 
 

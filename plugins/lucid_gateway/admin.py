@@ -12,6 +12,7 @@ from quart import Blueprint
 from quart_schema import tag, validate_request
 
 from lucid.admin import error_response, if_match, runtime
+from lucid.config import redact, secret_fields
 from lucid.http import normalize_path
 from lucid.model import Exchange
 from lucid_gateway import route_id
@@ -83,10 +84,18 @@ async def match(data: MatchRequest) -> Any:
 
 
 def _describe(index: int, route: Any) -> dict[str, Any]:
-    data = route.model_dump(mode="json", exclude_defaults=True)
+    data = _shown(route.model_dump(mode="json", exclude_defaults=True))
     data["id"] = route_id(index, route)
     data["kind"] = route.kind
     return data
+
+
+def _shown(body: dict[str, Any]) -> dict[str, Any]:
+    """A route as the API shows it: the secrets of its per-plugin settings (a plugin's
+    ``SecretStr`` fields, secret-looking keys) hidden, as ``GET /gateway/config``
+    hides them."""
+    shown: dict[str, Any] = redact(body, secret_fields(Route, runtime().generation.route_models))
+    return shown
 
 
 # ---------------------------------------------------------------------------
@@ -115,7 +124,7 @@ async def put_route(data: RouteRequest) -> Any:
     definition = await rt.write("route", data.id, body, exists=not created,
                                 if_match=if_match())
     assert definition is not None
-    return {"route": dict(definition.body), "created": created,
+    return {"route": _shown(dict(definition.body)), "created": created,
             "revision": definition.revision,
             "generation": rt.generation.number}, 201 if created else 200
 
@@ -125,7 +134,7 @@ async def put_route(data: RouteRequest) -> Any:
 async def list_runtime_routes() -> Any:
     """Routes added through the API (the config file's are in ``GET /gateway/routes``)."""
     defined = runtime().generation.defined("route")
-    return {"routes": [{**d.body, "id": d.id, "revision": d.revision}
+    return {"routes": [{**_shown(dict(d.body)), "id": d.id, "revision": d.revision}
                        for d in sorted(defined.values(), key=lambda d: d.id)
                        if d.origin == "dynamic"]}
 

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lucid.config import SecretText32
 from lucid.http import FORWARDING, HOP_BY_HOP
 from lucid.model import Exchange, Rejection
 from lucid.units import Duration
@@ -58,7 +59,7 @@ class IssuerConfig(Strict):
                                  description="'aud' must contain one of these; empty: unchecked")
     algorithms: list[str] = Field(default_factory=lambda: ["RS256"],
                                   description="allow-list of 'alg' values")
-    secret: str | None = Field(None, min_length=32, description="HMAC key for HS* tokens")
+    secret: SecretText32 | None = Field(None, description="HMAC key for HS* tokens")
     public_key_file: str | None = Field(None, description="PEM public key (RSA, EC, Ed25519)")
     jwks_url: str | None = Field(None, pattern=r"^https?://",
                                  description="JWK set fetched over HTTP, cached")
@@ -309,7 +310,7 @@ def build_verifier(config: AuthConfig, base: Path | None, jwks_caches: dict[tupl
     for name, ic in config.issuers.items():
         keys: list[VerifyKey] = []
         if ic.secret is not None:
-            keys.append(secret_key(ic.secret))
+            keys.append(secret_key(ic.secret.get_secret_value()))
         if ic.public_key_file is not None:
             path = Path(ic.public_key_file)
             if not path.is_absolute() and base is not None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lucid.config import first_repeat
+from lucid.config import RouteOverrides, first_repeat
 from lucid.http import normalize_path
 from lucid.units import ByteSize, Duration
 from lucid_gateway.auth import AuthConfig, RouteAuth
@@ -88,7 +88,7 @@ class Route(Strict):
     retries: Retries = Field(default_factory=Retries)
     max_body_size: ByteSize | None = Field(None, description="larger request bodies get 413")
     preserve_host: bool = Field(False, description="send the client's Host header upstream")
-    plugins: dict[str, dict[str, Any]] = Field(
+    plugins: Annotated[dict[str, dict[str, Any]], RouteOverrides()] = Field(
         default_factory=dict, description="per-route overrides of other plugins' settings"
     )
     auth: RouteAuth | None = Field(None, description="require a JWT (see auth.py)")

@@ -196,7 +196,7 @@ class LoadBalancerPlugin:
         unchanged is kept as it is (its ring or table too); a redefined one starts
         from the counters and slow-start clocks of the one it replaces."""
         secret = plan.config.affinity_secret
-        self.key = secret.encode() if secret is not None else self.stored_key
+        self.key = secret.get_secret_value().encode() if secret is not None else self.stored_key
         self.plan = plan
         self.pools, self.by_service = self._pools(plan.entries)
 

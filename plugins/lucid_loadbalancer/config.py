@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lucid.config import SecretText16
 from lucid.model import parse_upstream_url
 from lucid.units import Duration
 from lucid_loadbalancer.algorithms import HASHING, POINTS_PER_WEIGHT, RING_SIZE, is_prime
@@ -200,8 +201,8 @@ class LoadBalancerConfig(BaseModel):
     panic_threshold: float = Field(
         50.0, ge=0, le=100, description="default % healthy below which a pool balances "
                                         "over every instance (Envoy's panic mode); 0 is off")
-    affinity_secret: str | None = Field(
-        None, min_length=16, description="HMAC key of affinity cookies; omitted: a random "
+    affinity_secret: SecretText16 | None = Field(
+        None, description="HMAC key of affinity cookies; omitted: a random "
                                          "key kept in loadbalancer.db")
     pools: dict[str, PoolSpec] = Field(default_factory=dict)
 
