@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lucid.config import ConfigError, describe_errors
+from lucid.config import ConfigError
 from lucid.model import Exchange, Generation, RouteInfo, RoutePolicy
 from lucid.plugins import hookimpl
 from lucid.units import ByteSize, Duration
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["PrefixRoute", "PrefixRouterConfig", "Table"]
 
@@ -114,28 +114,6 @@ class Table:
             probe = probe[: probe.rfind("/")]
 
 
-def overrides_of(route: PrefixRoute, key: str, generation: Generation,
-                 problems: list[str]) -> dict[str, Any]:
-    """The route's per-plugin settings, each validated by the model its plugin
-    registered; settings of a capability switched off in ``[plugins]`` are ignored."""
-    validated: dict[str, Any] = {}
-    for section, values in route.plugins.items():
-        if section in generation.disabled:
-            continue
-        model = generation.route_models.get(section)
-        if model is None:
-            known = ", ".join(sorted(generation.route_models)) or "none"
-            problems.append(f"{key}.plugins.{section}: no enabled plugin takes per-route "
-                            f"settings named {section!r} (known: {known})")
-            continue
-        try:
-            validated[section] = model.model_validate(values)
-        except ValidationError as exc:
-            problems += [f"{key}.plugins.{section}.{p}"
-                         for p in describe_errors(exc, model, values)]
-    return validated
-
-
 @hookimpl
 def lucid_register_config(register: Callable[..., None]) -> None:
     register(SECTION, PrefixRouterConfig)
@@ -147,7 +125,8 @@ def lucid_prepare(generation: Generation) -> None:
     problems: list[str] = []
     entries: dict[str, Entry] = {}
     for index, route in enumerate(config.routes):
-        overrides = overrides_of(route, f"{SECTION}.routes[{index}]", generation, problems)
+        overrides = generation.route_settings(route.plugins, f"{SECTION}.routes[{index}].plugins",
+                                              problems)
         info = RouteInfo(route.id or route.prefix, route.service, route.policy(), overrides)
         entries[route.key] = Entry(route, info, overrides)
     if problems:
