@@ -168,6 +168,37 @@ class RouteInfo:
     origin: Literal["static", "dynamic"] = "static"
 
 
+def route_settings(
+    plugins: Mapping[str, Mapping[str, Any]], key: str,
+    route_models: Mapping[str, type[BaseModel]], disabled: frozenset[str], problems: list[str],
+) -> dict[str, Any]:
+    """One route's per-plugin settings (``plugins = { <section> = {...} }``), each
+    validated by the ``route_model`` its plugin registered: what a router puts in
+    ``exchange.overrides`` and ``RouteInfo.overrides``. Settings of a capability
+    switched off in ``[plugins]`` are ignored, like its config section, so switching a
+    plugin off is one line. Problems are appended to ``problems`` under the dotted
+    ``key`` of the route's ``plugins`` table. Every routing plugin needs this rule."""
+    from pydantic import ValidationError
+
+    from lucid.config import describe_errors
+
+    validated: dict[str, Any] = {}
+    for section, values in plugins.items():
+        if section in disabled:
+            continue
+        model = route_models.get(section)
+        if model is None:
+            known = ", ".join(sorted(route_models)) or "none"
+            problems.append(f"{key}.{section}: no enabled plugin takes per-route settings "
+                            f"named {section!r} (known: {known})")
+            continue
+        try:
+            validated[section] = model.model_validate(values)
+        except ValidationError as exc:
+            problems += [f"{key}.{section}.{p}" for p in describe_errors(exc, model, values)]
+    return validated
+
+
 @dataclass(eq=False)
 class Generation:
     """One validated config and what plugins derived from it.
@@ -191,6 +222,12 @@ class Generation:
     definitions: Snapshot = field(default_factory=Snapshot)  # the dynamic ones, committed
     kinds: Mapping[str, Kind] = field(default_factory=dict)
     _defined: dict[str, dict[str, Definition]] = field(default_factory=dict, repr=False)
+
+    def route_settings(self, plugins: Mapping[str, Mapping[str, Any]], key: str,
+                       problems: list[str]) -> dict[str, Any]:
+        """A route's per-plugin settings, validated for this generation's plugins
+        (:func:`route_settings`)."""
+        return route_settings(plugins, key, self.route_models, self.disabled, problems)
 
     def defined(self, kind: str) -> dict[str, Definition]:
         """Every definition of ``kind`` in this generation, by id: the config file's

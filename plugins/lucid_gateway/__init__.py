@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from lucid.config import ConfigError, describe_errors
+from lucid.config import ConfigError
 from lucid.definitions import legacy_rows
-from lucid.model import Exchange, Instance, Rejection, RetryBudget, RouteInfo, RoutePolicy
+from lucid.model import (
+    Exchange,
+    Instance,
+    Rejection,
+    RetryBudget,
+    RouteInfo,
+    RoutePolicy,
+    route_settings,
+)
 from lucid.plugins import hookimpl
 from lucid_gateway.auth import build_verifier, route_guard
 from lucid_gateway.config import GatewayConfig, Route
@@ -93,20 +99,8 @@ def build_state(
             validated["gateway"] = RouteGuard(limits, cors, auth,
                                               frozenset(route.methods) or None,
                                               ", ".join(route.methods))
-        for section, values in route.plugins.items():
-            if section in disabled:
-                continue
-            key = f"gateway.routes[{index}].plugins.{section}"
-            model = route_models.get(section)
-            if model is None:
-                known = ", ".join(sorted(route_models)) or "none"
-                problems.append(f"{key}: no enabled plugin takes per-route settings "
-                                f"named {section!r} (known: {known})")
-                continue
-            try:
-                validated[section] = model.model_validate(values)
-            except ValidationError as exc:
-                problems += [f"{key}.{p}" for p in describe_errors(exc, model, values)]
+        validated.update(route_settings(route.plugins, f"gateway.routes[{index}].plugins",
+                                        route_models, disabled, problems))
         overrides.append(validated)
         if not registry and route.service not in config.services:
             known = ", ".join(sorted(config.services)) or "none"
