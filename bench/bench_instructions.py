@@ -22,6 +22,7 @@ the loaded run ("raw" keeps it).
 
     python bench/bench_instructions.py                      # floor and Lucid
     python bench/bench_instructions.py --variant monitoring-off=off.toml
+    python bench/bench_instructions.py --keep prof/   # then: callgrind_annotate prof/callgrind.lucid.1
 
 Needs valgrind (Debian's package). Writes ``bench/results/instructions.json``.
 """
@@ -117,6 +118,10 @@ def count(label: str, cmd: list[str], ready: list[str], url: str, tmp: Path,
         loaded, idle = _totals(Path(f"{out}.1")), _totals(Path(f"{out}.2"))
     finally:
         service.stop()
+    if args.keep is not None:  # dump 1 (loaded) and 2 (idle), for callgrind_annotate
+        args.keep.mkdir(parents=True, exist_ok=True)
+        for part in (1, 2):
+            shutil.copy(f"{out}.{part}", args.keep / f"callgrind.{label}.{part}")
     rate = idle / args.idle if args.idle else 0.0
     result = Count(label, args.requests, seconds, loaded, rate)
     print(f"  {label:<22} {result.per_request:12,.0f} instructions/request "
@@ -193,6 +198,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FILE",
                         help="one more Lucid row: the bench config plus FILE (TOML)")
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy each target's callgrind dumps here (callgrind.LABEL.1 the "
+                             "loaded run, .2 the idle seconds)")
     args = parser.parse_args(argv)
     args.variants = []
     for spec in args.variant:

@@ -135,7 +135,8 @@ class Runtime:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # if new: private
         self.backend = await SqliteBackend.open(self.data_dir / "definitions.db")
         try:
-            self.audit = await SqliteAudit.open(self.data_dir)
+            if self.worker_index == 0:  # only worker 0 serves the admin API
+                self.audit = await SqliteAudit.open(self.data_dir)
             snapshot = await self.backend.load()
             if snapshot.revision == 0:
                 snapshot = await self._import_legacy(snapshot)

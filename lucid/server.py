@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -67,13 +68,22 @@ class LucidHypercornConfig(HypercornConfig):
 
 
 class _HeadClock:
-    """Every connection's request-head deadline in one dict, swept by one timer.
+    """Every connection's request-head deadline and keep-alive timeout, on shared timers.
 
     Measured under callgrind: arming a timer task per request (Hypercorn's idle-task
     way: a task and a ``wait_for`` each time) cost about 58k instructions, 4% of a
     proxied request. Here the first byte of a head is a dict insert and the parsed head
     a dict removal; a sweep runs only while some head is pending, every ``TICK``
     seconds (a timeout is late by at most that).
+
+    Keep-alive (``keep_alive_timeout``, Hypercorn's idle task, which it restarts after
+    every response and cancels at every request head: a task, a ``wait_for`` and a
+    cancellation each time) is kept the same way: a connection that falls idle joins
+    the set of those whose timeout ends in the same whole second (one timer per
+    second, the way ``lucid.deadline`` groups upstream deadlines; a timeout is late by
+    less than a second), and leaves it when its next request begins. When the server
+    starts draining, every idle connection is closed at once, as Hypercorn's idle task
+    did.
     """
 
     TICK = 0.1
@@ -81,6 +91,8 @@ class _HeadClock:
     def __init__(self) -> None:
         self.due: dict[HeadTimedTCPServer, float] = {}
         self.sweep: asyncio.TimerHandle | None = None
+        self.resting: dict[int, set[HeadTimedTCPServer]] = {}  # by the second they end
+        self.draining: dict[Any, asyncio.Task[None]] = {}  # Hypercorn's worker contexts
 
     def begin(self, connection: HeadTimedTCPServer, timeout: float) -> None:
         loop = connection.loop
@@ -100,6 +112,36 @@ class _HeadClock:
             connection.head_timed_out()
         if self.due:
             self.sweep = loop.call_later(self.TICK, self._sweep, loop)
+
+    def rest(self, connection: HeadTimedTCPServer, timeout: float) -> set[HeadTimedTCPServer]:
+        """``connection`` is idle from now for at most ``timeout`` seconds; the set
+        returned holds it until then (discard it from there when a request begins)."""
+        loop = connection.loop
+        when = math.ceil(loop.time() + timeout)
+        resting = self.resting.get(when)
+        if resting is None:
+            resting = self.resting[when] = set()
+            loop.call_at(when, self._rested, when)
+        resting.add(connection)
+        context = connection.context
+        if context not in self.draining:
+            self.draining[context] = loop.create_task(self._drain(context))
+        return resting
+
+    def _rested(self, when: int) -> None:
+        for connection in self.resting.pop(when, ()):
+            connection.keep_alive_ended()
+
+    async def _drain(self, context: Any) -> None:
+        """Close the idle connections of a server that stops (its ``terminated``)."""
+        try:
+            await context.terminated.wait()
+            for resting in list(self.resting.values()):
+                for connection in [c for c in resting if c.context is context]:
+                    resting.discard(connection)
+                    connection.keep_alive_ended()
+        finally:
+            del self.draining[context]
 
 
 _head_clocks: dict[asyncio.AbstractEventLoop, _HeadClock] = {}
@@ -125,8 +167,12 @@ class HeadTimedTCPServer(TCPServer):
     and the connection closes (nginx's client_header_timeout). An idle keep-alive
     connection that sends nothing still waits the 75 s.
 
+    The keep-alive timeout is kept on the same shared clock, not in Hypercorn's idle
+    task (see :class:`_HeadClock`).
+
     Relies on TCPServer's internals (``_read_data``, ``protocol``, ``Updated`` events,
-    ``send_lock``), the same in Hypercorn 0.17 and 0.18; pyproject pins that range.
+    ``send_lock``, ``idle_task``, ``_initiate_server_close``), the same in Hypercorn
+    0.17 and 0.18; pyproject pins that range.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -135,6 +181,8 @@ class HeadTimedTCPServer(TCPServer):
         self._reading_head = False
         self._head_timeout: float | None = getattr(self.config, "request_head_timeout", None)
         self._clock = _head_clock(self.loop)
+        self._resting: set[HeadTimedTCPServer] | None = None  # the clock's, while idle
+        self.idle_task = _KeepAlive(self)  # type: ignore[assignment]
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, Updated):  # a head parsed (idle=False), or a response done
@@ -142,10 +190,38 @@ class HeadTimedTCPServer(TCPServer):
             if self._reading_head:
                 self._reading_head = False
                 self._clock.end(self)
-            if event.idle and self._head_timeout and self._pipelined():
-                # The next request's head began before this response ended: time it.
-                self._start_head()
+            if event.idle:
+                if self._head_timeout and self._pipelined():
+                    # The next request's head began before this response ended: time it.
+                    self._start_head()
+                self.rest()
+            else:
+                self.wake()
+            return  # what Hypercorn does with Updated: its idle task, here rest/wake
         await super().protocol_send(event)
+
+    def rest(self) -> None:
+        """Idle from now: the keep-alive timeout runs (closed at once while draining)."""
+        self.wake()
+        if self.context.terminated.is_set():
+            self.keep_alive_ended()
+        else:
+            self._resting = self._clock.rest(self, self.config.keep_alive_timeout)
+
+    def wake(self) -> None:
+        """A request began (or the connection ends): no keep-alive timeout runs."""
+        if self._resting is not None:
+            self._resting.discard(self)
+            self._resting = None
+
+    def keep_alive_ended(self) -> None:
+        """Idle too long, or the server drains: close, in a task of the connection's
+        own task group (as Hypercorn's idle task did)."""
+        self._resting = None
+        self._task_group.spawn(self._close_idle)
+
+    async def _close_idle(self) -> None:
+        await asyncio.shield(self._initiate_server_close())
 
     def _start_head(self) -> None:
         assert self._head_timeout is not None
@@ -194,6 +270,23 @@ class HeadTimedTCPServer(TCPServer):
             except (ConnectionError, RuntimeError):
                 pass
         await asyncio.shield(self._initiate_server_close())
+
+
+class _KeepAlive:
+    """Stands in for the connection's ``idle_task`` (Hypercorn's ``AsyncioSingleTask``),
+    which Hypercorn restarts when a connection opens and stops when it closes: the
+    shared clock keeps the timeout instead of a task."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: HeadTimedTCPServer):
+        self.connection = connection
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        self.connection.rest()
+
+    async def stop(self) -> None:
+        self.connection.wake()
 
 
 def install_head_timeout() -> None:

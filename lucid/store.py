@@ -36,10 +36,11 @@ class Database(aiosqlite.Connection):
     """
 
     _queued_commit: asyncio.Future[Any] | None = None
-    _path: Path | None = None
+    _path: Path | None = None  # set once the file is open: checkpoints may run
     _commits = 0  # since the last checkpoint
-    _checkpoint_due: asyncio.Event | None = None
-    _checkpointer: asyncio.Task[None] | None = None
+    _checkpoint_timer: asyncio.TimerHandle | None = None
+    _checkpointing: asyncio.Future[None] | None = None
+    _checkpoint_conn: sqlite3.Connection | None = None  # used on a worker thread only
     _closing = False
 
     async def commit(self) -> None:
@@ -80,12 +81,17 @@ class Database(aiosqlite.Connection):
         return execute(fn)
 
     async def close(self) -> None:
-        if self._checkpointer is not None:
-            assert self._checkpoint_due is not None
-            self._closing = True
-            self._checkpoint_due.set()
-            await asyncio.gather(self._checkpointer, return_exceptions=True)
-            self._checkpointer = None
+        self._closing = True
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+        if self._checkpointing is not None:
+            # A thread cannot be interrupted: wait for the checkpoint it runs, since
+            # closing its connection under it would crash the process.
+            await asyncio.wait([self._checkpointing])
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
         await super().close()  # the last connection to close checkpoints what is left
 
     # checkpoints -------------------------------------------------------------
@@ -93,64 +99,55 @@ class Database(aiosqlite.Connection):
     # (copy back, then fsync): every few hundred small commits, one writer waited for
     # milliseconds -- most of the admin API's p99. Here the writing connection never
     # checkpoints; a second connection, on a worker thread, does it in the background
-    # (PASSIVE: it never blocks writers) after a burst of commits or a quiet second.
+    # (PASSIVE: it never blocks writers) after a burst of commits or a second after the
+    # first commit since the last checkpoint. Nothing runs while nobody writes: a file
+    # that is only read costs no timer and no task (a loop per file, waking every
+    # second, doubled an idle gateway's instructions per second).
     CHECKPOINT_COMMITS = 200
     CHECKPOINT_INTERVAL = 1.0
 
     def _committed(self) -> None:
         self._commits += 1
-        if self._commits >= self.CHECKPOINT_COMMITS and self._checkpoint_due is not None:
-            self._checkpoint_due.set()
+        if self._path is None or self._checkpointing is not None or self._closing:
+            return  # not open yet, or a checkpoint runs (it looks again when done)
+        if self._commits >= self.CHECKPOINT_COMMITS:
+            self._checkpoint()
+        elif self._checkpoint_timer is None:
+            self._checkpoint_timer = asyncio.get_running_loop().call_later(
+                self.CHECKPOINT_INTERVAL, self._checkpoint)
 
-    def _start_checkpointer(self, path: Path) -> None:
-        self._path = path
-        self._checkpoint_due = asyncio.Event()
-        self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+    def _checkpoint(self) -> None:
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+        if self._closing or not self._commits:
+            return
+        self._commits = 0
+        self._checkpointing = asyncio.ensure_future(asyncio.to_thread(self._checkpoint_now))
+        self._checkpointing.add_done_callback(self._checkpointed)
 
-    async def _checkpoints(self) -> None:
-        assert self._checkpoint_due is not None and self._path is not None
-        conn = await asyncio.to_thread(
-            sqlite3.connect, str(self._path), check_same_thread=False)
-        running: asyncio.Future[Any] | None = None
-        try:
-            while not self._closing:
-                try:
-                    await asyncio.wait_for(self._checkpoint_due.wait(),
-                                           self.CHECKPOINT_INTERVAL)
-                except TimeoutError:
-                    pass
-                self._checkpoint_due.clear()
-                if not self._commits or self._closing:
-                    continue
-                self._commits = 0
-                running = asyncio.ensure_future(
-                    asyncio.to_thread(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)"))
-                try:
-                    # A thread cannot be interrupted: a cancelled task stops waiting,
-                    # the checkpoint runs on (close() asks, then waits for this loop).
-                    await asyncio.shield(running)
-                except Exception:
-                    log.warning("checkpoint of %s failed; retried later", self._path,
-                                exc_info=True)
-        finally:
-            if running is not None and not running.done():
-                # Cancelled while the worker thread still uses the connection: closing
-                # it under that thread crashes the process, so close it after.
-                running.add_done_callback(lambda done: _close_after(done, conn))
-            else:
-                conn.close()
+    def _checkpoint_now(self) -> None:
+        # On a worker thread, one checkpoint at a time.
+        assert self._path is not None
+        if self._checkpoint_conn is None:
+            self._checkpoint_conn = sqlite3.connect(str(self._path), check_same_thread=False)
+        self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
+        self._checkpointing = None
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("checkpoint of %s failed; retried later", self._path,
+                        exc_info=done.exception())
+            self._commits = max(self._commits, 1)
+        if self._commits and not self._closing:  # written to while it ran
+            self._commits -= 1  # counted again by _committed
+            self._committed()
 
     def _commit_now(self) -> None:
         # On the connection's thread: from here on, a new commit() queues its own,
         # because its statements may have been executed after this one started.
         self._queued_commit = None
         self._conn.commit()
-
-
-def _close_after(done: asyncio.Future[Any], conn: sqlite3.Connection) -> None:
-    if not done.cancelled():
-        done.exception()  # retrieved: a failed last checkpoint is not worth a warning
-    conn.close()
 
 
 def connect(path: Path) -> Database:
@@ -201,5 +198,5 @@ async def open_database(path: Path, schema: Sequence[str] = ()) -> Database:
                 raise
             await db.rollback()
             await asyncio.sleep(0.05)
-    db._start_checkpointer(path)
+    db._path = path  # checkpoints from now on
     return db

@@ -156,6 +156,32 @@ async def test_the_wal_is_checkpointed_in_the_background(tmp_path):
         await db.close()
 
 
+async def test_a_database_nobody_writes_to_runs_nothing(tmp_path):
+    """No task or timer per open file while it is only read (each file's checkpoint
+    loop used to wake every second); one write is still checkpointed, then nothing is
+    left running."""
+    import asyncio
+
+    from lucid.testing import wait_until
+
+    path = tmp_path / "quiet.db"
+    before = asyncio.all_tasks()
+    db = await open_database(path, ["CREATE TABLE IF NOT EXISTS t (v TEXT)"])
+    try:
+        assert asyncio.all_tasks() == before
+        size = path.stat().st_size
+        await db.execute("INSERT INTO t VALUES (?)", ("x" * 10_000,))
+        await db.commit()
+        await wait_until(lambda: path.stat().st_size > size + 8_000,
+                         message="the one write to be copied into the database file")
+        await wait_until(lambda: asyncio.all_tasks() == before,
+                         message="the checkpoint to finish")
+        async with db.execute("SELECT count(*) FROM t") as cursor:
+            assert (await cursor.fetchone())[0] == 1
+    finally:
+        await db.close()
+
+
 def mode(path):
     return stat.S_IMODE(path.stat().st_mode)
 
