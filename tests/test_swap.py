@@ -23,7 +23,8 @@ import jwt
 import pytest
 from aiohttp import web
 
-from lucid.testing import lucid_env, run_gateway, wait_until
+from lucid.testing import run_gateway, wait_until
+from lucid.testing_internal import lucid_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
