@@ -15,6 +15,19 @@ from yarl import URL
 from lucid.testing import wait_until
 from lucid.testing_http import read_response
 
+ENGINES = ["fast", "hypercorn"]  # [server] engine: every test here runs on each
+
+
+@pytest.fixture(params=ENGINES)
+def lucid_gateway(request, lucid_gateway):
+    """The kit's gateway factory, on each proxy engine in turn."""
+
+    async def factory(text, *, plugins=(), **server):
+        server.setdefault("engine", request.param)
+        return await lucid_gateway(text, plugins=plugins, **server)
+
+    return factory
+
 
 def route_config(*urls: str, extra_route: str = "", server: str = "", **route: str) -> str:
     """A config with one service ``svc`` and one prefix route to it."""

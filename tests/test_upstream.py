@@ -6,6 +6,7 @@ import asyncio
 import socket
 
 import pytest
+import uvloop
 from yarl import URL
 
 from lucid.testing import wait_until
@@ -279,3 +280,22 @@ async def test_large_bodies_stream_both_ways_with_bounded_buffers(pool, upstream
     response.release()
     assert total == size
     assert pool.idle() == 1
+
+
+def test_the_pool_runs_on_uvloop():
+    """``lucid serve`` runs on uvloop, whose transports are not asyncio's classes."""
+
+    async def main() -> None:
+        upstream = await RawUpstream(answer_ok).start()
+        upstreams = UpstreamPool(limit=2, keepalive=30)
+        try:
+            for _ in range(2):
+                assert (await fetch(upstreams, upstream.url, "POST", iterate([b"a", b"b"])))[
+                    2] == b"ok"
+            assert [r.body for r in upstream.requests] == [b"ab", b"ab"]
+            assert len(upstreams) == 1
+        finally:
+            await upstreams.close()
+            await upstream.close()
+
+    uvloop.run(main())
