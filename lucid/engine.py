@@ -153,10 +153,8 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if not self.reading_head and self.parsing is None:
+        if self._resting is not None:
             self._wake()
-            self.reading_head = True
-            self.clock.begin(self, self.server.head_timeout)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -196,6 +194,10 @@ class HttpConnection(asyncio.Protocol):
     # -- httptools callbacks --
 
     def on_message_begin(self) -> None:
+        # A head begins (also one pipelined behind a request in the same read): it
+        # must be whole within the head timeout.
+        self.reading_head = True
+        self.clock.begin(self, self.server.head_timeout)
         self._url = b""
         self._fields = []
         self._head_size = 0
