@@ -221,6 +221,10 @@ class HttpConnection(asyncio.Protocol):
             self.reading_head = False
             self.clock.end(self)
         parser = self.parser
+        if parser.should_upgrade() and any(
+                n == b"upgrade" and b"websocket" in v.lower() for n, v in self._fields):
+            # as Hypercorn answers the proxy's refusal of a WebSocket handshake
+            self._raise(403, "WebSocket proxying is not supported")
         try:
             parsed = httptools.parse_url(self._url)
         except httptools.HttpParserInvalidURLError:

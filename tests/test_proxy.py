@@ -15,18 +15,11 @@ from yarl import URL
 from lucid.testing import wait_until
 from lucid.testing_http import read_response
 
-ENGINES = ["fast", "hypercorn"]  # [server] engine: every test here runs on each
 
-
-@pytest.fixture(params=ENGINES)
-def lucid_gateway(request, lucid_gateway):
-    """The kit's gateway factory, on each proxy engine in turn."""
-
-    async def factory(text, *, plugins=(), **server):
-        server.setdefault("engine", request.param)
-        return await lucid_gateway(text, plugins=plugins, **server)
-
-    return factory
+@pytest.fixture
+def lucid_gateway(engine_gateway):
+    """Every test here runs on each proxy engine (``engine_gateway`` in conftest)."""
+    return engine_gateway
 
 
 def route_config(*urls: str, extra_route: str = "", server: str = "", **route: str) -> str:
