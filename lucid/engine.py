@@ -225,6 +225,11 @@ class HttpConnection(asyncio.Protocol):
                 n == b"upgrade" and b"websocket" in v.lower() for n, v in self._fields):
             # as Hypercorn answers the proxy's refusal of a WebSocket handshake
             self._raise(403, "WebSocket proxying is not supported")
+        if parser.should_upgrade() and any(
+                n == b"transfer-encoding" or n == b"content-length" and v != b"0"
+                for n, v in self._fields):
+            # llhttp stops at an upgrade's head: a body after it would go unread
+            self._raise(400, "a request asking to upgrade cannot carry a body here")
         try:
             parsed = httptools.parse_url(self._url)
         except httptools.HttpParserInvalidURLError:

@@ -330,13 +330,22 @@ class _Connection(asyncio.Protocol):
 
     pool_read_timeout = 30.0
 
-    async def write_body(self, body: AsyncIterable[bytes], chunked: bool) -> bool:
-        """Send a streamed body; False if the upstream answered (or closed) first."""
+    async def write_body(self, body: AsyncIterable[bytes], chunked: bool,
+                         declared: int | None) -> bool:
+        """Send a streamed body; False if the upstream answered (or closed) first, or
+        the body was shorter than ``declared``. Longer is an error: the extra bytes
+        would be read upstream as another request."""
         transport = self.transport
         assert transport is not None
+        sent = 0
         async for chunk in body:
             if self.closed or not self.head_pending:
                 return False
+            sent += len(chunk)
+            if declared is not None and sent > declared:
+                self.keep_alive = False
+                self._close()
+                raise UpstreamError("request body longer than its Content-Length")
             if chunked:
                 if chunk:
                     transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
@@ -352,7 +361,7 @@ class _Connection(asyncio.Protocol):
                     self._drain = None
         if chunked and not self.closed:
             transport.write(b"0\r\n\r\n")
-        return True
+        return declared is None or sent == declared
 
     async def head(self, read_timeout: float) -> None:
         """Until the response head is in, within ``read_timeout``."""
@@ -420,7 +429,7 @@ class UpstreamPool:
         host = url.raw_host or ""
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, host, port)
-        head, chunked = _request_head(method, url, host, port, headers, body)
+        head, chunked, declared = _request_head(method, url, host, port, headers, body)
         replayable = not isinstance(body, AsyncIterable)
         for attempt in (0, 1):
             connection, reused = await self._acquire(key, connect_timeout)
@@ -439,7 +448,7 @@ class UpstreamPool:
                     transport.write(head)
                     if body is not None:
                         assert isinstance(body, AsyncIterable)
-                        if not await connection.write_body(body, chunked):
+                        if not await connection.write_body(body, chunked, declared):
                             connection.keep_alive = False  # the body was not sent whole
                 await connection.head(read_timeout)
             except UpstreamError:
@@ -579,25 +588,32 @@ class UpstreamPool:
 
 
 def _request_head(method: str, url: URL, host: str, port: int,
-                  headers: list[tuple[str, str]], body: Any) -> tuple[bytes, bool]:
-    """The request line and header block; whether the body goes chunked."""
+                  headers: list[tuple[str, str]], body: Any) -> tuple[bytes, bool, int | None]:
+    """The request line and header block; whether the body goes chunked; the length
+    a streamed body declared. The framing is always the pool's own: a buffered body
+    is sent with its real length, whatever header came with it, so that no body can
+    be shorter or longer than the upstream was told (request smuggling)."""
     lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\n"]
-    has_host = has_length = chunked = False
+    has_host = chunked = False
+    length: int | None = None
+    buffered = isinstance(body, bytes | bytearray)
     for name, value in headers:
         lowered = name.lower()
         if lowered == "host":
             has_host = True
         elif lowered == "content-length":
-            has_length = True
+            if buffered or length is not None or not value.isdigit():
+                continue  # a buffered body's length is its own (below); one length only
+            length = int(value)
         elif lowered == "transfer-encoding":
             continue  # framing is this hop's: set below
         lines.append(f"{name}: {value}\r\n")
+    has_length = length is not None
     if not has_host:
         default = 443 if url.scheme == "https" else 80
         lines.insert(1, f"host: {host}\r\n" if port == default else f"host: {host}:{port}\r\n")
-    if isinstance(body, bytes | bytearray):
-        if not has_length:
-            lines.append(f"content-length: {len(body)}\r\n")
+    if buffered:
+        lines.append(f"content-length: {len(body)}\r\n")
     elif body is None:
         if not has_length and method not in _BODYLESS_METHODS:
             lines.append("content-length: 0\r\n")
@@ -610,7 +626,7 @@ def _request_head(method: str, url: URL, host: str, port: int,
     # sender's choosing (response splitting upstream).
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError("a request header holds a line break")
-    return text.encode("latin-1"), chunked
+    return text.encode("latin-1"), chunked, length
 
 
 async def iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:

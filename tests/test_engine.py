@@ -115,3 +115,23 @@ async def test_a_websocket_handshake_is_refused(engine_gateway, lucid_upstream):
         writer.close()
     assert response.status == 403
     assert upstream.requests == []
+
+
+async def test_an_upgrade_request_with_a_body_is_refused_by_the_fast_engine(
+    lucid_gateway, lucid_upstream
+):
+    """llhttp stops reading at the head of a request asking to upgrade: a body after
+    it would be left unread, and be read as the next request."""
+    upstream = await lucid_upstream()
+    gw = await lucid_gateway(route(upstream.url), engine="fast")
+    reader, writer = await _connect(gw)
+    try:
+        writer.write(b"POST /u HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: h2c\r\nContent-Length: 30\r\n\r\n"
+                     b"GET /smuggled HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        response = await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        writer.close()
+    assert (response.status, response.closed) == (400, True)
+    assert upstream.requests == []

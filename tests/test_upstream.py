@@ -83,6 +83,20 @@ async def test_a_buffered_body_gets_its_length_and_a_streamed_one_goes_chunked(
     assert empty.values("content-length") == ["0"]
 
 
+async def test_the_framing_sent_is_the_pools_own(pool, upstream_factory):
+    """A body is never longer nor shorter than the upstream is told: extra bytes would
+    be read there as another request (request smuggling)."""
+    upstream = await upstream_factory()
+    await fetch(pool, upstream.url, "POST", b"hello", headers=[("content-length", "50")])
+    await fetch(pool, upstream.url, "POST", b"x", headers=[("transfer-encoding", "chunked")])
+    with pytest.raises(UpstreamError):
+        await fetch(pool, upstream.url, "POST", iterate([b"GET /smuggled HTTP/1.1\r\n\r\n"]),
+                    headers=[("content-length", "3")])
+    first, second = upstream.requests  # nothing of the third reached the upstream
+    assert first.values("content-length") == ["5"] and first.body == b"hello"
+    assert second.values("content-length") == ["1"] and not second.has("transfer-encoding")
+
+
 async def test_a_header_value_with_a_line_break_is_never_sent(pool, upstream_factory):
     upstream = await upstream_factory()
     with pytest.raises(ValueError):
