@@ -13,6 +13,11 @@ the ratio isolates what Lucid's own code costs.
                                 [--variant LABEL=FILE ...]
                                 [--header 'Name: value' ...]
 
+The standard rows (``--no-standard-rows`` drops them) add the fast engine's floor
+(bench/floor_fast.py), Lucid on Hypercorn, and Lucid with the full plugin chain on
+the bench route, whose req/s is reported against both floors (goals 2.5x the
+Hypercorn floor, 0.80x the fast one).
+
 Each ``--variant LABEL=FILE`` adds one more Lucid row, started from the same
 generated config plus FILE, measured in the same rounds, and reported as a
 ratio to the plain Lucid row and to the floor ("throughput with feature X is
