@@ -22,8 +22,7 @@ the loaded run ("raw" keeps it).
 
     python bench/bench_instructions.py                      # floor and Lucid
     python bench/bench_instructions.py --variant monitoring-off=off.toml
-    python bench/bench_instructions.py --keep prof/  # then:
-    callgrind_annotate prof/callgrind.lucid.1
+    python bench/bench_instructions.py --keep prof/  # callgrind_annotate prof/callgrind.lucid.1
 
 Needs valgrind (Debian's package). Writes ``bench/results/instructions.json``.
 """

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from lucid.testing import lucid_env, run_lucid, write_config
+from lucid.conformance.support import ConformanceTable
+from lucid.testing import write_config
+from lucid.testing_internal import lucid_env, run_lucid
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
@@ -164,10 +166,15 @@ def run_python(block: Block, args: list[str], cwd: Path) -> None:
 
 
 def check_toml(block: Block, tmp_path: Path) -> None:
-    """A ``pyproject.toml`` fragment parses; anything else is a ``cluster.toml`` the
-    built-in plugins accept."""
+    """A ``pyproject.toml`` fragment parses; a ``conformance.toml`` has a valid
+    ``[conformance]`` table (the plugin it names is not installed here; the rest of
+    the file is checked by ``tests/test_docs_testing.py``); anything else is a
+    ``cluster.toml`` the built-in plugins accept."""
     data = tomllib.loads(block.text)
     if set(data) & PYPROJECT_TABLES:
+        return
+    if "conformance" in data:
+        ConformanceTable.model_validate(data["conformance"])
         return
     config = write_config(data, tmp_path)
     checked = run_lucid("check", "--config", str(config))

@@ -19,7 +19,8 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 
 from lucid.admin import mint_admin_token
 from lucid.config import REDACTED, RouteOverrides, redact, redact_url, secret_fields
-from lucid.testing import json_request, run_lucid, write_config
+from lucid.testing import json_request, write_config
+from lucid.testing_internal import run_lucid
 
 VAULT = Path(__file__).resolve().parent / "fixtures" / "vault"
 ADMIN_SECRET = "s" * 40
