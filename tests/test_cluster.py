@@ -114,3 +114,105 @@ def test_the_backend_url_is_checked_and_its_password_never_shown(tmp_path):
                     LUCID_CLUSTER__BACKEND="redis://lucid:s3cret-pw@127.0.0.1:99999/0")
     assert bad.returncode == 2 and "cluster.backend" in bad.stderr
     assert "s3cret-pw" not in bad.stderr and "LUCID_CLUSTER__BACKEND" in bad.stderr
+
+
+# ---------------------------------------------------------------------------
+# three nodes
+# ---------------------------------------------------------------------------
+
+# (create path, body, read path) on the admin API: one definition of each kind
+KINDS = [
+    ("/gateway/route", {"id": "rt", "prefix": "/rt", "service": "svc",
+                        "retries": {"attempts": 1}}, "/gateway/route"),
+    ("/loadbalancer/pools", {"id": "lb", "service": "svc"}, "/loadbalancer/pools"),
+    ("/circuitbreaker/circuits", {"id": "cb", "service": "svc"},
+     "/circuitbreaker/circuits/cb"),
+    ("/ratelimiter/limits", {"id": "rl", "rate": "1000/s"}, "/ratelimiter/limits/rl"),
+    ("/monitoring/alerts", {"name": "al", "metric": "error_rate", "threshold": 0.5},
+     "/monitoring/alerts"),
+]
+
+
+async def test_three_nodes_share_definitions_membership_and_no_update_is_lost(
+        lucid_redis, lucid_upstream, lucid_process):
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    a, b, c = (lucid_process(node_config(server.url, upstream.url),
+                             env={"LUCID_CLUSTER__NODE_ID": name}, wait=False)
+               for name in ("node-a", "node-b", "node-c"))
+    for node in (a, b, c):
+        node.wait_ready()
+    async with aiohttp.ClientSession() as session:
+        # every definition written on A is served / shown by B and C
+        for path, body, _ in KINDS:
+            status, answer = await json_request(session, "POST", a.admin_url + path,
+                                                json=body)
+            assert status in (200, 201), (path, answer)
+
+        async def everywhere() -> bool:
+            for node in (b, c):
+                for _, body, read in KINDS:
+                    status, answer = await get(session, node.admin_url + read)
+                    name = body.get("id", body.get("name"))
+                    if status != 200 or f'"{name}"' not in json.dumps(answer):
+                        return False
+                async with session.get(node.proxy_url + "/rt/x") as r:
+                    if r.status != 200:
+                        return False
+            return True
+
+        await wait_until(everywhere, timeout=10, message="definitions on B and C")
+
+        # two nodes replace one route with the same If-Match at once: one wins, the
+        # other is told (412) and nothing is silently overwritten
+        status, listed = await get(session, a.admin_url + "/gateway/route")
+        revision = next(r["revision"] for r in listed["routes"] if r["id"] == "rt")
+        results = await asyncio.gather(*(
+            json_request(session, "POST", node.admin_url + "/gateway/route",
+                         json={"id": "rt", "prefix": f"/rt-{n}", "service": "svc"},
+                         headers={"If-Match": str(revision)})
+            for n, node in enumerate((a, b, c))))
+        statuses = sorted(s for s, _ in results)
+        assert statuses == [200, 412, 412], results
+        winner = next(body["route"]["prefix"] for s, body in results if s == 200)
+
+        async def agreed() -> bool:
+            for node in (a, b, c):
+                _, now = await get(session, node.admin_url + "/gateway/route")
+                if [r["prefix"] for r in now["routes"] if r["id"] == "rt"] != [winner]:
+                    return False
+            return True
+
+        await wait_until(agreed, timeout=10, message="every node on the winning write")
+
+        # writes to different definitions from every node at once all land
+        results = await asyncio.gather(*(
+            json_request(session, "POST", node.admin_url + "/ratelimiter/limits",
+                         json={"id": f"per-node-{n}", "rate": "10/s"})
+            for n, node in enumerate((a, b, c))))
+        assert [s for s, _ in results] == [201, 201, 201], results
+
+        # membership: all three alive; C killed with -9 is shown dead, A and B not
+        async def members(alive: dict[str, bool]) -> bool:
+            status, view = await get(session, b.admin_url + "/cluster")
+            assert status == 200 and view["backend"] == "redis" and view["backend_up"]
+            return {n["node_id"]: n["alive"] for n in view["nodes"]} == alive
+
+        await wait_until(lambda: members({"node-a": True, "node-b": True, "node-c": True}),
+                         timeout=10, message="three nodes alive")
+        status, view = await get(session, a.admin_url + "/cluster")
+        entry = next(n for n in view["nodes"] if n["node_id"] == "node-a")
+        assert entry["admin"] == a.admin_url.removeprefix("http://")
+        assert entry["proxy"] == a.proxy_url.removeprefix("http://")
+        assert entry["workers"] == 1 and view["node_id"] == "node-a"
+        c.proc.kill()
+        started = time.monotonic()
+        await wait_until(lambda: members({"node-a": True, "node-b": True, "node-c": False}),
+                         timeout=10, message="node-c shown dead")
+        assert time.monotonic() - started <= 5.0  # 3 renewals of 1 s, and a margin
+        status_output = run_lucid("cluster", "status", "--config", str(a.config_path),
+                                  "--admin", a.admin_url)
+        assert status_output.returncode == 0, status_output.stderr
+        lines = status_output.stdout.splitlines()
+        assert any("node-c" in line and "no" in line.split() for line in lines), lines
+        assert any("node-a" in line and "yes" in line.split() for line in lines), lines
