@@ -462,7 +462,11 @@ async def health() -> Any:
     Open even when admin auth is on, so load balancers and probes can call it."""
     rt = runtime()
     checks = {"plugins_started": rt.started, "store": False}
-    if rt.backend is not None:
+    if rt.cluster.shared:
+        # Redis down is no reason to take this node out of a load balancer: it serves
+        # the definitions it has (GET /cluster says backend_up false)
+        checks["store"] = rt.backend is not None
+    elif rt.backend is not None:
         try:
             await rt.backend.revision()
             checks["store"] = True

@@ -161,6 +161,14 @@ class Cluster:
 
     def unavailable(self, error: BaseException | None = None) -> BackendUnavailable:
         """The 503 for a write the backend could not take: it names the backend."""
+        from redis.exceptions import TimeoutError
+
+        if isinstance(error, TimeoutError):
+            # sent, but no answer: a Redis that was only stopped may still run it
+            return BackendUnavailable(
+                f"the cluster backend {self.url} did not answer within "
+                f"{self.config.timeout * 1000:g} ms; the write may still be applied "
+                "when it resumes: read before retrying", backend=self.url)
         return BackendUnavailable(
             f"the cluster backend {self.url} is unreachable ({describe(error)}); "
             "nothing was written", backend=self.url)

@@ -5,6 +5,7 @@ not there at all. Real ``redis-server`` and ``lucid serve`` processes on loopbac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -12,7 +13,7 @@ import aiohttp
 import pytest
 
 from lucid.cluster import Cluster, RedisBackend, redact_url
-from lucid.config import ClusterConfig, ConfigError
+from lucid.config import ClusterConfig
 from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Write
 from lucid.testing import json_request, run_lucid, wait_until, write_config
 
@@ -216,3 +217,178 @@ async def test_three_nodes_share_definitions_membership_and_no_update_is_lost(
         lines = status_output.stdout.splitlines()
         assert any("node-c" in line and "no" in line.split() for line in lines), lines
         assert any("node-a" in line and "yes" in line.split() for line in lines), lines
+
+
+# ---------------------------------------------------------------------------
+# when Redis fails
+# ---------------------------------------------------------------------------
+
+class Traffic:
+    """Requests through a proxy, one after another, until stopped: how many failed."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str):
+        self.session, self.url = session, url
+        self.ok = 0
+        self.failed: list[object] = []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with self.session.get(self.url) as r:
+                    await r.read()
+                    if r.status == 200:
+                        self.ok += 1
+                    else:
+                        self.failed.append(r.status)
+            except aiohttp.ClientError as exc:
+                self.failed.append(exc)
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def cluster_view(session: aiohttp.ClientSession, node: object) -> dict:
+    status, view = await get(session, node.admin_url + "/cluster")  # type: ignore[attr-defined]
+    assert status == 200
+    return view
+
+
+async def test_a_paused_redis_fails_no_request_and_writes_answer_503(
+        lucid_redis, lucid_upstream, lucid_process):
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    node = lucid_process(node_config(server.url, upstream.url))
+    async with aiohttp.ClientSession() as session:
+        status, _ = await json_request(session, "POST", node.admin_url + "/gateway/route",
+                                       json={"id": "rt", "prefix": "/rt", "service": "svc"})
+        assert status == 201
+        traffic = Traffic(session, node.proxy_url + "/rt/x")
+        await wait_until(lambda: traffic.ok >= 20, message="traffic flowing")
+        server.pause()
+        try:
+            started = time.monotonic()
+            status, refused = await json_request(
+                session, "POST", node.admin_url + "/gateway/route",
+                json={"id": "rt2", "prefix": "/rt2", "service": "svc"})
+            took = time.monotonic() - started
+            assert status == 503, refused
+            assert server.url.rsplit("/", 1)[0] in refused["error"]
+            assert "may still be applied" in refused["error"]
+            assert refused["backend"] == server.url
+            assert took < 2.0  # a 50 ms timeout, not a hang (generous for a busy machine)
+            view = await cluster_view(session, node)
+            assert view["backend_up"] is False and view["nodes"][0]["alive"]
+            status, health = await get(session, node.admin_url + "/gateway/health")
+            assert status == 200, health  # still serving: no reason to leave a balancer
+            before = traffic.ok
+            await wait_until(lambda: traffic.ok >= before + 50, message="traffic while paused")
+        finally:
+            server.resume()
+        await wait_until(lambda: cluster_view(session, node), message="reachable again")
+
+        async def up_again() -> bool:
+            return (await cluster_view(session, node))["backend_up"]
+
+        await wait_until(up_again, timeout=5, message="backend_up again")
+        # the refused write may still have run when Redis resumed (it was sent, not
+        # answered): the 503 said so; either way it is now a write like any other
+        status, _ = await json_request(session, "POST", node.admin_url + "/gateway/route",
+                                       json={"id": "rt2", "prefix": "/rt2", "service": "svc"})
+        assert status in (200, 201)
+        await traffic.stop()
+        assert traffic.failed == [] and traffic.ok > 70
+
+
+async def test_acknowledged_writes_survive_redis_kill_9_with_appendonly(
+        lucid_redis, lucid_upstream, lucid_process):
+    server = lucid_redis(appendonly=True)
+    upstream = await lucid_upstream()
+    node = lucid_process(node_config(server.url, upstream.url))
+    async with aiohttp.ClientSession() as session:
+        traffic = Traffic(session, node.proxy_url + "/static/x")
+        for n in range(20):
+            status, answer = await json_request(
+                session, "POST", node.admin_url + "/gateway/route",
+                json={"id": f"r{n}", "prefix": f"/r{n}", "service": "svc"})
+            assert status == 201, answer
+        server.kill()
+        status, _ = await json_request(session, "POST", node.admin_url + "/gateway/route",
+                                       json={"id": "lost", "prefix": "/lost", "service": "svc"})
+        assert status == 503  # refused, not written locally
+        async with session.get(node.proxy_url + "/r19/x") as r:
+            assert r.status == 200  # still served from memory
+        server.start()
+
+        async def up_again() -> bool:
+            return (await cluster_view(session, node))["backend_up"]
+
+        await wait_until(up_again, timeout=5, message="backend_up again")
+        await traffic.stop()
+        assert traffic.failed == [] and traffic.ok > 0
+    cluster, backend = await backend_on(server.url)
+    try:
+        snapshot = await backend.load()
+    finally:
+        await cluster.close()
+    assert sorted(snapshot.of("route")) == sorted(f"r{n}" for n in range(20))
+    assert snapshot.revision == 20
+
+
+async def test_a_node_starts_from_its_snapshot_while_redis_is_down(
+        lucid_redis, lucid_upstream, lucid_process):
+    from lucid.testing import GatewayProcess
+
+    server = lucid_redis(appendonly=True)
+    upstream = await lucid_upstream()
+    first = lucid_process(node_config(server.url, upstream.url))
+    async with aiohttp.ClientSession() as session:
+        status, _ = await json_request(session, "POST", first.admin_url + "/gateway/route",
+                                       json={"id": "rt", "prefix": "/rt", "service": "svc"})
+        assert status == 201
+        first.stop()
+        server.kill()
+        again = GatewayProcess(first.config_path)
+        try:
+            again.wait_ready()
+            again.wait_for_line("serving the last-known-good snapshot at revision 1")
+            async with session.get(again.proxy_url + "/rt/x") as r:
+                assert r.status == 200
+            view = await cluster_view(session, again)
+            assert view["backend_up"] is False and view["revision"] == 1
+            server.start()
+
+            async def up_again() -> bool:
+                return (await cluster_view(session, again))["backend_up"]
+
+            await wait_until(up_again, timeout=5, message="backend_up after Redis is back")
+            status, _ = await json_request(
+                session, "POST", again.admin_url + "/gateway/route",
+                json={"id": "rt2", "prefix": "/rt2", "service": "svc"})
+            assert status == 201
+        finally:
+            again.stop()
+
+
+def test_without_redis_or_a_snapshot_a_node_does_not_start(tmp_path):
+    from lucid.testing_redis import free_port
+
+    url = f"redis://lucid:s3cret-pw@127.0.0.1:{free_port()}/0"
+    path = write_config("", tmp_path)
+    started = run_lucid("serve", "--config", str(path), LUCID_CLUSTER__BACKEND=url)
+    assert started.returncode == 2, started.stderr
+    assert "no last-known-good snapshot" in started.stderr
+    assert "cluster.backend" in started.stderr and "s3cret-pw" not in started.stderr
+
+
+async def test_with_the_local_backend_cluster_shows_this_node(lucid_gateway):
+    gw = await lucid_gateway("")
+    status, view = await get(gw.session, gw.admin_url + "/cluster")
+    assert status == 200
+    assert view["backend"] == "local" and view["backend_up"] is True
+    assert [n["node_id"] for n in view["nodes"]] == [view["node_id"]]
+    assert view["nodes"][0]["admin"] == gw.admin_url.removeprefix("http://")
+    assert gw.runtime.cluster.redis is None and not gw.runtime.cluster.shared
