@@ -392,3 +392,46 @@ async def test_with_the_local_backend_cluster_shows_this_node(lucid_gateway):
     assert [n["node_id"] for n in view["nodes"]] == [view["node_id"]]
     assert view["nodes"][0]["admin"] == gw.admin_url.removeprefix("http://")
     assert gw.runtime.cluster.redis is None and not gw.runtime.cluster.shared
+
+
+# ---------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------
+
+def test_check_says_what_a_redis_backend_shares_and_what_not_yet(tmp_path):
+    limits = '[[ratelimiter.limits]]\nid = "per-ip"\nrate = "10/s"\n'
+    local = write_config(limits, tmp_path / "local", workers=2)
+    refused = run_lucid("check", "--config", str(local))
+    assert refused.returncode == 2
+    assert "a Redis [cluster] backend" in refused.stderr and "counters are not yet" in \
+        refused.stderr
+    shared = write_config('[cluster]\nbackend = "redis://127.0.0.1:1/0"\n'
+                          '[gateway.services.svc]\ninstances = ["http://127.0.0.1:9"]\n'
+                          '[loadbalancer.pools.p]\nservice = "svc"\n',
+                          tmp_path / "shared", workers=3)
+    accepted = run_lucid("check", "--config", str(shared))
+    assert accepted.returncode == 0, accepted.stderr
+
+
+async def test_a_write_reaches_every_worker_of_a_node(lucid_redis, lucid_upstream,
+                                                     lucid_process):
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    node = lucid_process(node_config(server.url, upstream.url), workers=2)
+    async with aiohttp.ClientSession() as session:
+        status, _ = await json_request(session, "POST", node.admin_url + "/gateway/route",
+                                       json={"id": "rt", "prefix": "/rt", "service": "svc"})
+        assert status == 201
+
+        async def every_worker() -> bool:
+            # a new connection each time: the kernel hands them to either worker
+            answers = []
+            for _ in range(20):
+                async with aiohttp.ClientSession() as fresh, \
+                        fresh.get(node.proxy_url + "/rt/x") as r:
+                    answers.append(r.status)
+            return answers == [200] * 20
+
+        await wait_until(every_worker, timeout=10, message="the route on both workers")
+        view = await cluster_view(session, node)
+        assert view["nodes"][0]["workers"] == 2
