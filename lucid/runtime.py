@@ -344,6 +344,22 @@ class Runtime:
         (412: ``if_match`` is not the definition's revision) or :class:`Invalid` (422:
         a plugin rejected the result); nothing changes then.
         """
+        return (await self._written(kind, id, body, exists, if_match))[0]
+
+    async def put(
+        self, kind: str, id: str, body: Mapping[str, Any], *, if_match: int | None = None,
+    ) -> tuple[Definition, bool]:
+        """Create or replace one dynamic definition, as :meth:`write` does; also whether
+        it was created. That is decided against the definitions the write committed on,
+        not this process's view of them, which may lag behind another node's write."""
+        definition, created = await self._written(kind, id, body, None, if_match)
+        assert definition is not None
+        return definition, created
+
+    async def _written(
+        self, kind: str, id: str, body: Mapping[str, Any] | None,
+        exists: bool | None, if_match: int | None,
+    ) -> tuple[Definition | None, bool]:
         if kind not in self.kinds:
             raise KeyError(f"no plugin registered definitions of kind {kind!r}")
         for _ in range(self.WRITE_ATTEMPTS - 1):
@@ -356,7 +372,7 @@ class Runtime:
     async def _write(
         self, kind: str, id: str, body: Mapping[str, Any] | None,
         exists: bool | None, if_match: int | None,
-    ) -> Definition | None:
+    ) -> tuple[Definition | None, bool]:
         async with self._apply_lock:
             if self.backend is None:
                 raise BackendUnavailable("the definitions store is not open")
@@ -383,7 +399,7 @@ class Runtime:
                     None, preview, lambda: backend.commit(writes, base, expect))
             except ConfigError as exc:
                 raise Invalid(f"{kind} rejected; nothing changed", problems=exc.problems) from None
-            return generation.definitions.get(kind, id)
+            return generation.definitions.get(kind, id), found is None
 
     async def _import_legacy(self, snapshot: Snapshot) -> Snapshot:
         """Definitions an older Lucid kept in each plugin's own store, moved into the

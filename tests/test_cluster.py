@@ -264,6 +264,12 @@ class Traffic:
             await self.task
 
 
+async def route_served(session: aiohttp.ClientSession, node: object, path: str) -> bool:
+    """Whether ``node``'s proxy answers 200 under ``path``."""
+    async with session.get(node.proxy_url + path + "/x") as r:  # type: ignore[attr-defined]
+        return r.status == 200
+
+
 async def cluster_view(session: aiohttp.ClientSession, node: object) -> dict:
     status, view = await get(session, node.admin_url + "/cluster")  # type: ignore[attr-defined]
     assert status == 200
@@ -321,9 +327,12 @@ async def test_a_paused_redis_fails_no_request_and_writes_answer_503(
 
         await wait_backend_up(session, node)
         # the refused write may still have run when Redis resumed (it was sent, not
-        # answered): the 503 said so; either way it is now a write like any other
+        # answered): the 503 said so. Writing it again replaces it (200) or creates it
+        # (201), whether or not this node has yet applied the late write.
         status = await add_route(session, node, "rt2")
         assert status in (200, 201)
+        await wait_until(lambda: route_served(session, node, "/rt2"),
+                         message="rt2 served after Redis resumed")
         await traffic.stop()
         assert traffic.failed == [] and traffic.ok > 70
 
