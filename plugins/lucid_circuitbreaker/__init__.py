@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lucid.cluster import not_shared_yet
 from lucid.config import ConfigError
 from lucid.definitions import legacy_rows
 from lucid.http import hop_by_hop
@@ -133,7 +134,8 @@ class CircuitBreakerPlugin:
         section = getattr(config, "circuitbreaker", None)
         if workers > 1 and section is not None and section.circuits:
             return ("circuit breakers keep their state per process and the admin API reaches "
-                    "only worker 0 (reset, force-open); run one worker with circuits declared")
+                    "only worker 0 (reset, force-open); "
+                    + not_shared_yet(config, "breaker state is"))
         return None
 
     @hookimpl
