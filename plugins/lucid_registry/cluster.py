@@ -48,7 +48,6 @@ from lucid_registry.registry import (
     Conflict,
     NotFound,
     Record,
-    RegisteredInstance,
     Registry,
     Service,
 )
@@ -440,16 +439,8 @@ class ClusterRegistry(Registry):
             if record is None:
                 record = service.records[instance_id] = Record(service, spec, static=False)
             elif spec != record.spec:
-                url_changed = spec.url != record.spec.url
-                record.spec = spec
-                # a new routing object: requests in flight keep the one they picked
-                record.instance = RegisteredInstance(
-                    id=spec.id, url=spec.url, service=name, weight=spec.weight,
-                    zone=spec.zone, metadata=dict(spec.metadata), tags=tuple(spec.tags),
-                    status=record.status, record=record)
-                if url_changed:
-                    record.check_passes = record.check_failures = 0
-                    record.ejected_until = 0.0
+                previous, record.spec = record.spec, spec
+                record.respec(previous)
             record.reported = health.get("health", record.reported)
             record.note = health.get("note", record.note)
             record.changed_at = health.get("changed_at", record.changed_at)
@@ -545,17 +536,7 @@ class ClusterRegistry(Registry):
     async def heartbeats(self, items: list[tuple[str, str, str, str]]) -> list[Record]:
         """Renew in Redis (whose clock decides the TTL) and report each status; a
         change is committed before answering. Static instances renew here."""
-        records: list[Record] = []
-        missing: list[str] = []
-        for name, instance_id, _, _ in items:
-            service = self.services.get(name)
-            record = service.records.get(instance_id) if service is not None else None
-            if record is None:
-                missing.append(f"{name}/{instance_id}")
-            else:
-                records.append(record)
-        if missing:
-            raise NotFound(f"{len(missing)} unknown instance(s)", unknown=missing[:100])
+        records = self._records(items)
         static = [item for item, r in zip(items, records, strict=True) if r.static]
         if static:
             await super().heartbeats(static)

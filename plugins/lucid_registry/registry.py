@@ -136,6 +136,22 @@ class Record:
             "static": self.static, "last_change": self.changed_at,
         }
 
+    def respec(self, previous: InstanceSpec) -> bool:
+        """``spec`` was replaced (``previous`` before): a new routing object, so
+        requests in flight keep the one they picked; a new URL is judged afresh.
+        Whether it was ejected (then its status must be recomputed)."""
+        spec = self.spec
+        self.instance = RegisteredInstance(
+            id=spec.id, url=spec.url, service=self.service.name, weight=spec.weight,
+            zone=spec.zone, metadata=dict(spec.metadata), tags=tuple(spec.tags),
+            status=self.status, record=self)
+        if spec.url == previous.url:
+            return False
+        ejected = bool(self.ejected_until)
+        self.check_passes = self.check_failures = 0
+        self.ejected_until = 0.0  # the core judges the new URL afresh
+        return ejected
+
     def checks(self) -> dict[str, Any]:
         """The parts of the status; in cluster mode ``node`` says whose view the
         active and passive parts are (each node checks for its own traffic)."""
@@ -683,15 +699,7 @@ class Registry:
             except BaseException:
                 record.spec = previous
                 raise
-            # A new routing object: requests in flight keep the one they picked.
-            record.instance = RegisteredInstance(
-                id=spec.id, url=spec.url, service=name, weight=spec.weight, zone=spec.zone,
-                metadata=dict(spec.metadata), tags=tuple(spec.tags), status=record.status,
-                record=record)
-            ejected = spec.url != previous.url and record.ejected_until
-            if spec.url != previous.url:
-                record.check_passes = record.check_failures = 0
-                record.ejected_until = 0.0  # the core judges the new URL afresh
+            ejected = record.respec(previous)
             self._changed(record.service)
             if ejected:
                 self._restatus(record, "passive")
@@ -726,17 +734,7 @@ class Registry:
         is renewed. Status changes are committed in one transaction before answering;
         renewals without a change write nothing.
         """
-        records: list[Record] = []
-        missing: list[str] = []
-        for name, instance_id, _, _ in items:
-            service = self.services.get(name)
-            record = service.records.get(instance_id) if service is not None else None
-            if record is None:
-                missing.append(f"{name}/{instance_id}")
-            else:
-                records.append(record)
-        if missing:
-            raise NotFound(f"{len(missing)} unknown instance(s)", unknown=missing[:100])
+        records = self._records(items)
         changed: list[tuple[Record, str, str]] = []
         for record, (_, _, status, note) in zip(records, items, strict=True):
             self.renew(record)
@@ -762,6 +760,21 @@ class Registry:
                     raise
                 for record, _, _ in live:
                     self._restatus(record, "heartbeat")
+        return records
+
+    def _records(self, items: list[tuple[str, str, str, str]]) -> list[Record]:
+        """The records of a batch of heartbeats; 404 listing every unknown one."""
+        records: list[Record] = []
+        missing: list[str] = []
+        for name, instance_id, _, _ in items:
+            service = self.services.get(name)
+            record = service.records.get(instance_id) if service is not None else None
+            if record is None:
+                missing.append(f"{name}/{instance_id}")
+            else:
+                records.append(record)
+        if missing:
+            raise NotFound(f"{len(missing)} unknown instance(s)", unknown=missing[:100])
         return records
 
     async def maintenance(self, name: str, instance_id: str, enabled: bool,
