@@ -464,7 +464,12 @@ class ClusterRegistry(Registry):
     async def _commit(self, ops: list[Op]) -> int:
         self._writable()
         index = await self.redis.commit(ops)
-        await self.sync(index)
+        try:
+            await self.sync(index)
+        except BackendUnavailable as exc:  # committed: say so, not "nothing was written"
+            raise BackendUnavailable(
+                f"the write was committed (registry index {index}), but this node could "
+                f"not read it back yet: {exc.message}", **exc.extra) from None
         return index
 
     def _health_op(self, service: Service, instance_id: str, status: str, note: str,
