@@ -17,6 +17,7 @@ from lucid.config import ConfigError
 from lucid.model import Exchange, Instance
 from lucid.passive import STATE_KEY as PASSIVE_STATE
 from lucid.plugins import hookimpl
+from lucid_registry.cluster import ClusterRegistry, RedisStore
 from lucid_registry.config import RegistryConfig
 from lucid_registry.registry import Registry
 from lucid_registry.store import SQLiteStore
@@ -54,6 +55,8 @@ class RegistryPlugin:
 
     @hookimpl
     def lucid_check_workers(self, config: Any, workers: int) -> str | None:
+        if config.cluster.backend != "local":
+            return None  # every worker follows the registry in Redis
         if workers > 1 and config.registry.model_fields_set:
             return ("the registry keeps instances and their health in one process; "
                     + not_shared_yet(config, "registrations are"))
@@ -75,6 +78,13 @@ class RegistryPlugin:
     @hookimpl
     async def lucid_startup(self, runtime: Any) -> None:
         config: RegistryConfig = runtime.config.registry
+        if runtime.cluster.shared:
+            shared = ClusterRegistry(runtime, config, RedisStore(runtime.cluster),
+                                     self.candidates)
+            await shared.start(config.services)
+            shared.background(shared.follow(expire=runtime.worker_index == 0))
+            self.registry = shared
+            return
         path = runtime.data_dir / DB_NAME
         registry = Registry(runtime, config, SQLiteStore(path), self.candidates)
         if runtime.config.server.workers > 1:
@@ -87,7 +97,7 @@ class RegistryPlugin:
     async def lucid_shutdown(self, runtime: Any) -> None:
         if self.registry is not None:
             await self.registry.stop()
-            await self.registry.store.close()
+            await self.registry.close_store()
             self.registry = None
 
     @hookimpl
