@@ -266,6 +266,7 @@ retries = {{ attempts = 1 }}
     assert [(await get(gw))[0] for _ in range(20)] == [500] * 20
     assert plugin_of(gw).circuits == {}
     assert (await admin(gw, "GET", "/status")) == (200, {
+        "scope": "node", "shared_state_reachable": None,
         "circuits": [], "transitions": {}, "recent_transitions": []})
 
 
