@@ -46,7 +46,7 @@ def three_nodes(lucid_process: Any, backend: str, upstream: str,
     nodes = [lucid_process(node_config(backend, upstream, wait),
                            env={"LUCID_CLUSTER__NODE_ID": name}, wait=False)
              for name in ("node-a", "node-b", "node-c")]
-    return [node.wait_ready() for node in nodes]
+    return [node.wait_ready(timeout=60) for node in nodes]
 
 
 async def state(session: aiohttp.ClientSession, node: GatewayProcess) -> dict[str, Any]:
