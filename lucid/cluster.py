@@ -87,6 +87,18 @@ def check_backend_url(value: str) -> str:
     return value
 
 
+def not_shared_yet(config: Any, what: str) -> str:
+    """How a ``lucid_check_workers`` refusal ends for state that stays per process
+    whatever the backend: what a Redis ``[cluster]`` backend shares, and that ``what``
+    is not among it yet."""
+    backend = getattr(getattr(config, "cluster", None), "backend", "local")
+    shares = ("the Redis [cluster] backend shares definitions across workers and nodes"
+              if backend != "local" else
+              "a Redis [cluster] backend (backend = \"redis://...\") shares definitions "
+              "across workers and nodes")
+    return f"run with server.workers = 1 ({shares}; {what} not yet)"
+
+
 def default_node_id(proxy: str) -> str:
     """Hostname and proxy port: unique per node unless two share a host and a port."""
     return f"{socket.gethostname()}:{proxy.rpartition(':')[2]}"

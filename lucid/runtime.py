@@ -113,6 +113,8 @@ class Runtime:
         # appended by the proxy, one tuple per request
         self.recent: deque[tuple[float, float, int]] = deque(maxlen=RECENT_EXCHANGES)
         self._apply_lock = asyncio.Lock()
+        self._unsaved: Generation | None = None  # waiting for the snapshot file
+        self._saving: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = {"requests": 0, "errors": 0, "in_flight": 0}
         self.passive = PassiveHealth(self.emit)  # ejections, for every instance
@@ -205,6 +207,8 @@ class Runtime:
     async def stop(self) -> None:
         """Stop plugins (reverse order), then close the pool. Requests have drained."""
         self.started = False
+        if self._unsaved is not None or (self._saving is not None and not self._saving.done()):
+            await self._saved(self.generation)  # the last revision applied, before exit
         for task in list(self._background):
             task.cancel()
         if self.membership is not None:
@@ -247,6 +251,20 @@ class Runtime:
                     "at revision %d from %s, and retrying", self.cluster.url,
                     snapshot.revision, self.data_dir / SNAPSHOT_FILE)
         return snapshot
+
+    def _save_later(self, generation: Generation) -> None:
+        """Save ``generation``'s snapshot off the write's path: one save at a time,
+        the newest revision waiting for it (never an older one written last)."""
+        if not self.cluster.shared or self.worker_index != 0:
+            return
+        self._unsaved = generation
+        if self._saving is None or self._saving.done():
+            self._saving = self.background(self._save_unsaved())
+
+    async def _save_unsaved(self) -> None:
+        while self._unsaved is not None:
+            generation, self._unsaved = self._unsaved, None
+            await self._saved(generation)
 
     async def _saved(self, generation: Generation) -> None:
         """Keep the last-known-good snapshot of a Redis cluster's definitions: what
@@ -310,7 +328,7 @@ class Runtime:
         self.generation = candidate
         await self.hooks.activate(candidate)
         if candidate.definitions.revision != old.definitions.revision:
-            await self._saved(candidate)
+            self._save_later(candidate)
         return candidate
 
     async def write(

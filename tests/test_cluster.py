@@ -18,10 +18,11 @@ from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, 
 from lucid.testing import json_request, run_lucid, wait_until, write_config
 
 
-def node_config(backend: str, upstream: str, extra: str = "") -> str:
+def node_config(backend: str, upstream: str, extra: str = "", timeout: str = "50ms") -> str:
     return f"""
 [cluster]
 backend = "{backend}"
+timeout = "{timeout}"
 
 [gateway.services.svc]
 instances = ["{upstream}"]
@@ -39,6 +40,14 @@ retries = {{ attempts = 1 }}
 
 async def get(session: aiohttp.ClientSession, url: str, **kw: object) -> tuple[int, object]:
     return await json_request(session, "GET", url, **kw)
+
+
+async def add_route(session: aiohttp.ClientSession, node: object, id: str) -> int:
+    """POST /gateway/route on ``node``: ``/<id>`` to ``svc``; the status."""
+    status, _ = await json_request(session, "POST",
+                                   node.admin_url + "/gateway/route",  # type: ignore[attr-defined]
+                                   json={"id": id, "prefix": f"/{id}", "service": "svc"})
+    return status
 
 
 # ---------------------------------------------------------------------------
@@ -257,14 +266,30 @@ async def cluster_view(session: aiohttp.ClientSession, node: object) -> dict:
     return view
 
 
+async def wait_backend_up(session: aiohttp.ClientSession, node: object) -> None:
+    """Until ``node``'s /cluster says Redis answers again (within 5 s: the revision
+    check every 500 ms finds it)."""
+    async def up() -> bool:
+        return bool((await cluster_view(session, node))["backend_up"])
+
+    await wait_until(up, timeout=5, message="backend_up again")
+
+
+async def one_node(lucid_redis, lucid_upstream, lucid_process, appendonly: bool = False):
+    """A private Redis and one ``lucid serve`` node on it, in front of an upstream."""
+    server = lucid_redis(appendonly=appendonly)
+    upstream = await lucid_upstream()
+    # appendfsync always: each write waits for an fsync, which on a busy shared disk
+    # can take longer than the default 50 ms timeout
+    timeout = "1s" if appendonly else "50ms"
+    return server, lucid_process(node_config(server.url, upstream.url, timeout=timeout))
+
+
 async def test_a_paused_redis_fails_no_request_and_writes_answer_503(
         lucid_redis, lucid_upstream, lucid_process):
-    server = lucid_redis()
-    upstream = await lucid_upstream()
-    node = lucid_process(node_config(server.url, upstream.url))
+    server, node = await one_node(lucid_redis, lucid_upstream, lucid_process)
     async with aiohttp.ClientSession() as session:
-        status, _ = await json_request(session, "POST", node.admin_url + "/gateway/route",
-                                       json={"id": "rt", "prefix": "/rt", "service": "svc"})
+        status = await add_route(session, node, "rt")
         assert status == 201
         traffic = Traffic(session, node.proxy_url + "/rt/x")
         await wait_until(lambda: traffic.ok >= 20, message="traffic flowing")
@@ -288,16 +313,11 @@ async def test_a_paused_redis_fails_no_request_and_writes_answer_503(
             await wait_until(lambda: traffic.ok >= before + 50, message="traffic while paused")
         finally:
             server.resume()
-        await wait_until(lambda: cluster_view(session, node), message="reachable again")
 
-        async def up_again() -> bool:
-            return (await cluster_view(session, node))["backend_up"]
-
-        await wait_until(up_again, timeout=5, message="backend_up again")
+        await wait_backend_up(session, node)
         # the refused write may still have run when Redis resumed (it was sent, not
         # answered): the 503 said so; either way it is now a write like any other
-        status, _ = await json_request(session, "POST", node.admin_url + "/gateway/route",
-                                       json={"id": "rt2", "prefix": "/rt2", "service": "svc"})
+        status = await add_route(session, node, "rt2")
         assert status in (200, 201)
         await traffic.stop()
         assert traffic.failed == [] and traffic.ok > 70
@@ -305,28 +325,19 @@ async def test_a_paused_redis_fails_no_request_and_writes_answer_503(
 
 async def test_acknowledged_writes_survive_redis_kill_9_with_appendonly(
         lucid_redis, lucid_upstream, lucid_process):
-    server = lucid_redis(appendonly=True)
-    upstream = await lucid_upstream()
-    node = lucid_process(node_config(server.url, upstream.url))
+    server, node = await one_node(lucid_redis, lucid_upstream, lucid_process, appendonly=True)
     async with aiohttp.ClientSession() as session:
         traffic = Traffic(session, node.proxy_url + "/static/x")
         for n in range(20):
-            status, answer = await json_request(
-                session, "POST", node.admin_url + "/gateway/route",
-                json={"id": f"r{n}", "prefix": f"/r{n}", "service": "svc"})
-            assert status == 201, answer
+            assert await add_route(session, node, f"r{n}") == 201
         server.kill()
-        status, _ = await json_request(session, "POST", node.admin_url + "/gateway/route",
-                                       json={"id": "lost", "prefix": "/lost", "service": "svc"})
+        status = await add_route(session, node, "lost")
         assert status == 503  # refused, not written locally
         async with session.get(node.proxy_url + "/r19/x") as r:
             assert r.status == 200  # still served from memory
         server.start()
 
-        async def up_again() -> bool:
-            return (await cluster_view(session, node))["backend_up"]
-
-        await wait_until(up_again, timeout=5, message="backend_up again")
+        await wait_backend_up(session, node)
         await traffic.stop()
         assert traffic.failed == [] and traffic.ok > 0
     cluster, backend = await backend_on(server.url)
@@ -342,12 +353,9 @@ async def test_a_node_starts_from_its_snapshot_while_redis_is_down(
         lucid_redis, lucid_upstream, lucid_process):
     from lucid.testing import GatewayProcess
 
-    server = lucid_redis(appendonly=True)
-    upstream = await lucid_upstream()
-    first = lucid_process(node_config(server.url, upstream.url))
+    server, first = await one_node(lucid_redis, lucid_upstream, lucid_process, appendonly=True)
     async with aiohttp.ClientSession() as session:
-        status, _ = await json_request(session, "POST", first.admin_url + "/gateway/route",
-                                       json={"id": "rt", "prefix": "/rt", "service": "svc"})
+        status = await add_route(session, first, "rt")
         assert status == 201
         first.stop()
         server.kill()
@@ -361,13 +369,8 @@ async def test_a_node_starts_from_its_snapshot_while_redis_is_down(
             assert view["backend_up"] is False and view["revision"] == 1
             server.start()
 
-            async def up_again() -> bool:
-                return (await cluster_view(session, again))["backend_up"]
-
-            await wait_until(up_again, timeout=5, message="backend_up after Redis is back")
-            status, _ = await json_request(
-                session, "POST", again.admin_url + "/gateway/route",
-                json={"id": "rt2", "prefix": "/rt2", "service": "svc"})
+            await wait_backend_up(session, again)
+            status = await add_route(session, again, "rt2")
             assert status == 201
         finally:
             again.stop()
@@ -392,3 +395,45 @@ async def test_with_the_local_backend_cluster_shows_this_node(lucid_gateway):
     assert [n["node_id"] for n in view["nodes"]] == [view["node_id"]]
     assert view["nodes"][0]["admin"] == gw.admin_url.removeprefix("http://")
     assert gw.runtime.cluster.redis is None and not gw.runtime.cluster.shared
+
+
+# ---------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------
+
+def test_check_says_what_a_redis_backend_shares_and_what_not_yet(tmp_path):
+    limits = '[[ratelimiter.limits]]\nid = "per-ip"\nrate = "10/s"\n'
+    local = write_config(limits, tmp_path / "local", workers=2)
+    refused = run_lucid("check", "--config", str(local))
+    assert refused.returncode == 2
+    assert "a Redis [cluster] backend" in refused.stderr and "counters are not yet" in \
+        refused.stderr
+    shared = write_config('[cluster]\nbackend = "redis://127.0.0.1:1/0"\n'
+                          '[gateway.services.svc]\ninstances = ["http://127.0.0.1:9"]\n'
+                          '[loadbalancer.pools.p]\nservice = "svc"\n',
+                          tmp_path / "shared", workers=3)
+    accepted = run_lucid("check", "--config", str(shared))
+    assert accepted.returncode == 0, accepted.stderr
+
+
+async def test_a_write_reaches_every_worker_of_a_node(lucid_redis, lucid_upstream,
+                                                     lucid_process):
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    node = lucid_process(node_config(server.url, upstream.url), workers=2)
+    async with aiohttp.ClientSession() as session:
+        status = await add_route(session, node, "rt")
+        assert status == 201
+
+        async def every_worker() -> bool:
+            # a new connection each time: the kernel hands them to either worker
+            answers = []
+            for _ in range(20):
+                async with aiohttp.ClientSession() as fresh, \
+                        fresh.get(node.proxy_url + "/rt/x") as r:
+                    answers.append(r.status)
+            return answers == [200] * 20
+
+        await wait_until(every_worker, timeout=10, message="the route on both workers")
+        view = await cluster_view(session, node)
+        assert view["nodes"][0]["workers"] == 2

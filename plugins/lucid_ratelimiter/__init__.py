@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lucid.cluster import not_shared_yet
 from lucid.config import ConfigError, data_dir
 from lucid.definitions import Kind, legacy_rows, read_stored
 from lucid.model import Event, Exchange, Generation, Rejection
@@ -41,8 +42,7 @@ log = logging.getLogger("lucid.ratelimiter")
 
 WORKERS_REASON = (
     "ratelimiter: limits are counted in each worker's memory, so {workers} workers would "
-    "admit {workers}x every limit; run with server.workers = 1 until a shared (Redis) "
-    "store exists"
+    "admit {workers}x every limit; {advice}"
 )
 MAX_REJECTION_KEYS = 100_000  # per limit, for the usage report's "most limited keys"
 IN_FLIGHT = "ratelimiter.in_flight"  # exchange.attributes: the slots an exchange holds
@@ -234,15 +234,16 @@ class RateLimiterPlugin:
         through the admin API (by this or an older Lucid), refuses several workers."""
         if workers <= 1:
             return None
+        advice = not_shared_yet(config, "counters are")
         section = getattr(config, "ratelimiter", None)
         if section is not None and section.limits:
-            return WORKERS_REASON.format(workers=workers)
+            return WORKERS_REASON.format(workers=workers, advice=advice)
         kind = Kind("limit", Limit, legacy=legacy_limits)
         try:
             stored = read_stored(data_dir(config, None), {"limit": kind}).of("limit")
         except sqlite3.Error:
             stored = {}
-        return WORKERS_REASON.format(workers=workers) if stored else None
+        return WORKERS_REASON.format(workers=workers, advice=advice) if stored else None
 
     @hookimpl
     def lucid_prepare(self, generation: Generation) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from lucid.cluster import not_shared_yet
 from lucid.config import ConfigError
 from lucid.model import Exchange, Instance
 from lucid.passive import STATE_KEY as PASSIVE_STATE
@@ -55,7 +56,7 @@ class RegistryPlugin:
     def lucid_check_workers(self, config: Any, workers: int) -> str | None:
         if workers > 1 and config.registry.model_fields_set:
             return ("the registry keeps instances and their health in one process; "
-                    "run it with server.workers = 1")
+                    + not_shared_yet(config, "registrations are"))
         return None
 
     @hookimpl

@@ -1,0 +1,154 @@
+"""Cluster mode: how fast a write on one node is served by the others, and what
+cluster mode costs a proxied request.
+
+    python bench/bench_cluster.py [--writes 200] [--duration 5] [--rounds 3]
+                                  [--json bench/results/cluster.json]
+
+1. **Propagation.** A private ``redis-server`` (lucid.testing_redis) on a free port,
+   three ``lucid serve`` nodes on it and one upstream. Each write adds a route on one
+   node (round robin); the time from sending it to the moment each *other* node's
+   proxy answers 200 on the route is one sample (two per write). Reported: p50, p90,
+   p99, max; goal p99 <= 100 ms. Polled on keep-alive connections, so a sample is
+   late by at most one poll round trip (~1 ms).
+2. **Per-request cost.** ``bench/proxy_bench.py`` with a ``cluster`` variant: the
+   same generated config plus ``[cluster] backend`` on the private Redis, measured
+   in the same rounds as the plain (local backend) Lucid row. Reported: its req/s
+   ratio to the local row; goal >= 0.97 (no Redis call on the data path).
+
+Prints a table and writes JSON. Everything binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from lucid.testing import GatewayProcess, start_upstream, write_config
+from lucid.testing_redis import RedisServer
+
+HERE = Path(__file__).resolve().parent
+GOAL_P99_MS = 100.0
+GOAL_RATIO = 0.97
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def propagation(redis_url: str, writes: int, work: Path) -> list[float]:
+    upstream = await start_upstream()
+    text = f"""
+[cluster]
+backend = "{redis_url}"
+[gateway.services.svc]
+instances = ["{upstream.url}"]
+"""
+    nodes = [GatewayProcess(write_config(text, work / f"node{n}"),
+                            env={"LUCID_CLUSTER__NODE_ID": f"bench-{n}"})
+             for n in range(3)]
+    samples: list[float] = []
+    acknowledged: list[float] = []  # the write's own answer, for reference
+    try:
+        for node in nodes:
+            await asyncio.to_thread(node.wait_ready)
+        async with aiohttp.ClientSession() as session:
+            for n in range(writes):
+                writer = nodes[n % 3]
+                others = [node for node in nodes if node is not writer]
+                path = f"/p{n}"
+                sent = time.perf_counter()
+                async with session.post(writer.admin_url + "/gateway/route", json={
+                        "id": f"p{n}", "prefix": path, "service": "svc",
+                        "retries": {"attempts": 1}}) as r:
+                    if r.status != 201:
+                        raise SystemExit(f"write {n} answered {r.status}: {await r.text()}")
+                acknowledged.append((time.perf_counter() - sent) * 1000)
+
+                async def served(node: GatewayProcess, path: str = path,
+                                 sent: float = sent) -> float:
+                    deadline = sent + 10
+                    while time.perf_counter() < deadline:
+                        async with session.get(node.proxy_url + path + "/x") as r:
+                            await r.read()
+                            if r.status == 200:
+                                return (time.perf_counter() - sent) * 1000
+                        # leave the node's one event loop to the work being measured
+                        await asyncio.sleep(0.002)
+                    raise SystemExit(f"{path} not served by {node.proxy_url} within 10 s")
+
+                samples += await asyncio.gather(*(served(node) for node in others))
+    finally:
+        for node in nodes:
+            node.stop()
+        await upstream.close()
+    print(f"write acknowledged: p50 {percentile(acknowledged, 50):.2f} ms, "
+          f"p99 {percentile(acknowledged, 99):.2f} ms")
+    return samples
+
+
+def throughput(redis_url: str, args: argparse.Namespace, work: Path) -> dict:
+    variant = work / "cluster-variant.toml"
+    variant.write_text(f'[cluster]\nbackend = "{redis_url}"\n')
+    out = work / "proxy.json"
+    cmd = [sys.executable, str(HERE / "proxy_bench.py"), "--duration", str(args.duration),
+           "--rounds", str(args.rounds), "--variant", f"cluster={variant}",
+           "--json", str(out)]
+    subprocess.run(cmd, check=True)
+    report = json.loads(out.read_text())
+    return report["variants"][0]["vs_lucid"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--writes", type=int, default=200)
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per throughput run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--json", default=str(HERE / "results" / "cluster.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lucid-bench-cluster-") as tmp:
+        work = Path(tmp)
+        redis = RedisServer(work / "redis").start()
+        try:
+            samples = asyncio.run(propagation(redis.url, args.writes, work))
+            ratio = None if args.skip_throughput else throughput(redis.url, args, work)
+        finally:
+            redis.stop()
+    result = {
+        "writes": args.writes, "samples": len(samples),
+        "propagation_ms": {"p50": percentile(samples, 50), "p90": percentile(samples, 90),
+                           "p99": percentile(samples, 99), "max": max(samples),
+                           "mean": statistics.fmean(samples)},
+        "goal_p99_ms": GOAL_P99_MS,
+        "cluster_vs_local": ratio, "goal_ratio": GOAL_RATIO,
+    }
+    p = result["propagation_ms"]
+    print(f"{'propagation (write on A -> served by B, C)':<44} {'ms':>8}")
+    for name in ("p50", "p90", "p99", "max"):
+        print(f"  {name:<42} {p[name]:>8.2f}")
+    verdict = "met" if p["p99"] <= GOAL_P99_MS else "NOT met"
+    print(f"  {len(samples)} samples over {args.writes} writes; goal p99 <= "
+          f"{GOAL_P99_MS:g} ms: {verdict}")
+    if ratio is not None and ratio.get("value") is not None:
+        verdict = "met" if ratio["value"] >= GOAL_RATIO else "NOT met"
+        rounds = ", ".join(f"{r:.3f}" for r in ratio.get("per_round", []))
+        print(f"req/s cluster (Redis) / local: {ratio['value']:.3f} (rounds: {rounds}); "
+              f"goal >= {GOAL_RATIO}: {verdict}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
