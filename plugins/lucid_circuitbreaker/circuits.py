@@ -158,6 +158,8 @@ class Circuit:
         breaker = Breaker(self.resolved.settings, self.clock(), self._moved, key=key)
         self.instances[key] = breaker
         self._apply_mode(breaker, "")
+        if self.shared is not None:
+            self.shared.refresh_soon()  # the cluster may have ejected it already
         return breaker
 
     def _moved(self, breaker: Breaker, before: str, after: str, reason: str, now: float) -> None:

@@ -212,6 +212,7 @@ class Shared:
         self.seen = -1  # the revision counter at the last full read
         self.was_up = True
         self.adopting = False  # transitions made while taking shared state: not published
+        self.refresh_pending = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self._breaker_script: Any = None
         self._mode_script: Any = None
@@ -438,8 +439,17 @@ class Shared:
             log.warning("a circuit breaker message could not be read (%s): %.200s", exc, data)
 
     def refresh_soon(self) -> None:
-        self.seen = -1
-        self.spawn(self.refresh())
+        """Read the shared state soon (once, however many ask before it runs)."""
+        if not self.refresh_pending:
+            self.refresh_pending = True
+            self.spawn(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        self.refresh_pending = False
+        try:
+            await self.refresh()
+        except BackendUnavailable:
+            self.was_up = False  # re-join at the next check
 
     async def refresh(self) -> None:
         """Read every shared circuit and the modes, and take what is newer."""

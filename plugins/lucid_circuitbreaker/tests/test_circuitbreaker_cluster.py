@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-from lucid_circuitbreaker.testing import Switch
+import pytest
+from lucid_circuitbreaker.testing import Switch, plugin_of
 
+from lucid.config import ConfigError
 from lucid.testing import GatewayProcess, json_request, wait_until
 
 # How long a change made through one node may take to show on every node (the
@@ -194,3 +197,75 @@ async def test_with_redis_paused_each_node_decides_alone_and_rejoins(
         calls = switch.calls
         assert [await call(session, node) for node in (b, c)] == [503] * 2
         assert switch.calls == calls
+
+
+# ---------------------------------------------------------------------------
+# in this process: two gateways on one Redis
+# ---------------------------------------------------------------------------
+
+def readme_cluster_block() -> str:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Cluster scope", 1)[1]
+    return section.split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+async def test_cluster_scope_needs_a_redis_backend(lucid_gateway: Any) -> None:
+    with pytest.raises(ConfigError) as refused:
+        await lucid_gateway('[circuitbreaker]\nscope = "cluster"\n')
+    assert "circuitbreaker.scope = 'cluster' needs a Redis backend" in str(refused.value.render())
+
+
+async def test_ejection_is_capped_for_the_whole_cluster(
+        lucid_redis: Any, lucid_upstream: Any, lucid_gateway: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", "lucid.circuitbreaker")
+    server = lucid_redis()
+    first, second = Switch(500), Switch(500)
+    ups = [await lucid_upstream(first), await lucid_upstream(second)]
+    text = readme_cluster_block().replace("redis://127.0.0.1:6379/0", server.url) + f"""
+[gateway.services.svc]
+instances = ["{ups[0].url}", "{ups[1].url}"]
+
+[[gateway.routes]]
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+
+[circuitbreaker.circuits.cb]
+service = "svc"
+scope = "instance"
+consecutive_failures = 2
+max_ejection_percent = 50
+wait_duration_in_open_state = "60s"
+"""
+    one, two = await lucid_gateway(text), await lucid_gateway(text)
+    assert plugin_of(one).shared is not None  # the README's block: cluster scope
+
+    async def status(gw: Any) -> dict[str, Any]:
+        async with gw.session.get(gw.admin_url + "/circuitbreaker/circuits/cb") as r:
+            body: dict[str, Any] = (await r.json())["status"]
+            return body
+
+    # two failures on each instance through the first gateway: the first to trip is
+    # ejected for the cluster; the second trips, but the cap (1 of 2) keeps it in
+    for _ in range(4):
+        async with one.session.get(one.proxy_url + "/") as r:
+            assert r.status == 500
+    ejected = (await status(one))["ejected"]
+    assert len(ejected) == 1
+    # the second trip reached Redis, which refused to eject it (the cap, cluster-wide)
+    await wait_until(lambda: "max_ejection_percent reached" in caplog.text, timeout=5,
+                     message="the cluster refusing the second ejection")
+
+    async def ejected_on_two() -> bool:
+        async with two.session.get(two.proxy_url + "/") as r:  # learns the instances
+            await r.read()
+        return bool((await status(two))["ejected"] == ejected)
+
+    await wait_until(ejected_on_two, timeout=5, message="the ejection on the second gateway")
+    # the second gateway trips the other instance too: still one ejected for the cluster
+    for _ in range(3):
+        async with two.session.get(two.proxy_url + "/") as r:
+            assert r.status == 500
+    assert (await status(two))["ejected"] == ejected
+    assert (await status(one))["ejected"] == ejected
