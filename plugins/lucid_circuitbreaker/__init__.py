@@ -197,7 +197,8 @@ class CircuitBreakerPlugin:
         self.lock = asyncio.Lock()
         self.store_path = runtime.data_dir / "circuitbreaker.db"
         if cluster_scope(runtime.config):
-            self.shared = Shared(runtime.cluster, lambda: self.circuits, lambda: self.clock())
+            self.shared = Shared(runtime.cluster, lambda: self.circuits, lambda: self.modes,
+                                 lambda: self.clock())
             try:
                 self.modes = await self.shared.load_modes()
             except BackendUnavailable:

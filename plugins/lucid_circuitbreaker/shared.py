@@ -200,9 +200,10 @@ class Shared:
     """The cluster side of every circuit of one process (``runtime.cluster``)."""
 
     def __init__(self, cluster: Cluster, circuits: Callable[[], dict[str, Circuit]],
-                 clock: Callable[[], float]):
+                 modes: Callable[[], dict[str, str]], clock: Callable[[], float]):
         self.cluster = cluster
         self.circuits = circuits
+        self.modes = modes  # the plugin's operator modes, by circuit id
         self.clock = clock
         self.revision_key = cluster.key("circuitbreaker", "revision")
         self.modes_key = cluster.key("circuitbreaker", "modes")
@@ -413,6 +414,11 @@ class Shared:
         if rev <= self.mode_revs.get(circuit.id, 0):
             return
         self.mode_revs[circuit.id] = rev
+        modes = self.modes()
+        if mode == "normal":
+            modes.pop(circuit.id, None)
+        else:
+            modes[circuit.id] = mode
         self.adopting = True
         try:
             if mode == "normal":

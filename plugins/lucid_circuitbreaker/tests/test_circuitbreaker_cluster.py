@@ -269,3 +269,9 @@ wait_duration_in_open_state = "60s"
             assert r.status == 500
     assert (await status(two))["ejected"] == ejected
     assert (await status(one))["ejected"] == ejected
+    # an operator mode set through one gateway is the other's too (kept for a redefinition)
+    async with one.session.post(one.admin_url + "/circuitbreaker/circuits/cb/force-open") as r:
+        assert r.status == 200
+    await wait_until(lambda: plugin_of(two).modes == {"cb": "forced_open"}, timeout=5,
+                     message="the mode on the second gateway")
+    assert (await status(two))["state"] == "forced_open"
