@@ -108,22 +108,11 @@ async def breaker_propagation(redis_url: str, trips: int, work: Path) -> list[fl
     async def failing(request: web.Request) -> web.Response:
         return web.Response(status=500)
 
+    from lucid_circuitbreaker.testing import guarded
+
     upstream = await start_upstream(failing)
-    text = f"""
-[cluster]
-backend = "{redis_url}"
-key_prefix = "breaker-bench:"
-[gateway.services.svc]
-instances = ["{upstream.url}"]
-[[gateway.routes]]
-prefix = "/"
-service = "svc"
-retries = {{ attempts = 1 }}
-[circuitbreaker.circuits.cb]
-service = "svc"
-consecutive_failures = 1
-wait_duration_in_open_state = "10m"
-"""
+    text = guarded([upstream.url], 'consecutive_failures = 1\nwait_duration_in_open_state = "10m"',
+                   head=f'[cluster]\nbackend = "{redis_url}"\nkey_prefix = "breaker-bench:"\n')
     nodes = [GatewayProcess(write_config(text, work / f"breaker-node{n}"),
                             env={"LUCID_CLUSTER__NODE_ID": f"breaker-bench-{n}"})
              for n in range(3)]

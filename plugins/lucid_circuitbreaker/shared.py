@@ -231,7 +231,7 @@ class Shared:
     # lifecycle ---------------------------------------------------------------
     def start(self, interval: float) -> None:
         self._unsubscribe = self.cluster.subscribe(self.channel, self._message)
-        self.cluster.on_reconnect(self.refresh_soon)
+        self.cluster.on_reconnect(self._reconnected)
         self._loop = asyncio.get_running_loop().create_task(self._check_loop(interval))
 
     async def stop(self) -> None:
@@ -444,6 +444,18 @@ class Shared:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("a circuit breaker message could not be read (%s): %.200s", exc, data)
 
+    def _reconnected(self) -> None:
+        """The subscription was lost (Redis may have been unreachable): re-join now
+        rather than at the next check."""
+        self.was_up = True
+        self.spawn(self._rejoin_quietly())
+
+    async def _rejoin_quietly(self) -> None:
+        try:
+            await self.rejoin()
+        except BackendUnavailable:
+            self.was_up = False
+
     def refresh_soon(self) -> None:
         """Read the shared state soon (once, however many ask before it runs)."""
         if not self.refresh_pending:
@@ -470,6 +482,10 @@ class Shared:
                     pipe.hgetall(self.hash_key(cid))
                 return await pipe.execute()
 
+        if self._breaker_script is None and self.cluster.redis is not None:
+            # loaded before the first trip needs it: a trip then costs one round trip
+            self._breaker_script = self.cluster.redis.register_script(BREAKER_SCRIPT)
+            await self.cluster.call(lambda redis: redis.script_load(BREAKER_SCRIPT))
         (seconds, micros), revision, modes, *hashes = await self.cluster.call(read)
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         for (cid, circuit), entries in zip(circuits.items(), hashes, strict=True):
