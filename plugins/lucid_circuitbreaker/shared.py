@@ -343,9 +343,19 @@ class Shared:
 
     async def _claim(self, circuit: Circuit, breaker: Breaker, link: Link, want: int) -> None:
         try:
-            _, _, granted = await self._run(circuit, breaker.key, "claim", want)
+            entry, _, granted = await self._run(circuit, breaker.key, "claim", want)
             if granted > 0:
                 link.tokens += granted
+            elif int(entry["rev"]) == 0 and breaker.state in (OPEN, HALF_OPEN):
+                # Redis has no state for a breaker open here, whose wait is over:
+                # it lost its data (restarted without persistence). Close, so calls
+                # probe again; a failing upstream trips it again, for everyone.
+                self.adopting = True
+                try:
+                    breaker.follow(CLOSED, self.clock(), "the shared state was lost", 0,
+                                   0.0, 0.0, (0, 0, 0, 0))
+                finally:
+                    self.adopting = False
         except BackendUnavailable:
             pass
         finally:
@@ -527,6 +537,11 @@ class Shared:
             return
         revision = int(await self.cluster.call(
             lambda redis: redis.get(self.revision_key)) or 0)
+        if revision < self.seen:  # Redis lost its data: revisions start again
+            for link in self.links.values():
+                link.rev = 0
+            self.mode_revs.clear()
+            self.seen = -1
         if not self.was_up:
             self.was_up = True
             await self.rejoin()

@@ -269,3 +269,32 @@ async def test_ejection_is_capped_for_the_whole_cluster(
     await wait_until(lambda: plugin_of(two).modes == {"cb": "forced_open"}, timeout=5,
                      message="the mode on the second gateway")
     assert (await status(two))["state"] == "forced_open"
+
+
+async def test_a_redis_restarted_empty_leaves_no_circuit_stuck_open(
+        lucid_redis: Any, lucid_upstream: Any, lucid_gateway: Any) -> None:
+    server = lucid_redis()
+    switch = Switch(500)
+    upstream = await lucid_upstream(switch)
+    gw = await lucid_gateway(node_config(server.url, upstream.url, check="200ms"))
+    plugin = plugin_of(gw)
+    await wait_until(lambda: plugin.shared.live, message="the shared state reachable")
+
+    async def get() -> int:
+        async with gw.session.get(gw.proxy_url + "/x") as r:
+            return r.status
+
+    assert [await get() for _ in range(3)] == [500] * 3
+    await wait_until(lambda: plugin.shared.links[("cb", "")].rev > 0,
+                     message="the trip in Redis")
+    server.restart()  # no persistence: every breaker entry and revision is gone
+    switch.status = 200
+    # after the open wait (1 s) this gateway asks Redis for a probe, finds nothing, and
+    # closes the circuit rather than waiting for a half-open Redis will never start
+    await wait_until(lambda: get_ok(get), timeout=10, interval=0.05,
+                     message="the circuit closed again")
+    assert plugin.circuits["cb"].breaker.state == "closed"
+
+
+async def get_ok(get: Any) -> bool:
+    return bool(await get() == 200)
