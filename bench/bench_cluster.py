@@ -1,7 +1,7 @@
 """Cluster mode: how fast a write on one node is served by the others, and what
 cluster mode costs a proxied request.
 
-    python bench/bench_cluster.py [--writes 200] [--duration 5] [--rounds 3]
+    python bench/bench_cluster.py [--writes 200] [--trips 100] [--duration 5] [--rounds 3]
                                   [--json bench/results/cluster.json]
 
 1. **Propagation.** A private ``redis-server`` (lucid.testing_redis) on a free port,
@@ -10,7 +10,15 @@ cluster mode costs a proxied request.
    proxy answers 200 on the route is one sample (two per write). Reported: p50, p90,
    p99, max; goal p99 <= 100 ms. Polled on keep-alive connections, so a sample is
    late by at most one poll round trip (~1 ms).
-2. **Per-request cost.** ``bench/proxy_bench.py`` with a ``cluster`` variant: the
+2. **Breaker-open propagation.** The same three nodes with a circuit in cluster
+   scope (``consecutive_failures = 1``) on an upstream answering 500. Each trip is one
+   request through one node (round robin); the time from its trip to the moment
+   each *other* node's breaker opened is one sample (two per trip), by the nodes'
+   own clocks (each node's admin status says when its breaker moved, ``since``; one
+   host, one wall clock), so the admin API's own latency is not counted; then a
+   reset through the next node, waited for on every node. Reported: p50, p99, max;
+   goal p99 <= 100 ms. ``--trips 0`` skips it.
+3. **Per-request cost.** ``bench/proxy_bench.py`` with a ``cluster`` variant: the
    same generated config plus ``[cluster] backend`` on the private Redis, measured
    in the same rounds as the plain (local backend) Lucid row. Reported: its req/s
    ratio to the local row; goal >= 0.97 (no Redis call on the data path).
@@ -118,6 +126,58 @@ instances = ["{upstream.url}"]
     return samples
 
 
+async def breaker_propagation(redis_url: str, trips: int, work: Path) -> list[float]:
+    from aiohttp import web
+
+    async def failing(request: web.Request) -> web.Response:
+        return web.Response(status=500)
+
+    from lucid_circuitbreaker.testing import guarded
+
+    upstream = await start_upstream(failing)
+    text = guarded([upstream.url], 'consecutive_failures = 1\nwait_duration_in_open_state = "10m"',
+                   head=f'[cluster]\nbackend = "{redis_url}"\nkey_prefix = "breaker-bench:"\n')
+    nodes = [GatewayProcess(write_config(text, work / f"breaker-node{n}"),
+                            env={"LUCID_CLUSTER__NODE_ID": f"breaker-bench-{n}"})
+             for n in range(3)]
+    samples: list[float] = []
+    try:
+        for node in nodes:
+            await asyncio.to_thread(node.wait_ready, 60)
+        async with aiohttp.ClientSession() as session:
+
+            async def shown(node: GatewayProcess, wanted: str) -> float:
+                """When ``node``'s breaker moved to ``wanted`` (its wall clock)."""
+                deadline = time.perf_counter() + 10
+                while time.perf_counter() < deadline:
+                    async with session.get(node.admin_url + "/circuitbreaker/circuits/cb") as r:
+                        status = (await r.json())["status"]
+                        if status["state"] == wanted:
+                            return float(status["since"])
+                    await asyncio.sleep(0.005)
+                raise SystemExit(f"circuit not {wanted} on {node.admin_url} within 10 s")
+
+            for n in range(trips):
+                tripper = nodes[n % 3]
+                async with session.get(tripper.proxy_url + "/x") as r:
+                    await r.read()
+                    if r.status != 500:
+                        raise SystemExit(f"trip {n}: {r.status}, expected the upstream's 500")
+                tripped, *opened = await asyncio.gather(*(
+                    shown(node, "open") for node in [tripper] + [
+                        node for node in nodes if node is not tripper]))
+                samples += [max(0.0, at - tripped) * 1000 for at in opened]
+                async with session.post(nodes[(n + 1) % 3].admin_url +
+                                        "/circuitbreaker/circuits/cb/reset") as r:
+                    await r.read()
+                await asyncio.gather(*(shown(node, "closed") for node in nodes))
+    finally:
+        for node in nodes:
+            node.stop()
+        await upstream.close()
+    return samples
+
+
 def throughput(redis_url: str, args: argparse.Namespace, work: Path) -> dict:
     variant = work / "cluster-variant.toml"
     variant.write_text(f'[cluster]\nbackend = "{redis_url}"\n')
@@ -133,6 +193,8 @@ def throughput(redis_url: str, args: argparse.Namespace, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--writes", type=int, default=200)
+    parser.add_argument("--trips", type=int, default=100,
+                        help="breaker trips to time (0: skip)")
     parser.add_argument("--duration", type=float, default=5.0,
                         help="seconds per throughput run")
     parser.add_argument("--rounds", type=int, default=3)
@@ -146,6 +208,8 @@ def main() -> None:
             samples = asyncio.run(propagation(redis.url, args.writes, work / "definitions"))
             registry = asyncio.run(propagation(redis.url, args.writes, work / "registry",
                                                registry_write, registry_routes(args.writes)))
+            breaker = (asyncio.run(breaker_propagation(redis.url, args.trips, work / "breaker"))
+                       if args.trips else [])
             ratio = None if args.skip_throughput else throughput(redis.url, args, work)
         finally:
             redis.stop()
@@ -158,6 +222,10 @@ def main() -> None:
                         "p99": percentile(registry, 99), "max": max(registry),
                         "mean": statistics.fmean(registry)},
         "goal_p99_ms": GOAL_P99_MS,
+        "breaker_trips": args.trips,
+        "breaker_open_propagation_ms": {
+            "p50": percentile(breaker, 50), "p99": percentile(breaker, 99),
+            "max": max(breaker)} if breaker else None,
         "cluster_vs_local": ratio, "goal_ratio": GOAL_RATIO,
     }
     p = result["propagation_ms"]
@@ -174,6 +242,12 @@ def main() -> None:
     verdict = "met" if r["p99"] <= GOAL_P99_MS else "NOT met"
     print(f"  {len(registry)} samples over {args.writes} registrations; goal p99 <= "
           f"{GOAL_P99_MS:g} ms: {verdict}")
+    b = result["breaker_open_propagation_ms"]
+    if b is not None:
+        verdict = "met" if b["p99"] <= GOAL_P99_MS else "NOT met"
+        print(f"breaker open (trip on one node -> open on the other two): p50 "
+              f"{b['p50']:.2f} ms, p99 {b['p99']:.2f} ms, max {b['max']:.2f} ms "
+              f"({len(breaker)} samples); goal p99 <= {GOAL_P99_MS:g} ms: {verdict}")
     if ratio is not None and ratio.get("value") is not None:
         verdict = "met" if ratio["value"] >= GOAL_RATIO else "NOT met"
         rounds = ", ".join(f"{r:.3f}" for r in ratio.get("per_round", []))
