@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from lucid.config import ClusterConfig
+    from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.cluster")
 
@@ -509,7 +510,7 @@ class Membership:
         return out
 
 
-def node_entry(runtime: Any) -> dict[str, Any]:
+def node_entry(runtime: Runtime) -> dict[str, Any]:
     """What a node says of itself in the membership list and ``GET /cluster``."""
     return {
         "node_id": runtime.cluster.node_id,
@@ -520,7 +521,7 @@ def node_entry(runtime: Any) -> dict[str, Any]:
     }
 
 
-async def status(runtime: Any) -> dict[str, Any]:
+async def status(runtime: Runtime) -> dict[str, Any]:
     """``GET /cluster``: this node's view of the cluster."""
     cluster: Cluster = runtime.cluster
     me = {**node_entry(runtime), "last_seen": time.time(), "alive": True}

@@ -10,7 +10,7 @@ until the admin API first writes, and every service lookup misses.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lucid.cluster import not_shared_yet
 from lucid.config import ConfigError
@@ -21,6 +21,10 @@ from lucid_registry.cluster import ClusterRegistry, RedisStore
 from lucid_registry.config import RegistryConfig
 from lucid_registry.registry import Registry
 from lucid_registry.store import SQLiteStore
+
+if TYPE_CHECKING:
+    from lucid.model import Generation
+    from lucid.runtime import Runtime
 
 LUCID_CAPABILITY = "registry"
 DB_NAME = "registry.db"
@@ -63,7 +67,7 @@ class RegistryPlugin:
         return None
 
     @hookimpl
-    def lucid_prepare(self, generation: Any) -> None:
+    def lucid_prepare(self, generation: Generation) -> None:
         config = generation.config
         generation.state["registry"] = config.registry
         if "passive" in config.registry.model_fields_set:
@@ -76,7 +80,7 @@ class RegistryPlugin:
             generation.state[PASSIVE_STATE] = config.registry.passive
 
     @hookimpl
-    async def lucid_startup(self, runtime: Any) -> None:
+    async def lucid_startup(self, runtime: Runtime) -> None:
         config: RegistryConfig = runtime.config.registry
         if runtime.cluster.shared:
             shared = ClusterRegistry(runtime, config, RedisStore(runtime.cluster),
@@ -94,7 +98,7 @@ class RegistryPlugin:
         self.registry = registry
 
     @hookimpl
-    async def lucid_shutdown(self, runtime: Any) -> None:
+    async def lucid_shutdown(self, runtime: Runtime) -> None:
         if self.registry is not None:
             await self.registry.stop()
             await self.registry.close_store()
@@ -123,12 +127,14 @@ class RegistryPlugin:
     # data path -----------------------------------------------------------------
     @hookimpl
     def lucid_resolve_instances(
-        self, exchange: Exchange, generation: Any
+        self, exchange: Exchange, generation: Generation
     ) -> Sequence[Instance] | None:
         return self.candidates.get(exchange.service)
 
     @hookimpl
-    def lucid_list_instances(self, service: str, generation: Any) -> Sequence[Instance] | None:
+    def lucid_list_instances(
+        self, service: str, generation: Generation
+    ) -> Sequence[Instance] | None:
         registry = self.registry
         known = registry.services.get(service) if registry is not None else None
         if known is None:

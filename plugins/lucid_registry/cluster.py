@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from lucid.cluster import Cluster
+    from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.registry")
 
@@ -300,7 +301,7 @@ class ClusterRegistry(Registry):
     :class:`Registry`, committed to Redis first, and applied here (as on every other
     process) from Redis's log of changes."""
 
-    def __init__(self, runtime: Any, config: RegistryConfig, store: RedisStore,
+    def __init__(self, runtime: Runtime, config: RegistryConfig, store: RedisStore,
                  candidates: dict[str, list[Any]], seed: int | None = None):
         super().__init__(runtime, config, store, candidates, seed)  # type: ignore[arg-type]
         self.redis = store

@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -39,6 +39,9 @@ from lucid_registry.config import (
     StaticService,
 )
 from lucid_registry.store import RegistryStore
+
+if TYPE_CHECKING:
+    from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.registry")
 
@@ -212,7 +215,7 @@ class Service:
 class Registry:
     """All services of one gateway, their health machinery and their persistence."""
 
-    def __init__(self, runtime: Any, config: RegistryConfig, store: RegistryStore,
+    def __init__(self, runtime: Runtime, config: RegistryConfig, store: RegistryStore,
                  candidates: dict[str, list[Instance]], seed: int | None = None):
         self.runtime = runtime
         self.config = config
