@@ -228,20 +228,17 @@ def main() -> None:
             "max": max(breaker)} if breaker else None,
         "cluster_vs_local": ratio, "goal_ratio": GOAL_RATIO,
     }
-    p = result["propagation_ms"]
-    print(f"{'propagation (write on A -> served by B, C)':<44} {'ms':>8}")
-    for name in ("p50", "p90", "p99", "max"):
-        print(f"  {name:<42} {p[name]:>8.2f}")
-    verdict = "met" if p["p99"] <= GOAL_P99_MS else "NOT met"
-    print(f"  {len(samples)} samples over {args.writes} writes; goal p99 <= "
-          f"{GOAL_P99_MS:g} ms: {verdict}")
-    r = result["registry_ms"]
-    print(f"{'registry (register on A -> resolved by B, C)':<44} {'ms':>8}")
-    for name in ("p50", "p90", "p99", "max"):
-        print(f"  {name:<42} {r[name]:>8.2f}")
-    verdict = "met" if r["p99"] <= GOAL_P99_MS else "NOT met"
-    print(f"  {len(registry)} samples over {args.writes} registrations; goal p99 <= "
-          f"{GOAL_P99_MS:g} ms: {verdict}")
+    for key, title, count, unit in (
+            ("propagation_ms", "propagation (write on A -> served by B, C)", samples, "writes"),
+            ("registry_ms", "registry (register on A -> resolved by B, C)", registry,
+             "registrations")):
+        p = result[key]
+        print(f"{title:<44} {'ms':>8}")
+        for name in ("p50", "p90", "p99", "max"):
+            print(f"  {name:<42} {p[name]:>8.2f}")
+        verdict = "met" if p["p99"] <= GOAL_P99_MS else "NOT met"
+        print(f"  {len(count)} samples over {args.writes} {unit}; goal p99 <= "
+              f"{GOAL_P99_MS:g} ms: {verdict}")
     b = result["breaker_open_propagation_ms"]
     if b is not None:
         verdict = "met" if b["p99"] <= GOAL_P99_MS else "NOT met"
