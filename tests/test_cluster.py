@@ -17,6 +17,10 @@ from lucid.config import ClusterConfig
 from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Write
 from lucid.testing import json_request, run_lucid, wait_until, write_config
 
+# Three nodes starting at once on a machine shared with other test runs can take
+# longer than the kit's 20 s to import and listen.
+STARTUP = 60.0
+
 
 def node_config(backend: str, upstream: str, extra: str = "", timeout: str = "50ms") -> str:
     return f"""
@@ -151,7 +155,7 @@ async def test_three_nodes_share_definitions_membership_and_no_update_is_lost(
                              env={"LUCID_CLUSTER__NODE_ID": name}, wait=False)
                for name in ("node-a", "node-b", "node-c"))
     for node in (a, b, c):
-        node.wait_ready()
+        node.wait_ready(STARTUP)
     async with aiohttp.ClientSession() as session:
         # every definition written on A is served / shown by B and C
         for path, body, _ in KINDS:
@@ -282,7 +286,8 @@ async def one_node(lucid_redis, lucid_upstream, lucid_process, appendonly: bool 
     # appendfsync always: each write waits for an fsync, which on a busy shared disk
     # can take longer than the default 50 ms timeout
     timeout = "1s" if appendonly else "50ms"
-    return server, lucid_process(node_config(server.url, upstream.url, timeout=timeout))
+    node = lucid_process(node_config(server.url, upstream.url, timeout=timeout), wait=False)
+    return server, node.wait_ready(STARTUP)
 
 
 async def test_a_paused_redis_fails_no_request_and_writes_answer_503(
@@ -361,7 +366,7 @@ async def test_a_node_starts_from_its_snapshot_while_redis_is_down(
         server.kill()
         again = GatewayProcess(first.config_path)
         try:
-            again.wait_ready()
+            again.wait_ready(STARTUP)
             again.wait_for_line("serving the last-known-good snapshot at revision 1")
             async with session.get(again.proxy_url + "/rt/x") as r:
                 assert r.status == 200
@@ -420,7 +425,8 @@ async def test_a_write_reaches_every_worker_of_a_node(lucid_redis, lucid_upstrea
                                                      lucid_process):
     server = lucid_redis()
     upstream = await lucid_upstream()
-    node = lucid_process(node_config(server.url, upstream.url), workers=2)
+    node = lucid_process(node_config(server.url, upstream.url), workers=2, wait=False)
+    node.wait_ready(STARTUP)
     async with aiohttp.ClientSession() as session:
         status = await add_route(session, node, "rt")
         assert status == 201
