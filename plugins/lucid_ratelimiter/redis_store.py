@@ -27,6 +27,8 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import os
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -275,7 +277,10 @@ class SharedLimits:
         self._script: Any = None
         self._queue: list[tuple[str, list[Any], list[str], asyncio.Future[Any] | None]] = []
         self._sending = False
+        self._sender: asyncio.Task[None] | None = None
         self._leases = itertools.count(1)
+        # unique per process: forked workers share a node id (and may share addresses)
+        self._holder = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.held: dict[str, str] = {}  # lease id -> key, for renewal
         self.closed = True  # the breaker: False while Redis is considered down
         self.opened_at: float | None = None
@@ -284,7 +289,7 @@ class SharedLimits:
         self.failures = 0  # breaker openings
 
     def lease_id(self, cost: int) -> str:
-        return f"{self.cluster.node_id}:{id(self)}:{next(self._leases)}:{cost}"
+        return f"{self.cluster.node_id}:{self._holder}:{next(self._leases)}:{cost}"
 
     # calls ---------------------------------------------------------------------
     async def run(self, ops: Sequence[tuple[str, list[Any], list[str]]]) -> list[Any]:
@@ -334,7 +339,8 @@ class SharedLimits:
         self._queue.append((op, args, keys, future))
         if not self._sending:
             self._sending = True
-            asyncio.get_running_loop().create_task(self._send())
+            # kept: the loop holds tasks weakly
+            self._sender = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
         try:
