@@ -582,7 +582,8 @@ class RateLimiterPlugin:
                 if not shared.closed:
                     await shared.probe()
                 now = time.monotonic()
-                if shared.closed and now - last_members >= cluster.config.heartbeat:
+                # the live processes matter only once Redis fails: read them seldom
+                if shared.closed and now - last_members >= max(2.0, cluster.config.heartbeat):
                     last_members = now
                     try:
                         nodes = await membership.nodes()
