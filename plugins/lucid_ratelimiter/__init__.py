@@ -1,8 +1,11 @@
 """Lucid's rate limiter plugin: token bucket, sliding and fixed windows, quotas, headers.
 
-Decisions are synchronous and in memory (:mod:`lucid_ratelimiter.algorithms`); quota
-counters (windows of an hour or more) are written to SQLite in the background, in
-batches (:mod:`lucid_ratelimiter.store`). Limits are definitions of kind ``"limit"``
+With the local ``[cluster]`` backend, decisions are synchronous and in memory
+(:mod:`lucid_ratelimiter.algorithms`); quota counters (windows of an hour or more) are
+written to SQLite in the background, in batches (:mod:`lucid_ratelimiter.store`). With
+a Redis backend every limit counts once for the cluster: each request's limits are
+decided together by one script in Redis, batched per worker, with a local fallback
+while Redis is down (:mod:`lucid_ratelimiter.redis_store`). Limits are definitions of kind ``"limit"``
 in the core's definitions layer: ``[[ratelimiter.limits]]`` ("static") and the admin
 API ("dynamic", kept by the core's store); both apply without a restart.
 
