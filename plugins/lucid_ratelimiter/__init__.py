@@ -5,9 +5,10 @@ With the local ``[cluster]`` backend, decisions are synchronous and in memory
 written to SQLite in the background, in batches (:mod:`lucid_ratelimiter.store`). With
 a Redis backend every limit counts once for the cluster: each request's limits are
 decided together by one script in Redis, batched per worker, with a local fallback
-while Redis is down (:mod:`lucid_ratelimiter.redis_store`). Limits are definitions of kind ``"limit"``
-in the core's definitions layer: ``[[ratelimiter.limits]]`` ("static") and the admin
-API ("dynamic", kept by the core's store); both apply without a restart.
+while Redis is down (:mod:`lucid_ratelimiter.redis_store`). Limits are definitions of
+kind ``"limit"`` in the core's definitions layer: ``[[ratelimiter.limits]]``
+("static") and the admin API ("dynamic", kept by the core's store); both apply
+without a restart.
 
 Each generation gets its table in ``lucid_prepare``; ``lucid_activate`` makes it live
 and moves the counters of unchanged limits over, so the data path only reads
