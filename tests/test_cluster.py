@@ -420,11 +420,11 @@ def test_check_says_what_a_redis_backend_shares_and_what_not_yet(tmp_path):
     local = write_config(limits, tmp_path / "local", workers=2)
     refused = run_lucid("check", "--config", str(local))
     assert refused.returncode == 2
-    assert "a Redis [cluster] backend" in refused.stderr and "counters are not yet" in \
-        refused.stderr
+    assert "a Redis [cluster] backend" in refused.stderr and \
+        "counts every limit once for all workers and nodes" in refused.stderr
     shared = write_config('[cluster]\nbackend = "redis://127.0.0.1:1/0"\n'
                           '[gateway.services.svc]\ninstances = ["http://127.0.0.1:9"]\n'
-                          '[loadbalancer.pools.p]\nservice = "svc"\n',
+                          '[loadbalancer.pools.p]\nservice = "svc"\n' + limits,
                           tmp_path / "shared", workers=3)
     accepted = run_lucid("check", "--config", str(shared))
     assert accepted.returncode == 0, accepted.stderr
