@@ -414,6 +414,7 @@ def create_admin_app(rt: Runtime) -> Quart:
         return response
 
     app.register_blueprint(operations)  # first: the core's paths win over a plugin's
+    app.register_blueprint(cluster_blueprint)
     rt.hooks.register_admin(app.register_blueprint)
     return app
 
@@ -474,7 +475,11 @@ async def health() -> Any:
     Open even when admin auth is on, so load balancers and probes can call it."""
     rt = runtime()
     checks = {"plugins_started": rt.started, "store": False}
-    if rt.backend is not None:
+    if rt.cluster.shared:
+        # Redis down is no reason to take this node out of a load balancer: it serves
+        # the definitions it has (GET /cluster says backend_up false)
+        checks["store"] = rt.backend is not None
+    elif rt.backend is not None:
         try:
             await rt.backend.revision()
             checks["store"] = True
@@ -560,6 +565,19 @@ async def metrics() -> Any:
         "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)},
         "totals": dict(rt.counters),
     }
+
+
+cluster_blueprint = Blueprint("lucid_cluster", __name__)
+
+
+@cluster_blueprint.get("/cluster")
+@tag(["cluster"])
+async def cluster() -> Any:
+    """The cluster as this node sees it: backend, whether it answers, the revision of
+    the definitions served here, and every node (``alive`` while it renews)."""
+    from lucid.cluster import status as cluster_status
+
+    return await cluster_status(runtime())
 
 
 AUDIT_FILTERS = {"since": float, "until": float, "status": int, "limit": int}

@@ -232,5 +232,58 @@ def config_export(config: str | None, output: str | None, show_secrets: bool) ->
         click.echo(text, nl=False)
 
 
+@main.group("cluster")
+def cluster_group() -> None:
+    """Look at the cluster this node belongs to ([cluster])."""
+
+
+@cluster_group.command("status")
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--admin", "admin", metavar="HOST:PORT",
+              help="the admin API to ask (default: server.admin of the config)")
+def cluster_status(config: str | None, admin: str | None) -> None:
+    """GET /cluster of a running node, as a table: every node, its addresses, the
+    revision it serves, whether it is alive."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from lucid.admin import mint_admin_token
+    from lucid.config import read_toml, validate_config
+
+    path = _config_path(config)
+    try:
+        data = read_toml(path) if path else {}
+        root: Any = validate_config({"server": data.get("server", {})}, {},
+                                    config or "(built-in defaults)")
+    except ConfigError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(2)
+    server = root.server
+    base = (admin or server.admin).removeprefix("http://").rstrip("/")
+    request = urllib.request.Request(f"http://{base}/cluster")
+    if server.admin_secret is not None:
+        token = mint_admin_token(server.admin_secret, "viewer", 60, "lucid cluster status")
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            view = json.load(answer)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        click.echo(f"lucid: cannot read http://{base}/cluster: {exc}", err=True)
+        sys.exit(1)
+    now = time.time()
+    click.echo(f"backend: {view['backend']} {view.get('url', '')}  "
+               f"up: {'yes' if view['backend_up'] else 'no'}  node: {view['node_id']}  "
+               f"revision: {view['revision']}")
+    rows = [(n["node_id"], n["proxy"], n["admin"], str(n["revision"]),
+             "yes" if n["alive"] else "no", f"{max(0.0, now - n['last_seen']):.1f}s ago",
+             str(n["workers"])) for n in view["nodes"]]
+    header = ("node_id", "proxy", "admin", "revision", "alive", "last_seen", "workers")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 if __name__ == "__main__":
     main()

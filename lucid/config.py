@@ -322,6 +322,38 @@ class ServerConfig(BaseModel):
         return _listen(value)
 
 
+class ClusterConfig(BaseModel):
+    """``[cluster]``: where dynamic definitions and membership live. ``local`` (the
+    default) is one node with its state under ``data_dir``; a Redis URL shares them
+    between every node (and worker) pointed at it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: str = Field("local", description="'local', or a redis:// or rediss:// URL "
+                         "(user and password in the URL)")
+    node_id: str | None = Field(None, min_length=1, max_length=200,
+                                pattern=r"^[A-Za-z0-9._:@-]+$",
+                                description="unique per node; default: hostname:proxy port")
+    key_prefix: str = Field("lucid:", max_length=200,
+                            description="prefix of every Redis key; clusters may share a Redis")
+    # 50 ms: a Redis on the same network answers in well under a millisecond; no
+    # admin request or revision check should wait longer on one that stopped.
+    timeout: Duration = Field(0.05, gt=0, le=10,
+                              description="Redis socket timeout (connect and each call)")
+    check_interval: Duration = Field(0.5, gt=0, le=60, description="revision check besides "
+                                     "pub/sub, which drops messages while reconnecting")
+    heartbeat: Duration = Field(1.0, gt=0, le=60, description="membership renewal; a node is "
+                                "shown dead after 3 missed renewals")
+    forget_after: Duration = Field(60.0, gt=0, description="a dead node leaves the list")
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, value: str) -> str:
+        from lucid.cluster import check_backend_url
+
+        return check_backend_url(value)
+
+
 class _RootBase(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid",
@@ -383,6 +415,7 @@ def build_root_model(sections: Mapping[str, type[BaseModel]]) -> type[BaseSettin
     fields: dict[str, Any] = {
         "server": (ServerConfig, Field(default_factory=lambda: ServerConfig())),
         "plugins": (dict[str, str | bool], Field(default_factory=dict)),
+        "cluster": (ClusterConfig, Field(default_factory=lambda: ClusterConfig())),
     }
     for name, model in sections.items():
         fields[name] = (model, Field(default_factory=model))

@@ -41,6 +41,7 @@ from lucid.model import Exchange, Instance, Outcome, Rejection
 from lucid.upstream import Response, UpstreamConnectError, UpstreamPool
 
 if TYPE_CHECKING:
+    from lucid.model import Generation
     from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.proxy")
@@ -246,7 +247,7 @@ class ProxyApp:
                 await runtime.hooks.observe_exchange(exchange)
 
     async def _proxy(
-        self, exchange: Exchange, generation: Any, scope: dict[str, Any], receive: Any,
+        self, exchange: Exchange, generation: Generation, scope: dict[str, Any], receive: Any,
         send: _Sent, peer: str, head_size: int,
     ) -> None:
         hooks = self.runtime.hooks

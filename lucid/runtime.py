@@ -9,6 +9,7 @@ finish on the generation they started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -20,6 +21,17 @@ import aiohttp
 
 from lucid import __version__
 from lucid.audit import AuditLog, SqliteAudit
+from lucid.cluster import (
+    SNAPSHOT_FILE,
+    Cluster,
+    Membership,
+    Moved,
+    RedisBackend,
+    default_node_id,
+    load_snapshot,
+    node_entry,
+    save_snapshot,
+)
 from lucid.config import (
     ConfigError,
     data_dir,
@@ -79,6 +91,9 @@ class Runtime:
     # How often a worker without the admin API looks for definitions another process
     # wrote to the shared store (the local backend has no notifications).
     FOLLOW_INTERVAL = 1.0
+    # A write validated against a revision another node moved past is validated
+    # again against the new one this many times before it answers 412.
+    WRITE_ATTEMPTS = 5
 
     def __init__(self, plugin_set: PluginSet, config: Any, config_path: Path | None):
         self.plugin_set = plugin_set
@@ -93,12 +108,18 @@ class Runtime:
         self.session: aiohttp.ClientSession | None = None
         self.data_dir = data_dir(config, config_path)
         self.backend: Backend | None = None  # where dynamic definitions live
+        # the cluster this node belongs to ([cluster]; "local": this node alone)
+        self.cluster = Cluster(config.cluster, config.cluster.node_id
+                               or default_node_id(config.server.proxy))
+        self.membership: Membership | None = None  # worker 0 of a Redis cluster
         self.audit: AuditLog | None = None  # admin writes (lucid.audit)
         self.started = False  # every plugin's startup ran (GET /gateway/health)
         # (perf_counter, duration, status) of recent exchanges, for /gateway/metrics:
         # appended by the proxy, one tuple per request
         self.recent: deque[tuple[float, float, int]] = deque(maxlen=RECENT_EXCHANGES)
         self._apply_lock = asyncio.Lock()
+        self._unsaved: Generation | None = None  # waiting for the snapshot file
+        self._saving: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = {"requests": 0, "errors": 0, "in_flight": 0}
         self.passive = PassiveHealth(self.emit)  # ejections, for every instance
@@ -133,23 +154,33 @@ class Runtime:
         """Open the definitions store, prepare the first generation, open the upstream
         pool, start plugins, then make the generation live."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # if new: private
-        self.backend = await SqliteBackend.open(self.data_dir / "definitions.db")
+        cluster = self.cluster
+        if cluster.shared and self.config.cluster.node_id is None and "proxy" in self.listeners:
+            cluster.node_id = default_node_id(self.listeners["proxy"])  # the port bound
         try:
+            if cluster.shared:
+                await cluster.start()
+                self.backend = RedisBackend(cluster)
+            else:
+                self.backend = await SqliteBackend.open(self.data_dir / "definitions.db")
             if self.worker_index == 0:  # only worker 0 serves the admin API
                 self.audit = await SqliteAudit.open(self.data_dir)
-            snapshot = await self.backend.load()
-            if snapshot.revision == 0:
+            snapshot = await (self._first_snapshot() if cluster.shared else self.backend.load())
+            if snapshot.revision == 0 and cluster.up:
                 snapshot = await self._import_legacy(snapshot)
             first = self._generation(1, self.generation.config, snapshot)
             await self.hooks.prepare(first)
         except BaseException:
             # aiosqlite's thread is not a daemon: left open, it would keep the
             # process alive after a refused start
-            await self.backend.close()
-            self.backend = None
+            if self.backend is not None:
+                await self.backend.close()
+                self.backend = None
+            await cluster.close()
             await self._close_audit()
             raise
         self.generation = first
+        await self._saved(first)
         server = self.config.server
         connector = aiohttp.TCPConnector(
             limit=server.upstream_connections,
@@ -171,14 +202,24 @@ class Runtime:
             raise
         await self.hooks.activate(first)
         self.started = True
-        if server.workers > 1:
+        if cluster.shared:
+            self.background(self._follow_cluster())
+            if self.worker_index == 0:
+                self.membership = Membership(cluster, lambda: node_entry(self))
+                self.background(self.membership.run())
+        elif server.workers > 1:
             self.background(self._follow())
 
     async def stop(self) -> None:
         """Stop plugins (reverse order), then close the pool. Requests have drained."""
         self.started = False
+        if self._unsaved is not None or (self._saving is not None and not self._saving.done()):
+            await self._saved(self.generation)  # the last revision applied, before exit
         for task in list(self._background):
             task.cancel()
+        if self.membership is not None:
+            await self.membership.leave()
+            self.membership = None
         await self.hooks.shutdown(self)
         self.passive.close()
         if self.session is not None:
@@ -187,7 +228,60 @@ class Runtime:
         if self.backend is not None:
             await self.backend.close()
             self.backend = None
+        await self.cluster.close()
         await self._close_audit()
+
+    async def _first_snapshot(self) -> Snapshot:
+        """The cluster's definitions, or while Redis is unreachable the last-known-good
+        snapshot under ``data_dir`` (the follower keeps trying Redis); with neither, the
+        node cannot know what to serve and does not start."""
+        assert self.backend is not None
+        deadline = time.monotonic() + 1.0  # a Redis starting beside this node: wait a bit
+        while True:
+            try:
+                return await self.backend.load()
+            except BackendUnavailable as exc:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    continue
+                failure = exc
+                break
+        snapshot = await asyncio.to_thread(load_snapshot, self.data_dir)
+        if snapshot is None:
+            raise ConfigError(self.source, [
+                f"cluster.backend = {self.cluster.url!r}: {failure.message}, and there is "
+                f"no last-known-good snapshot ({self.data_dir / SNAPSHOT_FILE}) to serve "
+                "from; start Redis (or check the URL), or run this node once while it is "
+                "reachable"])
+        log.warning("cluster backend %s unreachable; serving the last-known-good snapshot "
+                    "at revision %d from %s, and retrying", self.cluster.url,
+                    snapshot.revision, self.data_dir / SNAPSHOT_FILE)
+        return snapshot
+
+    def _save_later(self, generation: Generation) -> None:
+        """Save ``generation``'s snapshot off the write's path: one save at a time,
+        the newest revision waiting for it (never an older one written last)."""
+        if not self.cluster.shared or self.worker_index != 0:
+            return
+        self._unsaved = generation
+        if self._saving is None or self._saving.done():
+            self._saving = self.background(self._save_unsaved())
+
+    async def _save_unsaved(self) -> None:
+        while self._unsaved is not None:
+            generation, self._unsaved = self._unsaved, None
+            await self._saved(generation)
+
+    async def _saved(self, generation: Generation) -> None:
+        """Keep the last-known-good snapshot of a Redis cluster's definitions: what
+        this node serves if it starts while Redis is unreachable."""
+        if not self.cluster.shared or self.worker_index != 0:
+            return
+        try:
+            await asyncio.to_thread(save_snapshot, self.data_dir, generation.definitions,
+                                    self.cluster.url)
+        except OSError:
+            log.exception("saving the cluster snapshot under %s failed", self.data_dir)
 
     async def _close_audit(self) -> None:
         if self.audit is not None:
@@ -198,7 +292,10 @@ class Runtime:
         """Prepare a generation of the config as ``lucid serve`` would start it (the
         file, and the definitions stored under ``data_dir``, read-only) without making
         it live: every plugin's verdict."""
-        stored = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+        if self.cluster.shared:  # what the node would serve if Redis were unreachable
+            stored = await asyncio.to_thread(load_snapshot, self.data_dir) or Snapshot()
+        else:
+            stored = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
         await self.hooks.prepare(self._generation(1, self.generation.config, stored))
 
     # the one way a generation goes live ----------------------------------------
@@ -236,6 +333,8 @@ class Runtime:
                 await self.hooks.prepare(candidate)
         self.generation = candidate
         await self.hooks.activate(candidate)
+        if candidate.definitions.revision != old.definitions.revision:
+            self._save_later(candidate)
         return candidate
 
     async def write(
@@ -251,8 +350,35 @@ class Runtime:
         (412: ``if_match`` is not the definition's revision) or :class:`Invalid` (422:
         a plugin rejected the result); nothing changes then.
         """
+        return (await self._written(kind, id, body, exists, if_match))[0]
+
+    async def put(
+        self, kind: str, id: str, body: Mapping[str, Any], *, if_match: int | None = None,
+    ) -> tuple[Definition, bool]:
+        """Create or replace one dynamic definition, as :meth:`write` does; also whether
+        it was created. That is decided against the definitions the write committed on,
+        not this process's view of them, which may lag behind another node's write."""
+        definition, created = await self._written(kind, id, body, None, if_match)
+        assert definition is not None
+        return definition, created
+
+    async def _written(
+        self, kind: str, id: str, body: Mapping[str, Any] | None,
+        exists: bool | None, if_match: int | None,
+    ) -> tuple[Definition | None, bool]:
         if kind not in self.kinds:
             raise KeyError(f"no plugin registered definitions of kind {kind!r}")
+        for _ in range(self.WRITE_ATTEMPTS - 1):
+            try:
+                return await self._write(kind, id, body, exists, if_match)
+            except Moved:  # another node wrote first: validate again on what it made
+                await self.sync()
+        return await self._write(kind, id, body, exists, if_match)
+
+    async def _write(
+        self, kind: str, id: str, body: Mapping[str, Any] | None,
+        exists: bool | None, if_match: int | None,
+    ) -> tuple[Definition | None, bool]:
         async with self._apply_lock:
             if self.backend is None:
                 raise BackendUnavailable("the definitions store is not open")
@@ -279,7 +405,7 @@ class Runtime:
                     None, preview, lambda: backend.commit(writes, base, expect))
             except ConfigError as exc:
                 raise Invalid(f"{kind} rejected; nothing changed", problems=exc.problems) from None
-            return generation.definitions.get(kind, id)
+            return generation.definitions.get(kind, id), found is None
 
     async def _import_legacy(self, snapshot: Snapshot) -> Snapshot:
         """Definitions an older Lucid kept in each plugin's own store, moved into the
@@ -288,26 +414,59 @@ class Runtime:
         writes = await asyncio.to_thread(legacy_writes, self.data_dir, self.kinds)
         if not writes:
             return snapshot
-        log.info("imported %d definitions from older stores into definitions.db", len(writes))
-        return await self.backend.commit(writes, snapshot.revision, {})
+        try:
+            imported = await self.backend.commit(writes, snapshot.revision, {})
+        except Moved:  # another node or worker of the cluster imported first
+            return await self.backend.load()
+        log.info("imported %d definitions from older stores into the %s definitions "
+                 "store", len(writes), self.backend.name)
+        return imported
+
+    async def sync(self) -> bool:
+        """Apply the store's definitions if its revision differs from the running
+        one (another process or node wrote); whether it did."""
+        async with self._apply_lock:
+            backend = self.backend
+            if backend is None:
+                return False
+            revision = await backend.revision()
+            if revision == self.generation.definitions.revision:
+                return False
+            await self._apply(None, await backend.load(), None)
+            return True
 
     async def _follow(self) -> None:
         """Workers without the admin API apply what worker 0 committed to the shared
         store, within ``FOLLOW_INTERVAL``."""
         while self.backend is not None:
             await asyncio.sleep(self.FOLLOW_INTERVAL)
-            try:
-                backend = self.backend
-                if backend is None:
-                    return
-                if await backend.revision() != self.generation.definitions.revision:
-                    snapshot = await backend.load()
-                    await self.apply(definitions=snapshot)
-            except ConfigError as exc:
-                log.error("definitions at the store's revision were rejected:\n%s",
-                          exc.render())
-            except Exception:
-                log.exception("following the definitions store failed; retrying")
+            await self._sync_logged()
+
+    async def _follow_cluster(self) -> None:
+        """Apply every revision another node or worker commits to Redis: woken by the
+        published revision, and checking every ``check_interval`` anyway (pub/sub loses
+        what is published while it reconnects; a node that started from its snapshot
+        catches up here)."""
+        assert isinstance(self.backend, RedisBackend)
+        wake = asyncio.Event()
+        self.cluster.subscribe(self.backend.channel, lambda revision: wake.set())
+        self.cluster.on_reconnect(wake.set)
+        while self.backend is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.cluster.config.check_interval)
+            wake.clear()
+            await self._sync_logged()
+
+    async def _sync_logged(self) -> None:
+        try:
+            await self.sync()
+        except BackendUnavailable:
+            pass  # Cluster.mark logged it; the next check tries again
+        except ConfigError as exc:
+            log.error("definitions at the store's revision were rejected:\n%s",
+                      exc.render())
+        except Exception:
+            log.exception("following the definitions store failed; retrying")
 
     # config ----------------------------------------------------------------
     async def reload(self) -> Generation:

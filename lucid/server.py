@@ -348,14 +348,15 @@ async def run_process(
         stop = asyncio.Event()
         _install_signal_handlers(runtime, stop, children)
     install_head_timeout()
+    runtime.listeners["proxy"] = address(proxy_sock)  # known before start: the cluster
+    if admin_sock is not None:                          # tells the other nodes
+        runtime.listeners["admin"] = address(admin_sock)
     await runtime.start()
     try:
         server = runtime.config.server
-        runtime.listeners["proxy"] = address(proxy_sock)
         proxy_app = ProxyApp(runtime)
         serving = [_serve_proxy(proxy_app, proxy_sock, server, stop)]
         if admin_sock is not None:
-            runtime.listeners["admin"] = address(admin_sock)
             admin_app: Any = HeadLimits(create_admin_app(runtime), runtime)
             serving.append(serve(admin_app, hypercorn_config(admin_sock, server, "admin"),
                                  shutdown_trigger=stop.wait))

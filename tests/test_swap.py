@@ -204,19 +204,28 @@ async def test_with_one_builtin_replaced_the_other_five_keep_working(
 
 @pytest.mark.parametrize("example", ["lucid-apikey", "lucid-prefixrouter"])
 def test_an_example_passes_its_own_tests(example: str, tmp_path: Path) -> None:
-    """``python -m pytest`` in the example's folder, in a subprocess, with the example
-    installed on ``PYTHONPATH`` (its own pytest settings: asyncio_mode, testpaths).
+    """The example's tests and Lucid's conformance suite on its ``conformance.toml``
+    (the two pytest lines of its README, as one run), in the example's folder, in a
+    subprocess, with the example installed on ``PYTHONPATH`` (its own pytest settings).
 
     Only the two pytest plugins an example needs are loaded (pytest-asyncio and Lucid's
     kit): loading every installed one (schemathesis's, say) doubled the run's time."""
     paths = install_example(example, tmp_path / "installed")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
          "-p", "pytest_asyncio.plugin", "-p", "lucid.testing",
-         "--basetemp", str(tmp_path / "pytest")],
+         "--basetemp", str(tmp_path / "pytest"),
+         "--pyargs", str(EXAMPLES / example / "tests"), "lucid.conformance",
+         "--lucid-conformance=tests/conformance.toml"],
         cwd=EXAMPLES / example, capture_output=True, text=True, timeout=300,
         env=lucid_env(*paths, PYTHONDONTWRITEBYTECODE="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1"),
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, result.stdout
+    passed = [line for line in result.stdout.splitlines() if line.startswith("PASSED ")]
+    assert any(line.startswith("PASSED tests/test_") for line in passed), result.stdout
+    plugin = example.removeprefix("lucid-")  # the conformance tests' parameter
+    assert any(line.endswith(f"[{plugin}]") and " tests/" not in line for line in passed), (
+        result.stdout)
 

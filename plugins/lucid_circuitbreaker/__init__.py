@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lucid.config import ConfigError
-from lucid.definitions import legacy_rows
+from lucid.definitions import BackendUnavailable, legacy_rows
 from lucid.http import hop_by_hop
 from lucid.model import Event, Exchange, Generation, Instance, Outcome, Rejection
 from lucid.plugins import hookimpl
@@ -39,6 +39,7 @@ from lucid_circuitbreaker.config import (
     resolve,
 )
 from lucid_circuitbreaker.machine import Breaker
+from lucid_circuitbreaker.shared import Shared
 from lucid_circuitbreaker.store import ModeStore, SQLiteStore
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ class CircuitBreakerPlugin:
         self.lock: asyncio.Lock | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._rotation = 0
+        # cluster scope: breaker state and operator modes shared through Redis
+        self.shared: Shared | None = None
 
     def set_clock(self, clock: Callable[[], float]) -> None:
         """Replace the clock of the plugin and of every live circuit (tests drive time)."""
@@ -131,9 +134,12 @@ class CircuitBreakerPlugin:
     @hookimpl
     def lucid_check_workers(self, config: Any, workers: int) -> str | None:
         section = getattr(config, "circuitbreaker", None)
-        if workers > 1 and section is not None and section.circuits:
-            return ("circuit breakers keep their state per process and the admin API reaches "
-                    "only worker 0 (reset, force-open); run one worker with circuits declared")
+        if workers > 1 and section is not None and section.circuits and (
+                not cluster_scope(config)):
+            return ("circuit breakers in node scope keep their state per process and the "
+                    "admin API reaches only worker 0 (reset, force-open); use a Redis backend "
+                    "([cluster] backend = \"redis://...\", circuitbreaker.scope = \"cluster\"), "
+                    "which shares breaker state between workers, or run one worker")
         return None
 
     @hookimpl
@@ -144,6 +150,10 @@ class CircuitBreakerPlugin:
         it) stays stored but inert, as the admin API checked it when it was written."""
         config: CircuitBreakerConfig = generation.config.circuitbreaker
         problems: list[str] = []
+        if config.scope == "cluster" and generation.config.cluster.backend == "local":
+            problems.append("circuitbreaker.scope = 'cluster' needs a Redis backend "
+                            "([cluster] backend = \"redis://...\"); use 'node' with the "
+                            "local backend")
         _, errors = resolve(Thresholds(), config.defaults)
         problems += [f"circuitbreaker.defaults.{f}: {m}" for f, m in errors]
         services: dict[str, str] = {}
@@ -186,7 +196,15 @@ class CircuitBreakerPlugin:
         self.runtime = runtime
         self.lock = asyncio.Lock()
         self.store_path = runtime.data_dir / "circuitbreaker.db"
-        if self.store_path.exists():  # no mode ever stored: no file, no cost
+        if cluster_scope(runtime.config):
+            self.shared = Shared(runtime.cluster, lambda: self.circuits, lambda: self.modes,
+                                 lambda: self.clock())
+            try:
+                self.modes = await self.shared.load_modes()
+            except BackendUnavailable:
+                pass  # taken from Redis when it answers (Shared.rejoin)
+            self.shared.start(runtime.config.cluster.check_interval)
+        elif self.store_path.exists():  # no mode ever stored: no file, no cost
             self.modes = await (await self.open_store()).load()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
@@ -202,6 +220,9 @@ class CircuitBreakerPlugin:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self.shared is not None:
+            await self.shared.stop()
+            self.shared = None
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -241,6 +262,7 @@ class CircuitBreakerPlugin:
                 circuit = Circuit(entry.id, entry.spec, entry.resolved, entry.static,
                                   self.clock, self._notify, self.modes.get(entry.id, NORMAL))
             circuit.revision = entry.revision
+            circuit.shared = self.shared
             circuits[entry.id] = circuit
             if entry.spec.service in by_service:
                 log.warning("circuit %r guards service %r, already guarded by %r: it applies "
@@ -252,6 +274,8 @@ class CircuitBreakerPlugin:
         self.tick_interval = plan.tick_interval
         self.circuits = circuits
         self.by_service = by_service
+        if self.shared is not None and circuits:
+            self.shared.refresh_soon()  # open elsewhere already: open here too
 
     def _notify(self, circuit: Circuit, breaker: Breaker, before: str, after: str,
                 reason: str, now: float) -> None:
@@ -372,6 +396,14 @@ class CircuitBreakerPlugin:
         out.append(("x-lucid-fallback", circuit.id))
         return Rejection(status, body=body, headers=out,
                          reason=f"fallback of circuit {circuit.id!r}")
+
+
+def cluster_scope(config: Any) -> bool:
+    """Whether breaker state is the cluster's: ``[circuitbreaker] scope`` (by default
+    ``cluster`` with a Redis backend, ``node`` with the local one)."""
+    section = getattr(config, "circuitbreaker", None)
+    scope = section.scope if section is not None else None
+    return config.cluster.backend != "local" and scope != "node"
 
 
 def healthy(instances: Sequence[Instance]) -> list[Instance]:

@@ -93,6 +93,8 @@ async def status() -> Any:
     plugin = _plugin()
     offset = _wall_offset(plugin)
     return {
+        "scope": "cluster" if plugin.shared is not None else "node",
+        "shared_state_reachable": plugin.shared.live if plugin.shared is not None else None,
         "circuits": [c.status(offset) for c in plugin.circuits.values()],
         "transitions": dict(plugin.transition_counts),
         "recent_transitions": list(plugin.recent),
@@ -129,11 +131,12 @@ async def create_circuit(data: CircuitCreate) -> Any:
     plugin = _plugin()
     rt = runtime()
     workers = rt.config.server.workers
-    if workers > 1:
+    if workers > 1 and plugin.shared is None:
         return error_response(
             409, f"this gateway runs {workers} workers: each would keep its own state of "
-            "this circuit, and reset or force-open would reach one of them only; run one "
-            "worker to use circuits", field="id")
+            "this circuit, and reset or force-open would reach one of them only; use a "
+            "Redis backend (circuit state shared by every worker) or run one worker",
+            field="id")
     spec = CircuitSpec.model_validate(data.model_dump(exclude={"id"}, exclude_unset=True))
     assert plugin.lock is not None
     async with plugin.lock:
@@ -193,18 +196,27 @@ async def delete_circuit(circuit_id: str) -> Any:
                 "change those routes first", field="circuit_id", routes=users)
         await rt.write(KIND, circuit_id, None, exists=True, if_match=if_match())
         if plugin.modes.pop(circuit_id, None) is not None:
-            await (await plugin.open_store()).set_mode(circuit_id, None)
+            if plugin.shared is not None:
+                await plugin.shared.set_mode(circuit_id, NORMAL)
+            else:
+                await (await plugin.open_store()).set_mode(circuit_id, None)
     return {"deleted": circuit_id}
 
 
 async def _set_mode(circuit_id: str, mode: str) -> Any:
+    """Set an operator mode; in cluster scope stored in Redis and published, so every
+    node and worker applies it (503 naming the backend while Redis is unreachable)."""
     plugin = _plugin()
     assert plugin.lock is not None
     async with plugin.lock:
         circuit: Circuit | None = plugin.circuits.get(circuit_id)
         if circuit is None:
             return _unknown(circuit_id)
-        await (await plugin.open_store()).set_mode(circuit_id, None if mode == NORMAL else mode)
+        if plugin.shared is not None:
+            await plugin.shared.set_mode(circuit_id, mode)
+        else:
+            await (await plugin.open_store()).set_mode(circuit_id,
+                                                       None if mode == NORMAL else mode)
         if mode == NORMAL:
             plugin.modes.pop(circuit_id, None)
             circuit.reset()

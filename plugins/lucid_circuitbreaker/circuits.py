@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lucid.model import Instance, Outcome, Rejection
 from lucid_circuitbreaker.config import CircuitSpec, Resolved
@@ -19,9 +19,14 @@ from lucid_circuitbreaker.machine import (
     Breaker,
 )
 
+if TYPE_CHECKING:
+    from lucid_circuitbreaker.shared import Shared
+
 NORMAL = "normal"
 MODES = (NORMAL, FORCED_OPEN, METRICS_ONLY)
 _EJECTING = frozenset({OPEN, HALF_OPEN, FORCED_OPEN})
+# in cluster scope, these states are the cluster's (probe slots, probe outcomes)
+_SHARED = frozenset({OPEN, HALF_OPEN})
 
 Notify = Callable[["Circuit", Breaker, str, str, str, float], None]
 
@@ -31,7 +36,7 @@ class Circuit:
 
     __slots__ = ("id", "spec", "resolved", "static", "clock", "notify", "mode", "breaker",
                  "instances", "ejected", "suppressed", "service", "slow_threshold",
-                 "failure_statuses", "ignored_statuses", "revision", "_answers")
+                 "failure_statuses", "ignored_statuses", "revision", "shared", "_answers")
 
     def __init__(self, circuit_id: str, spec: CircuitSpec, resolved: Resolved, static: bool,
                  clock: Callable[[], float], notify: Notify, mode: str = NORMAL):
@@ -41,6 +46,7 @@ class Circuit:
         self.resolved = resolved
         self.static = static
         self.revision = 0  # of its definition; set when a generation goes live
+        self.shared: Shared | None = None  # cluster scope: the state shared through Redis
         self.clock = clock
         self.notify = notify
         self.mode = NORMAL
@@ -60,14 +66,21 @@ class Circuit:
     # the data path --------------------------------------------------------
     def permit(self, instance: Instance) -> Rejection | None:
         breaker = self.breaker
+        shared = self.shared
         if breaker is not None:
-            wait = breaker.permit(self.clock())
+            if shared is not None and breaker.state in _SHARED and shared.live:
+                wait = shared.permit(self, breaker, self.clock())
+            else:
+                wait = breaker.permit(self.clock())
             return None if wait is None else self._rejection(breaker, wait)
         key = instance.id
         breaker = self.instances.get(key)
         if breaker is None:
             breaker = self._instance_breaker(key)
-        wait = breaker.permit(self.clock())
+        if shared is not None and breaker.state in _SHARED and shared.live:
+            wait = shared.permit(self, breaker, self.clock())
+        else:
+            wait = breaker.permit(self.clock())
         if wait is None:
             return None
         if key not in self.ejected:
@@ -88,16 +101,29 @@ class Circuit:
         if kind == "success" or kind == "error_status":
             status = outcome.status
             if status in self.ignored_statuses:
-                breaker.release(self.clock())
+                self._release(breaker)
                 return
             failure = status in self.failure_statuses
         elif (r.record_timeout if kind == "timeout" else
               r.record_connect_error if kind == "connect_error" else r.record_upstream_error):
             failure = True
         else:
-            breaker.release(self.clock())
+            self._release(breaker)
             return
-        breaker.record(failure, outcome.duration >= self.slow_threshold, self.clock())
+        slow = outcome.duration >= self.slow_threshold
+        shared = self.shared
+        if shared is not None and breaker.state in _SHARED and shared.live:
+            shared.record(self, breaker, (failure, slow))
+        else:
+            breaker.record(failure, slow, self.clock())
+
+    def _release(self, breaker: Breaker) -> None:
+        """An ignored outcome: a probe slot is given back (the cluster's, when shared)."""
+        shared = self.shared
+        if shared is not None and breaker.state in _SHARED and shared.live:
+            shared.record(self, breaker, None)
+        else:
+            breaker.release(self.clock())
 
     def learn(self, keys: list[str]) -> None:
         """The instances the service has now: new ones get a breaker, gone ones lose it."""
@@ -132,6 +158,8 @@ class Circuit:
         breaker = Breaker(self.resolved.settings, self.clock(), self._moved, key=key)
         self.instances[key] = breaker
         self._apply_mode(breaker, "")
+        if self.shared is not None:
+            self.shared.refresh_soon()  # the cluster may have ejected it already
         return breaker
 
     def _moved(self, breaker: Breaker, before: str, after: str, reason: str, now: float) -> None:
@@ -141,6 +169,8 @@ class Circuit:
                 self.ejected.discard(key)
             elif after == FORCED_OPEN or len(self.ejected) < self.ejection_cap():
                 self.ejected.add(key)  # at the trip, so status shows it at once
+        if self.shared is not None:
+            self.shared.moved(self, breaker, before, after, reason)
         self.notify(self, breaker, before, after, reason, now)
 
     # operator actions -----------------------------------------------------
@@ -168,8 +198,12 @@ class Circuit:
 
     def tick(self) -> None:
         now = self.clock()
+        shared = self.shared
         for breaker in self.breakers():
-            breaker.tick(now)
+            if shared is not None and shared.live:
+                shared.tick(self, breaker, now)
+            else:
+                breaker.tick(now)
 
     # reading --------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -148,6 +148,10 @@ class CircuitBreakerConfig(BaseModel):
 
     defaults: Thresholds = Field(default_factory=Thresholds)
     circuits: dict[str, CircuitSpec] = Field(default_factory=dict)
+    scope: Literal["cluster", "node"] | None = Field(
+        None, description="whose breaker state: 'cluster' (shared by every node and worker "
+        "through the Redis backend; the default with one) or 'node' (each process its own; "
+        "the default with the local backend)")
     tick_interval: Duration = Field(
         1.0, gt=0, le=60, description="how often idle half-open circuits are checked")
 

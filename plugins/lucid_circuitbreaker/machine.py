@@ -279,6 +279,21 @@ class Breaker:
             self.consecutive = 0
         self._move(METRICS_ONLY, now, reason)
 
+    def follow(self, state: str, now: float, reason: str, trips: int, open_until: float,
+               half_open_until: float, probes: tuple[int, int, int, int]) -> None:
+        """Take a state another process decided (cluster scope: the state shared
+        through Redis). Closed keeps the window if this breaker was closed already."""
+        if state == CLOSED:
+            if self.state != CLOSED:
+                self._close(now, reason)
+            return
+        self.trips = trips
+        self.open_until = open_until
+        self.half_open_until = half_open_until
+        (self.probes_issued, self.probe_calls, self.probe_failures,
+         self.probe_slows) = probes
+        self._move(state, now, reason)
+
     # transitions --------------------------------------------------------------
     def _open(self, now: float, reason: str, backoff: bool = True) -> None:
         if backoff or self.trips == 0:

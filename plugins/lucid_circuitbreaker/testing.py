@@ -1,5 +1,5 @@
-"""Test helpers for the breaker (ours and plugin authors'): a hand-driven clock and
-an upstream whose status can be switched mid-test."""
+"""Test helpers for the breaker (ours and plugin authors'): a hand-driven clock, an
+upstream whose status can be switched mid-test, and a guarded service's config."""
 
 from __future__ import annotations
 
@@ -36,3 +36,23 @@ class Switch:
 
 def plugin_of(gateway: Any) -> Any:
     return gateway.runtime.plugin_set.pm.get_plugin("circuitbreaker")
+
+
+def guarded(upstreams: list[str], circuit: str, head: str = "") -> str:
+    """A config (TOML) of one service ``svc`` on ``upstreams``, a catch-all route with
+    one attempt, and circuit ``cb`` guarding it with ``circuit`` (its TOML lines);
+    ``head`` goes first (e.g. a ``[cluster]`` section)."""
+    instances = ", ".join(f'"{url}"' for url in upstreams)
+    return f"""{head}
+[gateway.services.svc]
+instances = [{instances}]
+
+[[gateway.routes]]
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+
+[circuitbreaker.circuits.cb]
+service = "svc"
+{circuit}
+"""

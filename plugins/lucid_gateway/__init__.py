@@ -11,12 +11,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lucid.config import ConfigError
 from lucid.definitions import legacy_rows
 from lucid.model import (
     Exchange,
+    Generation,
     Instance,
     Rejection,
     RetryBudget,
@@ -31,6 +32,9 @@ from lucid_gateway.cors import CorsGuard
 from lucid_gateway.guard import RouteGuard
 from lucid_gateway.jwks import JwksCache
 from lucid_gateway.router import Router
+
+if TYPE_CHECKING:
+    from lucid.runtime import Runtime
 
 LUCID_CAPABILITY = "gateway"
 __all__ = ["GatewayConfig", "Route", "Router", "GatewayState", "GatewayShared"]
@@ -161,7 +165,7 @@ def lucid_register_admin(register: Callable[..., None]) -> None:
     register(blueprint)
 
 
-def shared_of(generation: Any) -> GatewayShared:
+def shared_of(generation: Generation) -> GatewayShared:
     """The gateway's long-lived state, carried from the running generation."""
     runtime = getattr(generation, "runtime", None)
     running = getattr(runtime, "generation", None)
@@ -170,7 +174,7 @@ def shared_of(generation: Any) -> GatewayShared:
 
 
 @hookimpl
-def lucid_prepare(generation: Any) -> None:
+def lucid_prepare(generation: Generation) -> None:
     shared = shared_of(generation)
     dynamic = [d.parsed(Route) for d in generation.defined("route").values()
                if d.origin == "dynamic"]
@@ -194,7 +198,7 @@ def lucid_prepare(generation: Any) -> None:
 
 
 @hookimpl
-async def lucid_startup(runtime: Any) -> None:
+async def lucid_startup(runtime: Runtime) -> None:
     state: GatewayState = runtime.generation.state["gateway"]
     shared = state.shared
     for cache in shared.jwks_caches.values():  # warm the keys before the first request
@@ -203,7 +207,7 @@ async def lucid_startup(runtime: Any) -> None:
 
 
 @hookimpl
-async def lucid_shutdown(runtime: Any) -> None:
+async def lucid_shutdown(runtime: Runtime) -> None:
     shared: GatewayShared = runtime.generation.state["gateway"].shared
     for task in list(shared.tasks):
         task.cancel()
@@ -221,7 +225,7 @@ def lucid_admit_request(exchange: Exchange) -> Rejection | None | Awaitable[Reje
 
 
 @hookimpl
-def lucid_match_route(exchange: Exchange, generation: Any) -> Route | None:
+def lucid_match_route(exchange: Exchange, generation: Generation) -> Route | None:
     state: GatewayState = generation.state["gateway"]
     match = state.router.match(exchange.method, exchange.host, exchange.path, exchange.headers)
     if match is None:
@@ -247,12 +251,14 @@ def lucid_match_route(exchange: Exchange, generation: Any) -> Route | None:
 
 
 @hookimpl(trylast=True)
-def lucid_resolve_instances(exchange: Exchange, generation: Any) -> Sequence[Instance] | None:
+def lucid_resolve_instances(
+    exchange: Exchange, generation: Generation
+) -> Sequence[Instance] | None:
     state: GatewayState = generation.state["gateway"]
     return state.instances.get(exchange.service)
 
 
 @hookimpl(trylast=True)
-def lucid_list_instances(service: str, generation: Any) -> Sequence[Instance] | None:
+def lucid_list_instances(service: str, generation: Generation) -> Sequence[Instance] | None:
     state: GatewayState | None = generation.state.get("gateway")
     return None if state is None else state.instances.get(service)

@@ -118,12 +118,9 @@ async def put_route(data: RouteRequest) -> Any:
     then applied with one swap (the next request sees it; a rejected one changes
     nothing). ``If-Match: <revision>`` makes a replace conditional (412)."""
     rt = runtime()
-    created = rt.generation.definitions.get("route", data.id) is None
     body = Route.model_validate(data.model_dump()).model_dump(mode="json",
                                                               exclude_defaults=True)
-    definition = await rt.write("route", data.id, body, exists=not created,
-                                if_match=if_match())
-    assert definition is not None
+    definition, created = await rt.put("route", data.id, body, if_match=if_match())
     return {"route": _shown(dict(definition.body)), "created": created,
             "revision": definition.revision,
             "generation": rt.generation.number}, 201 if created else 200

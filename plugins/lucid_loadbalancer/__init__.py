@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lucid.definitions import legacy_rows
+from lucid.definitions import BackendUnavailable, legacy_rows
 from lucid.model import Event, Exchange, Generation, Instance
 from lucid.plugins import hookimpl
 from lucid_loadbalancer.config import LoadBalancerConfig, PoolSpec
 from lucid_loadbalancer.pool import Pool
-from lucid_loadbalancer.store import SQLiteStore
+from lucid_loadbalancer.store import SQLiteStore, cluster_affinity_key
 
 if TYPE_CHECKING:
     from lucid.definitions import Definition
@@ -118,7 +118,9 @@ class LoadBalancerPlugin:
         self.runtime: Runtime | None = None
         self.store: SQLiteStore | None = None
         self.store_path: Path | None = None
-        self.stored_key: bytes | None = None  # the random affinity key in loadbalancer.db
+        # the random affinity key: the cluster's in Redis, else the one in loadbalancer.db
+        self.stored_key: bytes | None = None
+        self.key_is_local = False  # Redis was unreachable: this node's key for now
         self.key: bytes | None = None  # the affinity key the live pools sign with
         self.plan = Plan(LoadBalancerConfig())
         self.pools: dict[str, Pool] = {}
@@ -147,7 +149,8 @@ class LoadBalancerPlugin:
         """Every worker balances on its own (as nginx and Envoy workers do): round-robin
         turns, in-flight counts and slow-start clocks are per process, which spreads
         load just as well. Pools reach every worker through the core's definitions
-        store, and the affinity key is made once in loadbalancer.db: nothing to refuse."""
+        store, and the affinity key is made once (in loadbalancer.db, or in Redis with a
+        Redis backend): nothing to refuse."""
         return None
 
     @hookimpl
@@ -186,9 +189,43 @@ class LoadBalancerPlugin:
         return self.store
 
     async def ensure_key(self) -> None:
-        """Read (or make) the store's random affinity key, once per process."""
-        if self.stored_key is None:
-            self.stored_key = await (await self.open_store()).affinity_key()
+        """Read (or make) the random affinity key, once per process. With a Redis
+        backend it is the cluster's, so every node signs and checks cookies with one key;
+        while Redis is unreachable the node signs with its own stored key and keeps
+        asking Redis (:meth:`_join_key`)."""
+        if self.stored_key is not None and not self.key_is_local:
+            return
+        assert self.runtime is not None
+        cluster = self.runtime.cluster
+        if cluster.shared:
+            try:
+                self.stored_key = await cluster_affinity_key(cluster)
+                self.key_is_local = False
+                return
+            except BackendUnavailable as exc:
+                if not self.key_is_local:
+                    log.warning("the cluster's affinity key could not be read (%s); this "
+                                "node signs affinity cookies with its own key until it "
+                                "can", exc.message)
+                    self.key_is_local = True
+                    self.runtime.background(self._join_key())
+        self.stored_key = await (await self.open_store()).affinity_key()
+
+    async def _join_key(self) -> None:
+        """Ask Redis for the cluster's affinity key until it answers, then sign with
+        it: the live pools are made again from the live plan with the new key."""
+        assert self.runtime is not None
+        cluster = self.runtime.cluster
+        while self.key_is_local:
+            await asyncio.sleep(cluster.config.check_interval)
+            try:
+                key = await cluster_affinity_key(cluster)
+            except BackendUnavailable:
+                continue
+            self.stored_key = key
+            self.key_is_local = False
+            log.info("affinity cookies signed with the cluster's key again")
+            self.adopt(self.plan)
 
     # activation ------------------------------------------------------------
     def adopt(self, plan: Plan) -> None:

@@ -1,4 +1,6 @@
-"""Where the affinity signing key is kept: ``<data_dir>/loadbalancer.db``.
+"""Where the affinity signing key is kept: ``<data_dir>/loadbalancer.db``, or with
+a Redis backend the cluster's key in Redis (:func:`cluster_affinity_key`), so a cookie
+minted by one node is honoured by every node.
 
 Pools made through the admin API live in the core's definitions store; an older
 Lucid kept them in this file's ``pools`` table, which ``legacy_pools`` (in the
@@ -8,9 +10,14 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lucid.store import open_database
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from lucid.cluster import Cluster
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -40,3 +47,19 @@ class SQLiteStore:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+async def cluster_affinity_key(cluster: Cluster) -> bytes:
+    """The cluster's random affinity key: made once by whichever process asks first
+    (``SET NX``), then read by every node and worker. Raises
+    ``lucid.definitions.BackendUnavailable`` while Redis is unreachable."""
+    key = cluster.key("loadbalancer", "affinity_key")
+
+    async def made_or_read(redis: Redis) -> list[Any]:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, secrets.token_hex(32), nx=True)
+            pipe.get(key)
+            return await pipe.execute()
+
+    _, value = await cluster.call(made_or_read)
+    return bytes.fromhex(value)

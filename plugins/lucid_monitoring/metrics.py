@@ -64,6 +64,7 @@ class Recorder:
         self.breakers: dict[tuple[str, str], str] = {}  # (service, instance) -> state
         self.breaker_transitions: dict[tuple[str, str, str], int] = {}  # (service, from, to)
         self.rejections: dict[str, int] = {}  # limit name -> count
+        self.degraded: dict[str, int] = {}  # on_backend_failure mode -> decisions
         self.rejected_keys: dict[str, int] = {}  # limited key -> count (bounded)
         self.health: dict[tuple[str, str], str] = {}  # (service, instance) -> status
         self.reloads = 0
@@ -159,6 +160,9 @@ class Recorder:
             rkey = str(data.get("key", ""))
             if rkey and (rkey in self.rejected_keys or len(self.rejected_keys) < 1000):
                 self.rejected_keys[rkey] = self.rejected_keys.get(rkey, 0) + 1
+        elif kind == "limit_degraded":
+            mode = str(data.get("mode", ""))
+            self.degraded[mode] = self.degraded.get(mode, 0) + int(data.get("decisions", 0))
         elif kind in ("instance_health_changed", "instance_registered"):
             status = str(data.get("status", data.get("health", data.get("to", "passing"))))
             self.health[(service, instance)] = status
@@ -364,6 +368,13 @@ class PrometheusCollector(Collector):
         for limit, n in list(rec.rejections.items()):
             rejections.add_metric([limit], n)
         yield rejections
+        degraded = CounterMetricFamily(
+            "lucid_ratelimit_degraded_decisions",
+            "Rate limit decisions made without the Redis backend, by on_backend_failure",
+            labels=["mode"])
+        for mode, n in list(rec.degraded.items()):
+            degraded.add_metric([mode], n)
+        yield degraded
         health = GaugeMetricFamily("lucid_instances", "Instances by health",
                                    labels=["service", "health"])
         counts: dict[tuple[str, str], int] = {}

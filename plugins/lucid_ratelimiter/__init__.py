@@ -1,10 +1,14 @@
 """Lucid's rate limiter plugin: token bucket, sliding and fixed windows, quotas, headers.
 
-Decisions are synchronous and in memory (:mod:`lucid_ratelimiter.algorithms`); quota
-counters (windows of an hour or more) are written to SQLite in the background, in
-batches (:mod:`lucid_ratelimiter.store`). Limits are definitions of kind ``"limit"``
-in the core's definitions layer: ``[[ratelimiter.limits]]`` ("static") and the admin
-API ("dynamic", kept by the core's store); both apply without a restart.
+With the local ``[cluster]`` backend, decisions are synchronous and in memory
+(:mod:`lucid_ratelimiter.algorithms`); quota counters (windows of an hour or more) are
+written to SQLite in the background, in batches (:mod:`lucid_ratelimiter.store`). With
+a Redis backend every limit counts once for the cluster: each request's limits are
+decided together by one script in Redis, batched per worker, with a local fallback
+while Redis is down (:mod:`lucid_ratelimiter.redis_store`). Limits are definitions of
+kind ``"limit"`` in the core's definitions layer: ``[[ratelimiter.limits]]``
+("static") and the admin API ("dynamic", kept by the core's store); both apply
+without a restart.
 
 Each generation gets its table in ``lucid_prepare``; ``lucid_activate`` makes it live
 and moves the counters of unchanged limits over, so the data path only reads
@@ -24,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lucid.cluster import Membership
 from lucid.config import ConfigError, data_dir
-from lucid.definitions import Kind, legacy_rows, read_stored
+from lucid.definitions import BackendUnavailable, Kind, legacy_rows, read_stored
 from lucid.model import Event, Exchange, Generation, Rejection
 from lucid.plugins import hookimpl
 from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
 from lucid_ratelimiter.config import Limit, RateLimiterConfig, RouteSettings
+from lucid_ratelimiter.redis_store import ALGORITHM_CODES, MICRO, SharedLimits, limit_keys
 from lucid_ratelimiter.store import Row, SqliteStore
 
 if TYPE_CHECKING:
@@ -40,9 +46,10 @@ __all__ = ["RateLimiterPlugin", "RateLimiterConfig", "Limit", "RouteSettings"]
 log = logging.getLogger("lucid.ratelimiter")
 
 WORKERS_REASON = (
-    "ratelimiter: limits are counted in each worker's memory, so {workers} workers would "
-    "admit {workers}x every limit; run with server.workers = 1 until a shared (Redis) "
-    "store exists"
+    "ratelimiter: with the local [cluster] backend limits are counted in each worker's "
+    "memory, so {workers} workers would admit {workers}x every limit; run with "
+    "server.workers = 1, or use a Redis [cluster] backend (backend = \"redis://...\"), "
+    "which counts every limit once for all workers and nodes"
 )
 MAX_REJECTION_KEYS = 100_000  # per limit, for the usage report's "most limited keys"
 IN_FLIGHT = "ratelimiter.in_flight"  # exchange.attributes: the slots an exchange holds
@@ -93,7 +100,7 @@ class CompiledLimit:
 
     __slots__ = ("id", "spec", "source", "revision", "limiter", "key_of", "quota", "concurrent",
                  "signature", "rejections", "limit", "policy", "ietf_prefix", "x_limit",
-                 "dirty")
+                 "dirty", "shared_prefix", "shared_rejections", "shared_args", "fallback")
 
     def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str,
                  revision: int = 0):
@@ -114,6 +121,13 @@ class CompiledLimit:
                        else f'"{spec.id}";q={self.limit};w={int(spec.period)}')
         self.ietf_prefix = f'"{spec.id}";r='
         self.x_limit = str(self.limit)
+        # with a Redis backend (set by lucid_prepare): where it counts, and its
+        # script parameters (algorithm, count, period or lease in µs, capacity)
+        self.shared_prefix = ""
+        self.shared_rejections = ""
+        self.shared_args: tuple[str, int, int, int] = ("", 0, 0, 0)
+        # while Redis is down (on_backend_failure = "local"): this process's share
+        self.fallback: Limiter | None = None
 
 
 @dataclass(slots=True)
@@ -137,6 +151,7 @@ class Table:
 
     config: RateLimiterConfig
     limits: dict[str, CompiledLimit] = field(default_factory=dict)
+    shared: bool = False  # counted in Redis (a Redis [cluster] backend)
     plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
 
     def plan(self, route_id: str, tier: str) -> Plan:
@@ -211,6 +226,10 @@ class RateLimiterPlugin:
         self.last_flush_at: float | None = None
         self.swept = 0
         self.write_lock = asyncio.Lock()
+        self.shared: SharedLimits | None = None  # with a Redis [cluster] backend
+        self.processes = 1  # live gateway processes in the cluster (membership)
+        self.degraded = {"local": 0, "open": 0, "closed": 0}  # decisions without Redis
+        self._reported = dict(self.degraded)  # as last emitted (limit_degraded events)
 
     # lifecycle ----------------------------------------------------------------
     @hookimpl
@@ -234,6 +253,8 @@ class RateLimiterPlugin:
         through the admin API (by this or an older Lucid), refuses several workers."""
         if workers <= 1:
             return None
+        if getattr(getattr(config, "cluster", None), "backend", "local") != "local":
+            return None  # counted in Redis, once for every worker and node
         section = getattr(config, "ratelimiter", None)
         if section is not None and section.limits:
             return WORKERS_REASON.format(workers=workers)
@@ -253,9 +274,20 @@ class RateLimiterPlugin:
             problems = unknown_routes(generation, config)
             if problems:
                 raise ConfigError(generation.source, problems)
-        generation.state["ratelimiter"] = compile_table(config, (
+        table = generation.state["ratelimiter"] = compile_table(config, (
             (d.parsed(Limit), d.origin, d.revision)
             for d in generation.defined("limit").values()))
+        cluster = getattr(generation.runtime, "cluster", None)
+        if cluster is not None and cluster.shared:
+            table.shared = True
+            for compiled in table.limits.values():
+                spec = compiled.spec
+                compiled.shared_prefix, compiled.shared_rejections = limit_keys(
+                    cluster, compiled.id, compiled.signature)
+                # a concurrency slot's "period" is its lease
+                period = config.concurrency_lease if spec.concurrent else spec.period
+                compiled.shared_args = (ALGORITHM_CODES[spec.algorithm], spec.count,
+                                        int(period * MICRO), spec.capacity)
 
     @hookimpl
     async def lucid_startup(self, runtime: Runtime) -> None:
@@ -267,6 +299,12 @@ class RateLimiterPlugin:
             loop.create_task(self._every(lambda: self.flush_interval, self.flush)),
             loop.create_task(self._every(lambda: self.sweep_interval, self._sweep)),
         ]
+        if runtime.cluster.shared:
+            self.shared = SharedLimits(runtime.cluster,
+                                       runtime.config.ratelimiter.concurrency_lease,
+                                       on_trip=self._degrade)
+            self.processes = runtime.config.server.workers
+            self._tasks.append(loop.create_task(self._watch_backend(runtime)))
 
     @hookimpl
     async def lucid_activate(self, generation: Generation) -> None:
@@ -302,6 +340,8 @@ class RateLimiterPlugin:
                     restored.limiter.load(key, window, value, before, now)
             self._restored = []
         self.table = table
+        if self.shared is not None and not self.shared.closed:
+            self._degrade()  # Redis is down: the new limits need their local share
         return {
             id: (table.limits[id].signature if id in table.limits else None)
             for id, previous in old.items()
@@ -372,6 +412,18 @@ class RateLimiterPlugin:
         slots = plan.slots
         if not limits and not slots:
             return None
+        if table.shared and self.shared is not None:
+            if self.shared.closed:
+                return self._admit_shared(exchange, plan, cost, style)
+            return self._degraded(exchange, table, plan, cost, style)
+        return self._admit_local(exchange, plan, cost, style, False)
+
+    def _admit_local(self, exchange: Exchange, plan: Plan, cost: int, style: str,
+                     fallback: bool) -> Rejection | None:
+        """Decide in this process's memory: the local backend, or (``fallback``) this
+        process's share of each limit while Redis is down."""
+        limits = plan.limits
+        slots = plan.slots
         now = self.clock()
         chosen: CompiledLimit | None = None
         chosen_remaining = 0
@@ -379,19 +431,23 @@ class RateLimiterPlugin:
         keys: list[str] = []
         for compiled in limits:
             key = compiled.key_of(exchange)
-            limiter = compiled.limiter
+            limiter = compiled.fallback if fallback else compiled.limiter
+            assert limiter is not None
             remaining = limiter.hit(key, cost, now)
             if remaining < 0:
                 for prior, prior_key in zip(limits, keys, strict=False):
-                    prior.limiter.refund(prior_key, cost, now)
-                return self._reject(exchange, compiled, key, style, plan, now)
+                    (prior.fallback if fallback else prior.limiter).refund(  # type: ignore[union-attr]
+                        prior_key, cost, now)
+                return self._reject(exchange, compiled, key, style, plan,
+                                    limiter.retry_after, limiter.reset)
             keys.append(key)
-            if compiled.quota:
+            if compiled.quota and not fallback:
                 compiled.dirty.add(key)
             if chosen is None or remaining < chosen_remaining:
                 chosen, chosen_remaining, chosen_reset = compiled, remaining, limiter.reset
         if slots:
-            refusal = self._take_slots(exchange, slots, limits, keys, cost, style, now)
+            refusal = self._take_slots(exchange, slots, limits, keys, cost, style, now,
+                                       fallback)
             if refusal is not None:
                 return refusal
         self.admitted += 1
@@ -402,20 +458,22 @@ class RateLimiterPlugin:
 
     def _take_slots(self, exchange: Exchange, slots: tuple[CompiledLimit, ...],
                     limits: tuple[CompiledLimit, ...], keys: list[str], cost: int, style: str,
-                    now: float) -> Rejection | None:
+                    now: float, fallback: bool = False) -> Rejection | None:
         """Take ``cost`` in-flight units from every concurrency limit, or none of them
         (and give the rate limits' units back) if one is full. What is taken is noted
         on the exchange, for :meth:`lucid_observe_exchange` to give back."""
         taken: list[tuple[Any, str, int]] = []
         for compiled in slots:
             key = compiled.key_of(exchange)
-            limiter = compiled.limiter
+            limiter: Any = compiled.fallback if fallback else compiled.limiter
             if limiter.hit(key, cost, now) < 0:
                 for prior, prior_key, _ in taken:
                     prior.release(prior_key, cost)
                 for prior, prior_key in zip(limits, keys, strict=True):
-                    prior.limiter.refund(prior_key, cost, now)
-                return self._reject(exchange, compiled, key, style, None, now)
+                    (prior.fallback if fallback else prior.limiter).refund(  # type: ignore[union-attr]
+                        prior_key, cost, now)
+                return self._reject(exchange, compiled, key, style, None,
+                                    limiter.retry_after, limiter.reset)
             taken.append((limiter, key, cost))
         exchange.attributes[IN_FLIGHT] = taken
         return None
@@ -430,18 +488,138 @@ class RateLimiterPlugin:
             for limiter, key, cost in taken:
                 limiter.release(key, cost)
 
+    async def _admit_shared(self, exchange: Exchange, plan: Plan, cost: int,
+                            style: str) -> Rejection | None:
+        """Decide in Redis: one group of the worker's next batched script call, every
+        limit of the plan counted atomically (all or none)."""
+        shared = self.shared
+        assert shared is not None
+        every = plan.limits + plan.slots
+        args: list[Any] = []
+        keys: list[str] = []
+        labels: list[str] = []
+        leases: list[str] = []
+        for compiled in every:
+            key = compiled.key_of(exchange)
+            labels.append(key)
+            keys.append(compiled.shared_prefix + key)
+            code, count, period, capacity = compiled.shared_args
+            lease = ""
+            if compiled.concurrent:
+                lease = shared.lease_id(cost)
+                leases.append(lease)
+            args += (code, cost, count, period, capacity, lease, compiled.shared_rejections,
+                     key)
+        try:
+            reply = await shared.decide(args, keys)
+        except BackendUnavailable:
+            table = self.table
+            assert table is not None
+            return self._degraded(exchange, table, plan, cost, style)
+        refused = int(reply[0]) - 1
+        if refused >= 0:
+            at = 1 + 3 * refused
+            compiled = every[refused]
+            return self._reject(exchange, compiled, labels[refused], style,
+                                plan if refused < len(plan.limits) else None,
+                                reply[at + 2] / MICRO, reply[at + 1] / MICRO)
+        if plan.slots:
+            taken = []
+            for key, lease in zip(keys[len(plan.limits):], leases, strict=True):
+                shared.held[lease] = key
+                taken.append((shared, key, lease))
+            exchange.attributes[IN_FLIGHT] = taken
+        self.admitted += 1
+        if style != "none" and plan.limits:
+            best = 0
+            for i in range(1, len(plan.limits)):
+                if reply[1 + 3 * i] < reply[1 + 3 * best]:
+                    best = i
+            exchange.response_headers += _headers(
+                style, plan.policy, plan.limits[best], int(reply[1 + 3 * best]),
+                reply[2 + 3 * best] / MICRO)
+        return None
+
+    def _degraded(self, exchange: Exchange, table: Table, plan: Plan, cost: int,
+                  style: str) -> Rejection | None:
+        """Redis is down: ``on_backend_failure`` decides (each decision counted)."""
+        mode = table.config.on_backend_failure
+        self.degraded[mode] += 1
+        if mode == "open":
+            self.admitted += 1
+            return None
+        if mode == "closed":
+            self.rejected += 1
+            return Rejection(503, {"error": "rate limit backend unavailable",
+                                   "backend": self.runtime.cluster.url if self.runtime
+                                   else ""}, [("retry-after", "1")],
+                             reason="rate limit backend unavailable", retry_after=1)
+        return self._admit_local(exchange, plan, cost, style, True)
+
+    def _degrade(self) -> None:
+        """The breaker opened: give every limit this process's share (limit ÷ live
+        gateway processes, at least 1), counted in memory from now on."""
+        if self.table is None:
+            return
+        share = max(1, self.processes)
+        for compiled in self.table.limits.values():
+            spec = compiled.spec
+            compiled.fallback = ALGORITHMS[spec.algorithm](
+                max(1, spec.count // share), spec.period, max(1, spec.capacity // share),
+                self.table.config.max_keys)
+
+    async def _watch_backend(self, runtime: Runtime) -> None:
+        """While Redis is down, probe it every 0.2 s (requests never wait on a probe);
+        while it is up, keep the count of live processes (for the local share) and
+        renew the concurrency leases this worker holds. Degraded decisions are
+        announced as ``limit_degraded`` events (counted by monitoring)."""
+        shared = self.shared
+        assert shared is not None
+        membership = Membership(runtime.cluster, dict)
+        cluster = runtime.cluster
+        last_members = last_renew = 0.0
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                if shared.closed and not cluster.up:
+                    shared.trip()  # another call of this process found Redis down
+                if not shared.closed:
+                    await shared.probe()
+                now = time.monotonic()
+                # the live processes matter only once Redis fails: read them seldom
+                if shared.closed and now - last_members >= max(2.0, cluster.config.heartbeat):
+                    last_members = now
+                    try:
+                        nodes = await membership.nodes()
+                    except BackendUnavailable:
+                        shared.trip()
+                    else:
+                        self.processes = max(1, sum(
+                            int(n.get("workers", 1)) for n in nodes if n.get("alive")))
+                if shared.closed and now - last_renew >= shared.lease_seconds / 3:
+                    last_renew = now
+                    await shared.renew()
+                for mode, count in self.degraded.items():
+                    if count != self._reported[mode]:
+                        runtime.emit(Event("limit_degraded", {
+                            "mode": mode, "decisions": count - self._reported[mode]}))
+                        self._reported[mode] = count
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("watching the rate limit backend failed")
+
     def _reject(self, exchange: Exchange, compiled: CompiledLimit, key: str, style: str,
-                plan: Plan | None, now: float) -> Rejection:
+                plan: Plan | None, retry_after: float, reset: float) -> Rejection:
         self.rejected += 1
         rejections = compiled.rejections
         if key in rejections or len(rejections) < MAX_REJECTION_KEYS:
             rejections[key] = rejections.get(key, 0) + 1
-        limiter = compiled.limiter
-        retry = max(1, math.ceil(limiter.retry_after - 1e-9))
+        retry = max(1, math.ceil(retry_after - 1e-9))
         headers = [("retry-after", str(retry))]
         if style != "none":
             policy = plan.policy if plan is not None else compiled.policy
-            headers += _headers(style, policy, compiled, 0, limiter.reset)
+            headers += _headers(style, policy, compiled, 0, reset)
         if self.runtime is not None:
             self.runtime.emit(Event("limit_rejected", {
                 "limit": compiled.id, "key": key, "route_id": exchange.route_id,

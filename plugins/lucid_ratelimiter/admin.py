@@ -11,6 +11,7 @@ the API lists them but cannot change or delete them (409). Reads show each limit
 from __future__ import annotations
 
 import heapq
+import time
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,10 +19,13 @@ from quart import Blueprint
 from quart_schema import tag, validate_querystring, validate_request
 
 from lucid.admin import error_response, if_match, runtime
+from lucid.definitions import BackendUnavailable
 from lucid_ratelimiter.config import Limit
+from lucid_ratelimiter.redis_store import MICRO
 
 if TYPE_CHECKING:
     from lucid_ratelimiter import CompiledLimit, RateLimiterPlugin
+    from lucid_ratelimiter.redis_store import SharedLimits
 
 blueprint = Blueprint("ratelimiter", __name__, url_prefix="/ratelimiter")
 tag_ratelimiter = tag(["ratelimiter"])
@@ -73,8 +77,11 @@ def describe(compiled: CompiledLimit) -> dict[str, Any]:
 async def health() -> Any:
     """The limiter is up; its store is reachable."""
     p = plugin()
-    return {"status": "ok" if p.store is not None else "starting", "store": "memory",
-            "persistence": "sqlite", "limits": len(p.table.limits) if p.table else 0}
+    shared = p.shared is not None
+    return {"status": "ok" if p.store is not None else "starting",
+            "store": "redis" if shared else "memory",
+            "persistence": "redis" if shared else "sqlite",
+            "limits": len(p.table.limits) if p.table else 0}
 
 
 @blueprint.get("/status")
@@ -99,6 +106,29 @@ async def status() -> Any:
             "last_flush_at": p.last_flush_at,
         },
         "workers": runtime().config.server.workers,
+        "backend": backend_status(p, table),
+    }
+
+
+def backend_status(p: RateLimiterPlugin, table: Any) -> dict[str, Any]:
+    """Where limits are counted and, with Redis, how that is going: the breaker,
+    batching (decisions per script call) and the decisions made without Redis."""
+    shared = p.shared
+    if shared is None:
+        return {"kind": "memory", "per_process": True}
+    return {
+        "kind": "redis",
+        "url": shared.cluster.url,
+        "up": shared.closed,
+        "down_for": (round(time.monotonic() - shared.opened_at, 3)
+                     if shared.opened_at is not None else None),
+        "on_backend_failure": table.config.on_backend_failure,
+        "degraded": dict(p.degraded),
+        "script_calls": shared.calls,
+        "decisions": shared.decisions,
+        "breaker_openings": shared.failures,
+        "processes": p.processes,
+        "leases_held": len(shared.held),
     }
 
 
@@ -120,10 +150,11 @@ async def get_limit(limit_id: str) -> Any:
 
 def _refuse_workers() -> Any:
     workers = runtime().config.server.workers
-    if workers > 1:
+    if workers > 1 and not runtime().cluster.shared:
         return error_response(409, f"this gateway runs {workers} workers and the limiter's "
                                    "store is in memory: each worker would count on its own, "
-                                   "multiplying the limit; run with server.workers = 1")
+                                   "multiplying the limit; run with server.workers = 1 "
+                                   "or a Redis [cluster] backend")
     return None
 
 
@@ -184,6 +215,13 @@ async def usage(query_args: UsageQuery) -> Any:
     table = p.current()
     if query_args.limit is not None and query_args.limit not in table.limits:
         return error_response(404, f"no limit {query_args.limit!r}")
+    if p.shared is not None:
+        try:
+            candidates = await shared_usage(p.shared, table, query_args.limit,
+                                            query_args.key)
+        except BackendUnavailable as exc:
+            return error_response(503, f"the rate limit backend is unavailable: {exc}")
+        return usage_rows(candidates, query_args.top)
     now = p.clock()
     candidates = []  # (rejections, used, limit id, key, compiled, reset)
     for compiled in table.limits.values():
@@ -198,15 +236,67 @@ async def usage(query_args: UsageQuery) -> Any:
         for key in keys:
             used, reset = limiter.usage(key, now)
             candidates.append((rejections.get(key, 0), used, compiled.id, key, compiled, reset))
+    return usage_rows(candidates, query_args.top)
+
+
+def usage_rows(candidates: list[Any], top_n: int) -> dict[str, Any]:
+    """The most limited ``top_n`` of (rejections, used, limit id, key, compiled, reset)."""
     # the top N without sorting (or describing) every key of a million-key limit
-    top = heapq.nsmallest(query_args.top, candidates,
-                          key=lambda c: (-c[0], -c[1], c[2], c[3]))
+    top = heapq.nsmallest(top_n, candidates, key=lambda c: (-c[0], -c[1], c[2], c[3]))
     rows = [{
         "limit": limit_id, "key": key, "used": used,
         "remaining": max(0, compiled.limit - used), "limit_value": compiled.limit,
         "reset": round(reset, 3), "rejections": rejected,
     } for rejected, used, limit_id, key, compiled, reset in top]
     return {"usage": rows, "total": len(candidates)}
+
+
+MAX_SCANNED = 100_000  # keys per limit the cluster-wide usage report reads at most
+
+
+async def shared_usage(shared: SharedLimits, table: Any, limit_id: str | None,
+                       key: str | None) -> list[Any]:
+    """Usage rows from Redis: every node's and worker's counts and rejections."""
+    from lucid_ratelimiter.redis_store import KEY_TYPES
+
+    candidates = []
+    for compiled in table.limits.values():
+        if limit_id is not None and compiled.id != limit_id:
+            continue
+        prefix = compiled.shared_prefix
+
+        async def read(redis: Any, compiled: Any = compiled, prefix: str = prefix) -> Any:
+            rejections = await redis.hgetall(compiled.shared_rejections)
+            if key is not None:
+                return [key], rejections
+            labels = []
+            async for name in redis.scan_iter(match=glob_escape(prefix) + "*", count=1000,
+                                              _type=KEY_TYPES[compiled.spec.algorithm]):
+                labels.append(name[len(prefix):])
+                if len(labels) >= MAX_SCANNED:
+                    break
+            return labels, rejections
+
+        labels, rejections = await shared.cluster.call(read)
+        labels = list(dict.fromkeys([*labels, *rejections]))
+        code, count, period, capacity = compiled.shared_args
+        args = shared.params(compiled.spec.algorithm, 0, count, compiled.spec.period,
+                             capacity, "", "", "")
+        for start in range(0, len(labels), 1000):
+            chunk = labels[start:start + 1000]
+            reply = await shared.run([("u", args * len(chunk),
+                                       [prefix + label for label in chunk])])
+            values = reply[1]
+            for i, label in enumerate(chunk):
+                used, reset = int(values[2 * i]), values[2 * i + 1] / MICRO
+                candidates.append((int(rejections.get(label, 0)), used, compiled.id, label,
+                                   compiled, reset))
+    return candidates
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis ``SCAN MATCH`` pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 @blueprint.post("/usage/reset")
@@ -218,5 +308,24 @@ async def reset(data: ResetRequest) -> Any:
     if data.limit is not None and data.limit not in p.current().limits:
         return error_response(404, f"no limit {data.limit!r}")
     limits = p.reset_key(data.key, data.limit)
+    if p.shared is not None:
+        table = p.current()
+        names = []
+        for limit_id in limits:
+            compiled = table.limits[limit_id]
+            state = compiled.shared_prefix + data.key
+            names.append((state, compiled.shared_rejections))
+
+        async def forget(redis: Any) -> None:
+            async with redis.pipeline(transaction=True) as pipe:
+                for state, rejections in names:
+                    pipe.delete(state, state + ":n")
+                    pipe.hdel(rejections, data.key)
+                await pipe.execute()
+
+        try:
+            await p.shared.cluster.call(forget)
+        except BackendUnavailable as exc:
+            return error_response(503, f"the rate limit backend is unavailable: {exc}")
     await p.flush()
     return {"key": data.key, "limits": limits}

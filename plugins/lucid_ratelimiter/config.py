@@ -17,6 +17,7 @@ Algorithm = Literal["token_bucket", "sliding_log", "sliding_window", "fixed_wind
                     "concurrency"]
 KeyType = Literal["ip", "user", "api_key", "header", "route", "service", "global"]
 HeaderStyle = Literal["all", "ietf", "x", "none"]
+BackendFailure = Literal["local", "open", "closed"]
 
 PERIODS = {
     "s": 1, "sec": 1, "second": 1,
@@ -154,6 +155,11 @@ class RateLimiterConfig(BaseModel):
     max_keys: int = Field(default=1_000_000, ge=1)
     flush_interval: Duration = Field(default=1.0, gt=0)
     sweep_interval: Duration = Field(default=10.0, gt=0)
+    # with a Redis [cluster] backend: what decides while Redis does not answer
+    on_backend_failure: BackendFailure = "local"
+    # a concurrency slot held in Redis expires this long after its holder last renewed
+    # it (every third of it), so a killed node's slots come back within it
+    concurrency_lease: Duration = Field(default=10.0, ge=0.3, le=3600)
 
     @field_validator("api_key_header")
     @classmethod

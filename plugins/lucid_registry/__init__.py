@@ -10,15 +10,21 @@ until the admin API first writes, and every service lookup misses.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lucid.cluster import not_shared_yet
 from lucid.config import ConfigError
 from lucid.model import Exchange, Instance
 from lucid.passive import STATE_KEY as PASSIVE_STATE
 from lucid.plugins import hookimpl
+from lucid_registry.cluster import ClusterRegistry, RedisStore
 from lucid_registry.config import RegistryConfig
 from lucid_registry.registry import Registry
 from lucid_registry.store import SQLiteStore
+
+if TYPE_CHECKING:
+    from lucid.model import Generation
+    from lucid.runtime import Runtime
 
 LUCID_CAPABILITY = "registry"
 DB_NAME = "registry.db"
@@ -53,13 +59,15 @@ class RegistryPlugin:
 
     @hookimpl
     def lucid_check_workers(self, config: Any, workers: int) -> str | None:
+        if config.cluster.backend != "local":
+            return None  # every worker follows the registry in Redis
         if workers > 1 and config.registry.model_fields_set:
             return ("the registry keeps instances and their health in one process; "
-                    "run it with server.workers = 1")
+                    + not_shared_yet(config, "registrations are"))
         return None
 
     @hookimpl
-    def lucid_prepare(self, generation: Any) -> None:
+    def lucid_prepare(self, generation: Generation) -> None:
         config = generation.config
         generation.state["registry"] = config.registry
         if "passive" in config.registry.model_fields_set:
@@ -72,8 +80,15 @@ class RegistryPlugin:
             generation.state[PASSIVE_STATE] = config.registry.passive
 
     @hookimpl
-    async def lucid_startup(self, runtime: Any) -> None:
+    async def lucid_startup(self, runtime: Runtime) -> None:
         config: RegistryConfig = runtime.config.registry
+        if runtime.cluster.shared:
+            shared = ClusterRegistry(runtime, config, RedisStore(runtime.cluster),
+                                     self.candidates)
+            await shared.start(config.services)
+            shared.background(shared.follow(expire=runtime.worker_index == 0))
+            self.registry = shared
+            return
         path = runtime.data_dir / DB_NAME
         registry = Registry(runtime, config, SQLiteStore(path), self.candidates)
         if runtime.config.server.workers > 1:
@@ -83,10 +98,10 @@ class RegistryPlugin:
         self.registry = registry
 
     @hookimpl
-    async def lucid_shutdown(self, runtime: Any) -> None:
+    async def lucid_shutdown(self, runtime: Runtime) -> None:
         if self.registry is not None:
             await self.registry.stop()
-            await self.registry.store.close()
+            await self.registry.close_store()
             self.registry = None
 
     @hookimpl
@@ -112,12 +127,14 @@ class RegistryPlugin:
     # data path -----------------------------------------------------------------
     @hookimpl
     def lucid_resolve_instances(
-        self, exchange: Exchange, generation: Any
+        self, exchange: Exchange, generation: Generation
     ) -> Sequence[Instance] | None:
         return self.candidates.get(exchange.service)
 
     @hookimpl
-    def lucid_list_instances(self, service: str, generation: Any) -> Sequence[Instance] | None:
+    def lucid_list_instances(
+        self, service: str, generation: Generation
+    ) -> Sequence[Instance] | None:
         registry = self.registry
         known = registry.services.get(service) if registry is not None else None
         if known is None:

@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -39,6 +39,9 @@ from lucid_registry.config import (
     StaticService,
 )
 from lucid_registry.store import RegistryStore
+
+if TYPE_CHECKING:
+    from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.registry")
 
@@ -131,11 +134,36 @@ class Record:
             "id": spec.id, "url": spec.url, "scheme": scheme, "host": host.strip("[]"),
             "port": int(port), "weight": spec.weight, "zone": spec.zone,
             "metadata": spec.metadata, "tags": spec.tags, "status": self.status,
-            "checks": {"reported": self.reported, "http": self.http,
-                       "passive": "critical" if self.ejected_until else "passing"},
+            "checks": self.checks(),
             "note": self.note, "maintenance_reason": self.maintenance,
             "static": self.static, "last_change": self.changed_at,
         }
+
+    def respec(self, previous: InstanceSpec) -> bool:
+        """``spec`` was replaced (``previous`` before): a new routing object, so
+        requests in flight keep the one they picked; a new URL is judged afresh.
+        Whether it was ejected (then its status must be recomputed)."""
+        spec = self.spec
+        self.instance = RegisteredInstance(
+            id=spec.id, url=spec.url, service=self.service.name, weight=spec.weight,
+            zone=spec.zone, metadata=dict(spec.metadata), tags=tuple(spec.tags),
+            status=self.status, record=self)
+        if spec.url == previous.url:
+            return False
+        ejected = bool(self.ejected_until)
+        self.check_passes = self.check_failures = 0
+        self.ejected_until = 0.0  # the core judges the new URL afresh
+        return ejected
+
+    def checks(self) -> dict[str, Any]:
+        """The parts of the status; in cluster mode ``node`` says whose view the
+        active and passive parts are (each node checks for its own traffic)."""
+        checks: dict[str, Any] = {
+            "reported": self.reported, "http": self.http,
+            "passive": "critical" if self.ejected_until else "passing"}
+        if self.service.node is not None:
+            checks["node"] = self.service.node
+        return checks
 
     def row(self) -> dict[str, Any]:
         spec = self.spec
@@ -150,7 +178,7 @@ class Service:
     """A named service: its description, check spec and instances."""
 
     __slots__ = ("name", "metadata", "tags", "check", "static", "records", "idx", "changed",
-                 "watchers")
+                 "watchers", "node")
 
     def __init__(self, name: str, body: ServiceBody, static: bool):
         self.name = name
@@ -162,6 +190,7 @@ class Service:
         self.idx = 0
         self.changed = asyncio.Event()
         self.watchers = 0  # blocking queries and SSE streams waiting on it now
+        self.node: str | None = None  # cluster mode: the node whose checks show here
 
     def body(self) -> dict[str, Any]:
         return {"metadata": self.metadata, "tags": self.tags,
@@ -186,7 +215,7 @@ class Service:
 class Registry:
     """All services of one gateway, their health machinery and their persistence."""
 
-    def __init__(self, runtime: Any, config: RegistryConfig, store: RegistryStore,
+    def __init__(self, runtime: Runtime, config: RegistryConfig, store: RegistryStore,
                  candidates: dict[str, list[Instance]], seed: int | None = None):
         self.runtime = runtime
         self.config = config
@@ -320,6 +349,15 @@ class Registry:
             await asyncio.gather(self._flushing, return_exceptions=True)
         await self._flush()
 
+    async def close_store(self) -> None:
+        await self.store.close()
+
+    def background(self, work: Any) -> None:
+        """Run ``work`` until the registry stops."""
+        task = self.loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # the data path ---------------------------------------------------------
     def _rebuild(self, service: Service) -> None:
         """The candidates of one service: passing instances, else warning ones; with
@@ -331,19 +369,32 @@ class Registry:
         everyone = [r.instance for r in records if r.status != "maintenance"]
         self.candidates[service.name] = Candidates(passing, everyone)
 
-    def _changed(self, service: Service) -> None:
-        """Bump the index, rebuild candidates, wake the service's watchers."""
-        self.index += 1
-        service.idx = self.index
+    def _bump(self) -> int | None:
+        """The index of a change made here: the next one. (In cluster mode the index
+        is the cluster's, and a change only this node sees does not move it.)"""
+        return self.index + 1
+
+    def _changed(self, service: Service, index: int | None = None) -> None:
+        """Bump the index (or take ``index``), rebuild candidates, wake the service's
+        watchers."""
+        if index is None:
+            index = self._bump()
         self._rebuild(service)
+        if index is None:
+            return
+        self.index = max(self.index, index)
+        service.idx = index
         event, service.changed = service.changed, asyncio.Event()
         event.set()
         self._wake_catalog()
 
-    def _removed(self, service: Service) -> None:
+    def _removed(self, service: Service, index: int | None = None) -> None:
         """A service left: bump the index, wake its watchers (they see it gone)."""
-        self.index += 1
-        service.idx = self.index
+        if index is None:
+            index = self._bump()
+        if index is not None:
+            self.index = max(self.index, index)
+            service.idx = index
         service.changed.set()
         self._wake_catalog()
 
@@ -391,7 +442,7 @@ class Registry:
     def _arm(self, record: Record, first: bool = False) -> None:
         """(Re)start the TTL clock and active checks of a record per its service's spec."""
         check = record.service.check
-        if check.ttl is not None:
+        if check.ttl is not None and self._times(record):
             record.ttl_deadline = self.loop.time() + check.ttl
             if record.ttl_timer is None:
                 record.ttl_timer = self.loop.call_at(record.ttl_deadline, self._ttl_due, record)
@@ -411,6 +462,11 @@ class Registry:
             record.http = None
         self._arm_deregister(record)
 
+    def _times(self, record: Record) -> bool:
+        """Whether this process runs the TTL and deregistration clocks of ``record``
+        (in cluster mode Redis does, for registered instances)."""
+        return True
+
     def _ttl_due(self, record: Record) -> None:
         record.ttl_timer = None
         if record.removed or record.service.check.ttl is None:
@@ -427,14 +483,15 @@ class Registry:
     def renew(self, record: Record) -> None:
         """A heartbeat: push the TTL deadline (the timer catches up lazily)."""
         ttl = record.service.check.ttl
-        if ttl is not None:
+        if ttl is not None and self._times(record):
             record.ttl_deadline = self.loop.time() + ttl
             if record.ttl_timer is None:
                 record.ttl_timer = self.loop.call_at(record.ttl_deadline, self._ttl_due, record)
 
     def _arm_deregister(self, record: Record) -> None:
         after = record.service.check.deregister_after
-        due = after is not None and not record.static and record.health == "critical"
+        due = (after is not None and not record.static and record.health == "critical"
+               and self._times(record))
         if after is not None and due and record.dereg_timer is None:
             record.dereg_timer = self.loop.call_later(after, self._deregister_due, record)
         elif not due and record.dereg_timer is not None:
@@ -447,9 +504,7 @@ class Registry:
             return
         service = record.service
         after = service.check.deregister_after
-        task = self.loop.create_task(self._remove_expired(record, after))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.background(self._remove_expired(record, after))
 
     async def _remove_expired(self, record: Record, after: float | None) -> None:
         async with self.lock:
@@ -647,15 +702,7 @@ class Registry:
             except BaseException:
                 record.spec = previous
                 raise
-            # A new routing object: requests in flight keep the one they picked.
-            record.instance = RegisteredInstance(
-                id=spec.id, url=spec.url, service=name, weight=spec.weight, zone=spec.zone,
-                metadata=dict(spec.metadata), tags=tuple(spec.tags), status=record.status,
-                record=record)
-            ejected = spec.url != previous.url and record.ejected_until
-            if spec.url != previous.url:
-                record.check_passes = record.check_failures = 0
-                record.ejected_until = 0.0  # the core judges the new URL afresh
+            ejected = record.respec(previous)
             self._changed(record.service)
             if ejected:
                 self._restatus(record, "passive")
@@ -690,17 +737,7 @@ class Registry:
         is renewed. Status changes are committed in one transaction before answering;
         renewals without a change write nothing.
         """
-        records: list[Record] = []
-        missing: list[str] = []
-        for name, instance_id, _, _ in items:
-            service = self.services.get(name)
-            record = service.records.get(instance_id) if service is not None else None
-            if record is None:
-                missing.append(f"{name}/{instance_id}")
-            else:
-                records.append(record)
-        if missing:
-            raise NotFound(f"{len(missing)} unknown instance(s)", unknown=missing[:100])
+        records = self._records(items)
         changed: list[tuple[Record, str, str]] = []
         for record, (_, _, status, note) in zip(records, items, strict=True):
             self.renew(record)
@@ -726,6 +763,21 @@ class Registry:
                     raise
                 for record, _, _ in live:
                     self._restatus(record, "heartbeat")
+        return records
+
+    def _records(self, items: list[tuple[str, str, str, str]]) -> list[Record]:
+        """The records of a batch of heartbeats; 404 listing every unknown one."""
+        records: list[Record] = []
+        missing: list[str] = []
+        for name, instance_id, _, _ in items:
+            service = self.services.get(name)
+            record = service.records.get(instance_id) if service is not None else None
+            if record is None:
+                missing.append(f"{name}/{instance_id}")
+            else:
+                records.append(record)
+        if missing:
+            raise NotFound(f"{len(missing)} unknown instance(s)", unknown=missing[:100])
         return records
 
     async def maintenance(self, name: str, instance_id: str, enabled: bool,

@@ -154,7 +154,7 @@ service = "svc"
 
 
 @pytest.mark.parametrize(("setting", "problem"), [
-    ('keys = { a = "k1", b = "k1" }', "apikey.keys"),
+    ('keys = { a = "k1-secret", b = "k1-secret" }', "apikey.keys"),
     ('keys = { "no spaces" = "k" }', "apikey.keys"),
     ('header = "x api key"', "apikey.header"),
     ('unknown = 1', "apikey.unknown"),
@@ -165,3 +165,4 @@ async def test_bad_config_is_refused_naming_the_key(
     with pytest.raises(ConfigError) as raised:
         await lucid_gateway(f"[apikey]\n{setting}\n")
     assert problem in str(raised.value)
+    assert "k1-secret" not in str(raised.value)  # keys are SecretStr: never echoed

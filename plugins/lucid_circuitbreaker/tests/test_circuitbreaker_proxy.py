@@ -266,6 +266,7 @@ retries = {{ attempts = 1 }}
     assert [(await get(gw))[0] for _ in range(20)] == [500] * 20
     assert plugin_of(gw).circuits == {}
     assert (await admin(gw, "GET", "/status")) == (200, {
+        "scope": "node", "shared_state_reachable": None,
         "circuits": [], "transitions": {}, "recent_transitions": []})
 
 
@@ -406,12 +407,25 @@ def test_several_workers_are_refused_with_declared_circuits() -> None:
     from lucid_circuitbreaker.config import CircuitBreakerConfig
 
     plugin = CircuitBreakerPlugin()
-    declared = SimpleNamespace(circuitbreaker=CircuitBreakerConfig.model_validate(
-        {"circuits": {"c": {"service": "svc"}}}))
-    none = SimpleNamespace(circuitbreaker=CircuitBreakerConfig())
-    assert "per process" in (plugin.lucid_check_workers(declared, 2) or "")
+    local = SimpleNamespace(backend="local")
+    redis = SimpleNamespace(backend="redis://127.0.0.1:6379/0")
+
+    def section(**fields: Any) -> Any:
+        return CircuitBreakerConfig.model_validate(
+            {"circuits": {"c": {"service": "svc"}}, **fields})
+
+    declared = SimpleNamespace(circuitbreaker=section(), cluster=local)
+    none = SimpleNamespace(circuitbreaker=CircuitBreakerConfig(), cluster=local)
+    refused = plugin.lucid_check_workers(declared, 2) or ""
+    assert "per process" in refused and "Redis backend" in refused
     assert plugin.lucid_check_workers(declared, 1) is None
     assert plugin.lucid_check_workers(none, 4) is None
+    # with a Redis backend every worker shares the breaker state (cluster scope)...
+    shared = SimpleNamespace(circuitbreaker=section(), cluster=redis)
+    assert plugin.lucid_check_workers(shared, 4) is None
+    # ...unless node scope is asked for
+    alone = SimpleNamespace(circuitbreaker=section(scope="node"), cluster=redis)
+    assert "per process" in (plugin.lucid_check_workers(alone, 2) or "")
 
 
 async def test_a_failing_fallback_service_leaves_the_default_503(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from lucid_registry.testing import next_event
+
 from lucid.testing import wait_until
 
 ROUTES = """
@@ -262,31 +264,18 @@ async def test_sse_stream_sends_the_list_then_every_change(lucid_gateway):
     async with gw.session.get(gw.admin_url + "/registry/services/users/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
 
-        async def next_event():
-            fields = {}
-            while True:
-                line = (await stream.content.readline()).decode().rstrip("\n")
-                if not line:
-                    if fields:
-                        return fields
-                    continue
-                if line.startswith(":"):
-                    continue
-                key, _, value = line.partition(": ")
-                fields[key] = value
-
-        first = await next_event()
+        first = await next_event(stream)
         assert first["event"] == "instances"
         assert [i["id"] for i in json.loads(first["data"])["instances"]] == ["a"]
         async with gw.session.post(gw.admin_url + "/registry/services/users/instances",
                                    json={"id": "b", "url": "http://127.0.0.1:9002"}) as r:
             assert r.status == 201
-        second = await next_event()
+        second = await next_event(stream)
         assert int(second["id"]) > int(first["id"])
         assert [i["id"] for i in json.loads(second["data"])["instances"]] == ["a", "b"]
         async with gw.session.delete(gw.admin_url + "/registry/services/users") as r:
             assert r.status == 200
-        assert (await next_event())["event"] == "deleted"
+        assert (await next_event(stream))["event"] == "deleted"
 
 
 async def test_inert_without_config_or_registrations(lucid_upstream, lucid_gateway):

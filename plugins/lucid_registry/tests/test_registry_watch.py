@@ -8,6 +8,7 @@ import json
 import signal
 
 import aiohttp
+from lucid_registry.testing import next_event
 
 from lucid.model import Event
 from lucid.testing import wait_until
@@ -17,24 +18,6 @@ async def post(session, url, body, status):
     async with session.post(url, json=body) as r:
         assert r.status == status, await r.text()
         return await r.json()
-
-
-async def next_event(stream):
-    """The next SSE event's fields (comments skipped), or None when the stream ends."""
-    fields = {}
-    while True:
-        raw = await stream.content.readline()
-        if not raw:
-            return None
-        line = raw.decode().rstrip("\n")
-        if not line:
-            if fields:
-                return fields
-            continue
-        if line.startswith(":"):
-            continue
-        key, _, value = line.partition(": ")
-        fields[key] = value
 
 
 async def test_the_list_blocks_until_any_service_changes(lucid_gateway):
