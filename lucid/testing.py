@@ -39,11 +39,13 @@ from aiohttp.test_utils import TestServer
 from lucid.deprecation import moved
 from lucid.runtime import Runtime, load_plugins_and_config
 from lucid.server import bind_socket, run_process
+from lucid.testing_redis import RedisServer
 
 __all__ = [
     "GatewayProcess",
     "Handler",
     "PluginAdmin",
+    "RedisServer",
     "RunningGateway",
     "Upstream",
     "echo",
@@ -372,6 +374,8 @@ try:
 except ImportError:  # pragma: no cover - the helpers above work without pytest
     pass
 else:
+    # a private redis-server per test (cluster mode), for any plugin's tests
+    from lucid.testing_redis import lucid_redis  # noqa: F401
 
     @pytest_asyncio.fixture
     async def lucid_upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
@@ -388,7 +392,7 @@ else:
         for upstream in started:
             await upstream.close()
 
-    __all__ += ["lucid_gateway", "lucid_process", "lucid_upstream"]
+    __all__ += ["lucid_gateway", "lucid_process", "lucid_redis", "lucid_upstream"]
 
     def pytest_addoption(parser: pytest.Parser) -> None:
         """``--lucid-conformance=FILE``: run :mod:`lucid.conformance` against the plugin

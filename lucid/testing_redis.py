@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from lucid.testing import debian_tool
+from lucid.testing_internal import debian_tool
 
 
 def free_port() -> int:

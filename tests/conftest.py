@@ -111,7 +111,3 @@ def admin_token(role: str = "admin", ttl: int = 3600) -> str:
 def every_plugin() -> Any:
     """``(config text, admin token, objects to create, path parameters naming them)``."""
     return EVERY_PLUGIN, admin_token(), CREATED, PATH_PARAMETERS
-
-
-# A private redis-server per test, for cluster mode (lucid.testing_redis).
-from lucid.testing_redis import lucid_redis  # noqa: E402, F401

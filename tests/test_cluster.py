@@ -15,7 +15,8 @@ import pytest
 from lucid.cluster import Cluster, RedisBackend, redact_url
 from lucid.config import ClusterConfig
 from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Write
-from lucid.testing import json_request, run_lucid, wait_until, write_config
+from lucid.testing import json_request, wait_until, write_config
+from lucid.testing_internal import run_lucid
 
 # Three nodes starting at once on a machine shared with other test runs can take
 # longer than the kit's 20 s to import and listen.

@@ -17,10 +17,10 @@ from lucid.model import Exchange
 from lucid.plugins import hookimpl
 from lucid.testing import RunningGateway, run_gateway, wait_until
 
-PUBLIC = ["GatewayProcess", "Handler", "PluginAdmin", "RunningGateway", "Upstream", "echo",
-          "json_request", "run_gateway", "start_upstream", "wait_until",
+PUBLIC = ["GatewayProcess", "Handler", "PluginAdmin", "RedisServer", "RunningGateway",
+          "Upstream", "echo", "json_request", "run_gateway", "start_upstream", "wait_until",
           "wait_until_answered", "write_config",
-          "lucid_gateway", "lucid_process", "lucid_upstream"]
+          "lucid_gateway", "lucid_process", "lucid_redis", "lucid_upstream"]
 MOVED = {"lucid.testing": ["builtin_plugins", "debian_tool", "lucid_env", "plugin_rows",
                            "run_lucid", "two_services"],
          "lucid.testing_http": ["route", "challenge_params"]}
