@@ -13,6 +13,11 @@ the ratio isolates what Lucid's own code costs.
                                 [--variant LABEL=FILE ...]
                                 [--header 'Name: value' ...]
 
+The standard rows (``--no-standard-rows`` drops them) add the fast engine's floor
+(bench/floor_fast.py), Lucid on Hypercorn, and Lucid with the full plugin chain on
+the bench route, whose req/s is reported against both floors (goals 2.5x the
+Hypercorn floor, 0.80x the fast one).
+
 Each ``--variant LABEL=FILE`` adds one more Lucid row, started from the same
 generated config plus FILE, measured in the same rounds, and reported as a
 ratio to the plain Lucid row and to the floor ("throughput with feature X is
@@ -269,6 +274,40 @@ def floor_command(port: int, upstream_url: str) -> list[str]:
     ]
 
 
+def floor_fast_command(port: int, upstream_url: str) -> list[str]:
+    return [sys.executable, str(BENCH_DIR / "floor_fast.py"), "--listen", f"{HOST}:{port}",
+            "--upstream", upstream_url]
+
+
+# The engine rows (--standard-rows): Lucid on Hypercorn, and Lucid with every plugin on
+# the bench route on the default (fast) engine, measured against both floors.
+FULL_CHAIN_SECRET = "bench-secret-" + "x" * 40
+FULL_CHAIN_GOALS = {"floor": 2.5, "floor-fast": 0.80}  # lucid-full over each floor
+
+
+def standard_layers() -> dict[str, dict]:
+    """label -> config layer of the built-in rows."""
+    import jwt  # a Lucid dependency (pyjwt)
+
+    now = int(time.time())
+    token = jwt.encode({"iss": "https://bench.test", "aud": "api", "sub": "bench",
+                        "iat": now, "exp": now + 30 * 24 * 3600},
+                       FULL_CHAIN_SECRET, algorithm="HS256")
+    full = {
+        "gateway": {"auth": {"issuers": {"bench": {
+            "issuer": "https://bench.test", "audiences": ["api"], "algorithms": ["HS256"],
+            "secret": FULL_CHAIN_SECRET}}}},
+        "ratelimiter": {"limits": [{"id": "bench", "rate": "100000000/s", "key": "ip"}]},
+        "loadbalancer": {"pools": {"bench": {"service": "bench",
+                                             "algorithm": "least_request"}}},
+        "circuitbreaker": {"circuits": {"bench": {"service": "bench"}}},
+        "monitoring": {},
+        BENCH_ROUTE: {"auth": {}},
+        BENCH_HEADERS: {"Authorization": f"Bearer {token}"},
+    }
+    return {"lucid-hypercorn": {"server": {"engine": "hypercorn"}}, "lucid-full": full}
+
+
 # The table in an --extra-config or --variant file whose keys go into the bench
 # route (the generated config's [[gateway.routes]] entry with id "bench").
 BENCH_ROUTE = "bench_route"
@@ -472,7 +511,7 @@ def start_all(args: argparse.Namespace, tmp: Path, services: list[Service]) -> l
     bench in seconds rather than after the reference runs.  Idle servers cost
     nothing measurable while another target is being driven.
     """
-    ports = free_ports(4 + 2 * len(args.variants))
+    ports = free_ports(5 + 2 * len(args.variants))
     up_port, floor_port = ports[:2]
     up_url = f"http://{HOST}:{up_port}"
 
@@ -490,6 +529,13 @@ def start_all(args: argparse.Namespace, tmp: Path, services: list[Service]) -> l
         Target("upstream", up_url + "/", upstream, headers=headers),
         Target("floor", floor_url, floor, upstream, headers=headers),
     ]
+    if args.standard_rows:
+        fast_port = ports[-1]
+        fast = _start(services, "floor-fast", floor_fast_command(fast_port, up_url), tmp,
+                      "fast+pool", args.proxy_cpus)
+        fast_url = f"http://{HOST}:{fast_port}/"
+        wait_ready(fast, [fast_url], headers=headers)
+        targets.append(Target("floor-fast", fast_url, fast, upstream, headers=headers))
     base_layers = [(str(args.extra_config), args.extra_layer)] if args.extra_config else []
     base_headers = combine_headers(headers, layer_headers(args.extra_layer))
     rows = [(args.label, base_layers, tmp, base_headers)]
@@ -966,7 +1012,25 @@ def variant_ratios(summaries: list[Summary], args: argparse.Namespace) -> list[d
     return out
 
 
-def print_report(summaries: list[Summary], ratio: dict, variants: Sequence[dict] = ()) -> None:
+def engine_goals(summaries: list[Summary]) -> list[dict]:
+    """lucid-full (every plugin on the route, fast engine) over each floor, and the
+    Lucid rows on the two engines against each other."""
+    by_name = {s.target.name: s for s in summaries}
+    out = []
+    pairs = [("lucid-full", floor, goal) for floor, goal in FULL_CHAIN_GOALS.items()]
+    pairs += [("lucid", "lucid-hypercorn", None), ("floor-fast", "floor", None)]
+    for top, bottom, goal in pairs:
+        if top not in by_name or bottom not in by_name:
+            continue
+        value, per_round = _ratio(by_name[top], by_name[bottom])
+        out.append({"name": f"{top}/{bottom}", "value": value, "per_round": per_round,
+                    "cpu_value": _cpu_ratio(by_name[top], by_name[bottom]), "goal": goal,
+                    "met": None if goal is None else value is not None and value >= goal})
+    return out
+
+
+def print_report(summaries: list[Summary], ratio: dict, variants: Sequence[dict] = (),
+                 goals: Sequence[dict] = ()) -> None:
     print()
     print(format_table(summaries))
     for s in summaries:
@@ -1003,6 +1067,17 @@ def print_report(summaries: list[Summary], ratio: dict, variants: Sequence[dict]
             cpu = "" if r.get("cpu_value") is None else f"; CPU per request: {r['cpu_value']:.3f}"
             print(f"ratio {r['name']} (req/s): {r['value']:.3f} ({100 * r['value']:.1f}%)"
                   f"{rounds}{cpu}")
+    for r in goals:
+        if r["value"] is None:
+            print(f"ratio {r['name']}: n/a")
+            continue
+        verdict = "" if r["goal"] is None else (
+            f" -- goal {r['goal']:.2f} {'met' if r['met'] else 'NOT met'}")
+        cpu = "" if r.get("cpu_value") is None else f"; CPU per request: {r['cpu_value']:.3f}"
+        rounds = ""
+        if len(r["per_round"]) > 1:
+            rounds = "; per round: " + ", ".join(f"{x:.2f}" for x in r["per_round"])
+        print(f"ratio {r['name']} (req/s): {r['value']:.3f}{verdict}{rounds}{cpu}")
 
 
 def _version(dist: str) -> str | None:
@@ -1128,6 +1203,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "row and to the floor; repeatable",
     )
     parser.add_argument(
+        "--standard-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure floor-fast (bench/floor_fast.py), lucid-hypercorn (Lucid on "
+        "[server] engine = 'hypercorn') and lucid-full (JWT auth, rate limit, pool, breaker "
+        "and metrics on the bench route), and report lucid-full against both floors "
+        "(default on)",
+    )
+    parser.add_argument(
         "--header",
         dest="header_specs",
         action="append",
@@ -1164,6 +1248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.extra_config is not None and not args.extra_config.is_file():
         parser.error(f"--extra-config {args.extra_config}: no such file")
     args.variants = _parse_variants(parser, args)
+    if args.standard_rows:
+        args.variants += _standard_variants(parser, args)
     args.headers = _parse_headers(parser, args.header_specs)
     args.extra_layer = None
     if args.extra_config is not None or args.variants:
@@ -1218,6 +1304,24 @@ def _parse_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         if not path.is_file():
             parser.error(f"--variant {spec!r}: {file}: no such file")
         taken.add(label)
+        variants.append(Variant(label, path))
+    return variants
+
+
+def _standard_variants(parser: argparse.ArgumentParser, args: argparse.Namespace
+                       ) -> list[Variant]:
+    """The built-in rows as variants, their files in a directory removed at exit."""
+    import atexit
+
+    taken = {"upstream", "floor", "floor-fast", args.label, *(v.label for v in args.variants)}
+    directory = Path(tempfile.mkdtemp(prefix="lucid-bench-rows-"))
+    atexit.register(shutil.rmtree, directory, True)
+    variants = []
+    for label, layer in standard_layers().items():
+        if label in taken:
+            parser.error(f"--standard-rows: the label {label!r} is already used by another row")
+        path = directory / f"{label}.toml"
+        path.write_text(tomli_w.dumps(layer))
         variants.append(Variant(label, path))
     return variants
 
@@ -1282,8 +1386,11 @@ def run(args: argparse.Namespace) -> int:
         summaries = measure_all(targets, args, services)
         ratio = ratio_summary(summaries, args.label)
         variants = variant_ratios(summaries, args)
-        print_report(summaries, ratio, variants)
-        write_json(args.json, build_payload(args, summaries, ratio, variants))
+        goals = engine_goals(summaries)
+        print_report(summaries, ratio, variants, goals)
+        payload = build_payload(args, summaries, ratio, variants)
+        payload["engine_goals"] = goals
+        write_json(args.json, payload)
         return 0
     except BenchError as exc:
         keep_tmp = True

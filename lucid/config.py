@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -272,6 +272,9 @@ class ServerConfig(BaseModel):
     proxy: str = Field("127.0.0.1:8080", description="data-plane listener, host:port")
     admin: str = Field("127.0.0.1:8081", description="admin API listener, host:port")
     workers: int = Field(1, ge=1, le=64, description="proxy processes sharing the proxy port")
+    engine: Literal["fast", "hypercorn"] = Field(
+        "fast", description="proxy listener's HTTP server: 'fast' (HTTP/1.1, llhttp on "
+        "uvloop) or 'hypercorn' (HTTP/1.1 and HTTP/2 over h2c)")
     data_dir: str = Field("data", description="SQLite files and state; relative to the config")
     grace_period: Duration = Field(10.0, ge=0, description="drain time on SIGTERM")
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Container, Mapping, Sequence
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 # RFC 9110 §7.6.1 plus the ones every proxy also treats as connection-specific.
@@ -244,6 +245,21 @@ def json_body(status: int, message: str, request_id: str,
     return json.dumps(body, default=str).encode()
 
 
+HEAD_LATE = "request head not received in time"
+
+
+def refusal(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 answer of Lucid's own, written by a server before any request
+    reached the app (a head that came late or too large, or could not be parsed): JSON
+    naming what was wrong, and the connection closes after it."""
+    body = json_body(status, message, new_request_id())
+    reason = _REASONS.get(status, "")
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\ndate: %s\r\n\r\n%s"
+            % (status, reason.encode(), len(body), http_date(), body))
+
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 _date_cache: tuple[int, bytes] = (0, b"")
 
 

@@ -38,6 +38,7 @@ from lucid.http import (
     underscore_twins,
 )
 from lucid.model import Exchange, Instance, Outcome, Rejection
+from lucid.upstream import Response, UpstreamConnectError, UpstreamPool
 
 if TYPE_CHECKING:
     from lucid.model import Generation
@@ -93,7 +94,7 @@ class BodyTimeout(Exception):
 
 
 class _Body:
-    """The request body as aiohttp wants it, counted and capped on the way through.
+    """The request body as the upstream pool sends it, counted and capped on the way.
 
     Reading it counts against the route's timeouts, whichever path it takes (buffered,
     streamed, chunked): no wait for the next piece longer than ``read``, the whole body
@@ -124,8 +125,8 @@ class _Body:
         self.started = True
         policy = self.exchange.policy
         deadlines = self.deadlines
-        # Created here, in the task that reads (aiohttp sends a streamed body from a
-        # task of its own), so that expiry interrupts the read and nothing else.
+        # Created here, in the task that reads (a caller may send a streamed body from
+        # a task of its own), so that expiry interrupts the read and nothing else.
         total = self._total = deadlines.deadline(policy.total_timeout)
         try:
             more = True
@@ -156,7 +157,7 @@ class _Body:
             total.close()
 
     def close(self) -> None:
-        """Forget the body's deadline, also when aiohttp stopped reading half-way."""
+        """Forget the body's deadline, also when the pool stopped reading half-way."""
         if self._total is not None:
             self._total.close()
 
@@ -170,6 +171,23 @@ class ProxyApp:
         self._rotation = 0
         self.deadlines = Deadlines()
         self._via_cache: tuple[Any, bytes, str] = (None, b"", "")
+        self._pool: UpstreamPool | None = None
+
+    @property
+    def pool(self) -> UpstreamPool:
+        """The upstream connections (made on first use, in the serving event loop)."""
+        pool = self._pool
+        if pool is None:
+            server = self.runtime.config.server
+            pool = self._pool = UpstreamPool(server.upstream_connections,
+                                             server.upstream_keepalive)
+        return pool
+
+    async def close(self) -> None:
+        """Close the upstream connections (the server has drained)."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -351,8 +369,6 @@ class ProxyApp:
     ) -> Rejection | None:
         """One upstream attempt. A Rejection means "try elsewhere or answer with this"."""
         hooks = self.runtime.hooks
-        session = self.runtime.session
-        assert session is not None
         policy = exchange.policy
         url = upstream_url(exchange, instance)
         payload = data.stream() if isinstance(data, _Body) else data
@@ -361,9 +377,9 @@ class ProxyApp:
         exchange.upstream_started = started
         try:
             with deadline:
-                response = await session.request(
-                    exchange.method, url, headers=headers, data=payload, allow_redirects=False,
-                    timeout=policy.io_timeout, compress=None,
+                response = await self.pool.request(
+                    exchange.method, url, headers, payload,
+                    connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
                 )
         except Exception as exc:
             deadline.close()
@@ -411,7 +427,7 @@ class ProxyApp:
         return None
 
     async def _stream_response(
-        self, exchange: Exchange, response: aiohttp.ClientResponse, send: _Sent,
+        self, exchange: Exchange, response: Response, send: _Sent,
         deadline: Deadline,
     ) -> bool:
         """Pass the response on; False if the upstream broke it off mid-body."""
@@ -438,7 +454,6 @@ class ProxyApp:
         if exchange.method == "HEAD" or status in (204, 304):
             await send.body(b"", more=False)
             return True
-        content = response.content
         try:
             # Every body is passed on as it arrives, whatever its declared length: a long
             # poll or a slow API must not wait for its last byte to show its first. What
@@ -446,11 +461,11 @@ class ProxyApp:
             # goes out as one final message.
             while True:  # the deadline covers reading the upstream, not writing to the client
                 with deadline:
-                    chunk = await content.readany()
+                    chunk = await response.read_chunk()
                 if not chunk:
                     break
                 exchange.bytes_out += len(chunk)
-                if content.at_eof():
+                if response.at_eof():
                     await send.body(chunk, more=False)
                     return True
                 await send.body(chunk, more=True)
@@ -611,7 +626,8 @@ def _no_instances(exchange: Exchange) -> str:
 def _classify(exc: BaseException, duration: float) -> Outcome:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return Outcome("timeout", None, duration, type(exc).__name__)
-    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+    if isinstance(exc, UpstreamConnectError | aiohttp.ClientConnectorError
+                  | ConnectionRefusedError):
         return Outcome("connect_error", None, duration, str(exc))
     if isinstance(exc, aiohttp.ClientError | OSError):
         return Outcome("upstream_error", None, duration, f"{type(exc).__name__}: {exc}")

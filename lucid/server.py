@@ -17,7 +17,7 @@ import socket
 import sys
 from pathlib import Path
 from ssl import SSLError
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import hypercorn.asyncio.run
@@ -29,7 +29,7 @@ from hypercorn.protocol.h11 import H11Protocol
 
 from lucid.admin import HeadLimits, create_admin_app
 from lucid.config import ConfigError
-from lucid.http import http_date, json_body, new_request_id
+from lucid.http import HEAD_LATE, refusal
 from lucid.model import Event
 from lucid.proxy import ProxyApp
 from lucid.runtime import Runtime, load_plugins_and_config
@@ -67,7 +67,18 @@ class LucidHypercornConfig(HypercornConfig):
     request_head_timeout: float | None = None
 
 
-class _HeadClock:
+class TimedConnection(Protocol):
+    """What :class:`HeadClock` keeps time for: a client connection of either engine."""
+
+    loop: asyncio.AbstractEventLoop
+    context: Any  # its server's; ``context.terminated`` is set when the server drains
+
+    def head_timed_out(self) -> None: ...
+
+    def keep_alive_ended(self) -> None: ...
+
+
+class HeadClock:
     """Every connection's request-head deadline and keep-alive timeout, on shared timers.
 
     Measured under callgrind: arming a timer task per request (Hypercorn's idle-task
@@ -89,18 +100,18 @@ class _HeadClock:
     TICK = 0.1
 
     def __init__(self) -> None:
-        self.due: dict[HeadTimedTCPServer, float] = {}
+        self.due: dict[TimedConnection, float] = {}
         self.sweep: asyncio.TimerHandle | None = None
-        self.resting: dict[int, set[HeadTimedTCPServer]] = {}  # by the second they end
+        self.resting: dict[int, set[TimedConnection]] = {}  # by the second they end
         self.draining: dict[Any, asyncio.Task[None]] = {}  # Hypercorn's worker contexts
 
-    def begin(self, connection: HeadTimedTCPServer, timeout: float) -> None:
+    def begin(self, connection: TimedConnection, timeout: float) -> None:
         loop = connection.loop
         self.due[connection] = loop.time() + timeout
         if self.sweep is None:
             self.sweep = loop.call_later(self.TICK, self._sweep, loop)
 
-    def end(self, connection: HeadTimedTCPServer) -> None:
+    def end(self, connection: TimedConnection) -> None:
         self.due.pop(connection, None)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -113,7 +124,7 @@ class _HeadClock:
         if self.due:
             self.sweep = loop.call_later(self.TICK, self._sweep, loop)
 
-    def rest(self, connection: HeadTimedTCPServer, timeout: float) -> set[HeadTimedTCPServer]:
+    def rest(self, connection: TimedConnection, timeout: float) -> set[Any]:
         """``connection`` is idle from now for at most ``timeout`` seconds; the set
         returned holds it until then (discard it from there when a request begins)."""
         loop = connection.loop
@@ -144,15 +155,15 @@ class _HeadClock:
             del self.draining[context]
 
 
-_head_clocks: dict[asyncio.AbstractEventLoop, _HeadClock] = {}
+_head_clocks: dict[asyncio.AbstractEventLoop, HeadClock] = {}
 
 
-def _head_clock(loop: asyncio.AbstractEventLoop) -> _HeadClock:
+def head_clock(loop: asyncio.AbstractEventLoop) -> HeadClock:
     clock = _head_clocks.get(loop)
     if clock is None:
         for stale in [lp for lp in _head_clocks if lp.is_closed()]:
             del _head_clocks[stale]
-        clock = _head_clocks[loop] = _HeadClock()
+        clock = _head_clocks[loop] = HeadClock()
     return clock
 
 
@@ -163,12 +174,12 @@ class HeadTimedTCPServer(TCPServer):
     stops it when the parser has a whole request head, so a client trickling a head
     held the connection for the full 75 s keep-alive. Here the first byte of a new
     request, arriving while idle, starts ``request_head_timeout`` on a shared clock
-    (:class:`_HeadClock`): the head must be complete within it, or the client gets 408
+    (:class:`HeadClock`): the head must be complete within it, or the client gets 408
     and the connection closes (nginx's client_header_timeout). An idle keep-alive
     connection that sends nothing still waits the 75 s.
 
     The keep-alive timeout is kept on the same shared clock, not in Hypercorn's idle
-    task (see :class:`_HeadClock`).
+    task (see :class:`HeadClock`).
 
     Relies on TCPServer's internals (``_read_data``, ``protocol``, ``Updated`` events,
     ``send_lock``, ``idle_task``, ``_initiate_server_close``), the same in Hypercorn
@@ -180,7 +191,7 @@ class HeadTimedTCPServer(TCPServer):
         self._idle = True  # no request in progress (Hypercorn starts idle)
         self._reading_head = False
         self._head_timeout: float | None = getattr(self.config, "request_head_timeout", None)
-        self._clock = _head_clock(self.loop)
+        self._clock = head_clock(self.loop)
         self._resting: set[HeadTimedTCPServer] | None = None  # the clock's, while idle
         self.idle_task = _KeepAlive(self)  # type: ignore[assignment]
 
@@ -259,13 +270,9 @@ class HeadTimedTCPServer(TCPServer):
 
     async def _answer_late_head(self) -> None:
         # No request has started, so no response either: the 408 is written as is.
-        body = json_body(408, "request head not received in time", new_request_id())
-        head = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\ndate: %s\r\n\r\n"
-                % (len(body), http_date()))
         async with self.send_lock:
             try:
-                self.writer.write(head + body)
+                self.writer.write(refusal(408, HEAD_LATE))
                 await self.writer.drain()
             except (ConnectionError, RuntimeError):
                 pass
@@ -347,9 +354,8 @@ async def run_process(
     await runtime.start()
     try:
         server = runtime.config.server
-        proxy_app: Any = ProxyApp(runtime)
-        serving = [serve(proxy_app, hypercorn_config(proxy_sock, server, "proxy"),
-                         shutdown_trigger=stop.wait)]
+        proxy_app = ProxyApp(runtime)
+        serving = [_serve_proxy(proxy_app, proxy_sock, server, stop)]
         if admin_sock is not None:
             admin_app: Any = HeadLimits(create_admin_app(runtime), runtime)
             serving.append(serve(admin_app, hypercorn_config(admin_sock, server, "admin"),
@@ -366,6 +372,7 @@ async def run_process(
             await asyncio.gather(*serving)
         finally:
             announce.cancel()
+            await proxy_app.close()
     finally:
         # Hypercorn closed the listening fds it was handed; forget them here so they
         # are not closed twice (the number may already belong to a new file).
@@ -374,6 +381,19 @@ async def run_process(
                 sock.detach()
         await runtime.stop()
         log.info("worker %d stopped", runtime.worker_index)
+
+
+async def _serve_proxy(app: ProxyApp, sock: socket.socket, server: Any,
+                       stop: asyncio.Event) -> None:
+    """The proxy listener on the engine ``[server] engine`` names: ``fast`` (llhttp on
+    uvloop, :mod:`lucid.engine`) or ``hypercorn`` (h11, and HTTP/2 by h2c)."""
+    if server.engine == "hypercorn":
+        await serve(app, hypercorn_config(sock, server, "proxy"),  # type: ignore[arg-type]
+                    shutdown_trigger=stop.wait)
+    else:
+        from lucid.engine import serve_fast  # it builds on this module's HeadClock
+
+        await serve_fast(app, sock, server, stop.wait)
 
 
 async def _announce_stopping(runtime: Runtime, stop: asyncio.Event) -> None:

@@ -5,6 +5,31 @@ from typing import Any
 
 import pytest
 
+ENGINES = ["fast", "hypercorn"]  # [server] engine: the default first
+
+
+@pytest.fixture(params=ENGINES)
+def engine_gateway(request: pytest.FixtureRequest, lucid_gateway: Any) -> Any:
+    """The kit's ``lucid_gateway`` factory on each proxy engine in turn: a test that
+    asks for it runs once per engine."""
+
+    async def factory(text: Any, *, plugins: Any = (), **server: Any) -> Any:
+        server.setdefault("engine", request.param)
+        return await lucid_gateway(text, plugins=plugins, **server)
+
+    return factory
+
+
+@pytest.fixture(params=ENGINES)
+def engine_process(request: pytest.FixtureRequest, lucid_process: Any) -> Any:
+    """The kit's ``lucid_process`` factory (``lucid serve``) on each proxy engine."""
+
+    def factory(text: Any, env: Any = None, wait: bool = True, **server: Any) -> Any:
+        server.setdefault("engine", request.param)
+        return lucid_process(text, env, wait, **server)
+
+    return factory
+
 
 @pytest.fixture(autouse=True)
 def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,9 +7,16 @@ import signal
 
 import aiohttp
 import psutil
+import pytest
 from aiohttp import web
 
 from lucid.testing import wait_until
+
+
+@pytest.fixture
+def lucid_process(engine_process):
+    """Every test here runs on each proxy engine (``engine_process`` in conftest)."""
+    return engine_process
 
 
 def one_route(url: str, **route: str) -> str:

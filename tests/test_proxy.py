@@ -16,6 +16,12 @@ from lucid.testing import wait_until
 from lucid.testing_http import read_response
 
 
+@pytest.fixture
+def lucid_gateway(engine_gateway):
+    """Every test here runs on each proxy engine (``engine_gateway`` in conftest)."""
+    return engine_gateway
+
+
 def route_config(*urls: str, extra_route: str = "", server: str = "", **route: str) -> str:
     """A config with one service ``svc`` and one prefix route to it."""
     instances = ", ".join(f'"{u}"' for u in urls)

@@ -18,8 +18,8 @@ import pytest_asyncio
 from lucid.testing import GatewayProcess
 from lucid.testing_http import Client, RawUpstream, Responder, answer_ok
 
-# Hypercorn is the only engine today; the fast data-plane engine joins this list.
-ENGINES = ["hypercorn"]
+# The proxy engines (``[server] engine``): the default first.
+ENGINES = ["fast", "hypercorn"]
 
 
 @dataclass
@@ -58,8 +58,7 @@ def serve(lucid_process: Callable[..., GatewayProcess], engine: str
     """Factory: ``serve(toml_text, **server_settings)`` runs ``lucid serve`` on it."""
 
     def factory(text: str, **server: Any) -> Served:
-        if engine != "hypercorn":
-            server.setdefault("engine", engine)
+        server.setdefault("engine", engine)
         process = lucid_process(text, **server)
         host, _, port = process.proxy_url.removeprefix("http://").rpartition(":")
         served = Served(process, Client(host.strip("[]"), int(port)), engine)
