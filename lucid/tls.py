@@ -231,8 +231,8 @@ def load_upstream(name: str, service: ServiceConfig, base: Path | None,
     if not service.tls_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        log.warning("%s.tls_verify = false: the certificates of service %r's instances "
-                    "are not checked; anyone on the path can pose as them", where, name)
+        log.warning("%s.tls_verify = false: the certificates of the instances of service "
+                    "%r are not checked; anyone on the path can pose as them", where, name)
     if service.tls_cert is not None and service.tls_key is not None:
         if not _load_pair(ctx, f"{where}.tls_cert", service.tls_cert, f"{where}.tls_key",
                           service.tls_key, base, problems):
