@@ -66,6 +66,40 @@ async def _handshake(url: str, ctx: ssl.SSLContext, server_name: str | None,
         writer.close()
 
 
+async def _h2_get(url: str, files: TLSFiles, path: str) -> tuple[int, bytes]:
+    """One GET over HTTP/2 on TLS (ALPN h2), with the ``h2`` state machine."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = _host_port(url)
+    ctx = files.client_context()
+    ctx.set_alpn_protocols(["h2"])
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", path), (":scheme", "https"),
+                          (":authority", f"{host}:{port}")], end_stream=True)
+    writer.write(conn.data_to_send())
+    status, body = 0, b""
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "connection closed before the response ended"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length,
+                                                   event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, body
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+
+
 def _unchecked(files: TLSFiles, alpn: list[str] | None = None) -> ssl.SSLContext:
     """Trusts the CA, any name: to see which certificate an SNI name gets."""
     ctx = files.client_context()
@@ -118,10 +152,13 @@ server_names = ["*.wild.test"]
     assert (await _handshake(gw.proxy_url, ctx, "nobody.test"))[0] == default
     assert (await _handshake(gw.proxy_url, ctx, None))[0] == default
 
-    # ALPN: h2 only where the engine speaks it
+    # ALPN: h2 only where the engine speaks it, and then a request over it is proxied
     names, alpn, response = await _handshake(
         gw.proxy_url, _unchecked(files, ["h2", "http/1.1"]), "b.lucid.test")
     assert alpn == ("h2" if engine == "hypercorn" else "http/1.1")
+    if engine == "hypercorn":
+        status, body = await _h2_get(gw.proxy_url, files, "/over-h2")
+        assert status == 200 and json.loads(body)["path"] == "/over-h2"
     names, alpn, response = await _handshake(
         gw.proxy_url, _unchecked(files, ["http/1.1"]), "b.lucid.test",
         b"GET /over-sni HTTP/1.1\r\nHost: b.lucid.test\r\nConnection: close\r\n\r\n")
@@ -315,8 +352,8 @@ class TLSUpstream:
 
 
 @pytest.fixture
-async def tls_upstreams(tmp_path):
-    files = make_tls(tmp_path / "tls")
+async def tls_upstreams(tls_files):
+    files = tls_files
     plain = await TLSUpstream(files.server_context()).start()
     mutual = await TLSUpstream(files.server_context(require_client=True)).start()
     yield files, plain, mutual
