@@ -470,7 +470,8 @@ def serve_forever(config_path: Path | None) -> int:
         if reasons:
             source = str(config_path) if config_path else "(built-in defaults)"
             raise ConfigError(source, [f"server.workers = {workers}: {r}" for r in reasons])
-        load_tls(config, config_path)  # every certificate and key readable and matching
+        # every certificate and key readable and matching, before any worker starts
+        load_tls(config, config_path, warn=False)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2

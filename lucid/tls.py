@@ -213,7 +213,7 @@ def upstream_context(ca_file: Path | None = None) -> ssl.SSLContext:
 
 
 def load_upstream(name: str, service: ServiceConfig, base: Path | None,
-                  problems: list[str]) -> UpstreamTLS | None:
+                  problems: list[str], warn: bool = True) -> UpstreamTLS | None:
     where = f"services.{name}"
     ca: Path | None = None
     if service.tls_ca is not None:
@@ -231,6 +231,7 @@ def load_upstream(name: str, service: ServiceConfig, base: Path | None,
     if not service.tls_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if not service.tls_verify and warn:
         log.warning("%s.tls_verify = false: the certificates of the instances of service "
                     "%r are not checked; anyone on the path can pose as them", where, name)
     if service.tls_cert is not None and service.tls_key is not None:
@@ -251,9 +252,10 @@ class TLSSettings:
     upstreams: dict[str, UpstreamTLS] = field(default_factory=dict)
 
 
-def load_tls(config: Any, config_path: Path | None) -> TLSSettings:
+def load_tls(config: Any, config_path: Path | None, warn: bool = True) -> TLSSettings:
     """Read every certificate and key the config names (paths relative to the config
-    file's folder); ConfigError naming each problem."""
+    file's folder); ConfigError naming each problem. ``warn``: log what is allowed
+    but unsafe (``tls_verify = false``); off for a check whose result is discarded."""
     base = config_path.parent if config_path is not None else None
     source = str(config_path) if config_path is not None else "(built-in defaults)"
     problems: list[str] = []
@@ -265,7 +267,7 @@ def load_tls(config: Any, config_path: Path | None) -> TLSSettings:
         except ConfigError as exc:
             problems += exc.problems
     for name, service in config.services.items():
-        upstream = load_upstream(name, service, base, problems)
+        upstream = load_upstream(name, service, base, problems, warn)
         if upstream is not None:
             settings.upstreams[name] = upstream
     if problems:

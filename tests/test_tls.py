@@ -13,12 +13,14 @@ import json
 import logging
 import signal
 import ssl
+import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 from aiohttp import web
 
 from lucid.config import ConfigError
@@ -209,21 +211,31 @@ def _serial(url: str, ctx: ssl.SSLContext) -> str:
 
 
 def test_sighup_swaps_the_certificate_and_a_bad_one_is_refused(lucid_process, tmp_path):
-    """New connections get the renewed certificate after SIGHUP, without a restart;
-    a key that does not match keeps the running certificate, and the log says why."""
+    """New connections get the renewed certificate (and a new minimum version) after
+    SIGHUP, without a restart; a key that does not match keeps the running
+    certificate, and the log says why."""
     files = make_tls(tmp_path / "tls")
     process = lucid_process(route("http://127.0.0.1:9", _tls_server(files)))
     assert process.proxy_url.startswith("https://")
     ctx = files.client_context()
     first = _serial(process.proxy_url, ctx)
 
+    only_12 = files.client_context()
+    only_12.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert _serial(process.proxy_url, only_12) == first
+
     renewed = files.ca.issue_cert("localhost", "127.0.0.1")
     renewed.cert_chain_pems[0].write_to_path(str(files.server_cert))
     renewed.private_key_pem.write_to_path(str(files.server_key))
+    config = tomllib.loads(process.config_path.read_text())
+    config["server"]["tls"]["min_version"] = "1.3"
+    process.config_path.write_text(tomli_w.dumps(config))
     process.signal(signal.SIGHUP)
     process.wait_for_line("config reloaded")
     second = _serial(process.proxy_url, ctx)
     assert second != first
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):  # the new minimum holds
+        _serial(process.proxy_url, only_12)
 
     stranger = files.ca.issue_cert("localhost")
     stranger.private_key_pem.write_to_path(str(files.server_key))  # not the cert's key
