@@ -449,7 +449,8 @@ tls_ca = "{files.ca_cert}"
     assert len(set(mutual.peers)) == before
 
 
-async def test_a_reload_changes_a_services_tls_settings(lucid_gateway, tls_upstreams):
+async def test_a_reload_changes_a_services_tls_settings_but_not_the_listener(
+        lucid_gateway, tls_upstreams):
     files, plain, _ = tls_upstreams
     text = f"""
 [gateway.services.svc]
@@ -472,6 +473,18 @@ retries = {{ attempts = 1 }}
                               + f'\n[services.svc]\ntls_ca = "{files.ca_cert}"\n')
     await gw.runtime.reload()
     await wait_until(lambda: _is(status, 200), message="the service's CA to be used")
+
+    # what the running listener cannot follow is refused, and nothing changes
+    config = tomllib.loads(gw.config_path.read_text())
+    config["server"]["tls"] = {"cert": str(files.server_cert), "key": str(files.server_key)}
+    config["server"]["engine"] = "hypercorn"
+    gw.config_path.write_text(tomli_w.dumps(config))
+    with pytest.raises(ConfigError) as rejected:
+        await gw.runtime.reload()
+    assert rejected.value.problems == [
+        "server.engine: changing it needs a restart",
+        "server.tls: turning TLS on or off needs a restart"]
+    assert gw.runtime.termination is None and await status() == 200
 
 
 async def _is(probe: Any, expected: int) -> bool:
