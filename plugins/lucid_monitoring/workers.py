@@ -21,7 +21,15 @@ locked mmap write per sample.
 * Totals are at most ``SHARE_INTERVAL`` behind the other workers' traffic.
 * Worker 0's windows (JSON views, dashboard, alert rules) and rollups are computed
   from the same sum (:meth:`Recorder.view`), so alert rules judge the whole
-  gateway's traffic. The log buffer and the top clients of reports stay worker 0's.
+  gateway's traffic.
+* The log buffer: every other worker writes its ring of recent requests to
+  ``<pid>.log`` beside its snapshot (only when it took a request since the last
+  write); ``/monitoring/logs`` merges them with worker 0's by time.
+* Top clients (reports): each other worker's snapshot carries its client counts
+  since it started (``clients``). Worker 0 takes what grew since its last rollup, per
+  worker. A worker whose table reaches ``max_clients`` starts a new one (``epoch``
+  + 1) and keeps the full one beside it (``clients_before``) until the next turn, so
+  nothing is lost unless a worker fills two tables between two rollups.
 * Counters are summed; the reload counter takes the highest worker's (every worker
   reloads on SIGHUP); breaker states and instance health are worker 0's, completed
   with other workers' for instances worker 0 has not seen.
@@ -34,6 +42,7 @@ import marshal
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,12 +70,22 @@ class WorkerShare:
         self.worker = worker
         self.pid = os.getpid()
         self.path = self.directory / f"{self.pid}.snap"
+        self.log_path = self.directory / f"{self.pid}.log"
         self._read_at = float("-inf")
         self._peers: list[dict[str, Any]] = []
+        self._logged: tuple[Any, ...] | None = None  # the newest entry written
+        # clients: this worker's table epoch and the table it closed last
+        self._epoch = 0
+        self._before: dict[tuple[str, str], int] = {}
+        # worker 0: per other worker (pid), the epoch and client counts last taken
+        self._clients_taken: dict[int, tuple[int, dict[tuple[str, str], int]]] = {}
 
     # every worker but the first ---------------------------------------------------
     def write(self, recorder: Recorder, in_flight: int) -> None:
         """Replace this worker's snapshot (atomically: readers never see half a file)."""
+        if len(recorder.clients) >= recorder.max_clients:  # full: start another table
+            self._before = recorder.take_clients()
+            self._epoch += 1
         snapshot: dict[str, Any] = {
             "format": FORMAT, "pid": self.pid, "worker": self.worker, "at": time.time(),
             "width": recorder.width, "in_flight": int(in_flight), "reloads": recorder.reloads,
@@ -76,11 +95,28 @@ class WorkerShare:
             snapshot[name] = {k: list(v) for k, v in list(getattr(recorder, name).items())}
         for name in _SUMMED_COUNTS:
             snapshot[name] = dict(getattr(recorder, name))
-        data = marshal.dumps(snapshot)
+        snapshot["clients"] = dict(recorder.clients)
+        snapshot["clients_epoch"] = self._epoch
+        snapshot["clients_before"] = self._before
+        self._replace(self.path, marshal.dumps(snapshot))
+
+    def write_log(self, ring: deque[tuple[Any, ...]]) -> None:
+        """Replace this worker's ring of recent requests, if it took one since."""
+        newest = ring[-1] if ring else None
+        if newest is self._logged:
+            return
+        try:
+            data = marshal.dumps(list(ring))
+        except ValueError:  # a plugin put an unmarshallable "sub" in the identity
+            data = marshal.dumps([f[:13] + (str(f[13]),) + f[14:] for f in list(ring)])
+        self._replace(self.log_path, data)
+        self._logged = newest
+
+    def _replace(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_bytes(data)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
 
     # worker 0 --------------------------------------------------------------------
     def start_run(self) -> None:
@@ -114,6 +150,41 @@ class WorkerShare:
                 continue  # replaced while read: the next scrape has it
             if isinstance(snapshot, dict) and snapshot.get("format") == FORMAT:
                 yield snapshot
+
+    def logs(self) -> list[tuple[Any, ...]]:
+        """Every other worker's recent requests (dead workers' last ones included)."""
+        entries: list[tuple[Any, ...]] = []
+        try:
+            files = sorted(self.directory.glob("*.log"))
+        except OSError:
+            return entries
+        for path in files:
+            if path == self.log_path:
+                continue
+            try:
+                ring = marshal.loads(path.read_bytes())
+            except (OSError, EOFError, ValueError, TypeError):
+                continue  # replaced while read: the next request has it
+            if isinstance(ring, list):
+                entries.extend(e for e in ring if isinstance(e, tuple) and len(e) == 16)
+        return entries
+
+    def take_clients(self) -> dict[tuple[str, str], int]:
+        """The client counts the other workers made since the last call (rollups)."""
+        self._peers = list(self._read())  # fresh: a rollup wants the latest counts
+        self._read_at = time.monotonic()
+        out: dict[tuple[str, str], int] = {}
+        for snap in self._peers:
+            pid, epoch = snap["pid"], snap.get("clients_epoch", 0)
+            current: dict[tuple[str, str], int] = snap.get("clients", {})
+            taken_epoch, taken = self._clients_taken.get(pid, (0, {}))
+            if epoch != taken_epoch:  # the worker started a table since: end the old one
+                before = snap.get("clients_before", {}) if epoch == taken_epoch + 1 else {}
+                _add_counts(out, {k: n - taken.get(k, 0) for k, n in before.items()})
+                taken = {}
+            _add_counts(out, {k: n - taken.get(k, 0) for k, n in current.items()})
+            self._clients_taken[pid] = (epoch, dict(current))
+        return {k: n for k, n in out.items() if n > 0}
 
     def merged(self, local: Recorder, now: float | None = None) -> tuple[Recorder, int]:
         """A recorder holding ``local``'s counts plus every other worker's, and the

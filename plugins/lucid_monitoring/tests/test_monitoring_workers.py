@@ -1,5 +1,6 @@
-"""``lucid serve`` with two workers: /metrics and the JSON windows (served by worker 0)
-count the requests both workers served, and keep a killed worker's counts."""
+"""``lucid serve`` with two workers: /metrics, the JSON windows, the log buffer and the
+reports' top clients (served by worker 0) cover the requests both workers served, and
+keep a killed worker's counts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import re
 import signal
 
 import aiohttp
+from lucid_monitoring.metrics import Recorder
+from lucid_monitoring.workers import WorkerShare
 from prometheus_client.parser import text_string_to_metric_families
 
 from lucid.testing import wait_until
@@ -99,6 +102,37 @@ threshold = 0
         async with client.get(process.admin_url + "/monitoring/metrics?window=1m") as r:
             assert (await r.json())["windows"]["1m"]["total"]["requests"] == sent
 
+        # /monitoring/logs: every request, whichever worker served it, newest first
+        async def logs() -> list[dict]:
+            async with client.get(process.admin_url + "/monitoring/logs?limit=10000") as r:
+                assert r.status == 200
+                return (await r.json())["logs"]
+
+        async def logged_all() -> list[dict] | None:
+            lines = await logs()
+            return lines if len(lines) == sent else None
+
+        lines = await wait_until(logged_all, timeout=10,
+                                 message=f"/monitoring/logs to list all {sent} requests")
+        assert len({line["request_id"] for line in lines}) == sent
+        assert [line["time"] for line in lines] == sorted(
+            (line["time"] for line in lines), reverse=True)
+        async with client.get(process.admin_url + "/monitoring/logs?limit=3") as r:
+            assert len((await r.json())["logs"]) == 3
+
+        # reports: the top clients count both workers' requests
+        async def top_clients_total() -> bool:
+            async with client.get(process.admin_url + "/monitoring/reports") as r:
+                assert r.status == 200
+                report = (await r.json())["report"]
+            total = sum(c["requests"] for period in report
+                        for c in period["services"].get("svc", {}).get("top_clients", []))
+            assert total <= sent, "a client counted twice"
+            return total == sent
+
+        await wait_until(top_clients_total, timeout=10,
+                         message=f"the reports' top clients to count all {sent} requests")
+
         async def firing() -> bool:
             async with client.get(process.admin_url + "/monitoring/alerts") as r:
                 return (await r.json())["alerts"][0]["state"] == "firing"
@@ -122,3 +156,24 @@ threshold = 0
         async with client.get(process.admin_url + "/metrics") as r:
             requests, in_flight = totals(await r.text())
         assert requests == sent and in_flight == 0
+
+
+def test_top_clients_survive_a_worker_starting_a_new_table(tmp_path):
+    """A worker whose client table is full starts another; worker 0 still takes every
+    count once: what grew in the closed table, then the new one."""
+    zero = WorkerShare(tmp_path, "run", 0)
+    other = WorkerShare(tmp_path, "run", 1)
+    other.pid = zero.pid + 1
+    other.path = other.directory / f"{other.pid}.snap"
+    recorder = Recorder((0.1,), max_clients=2)
+    recorder.clients = {("svc", "a"): 3}
+    other.write(recorder, 0)
+    assert zero.take_clients() == {("svc", "a"): 3}
+    recorder.clients[("svc", "a")] = 5
+    recorder.clients[("svc", "b")] = 1  # full: the next write starts a new table
+    other.write(recorder, 0)
+    recorder.clients[("svc", "b")] = 4
+    other.write(recorder, 0)
+    assert recorder.clients == {("svc", "b"): 4}
+    assert zero.take_clients() == {("svc", "a"): 2, ("svc", "b"): 5}
+    assert zero.take_clients() == {}
