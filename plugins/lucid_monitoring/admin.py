@@ -295,7 +295,7 @@ async def logs(query_args: LogQuery) -> Any:
             status_class = int(q.status[0])
     buffer: Any = p.ring or ()
     if p.workers is not None and p.ring is not None:
-        others = await asyncio.to_thread(p.workers.logs)
+        others = await asyncio.to_thread(p.workers.logs, p.config.log_buffer)
         if others:
             buffer = sorted([*buffer, *others], key=itemgetter(0))
     lines = query(buffer, status=status, status_class=status_class, route=q.route,

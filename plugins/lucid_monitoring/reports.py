@@ -54,8 +54,8 @@ class Rollups:
         clients: dict[str, dict[str, int]] = {}
         taken = rec.take_clients()
         if self.other_clients is not None:
-            for key, n in self.other_clients().items():
-                taken[key] = taken.get(key, 0) + n
+            for client, n in self.other_clients().items():
+                taken[client] = taken.get(client, 0) + n
         for (service, ip), n in taken.items():
             clients.setdefault(service, {})[ip] = n
         rows = []

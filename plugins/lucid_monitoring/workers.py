@@ -22,9 +22,10 @@ locked mmap write per sample.
 * Worker 0's windows (JSON views, dashboard, alert rules) and rollups are computed
   from the same sum (:meth:`Recorder.view`), so alert rules judge the whole
   gateway's traffic.
-* The log buffer: every other worker writes its ring of recent requests to
-  ``<pid>.log`` beside its snapshot (only when it took a request since the last
-  write); ``/monitoring/logs`` merges them with worker 0's by time.
+* The log buffer: every other worker appends the requests its ring took since its
+  last snapshot to ``<pid>.log`` (and replaces the file by its ring once it holds
+  twice the ring); ``/monitoring/logs`` merges each worker's newest ``log_buffer``
+  with worker 0's by time.
 * Top clients (reports): each other worker's snapshot carries its client counts
   since it started (``clients``). Worker 0 takes what grew since its last rollup, per
   worker. A worker whose table reaches ``max_clients`` starts a new one (``epoch``
@@ -74,6 +75,7 @@ class WorkerShare:
         self._read_at = float("-inf")
         self._peers: list[dict[str, Any]] = []
         self._logged: tuple[Any, ...] | None = None  # the newest entry written
+        self._log_lines = 0  # entries in this worker's log file
         # clients: this worker's table epoch and the table it closed last
         self._epoch = 0
         self._before: dict[tuple[str, str], int] = {}
@@ -101,16 +103,27 @@ class WorkerShare:
         self._replace(self.path, marshal.dumps(snapshot))
 
     def write_log(self, ring: deque[tuple[Any, ...]]) -> None:
-        """Replace this worker's ring of recent requests, if it took one since."""
-        newest = ring[-1] if ring else None
-        if newest is self._logged:
+        """Share the requests this worker's ring took since the last call: appended to
+        ``<pid>.log`` (one frame: a 4-byte length, then the marshalled entries), so the
+        cost follows the traffic, not the ring's size; once the file holds twice the
+        ring, it is replaced by the ring (atomically)."""
+        if not ring or ring[-1] is self._logged:
             return
-        try:
-            data = marshal.dumps(list(ring))
-        except ValueError:  # a plugin put an unmarshallable "sub" in the identity
-            data = marshal.dumps([f[:13] + (str(f[13]),) + f[14:] for f in list(ring)])
-        self._replace(self.log_path, data)
-        self._logged = newest
+        new: list[tuple[Any, ...]] = []
+        for fields in reversed(ring):  # newest first, back to the last one shared
+            if fields is self._logged:
+                break
+            new.append(fields)
+        new.reverse()
+        size = ring.maxlen or len(ring)
+        if len(new) == len(ring) or self._log_lines + len(new) > 2 * size:
+            self._replace(self.log_path, _frame(list(ring)))
+            self._log_lines = len(ring)
+        else:
+            with open(self.log_path, "ab") as file:
+                file.write(_frame(new))
+            self._log_lines += len(new)
+        self._logged = ring[-1]
 
     def _replace(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -151,8 +164,8 @@ class WorkerShare:
             if isinstance(snapshot, dict) and snapshot.get("format") == FORMAT:
                 yield snapshot
 
-    def logs(self) -> list[tuple[Any, ...]]:
-        """Every other worker's recent requests (dead workers' last ones included)."""
+    def logs(self, keep: int) -> list[tuple[Any, ...]]:
+        """Every other worker's ``keep`` most recent requests (a dead worker's last)."""
         entries: list[tuple[Any, ...]] = []
         try:
             files = sorted(self.directory.glob("*.log"))
@@ -162,11 +175,11 @@ class WorkerShare:
             if path == self.log_path:
                 continue
             try:
-                ring = marshal.loads(path.read_bytes())
-            except (OSError, EOFError, ValueError, TypeError):
-                continue  # replaced while read: the next request has it
-            if isinstance(ring, list):
-                entries.extend(e for e in ring if isinstance(e, tuple) and len(e) == 16)
+                data = path.read_bytes()
+            except OSError:
+                continue
+            mine = list(_frames(data))
+            entries.extend(mine[-keep:] if keep else ())
         return entries
 
     def take_clients(self) -> dict[tuple[str, str], int]:
@@ -229,6 +242,30 @@ class WorkerShare:
                          "in_flight": snap["in_flight"] if live else 0,
                          "snapshot_age_seconds": round(age, 3)})
         return sorted(rows, key=lambda r: (r["worker"], r["pid"]))
+
+
+def _frame(entries: list[tuple[Any, ...]]) -> bytes:
+    try:
+        data = marshal.dumps(entries)
+    except ValueError:  # a plugin put an unmarshallable "sub" in the identity
+        data = marshal.dumps([f[:13] + (str(f[13]),) + f[14:] for f in entries])
+    return len(data).to_bytes(4, "big") + data
+
+
+def _frames(data: bytes) -> Iterator[tuple[Any, ...]]:
+    """The entries of a log file's whole frames (the last may be still being written)."""
+    at = 0
+    while at + 4 <= len(data):
+        size = int.from_bytes(data[at:at + 4], "big")
+        if at + 4 + size > len(data):
+            return
+        try:
+            batch = marshal.loads(data[at + 4:at + 4 + size])
+        except (EOFError, ValueError, TypeError):
+            return
+        at += 4 + size
+        if isinstance(batch, list):
+            yield from (e for e in batch if isinstance(e, tuple) and len(e) == 16)
 
 
 def _add_tables(into: dict[Any, list[float]], other: dict[Any, list[float]]) -> None:

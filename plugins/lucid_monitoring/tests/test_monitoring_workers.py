@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+from collections import deque
 
 import aiohttp
 from lucid_monitoring.metrics import Recorder
@@ -177,3 +178,41 @@ def test_top_clients_survive_a_worker_starting_a_new_table(tmp_path):
     assert recorder.clients == {("svc", "b"): 4}
     assert zero.take_clients() == {("svc", "a"): 2, ("svc", "b"): 5}
     assert zero.take_clients() == {}
+
+
+def test_a_worker_shares_its_log_buffer_by_appending_what_is_new(tmp_path):
+    """Each write appends only the requests taken since the last; once the file holds
+    twice the ring it is replaced by the ring. Worker 0 reads each worker's newest."""
+    zero = WorkerShare(tmp_path, "run", 0)
+    other = WorkerShare(tmp_path, "run", 1)
+    other.pid = zero.pid + 1
+    other.log_path = other.directory / f"{other.pid}.log"
+    ring = deque(maxlen=4)
+
+    def take(n: int) -> None:
+        for _ in range(n):
+            ring.append((float(len(seen)),) + ("x",) * 15)
+            seen.append(ring[-1])
+
+    seen: list[tuple] = []
+    take(2)
+    other.write_log(ring)
+    assert zero.logs(4) == seen
+    size = other.log_path.stat().st_size
+    other.write_log(ring)  # nothing new: nothing written
+    assert other.log_path.stat().st_size == size
+    take(1)
+    other.write_log(ring)
+    assert zero.logs(4) == seen and other.log_path.stat().st_size < 2 * size  # appended
+    take(3)
+    other.write_log(ring)  # 6 lines: still appended
+    assert zero.logs(4) == seen[-4:] and zero.logs(10) == seen
+    take(3)
+    other.write_log(ring)  # 9 > 2 * 4: replaced by the ring
+    assert zero.logs(10) == seen[-4:]
+    take(9)
+    other.write_log(ring)  # the last one shared fell out of the ring: replaced
+    assert zero.logs(10) == seen[-4:]
+    with open(other.log_path, "ab") as file:  # a frame being written: not read yet
+        file.write((1000).to_bytes(4, "big") + b"\x00" * 10)
+    assert zero.logs(10) == seen[-4:]
