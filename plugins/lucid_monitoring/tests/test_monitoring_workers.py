@@ -147,6 +147,9 @@ threshold = 0
         assert sent == before + 5
         await wait_until(lambda: metrics_total_is(sent), timeout=10,
                          message=f"/metrics to count all {sent} requests after the kill")
+        # the killed worker's requests stay in /monitoring/logs (shared before the kill)
+        await wait_until(logged_all, timeout=10,
+                         message=f"/monitoring/logs to list all {sent} requests after the kill")
 
         async def worker1_dead() -> bool:
             rows = {w["worker"]: w for w in (await status())["workers"]}
