@@ -27,10 +27,13 @@ locked mmap write per sample.
   twice the ring); ``/monitoring/logs`` merges each worker's newest ``log_buffer``
   with worker 0's by time.
 * Top clients (reports): each other worker's snapshot carries its client counts
-  since it started (``clients``). Worker 0 takes what grew since its last rollup, per
-  worker. A worker whose table reaches ``max_clients`` starts a new one (``epoch``
-  + 1) and keeps the full one beside it (``clients_before``) until the next turn, so
-  nothing is lost unless a worker fills two tables between two rollups.
+  (``clients``), a table it starts again after each of worker 0's rollups, like
+  worker 0 does, so each holds at most ``max_clients`` clients per rollup (then
+  ``(other)``). Worker 0 counts its rollups in ``<run>/rollups``; a worker that sees
+  the count move starts a new table (``clients_epoch`` + 1) and keeps the one it
+  closed beside it (``clients_before``). Worker 0 takes, per worker, what grew since
+  its last rollup: in the closed table, then in the new one. A worker starts at most
+  one table between two rollups, so no count is lost or counted twice.
 * Counters are summed; the reload counter takes the highest worker's (every worker
   reloads on SIGHUP); breaker states and instance health are worker 0's, completed
   with other workers' for instances worker 0 has not seen.
@@ -76,16 +79,22 @@ class WorkerShare:
         self._peers: list[dict[str, Any]] = []
         self._logged: tuple[Any, ...] | None = None  # the newest entry written
         self._log_lines = 0  # entries in this worker's log file
-        # clients: this worker's table epoch and the table it closed last
+        # clients: this worker's table epoch, the table it closed last, and the count
+        # of worker 0's rollups it last saw
         self._epoch = 0
         self._before: dict[tuple[str, str], int] = {}
-        # worker 0: per other worker (pid), the epoch and client counts last taken
+        self._rollups_seen = 0
+        # worker 0: its rollups, and per other worker (pid) the epoch and counts taken
+        self.rollups_path = self.directory / "rollups"
+        self._rollups = 0
         self._clients_taken: dict[int, tuple[int, dict[tuple[str, str], int]]] = {}
 
     # every worker but the first ---------------------------------------------------
     def write(self, recorder: Recorder, in_flight: int) -> None:
         """Replace this worker's snapshot (atomically: readers never see half a file)."""
-        if len(recorder.clients) >= recorder.max_clients:  # full: start another table
+        rollups = self._rollups_done()
+        if rollups != self._rollups_seen:  # worker 0 took the counts: start another table
+            self._rollups_seen = rollups
             self._before = recorder.take_clients()
             self._epoch += 1
         snapshot: dict[str, Any] = {
@@ -124,6 +133,12 @@ class WorkerShare:
                 file.write(_frame(new))
             self._log_lines += len(new)
         self._logged = ring[-1]
+
+    def _rollups_done(self) -> int:
+        try:
+            return int(self.rollups_path.read_text())
+        except (OSError, ValueError):
+            return 0
 
     def _replace(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -197,6 +212,8 @@ class WorkerShare:
                 taken = {}
             _add_counts(out, {k: n - taken.get(k, 0) for k, n in current.items()})
             self._clients_taken[pid] = (epoch, dict(current))
+        self._rollups += 1
+        self._replace(self.rollups_path, str(self._rollups).encode())
         return {k: n for k, n in out.items() if n > 0}
 
     def merged(self, local: Recorder, now: float | None = None) -> tuple[Recorder, int]:

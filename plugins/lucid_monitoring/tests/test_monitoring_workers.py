@@ -162,9 +162,10 @@ threshold = 0
         assert requests == sent and in_flight == 0
 
 
-def test_top_clients_survive_a_worker_starting_a_new_table(tmp_path):
-    """A worker whose client table is full starts another; worker 0 still takes every
-    count once: what grew in the closed table, then the new one."""
+def test_top_clients_of_other_workers_are_taken_once_per_rollup(tmp_path):
+    """Each rollup takes what another worker counted since the last one: the worker
+    starts a new table after each rollup (bounded by max_clients, like worker 0's),
+    and worker 0 takes what grew in the closed table, then in the new one."""
     zero = WorkerShare(tmp_path, "run", 0)
     other = WorkerShare(tmp_path, "run", 1)
     other.pid = zero.pid + 1
@@ -172,14 +173,19 @@ def test_top_clients_survive_a_worker_starting_a_new_table(tmp_path):
     recorder = Recorder((0.1,), max_clients=2)
     recorder.clients = {("svc", "a"): 3}
     other.write(recorder, 0)
-    assert zero.take_clients() == {("svc", "a"): 3}
-    recorder.clients[("svc", "a")] = 5
-    recorder.clients[("svc", "b")] = 1  # full: the next write starts a new table
-    other.write(recorder, 0)
+    assert zero.take_clients() == {("svc", "a"): 3}  # rollup 1
+    recorder.clients[("svc", "a")] = 5  # 2 more before the worker saw rollup 1
+    other.write(recorder, 0)  # sees rollup 1: closes {a: 5}, starts a new table
+    assert recorder.clients == {}
     recorder.clients[("svc", "b")] = 4
     other.write(recorder, 0)
-    assert recorder.clients == {("svc", "b"): 4}
-    assert zero.take_clients() == {("svc", "a"): 2, ("svc", "b"): 5}
+    assert zero.take_clients() == {("svc", "a"): 2, ("svc", "b"): 4}  # rollup 2
+    assert zero.take_clients() == {}  # rollup 3: nothing new (the worker has not written)
+    recorder.clients[("svc", "b")] = 6
+    other.write(recorder, 0)  # sees rollup 3: one new table for rollups 2 and 3
+    recorder.clients[("svc", "c")] = 1
+    other.write(recorder, 0)
+    assert zero.take_clients() == {("svc", "b"): 2, ("svc", "c"): 1}
     assert zero.take_clients() == {}
 
 
