@@ -185,6 +185,9 @@ async def test_half_open_probes_are_counted_for_the_whole_cluster(
         await wait_until(reopened, timeout=5, interval=0.005,
                          message="two failed probes reopen it on every node")
         assert switch.calls - calls == 2
+        # the cluster judged the two probes together, whichever nodes made them
+        states = await asyncio.gather(*(state(session, n) for n in nodes))
+        assert {s["reason"] for s in states} == {"2 of 2 probe calls failed"}, states
         # the upstream recovers: two probes close it on every node
         switch.status = 200
         await asyncio.sleep(1.0)
@@ -198,6 +201,8 @@ async def test_half_open_probes_are_counted_for_the_whole_cluster(
 
         await wait_until(closed, timeout=5, interval=0.005,
                          message="two good probes close it on every node")
+        states = await asyncio.gather(*(state(session, n) for n in nodes))
+        assert {s["reason"] for s in states} == {"2 probe calls succeeded"}, states
         assert [await call(session, node) for node in nodes] == [200] * 3
 
 
