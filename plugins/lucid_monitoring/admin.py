@@ -13,6 +13,7 @@ from quart_schema import tag, validate_querystring, validate_request
 
 from lucid.admin import error_response, if_match, public, runtime
 from lucid_monitoring.accesslog import query
+from lucid_monitoring.clustered import ClusterFigures, minute_figures, node_figures
 from lucid_monitoring.config import ALERT_RULE as KIND
 from lucid_monitoring.config import AlertRule
 from lucid_monitoring.dashboard import PAGE
@@ -320,6 +321,60 @@ async def reports(query_args: ReportQuery) -> Any:
     if q.format == "csv":
         return Response(to_csv(report), status=200, content_type="text/csv; charset=utf-8")
     return {"period": q.period, "from": start, "to": end, "report": report}
+
+
+# --------------------------------------------------------------------------- cluster
+@blueprint.get("/cluster")
+@tag_monitoring
+async def cluster() -> Any:
+    """Every node of the cluster (``alive``, ``revision``, ``workers``) with its
+    last-minute req/s, error rate and p50/p99, the cluster's totals, and which node
+    evaluates the alert rules (``leader``). With the local backend: this node."""
+    from lucid.cluster import status as cluster_status
+    from lucid.definitions import BackendUnavailable
+
+    p = plugin()
+    rt = runtime()
+    now = time.time()
+    known = await cluster_status(rt)
+    me = rt.cluster.node_id
+    documents: dict[str, dict[str, Any]] = {}
+    leader: str | None = me
+    monitor = p.monitor
+    if p.recorder is not None:
+        documents[me] = node_figures(p.recorder, me, ["1m"], now)
+    if monitor is not None:
+        try:
+            others = [n["node_id"] for n in known["nodes"] if n["node_id"] != me]
+            documents.update({k: v for k, v in (await monitor.read(others)).items()
+                              if k != me})
+            leader = await monitor.leader()
+        except BackendUnavailable:
+            leader = me if monitor.leading else None
+    nodes = []
+    for node in known["nodes"]:
+        document = documents.get(node["node_id"])
+        nodes.append({
+            "node_id": node["node_id"], "alive": node["alive"],
+            "revision": node["revision"], "workers": node["workers"],
+            "proxy": node.get("proxy", ""), "admin": node.get("admin", ""),
+            "last_seen": node["last_seen"],
+            "figures_at": document["at"] if document is not None else None,
+            "minute": minute_figures(document) if document is not None else None,
+        })
+    totals = None
+    if p.recorder is not None:
+        merged = ClusterFigures(p.recorder.bounds, documents.values())
+        totals = merged.minute()
+        totals["skipped_nodes"] = merged.skipped  # other histogram bounds: not summed
+    return {
+        "backend": known["backend"], "backend_up": known["backend_up"], "node_id": me,
+        "revision": known["revision"], "leader": leader,
+        "leader_since": monitor.leader_since if monitor is not None else None,
+        "nodes": nodes,
+        "totals": {"nodes": len(nodes), "alive": sum(1 for n in nodes if n["alive"]),
+                   "minute": totals},
+    }
 
 
 # --------------------------------------------------------------------------- dashboard

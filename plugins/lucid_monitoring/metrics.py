@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from lucid.runtime import Runtime
+    from lucid_monitoring.clustered import ClusterFigures
 
 UNMATCHED = "(unmatched)"
 OTHER_CLIENTS = "(other)"
@@ -285,13 +286,24 @@ class PrometheusCollector(Collector):
 
     def __init__(self, recorder: Recorder, runtime: Callable[[], Runtime | None],
                  alerts: Callable[[], Iterable[tuple[str, str, str]]],
-                 workers: Callable[[Recorder], tuple[Recorder, int]] | None = None):
+                 workers: Callable[[Recorder], tuple[Recorder, int]] | None = None,
+                 node: Callable[[], str | None] | None = None):
         self.recorder = recorder
         self.runtime = runtime
         self.alerts = alerts
         self.workers = workers  # adds the other workers' counts (server.workers > 1)
+        # ``[monitoring] node_label``: the node id every series is labelled with, or None
+        self.node = node
 
     def collect(self) -> Iterator[Any]:
+        node = self.node() if self.node is not None else None
+        for family in self._families():
+            if node is not None:
+                family.samples = [s._replace(labels={**s.labels, "node": node})
+                                  for s in family.samples]
+            yield family
+
+    def _families(self) -> Iterator[Any]:
         rec = self.recorder
         other_in_flight = 0
         if self.workers is not None:
@@ -413,7 +425,7 @@ class PrometheusCollector(Collector):
 
 
 def instance_health(runtime: Runtime | None,
-                    rec: Recorder | None) -> dict[tuple[str, str], str]:
+                    rec: Recorder | ClusterFigures | None) -> dict[tuple[str, str], str]:
     """Health of every known instance: what the core knows of each service the routes
     name, or a health event mentioned (``runtime.instances``: whichever plugin resolves
     it answers), overridden by what health events said since."""
