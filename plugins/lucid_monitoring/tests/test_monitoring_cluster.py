@@ -7,12 +7,25 @@ real upstream and a loopback webhook receiver that counts the notifications."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from lucid_monitoring.testing import Receiver, chromium
 from prometheus_client.parser import text_string_to_metric_families
 
-from lucid.testing import json_request
+from lucid.testing import GatewayProcess, json_request, wait_until
+
+# Three nodes starting at once on a busy two-core machine: generous
+STARTUP = 60.0
+# How long the admin APIs may take to show what Redis carries (figures are published
+# every 200 ms here, rules evaluated every 200 ms)
+VISIBLE = 10.0
+# The promise: another node leads within 5 s of the leader's kill -9 (lease 3 s)
+TAKEOVER = 5.0
 
 
 async def failing_upstream(request: web.Request) -> web.Response:
@@ -78,3 +91,203 @@ async def test_node_label_on_every_series_or_on_none(lucid_upstream, lucid_gatew
     assert not [s for s in off if "node" in s.labels]
     requests = [s for s in on if s.name == "lucid_requests_total"]
     assert {(s.labels["code"], s.value) for s in requests} == {("2xx", 1.0), ("5xx", 1.0)}
+
+
+# ---------------------------------------------------------------------------
+# three `lucid serve` nodes on a private Redis
+# ---------------------------------------------------------------------------
+
+def node_config(backend: str, upstream: str, hook: str) -> str:
+    return f"""
+[cluster]
+backend = "{backend}"
+timeout = "500ms"
+
+[[gateway.routes]]
+id = "api"
+prefix = "/"
+service = "svc"
+retries = {{ attempts = 1 }}
+
+[gateway.services.svc]
+instances = ["{upstream}"]
+
+[monitoring]
+evaluation_interval = "200ms"
+cluster_interval = "200ms"
+leader_lease = "3s"
+
+[[monitoring.notifiers]]
+type = "webhook"
+url = "{hook}"
+backoff_initial = "100ms"
+"""
+
+
+async def get(session: aiohttp.ClientSession, node: GatewayProcess, path: str) -> Any:
+    status, body = await json_request(session, "GET", node.admin_url + path)
+    assert status == 200, (path, body)
+    return body
+
+
+async def send(session: aiohttp.ClientSession, node: GatewayProcess, path: str,
+               times: int) -> None:
+    for _ in range(times):
+        async with session.get(node.proxy_url + path) as r:
+            await r.read()
+
+
+async def alert(session: aiohttp.ClientSession, node: GatewayProcess) -> dict[str, Any] | None:
+    body = await get(session, node, "/monitoring/alerts")
+    found = [a for a in body["alerts"] if a["name"] == "ClusterErrors"]
+    return found[0] if found else None
+
+
+async def quiet_after(session: aiohttp.ClientSession, nodes: list[GatewayProcess],
+                      since: float) -> None:
+    """Wait until every node shows the rule evaluated well after ``since`` (five
+    evaluations): a second notification would have been sent by then."""
+    async def evaluated() -> bool:
+        shown = await asyncio.gather(*(alert(session, n) for n in nodes))
+        return all(a is not None and (a["last_evaluated"] or 0) > since + 1.0 for a in shown)
+
+    await wait_until(evaluated, timeout=VISIBLE, message="five more evaluations")
+
+
+async def test_three_nodes_one_view_one_leader_one_webhook_per_change(
+        lucid_redis, lucid_upstream, lucid_process, tmp_path):
+    server = lucid_redis()
+    upstream = await lucid_upstream(failing_upstream)
+    receiver = Receiver()
+    hook = await lucid_upstream(receiver)
+    text = node_config(server.url, upstream.url, hook.url + "/hook")
+    started = [lucid_process(text, env={"LUCID_CLUSTER__NODE_ID": name, **extra}, wait=False)
+               for name, extra in (("node-a", {"LUCID_MONITORING__NODE_LABEL": "true"}),
+                                   ("node-b", {}), ("node-c", {}))]
+    nodes = [node.wait_ready(timeout=STARTUP) for node in started]
+    a, b, c = nodes
+    names = {"node-a": a, "node-b": b, "node-c": c}
+    async with aiohttp.ClientSession() as session:
+        # every node lists all three, alive, and names one and the same leader
+        async def one_view() -> list[dict[str, Any]] | None:
+            views = await asyncio.gather(*(get(session, n, "/monitoring/cluster")
+                                           for n in nodes))
+            ok = all([x["node_id"] for x in v["nodes"]] == ["node-a", "node-b", "node-c"]
+                     and all(x["alive"] for x in v["nodes"]) for v in views)
+            leaders = {v["leader"] for v in views}
+            return views if ok and len(leaders) == 1 and None not in leaders else None
+
+        views = await wait_until(one_view, timeout=STARTUP, message="one view, one leader")
+        assert all(v["backend"] == "redis" for v in views)
+        # a rule written through node B reaches every node (the definitions layer)
+        status, created = await json_request(session, "POST",
+                                             b.admin_url + "/monitoring/alerts", json={
+            "name": "ClusterErrors", "metric": "error_rate", "op": ">",
+            "threshold": 0.4, "window": "1m", "severity": "critical"})
+        assert status == 201, created
+        for node in nodes:
+            await wait_until(lambda node=node: alert(session, node), timeout=VISIBLE,
+                             message="the rule on every node")
+
+        # 10 good requests through C, then 4 errors through A and 4 through B: each
+        # node alone is at 100 % or 0 %; the cluster is at 4/14 (< 0.4), then 8/18
+        await send(session, c, "/ok", 10)
+
+        async def totals(requests: int) -> bool:
+            views = await asyncio.gather(*(get(session, n, "/monitoring/cluster")
+                                           for n in nodes))
+            return all(v["totals"]["minute"]["requests"] == requests for v in views)
+
+        await wait_until(lambda: totals(10), timeout=VISIBLE, message="C's figures everywhere")
+        await send(session, a, "/fail", 4)
+        await send(session, b, "/fail", 4)
+        fired = await wait_until(lambda: receiver.payloads, timeout=VISIBLE,
+                                 message="the firing webhook")
+        assert fired[0]["status"] == "firing"
+        assert fired[0]["commonLabels"]["alertname"] == "ClusterErrors"
+        assert float(fired[0]["commonAnnotations"]["value"]) == round(8 / 18, 6)
+
+        # /monitoring/cluster on every node: all three with their own figures
+        await wait_until(lambda: totals(18), timeout=VISIBLE, message="every figure")
+        view = await get(session, c, "/monitoring/cluster")
+        minute = {n["node_id"]: n["minute"] for n in view["nodes"]}
+        assert {k: (m["requests"], m["error_rate"]) for k, m in minute.items()} == {
+            "node-a": (4, 1.0), "node-b": (4, 1.0), "node-c": (10, 0.0)}
+        assert all(m["rps"] > 0 and m["p50_ms"] is not None and m["p99_ms"] is not None
+                   for m in minute.values())
+        assert view["totals"]["minute"]["error_rate"] == round(8 / 18, 4)
+        assert (view["totals"]["nodes"], view["totals"]["alive"]) == (3, 3)
+        assert all(n["workers"] == 1 for n in view["nodes"])
+
+        async def same_revision() -> bool:  # membership is renewed every second
+            nodes = (await get(session, c, "/monitoring/cluster"))["nodes"]
+            return {n["revision"] for n in nodes} == {view["revision"]} != {0}
+
+        await wait_until(same_revision, timeout=VISIBLE, message="the rule's revision")
+
+        # every node shows it firing (the followers copy the leader's states) and
+        # nothing more is sent however many evaluations follow
+        async def firing_everywhere() -> bool:
+            shown = await asyncio.gather(*(alert(session, n) for n in nodes))
+            return all(x is not None and x["state"] == "firing" for x in shown)
+
+        await wait_until(firing_everywhere, timeout=VISIBLE, message="firing on every node")
+        await quiet_after(session, nodes, time.time())
+        assert receiver.states() == ["firing"]
+
+        # the dashboard's cluster view, in a real browser, on node C
+        dom = await chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom",
+                             c.admin_url + "/monitoring/ui?interval=300")
+        cluster_view = dom.split('id="cluster"', 1)[1].split("</section>", 1)[0]
+        rows = re.findall(r"<tr[^>]*>(.*?)</tr>", cluster_view)
+        cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows[1:]]
+        assert [r[0] for r in cells] == ["node-a", "node-b", "node-c (this node)", "cluster"]
+        assert [r[1] for r in cells[:3]] == ["alive"] * 3 and cells[3][1] == "3/3 alive"
+        assert [r[6] for r in cells] == ["100.00 %", "100.00 %", "0.00 %", "44.44 %"]
+        assert sum(1 for r in cells if r[2] == "leader") == 1
+        assert '<tr class="cluster-total">' in cluster_view
+        assert "alerts evaluated by node-" in dom
+
+        # node_label: node A (true) labels every series, node B (default) none
+        async with session.get(a.admin_url + "/metrics") as r:
+            labelled = series(await r.text())
+        async with session.get(b.admin_url + "/metrics") as r:
+            plain = series(await r.text())
+        assert {s.labels.get("node") for s in labelled} == {"node-a"}
+        assert not [s for s in plain if "node" in s.labels]
+
+        # 20 more good requests through C: 8/38, resolved, once
+        await send(session, c, "/ok", 20)
+        await wait_until(lambda: len(receiver.payloads) >= 2, timeout=VISIBLE,
+                         message="the resolved webhook")
+        await quiet_after(session, nodes, time.time())
+        assert receiver.states() == ["firing", "resolved"]
+
+        # kill -9 the leader: another node takes over within 5 s
+        leader = (await get(session, a, "/monitoring/cluster"))["leader"]
+        dead = names[leader]
+        dead.proc.kill()
+        killed = time.monotonic()
+        alive = [n for n in nodes if n is not dead]
+
+        async def new_leader() -> str | None:
+            views = await asyncio.gather(*(get(session, n, "/monitoring/cluster")
+                                           for n in alive))
+            leaders = {v["leader"] for v in views}
+            return leaders.pop() if len(leaders) == 1 and None not in leaders \
+                and leader not in leaders else None
+
+        successor = await wait_until(new_leader, timeout=TAKEOVER, interval=0.05,
+                                     message="a new leader within 5 s")
+        took = time.monotonic() - killed
+        print(f"leader {leader} killed; {successor} took over in {took:.2f} s")
+        assert took < TAKEOVER and successor in names
+        # still one webhook per state change: nothing re-sent by the takeover ...
+        await quiet_after(session, alive, time.time())
+        assert receiver.states() == ["firing", "resolved"]
+        # ... and the next change is sent once, by the new leader
+        await send(session, alive[0], "/fail", 40)
+        await wait_until(lambda: len(receiver.payloads) >= 3, timeout=VISIBLE,
+                         message="the second firing webhook")
+        await quiet_after(session, alive, time.time())
+        assert receiver.states() == ["firing", "resolved", "firing"]
