@@ -291,3 +291,70 @@ async def test_three_nodes_one_view_one_leader_one_webhook_per_change(
                          message="the second firing webhook")
         await quiet_after(session, alive, time.time())
         assert receiver.states() == ["firing", "resolved", "firing"]
+
+
+# ---------------------------------------------------------------------------
+# in this process: two gateways on one Redis
+# ---------------------------------------------------------------------------
+
+async def test_a_stopped_leader_frees_the_lock_and_without_redis_nobody_leads(
+        lucid_redis, lucid_upstream, tmp_path):
+    from contextlib import AsyncExitStack
+
+    from redis.asyncio import Redis
+
+    from lucid.testing import run_gateway
+
+    server = lucid_redis()
+    upstream = await lucid_upstream(failing_upstream)
+
+    def text(node: str) -> str:
+        return f'[cluster]\nbackend = "{server.url}"\nnode_id = "{node}"\n' + gateway_config(
+            upstream.url, 'cluster_interval = "100ms"\nleader_lease = "1s"\n'
+                          'evaluation_interval = "100ms"')
+
+    redis = Redis.from_url(server.url, decode_responses=True)
+    async with AsyncExitStack() as stack:
+        one = await stack.enter_async_context(run_gateway(text("one"), tmp_path / "one"))
+        two_stack = AsyncExitStack()
+        two = await two_stack.enter_async_context(run_gateway(text("two"), tmp_path / "two"))
+        stack.push_async_callback(two_stack.aclose)  # whatever happens below
+        gateways = {"one": one, "two": two}
+
+        async def leader(gw: Any) -> str | None:
+            status, body = await json_request(gw.session, "GET",
+                                              gw.admin_url + "/monitoring/cluster")
+            assert status == 200, body
+            return body["leader"]  # type: ignore[no-any-return]
+
+        async def agreed() -> str | None:
+            seen = {await leader(gw) for gw in gateways.values()}
+            return seen.pop() if len(seen) == 1 and None not in seen else None
+
+        first = await wait_until(agreed, timeout=VISIBLE, message="one leader")
+        if first == "one":  # stop the leader; keep the other
+            one, two = two, one
+            stack, two_stack = two_stack, stack
+        # `two` leads; stopped (SIGTERM's path), it frees the lock at once
+        await two_stack.aclose()
+        held = await redis.get("lucid:monitoring:leader")
+        assert held is None or not held.startswith(first + "/"), held
+        await wait_until(lambda: leader(one), timeout=VISIBLE, message="the other leads")
+        assert await leader(one) == one.runtime.cluster.node_id
+        # Redis hung: nobody can hold the lock, so nobody evaluates
+        server.pause()
+        try:
+            await wait_until(lambda: _no_leader(leader, one), timeout=VISIBLE,
+                             message="no leader while Redis is paused")
+            plugin = one.runtime.plugin_set.pm.get_plugin("monitoring")
+            assert plugin.monitor.leading is False
+            assert await plugin.evaluate() == []
+        finally:
+            server.resume()
+        await wait_until(lambda: leader(one), timeout=VISIBLE, message="leading again")
+        await stack.aclose()
+    await redis.aclose()
+
+
+async def _no_leader(leader: Any, gw: Any) -> bool:
+    return await leader(gw) is None
