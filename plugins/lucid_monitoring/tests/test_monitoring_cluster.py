@@ -313,13 +313,16 @@ async def test_a_stopped_leader_frees_the_lock_and_without_redis_nobody_leads(
             upstream.url, 'cluster_interval = "100ms"\nleader_lease = "1s"\n'
                           'evaluation_interval = "100ms"')
 
-    redis = Redis.from_url(server.url, decode_responses=True)
     async with AsyncExitStack() as stack:
-        one = await stack.enter_async_context(run_gateway(text("one"), tmp_path / "one"))
-        two_stack = AsyncExitStack()
-        two = await two_stack.enter_async_context(run_gateway(text("two"), tmp_path / "two"))
-        stack.push_async_callback(two_stack.aclose)  # whatever happens below
-        gateways = {"one": one, "two": two}
+        redis = Redis.from_url(server.url, decode_responses=True)
+        stack.push_async_callback(redis.aclose)
+        gateways: dict[str, Any] = {}
+        stacks: dict[str, AsyncExitStack] = {}
+        for name in ("one", "two"):
+            stacks[name] = AsyncExitStack()
+            stack.push_async_callback(stacks[name].aclose)  # whatever happens below
+            gateways[name] = await stacks[name].enter_async_context(
+                run_gateway(text(name), tmp_path / name))
 
         async def leader(gw: Any) -> str | None:
             status, body = await json_request(gw.session, "GET",
@@ -332,15 +335,14 @@ async def test_a_stopped_leader_frees_the_lock_and_without_redis_nobody_leads(
             return seen.pop() if len(seen) == 1 and None not in seen else None
 
         first = await wait_until(agreed, timeout=VISIBLE, message="one leader")
-        if first == "one":  # stop the leader; keep the other
-            one, two = two, one
-            stack, two_stack = two_stack, stack
-        # `two` leads; stopped (SIGTERM's path), it frees the lock at once
-        await two_stack.aclose()
+        other = "two" if first == "one" else "one"
+        one = gateways[other]  # the one left
+        # the leader stopped (SIGTERM's path) frees the lock at once
+        await stacks[first].aclose()
         held = await redis.get("lucid:monitoring:leader")
         assert held is None or not held.startswith(first + "/"), held
         await wait_until(lambda: leader(one), timeout=VISIBLE, message="the other leads")
-        assert await leader(one) == one.runtime.cluster.node_id
+        assert await leader(one) == other
         # Redis hung: nobody can hold the lock, so nobody evaluates
         server.pause()
         try:
@@ -352,8 +354,6 @@ async def test_a_stopped_leader_frees_the_lock_and_without_redis_nobody_leads(
         finally:
             server.resume()
         await wait_until(lambda: leader(one), timeout=VISIBLE, message="leading again")
-        await stack.aclose()
-    await redis.aclose()
 
 
 async def _no_leader(leader: Any, gw: Any) -> bool:
