@@ -34,7 +34,7 @@ from lucid.definitions import BackendUnavailable
 from lucid.plugins import hookimpl
 from lucid_monitoring.accesslog import FLUSH_INTERVAL, AccessLogWriter, entry
 from lucid_monitoring.alerts import AlertEngine, alertmanager_payload, make_notifier
-from lucid_monitoring.clustered import ClusterFigures, ClusterMonitor, node_figures
+from lucid_monitoring.clustered import ClusterFigures, ClusterMonitor, WindowSums, node_figures
 from lucid_monitoring.config import ALERT_RULE as KIND
 from lucid_monitoring.config import AlertRule, MonitoringConfig, RouteMonitoring
 from lucid_monitoring.metrics import TICK, PrometheusCollector, Recorder
@@ -113,6 +113,7 @@ class MonitoringPlugin:
         self.workers: WorkerShare | None = None
         # With a Redis [cluster] backend (worker 0): figures shared, alerts led by one
         self.monitor: ClusterMonitor | None = None
+        self.window_sums = WindowSums()  # closed slots summed once, not at each publish
 
     # lifecycle ----------------------------------------------------------------
     @hookimpl
@@ -311,7 +312,8 @@ class MonitoringPlugin:
         assert monitor is not None and self.recorder is not None
         try:
             await monitor.publish(node_figures(self.recorder, monitor.node_id,
-                                               self._windows(), time.time()))
+                                               self._windows(), time.time(),
+                                               self.window_sums))
             if not monitor.leading:
                 await monitor.read_states(self.engine)
         except BackendUnavailable:
@@ -336,7 +338,8 @@ class MonitoringPlugin:
         nodes = (await status(runtime))["nodes"]
         others = [n["node_id"] for n in nodes if n["node_id"] != self.monitor.node_id]
         documents = await self.monitor.read(others)
-        mine = node_figures(self.recorder, self.monitor.node_id, self._windows(), now)
+        mine = node_figures(self.recorder, self.monitor.node_id, self._windows(), now,
+                            self.window_sums)
         return ClusterFigures(self.recorder.bounds, [mine, *documents.values()])
 
     async def evaluate(self) -> list[Any]:

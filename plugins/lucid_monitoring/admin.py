@@ -342,7 +342,7 @@ async def cluster() -> Any:
     leader: str | None = me
     monitor = p.monitor
     if p.recorder is not None:
-        documents[me] = node_figures(p.recorder, me, ["1m"], now)
+        documents[me] = node_figures(p.recorder, me, ["1m"], now, p.window_sums)
     if monitor is not None:
         try:
             others = [n["node_id"] for n in known["nodes"] if n["node_id"] != me]

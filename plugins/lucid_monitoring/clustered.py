@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -62,32 +63,119 @@ return 1
 """
 
 
-def node_figures(rec: Recorder, node_id: str, windows: Iterable[str],
-                 now: float) -> dict[str, Any]:
+class WindowSums:
+    """Per window, running sums of the recorder's closed slots, reduced to what a node
+    publishes: (route, service) -> [count, 5xx, *duration buckets], (service,
+    instance) -> [attempts, failed], limit -> rejections.
+
+    A slot closes every ``TICK`` (10 s), so between ticks only the open slot is new:
+    a slot is added once when it closes and subtracted once when it leaves the window
+    (the counts are integers, so the sums stay exact). Summing the 360 slots of the
+    1 h window afresh every second instead cost a whole core with 50 busy routes
+    (``bench/bench_monitoring_cluster.py``)."""
+
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.kept: dict[str, deque[Any]] = {}
+        self.routes: dict[str, dict[tuple[str, str], list[float]]] = {}
+        self.instances: dict[str, dict[tuple[str, str], list[float]]] = {}
+        self.rejections: dict[str, dict[str, int]] = {}
+
+    def closed(self, rec: Recorder, name: str, now: float) -> tuple[
+            dict[tuple[str, str], list[float]], dict[tuple[str, str], list[float]],
+            dict[str, int]]:
+        """The sums of ``name``'s closed slots at ``now`` (the caller must not change them)."""
+        if rec is not self.recorder:
+            self._reset()
+            self.recorder = rec
+        seconds = WINDOWS[name]
+        kept = self.kept.setdefault(name, deque())
+        routes = self.routes.setdefault(name, {})
+        instances = self.instances.setdefault(name, {})
+        rejections = self.rejections.setdefault(name, {})
+        while kept and kept[0][0] <= now - seconds:
+            self._add(rec, kept.popleft(), routes, instances, rejections, -1)
+        newest = kept[-1][0] if kept else float("-inf")
+        fresh = []
+        for slot in reversed(rec.slots):
+            if slot[0] <= newest or slot[0] <= now - seconds:
+                break
+            fresh.append(slot)
+        for slot in reversed(fresh):
+            self._add(rec, slot, routes, instances, rejections, 1)
+            kept.append(slot)
+        return routes, instances, rejections
+
+    @staticmethod
+    def _add(rec: Recorder, slot: Any, routes: dict[tuple[str, str], list[float]],
+             instances: dict[tuple[str, str], list[float]], rejections: dict[str, int],
+             sign: int) -> None:
+        _, slot_routes, slot_instances, slot_rejections = slot
+        reduce_into(rec.nb, slot_routes, slot_instances, slot_rejections, routes, instances,
+                    rejections, sign)
+
+
+def reduce_into(nb: int, routes: Mapping[Any, list[float]], instances: Mapping[Any, list[float]],
+                rejections: Mapping[str, int], into_routes: dict[tuple[str, str], list[float]],
+                into_instances: dict[tuple[str, str], list[float]], into_rejections: dict[str, int],
+                sign: int = 1) -> None:
+    """Add (``sign`` 1) or take away (-1) recorder deltas to the reduced sums; an entry
+    that falls to zero requests leaves."""
+    for (route, service, _, _), e in routes.items():
+        key = (route, service)
+        mine = into_routes.get(key)
+        if mine is None:
+            mine = into_routes[key] = [0] * (2 + nb)
+        mine[0] += sign * e[COUNT]
+        mine[1] += sign * e[ERRORS]
+        for i in range(nb):
+            mine[2 + i] += sign * e[HEAD + i]
+        if not mine[0]:
+            del into_routes[key]
+    for key, e in instances.items():
+        mine = into_instances.get(key)
+        if mine is None:
+            mine = into_instances[key] = [0, 0]
+        mine[0] += sign * e[0]
+        mine[1] += sign * e[1]
+        if not mine[0]:
+            del into_instances[key]
+    for limit, n in rejections.items():
+        total = into_rejections.get(limit, 0) + sign * n
+        if total:
+            into_rejections[limit] = total
+        else:
+            into_rejections.pop(limit, None)
+
+
+def node_figures(rec: Recorder, node_id: str, windows: Iterable[str], now: float,
+                 sums: WindowSums | None = None) -> dict[str, Any]:
     """What one node publishes: per window, per (route, service) the request count,
     5xx count and duration buckets; per instance attempts and failures; rejections;
-    and the breaker and health states it knows."""
+    and the breaker and health states it knows. ``sums`` keeps the closed slots'
+    sums from one call to the next (without it they are summed afresh)."""
+    sums = sums if sums is not None else WindowSums()
     out: dict[str, Any] = {"format": FORMAT, "node_id": node_id, "at": now,
                            "bounds": list(rec.bounds), "windows": {}}
     nb = rec.nb
+    open_routes, open_instances, open_rejections = rec.open_slot()
     for name in windows:
-        covered, routes, instances, rejections = rec.window(WINDOWS[name], now)
-        by_route: dict[tuple[str, str], list[float]] = {}
-        for (route, service, _, _), e in routes.items():
-            mine = by_route.get((route, service))
-            if mine is None:
-                mine = by_route[(route, service)] = [0.0] * (2 + nb)
-            mine[0] += e[COUNT]
-            mine[1] += e[ERRORS]
-            for i in range(nb):
-                mine[2 + i] += e[HEAD + i]
+        closed_routes, closed_instances, closed_rejections = sums.closed(rec, name, now)
+        routes = {k: list(v) for k, v in closed_routes.items()}
+        instances = {k: list(v) for k, v in closed_instances.items()}
+        rejections = dict(closed_rejections)
+        reduce_into(nb, open_routes, open_instances, open_rejections, routes, instances,
+                    rejections)
         out["windows"][name] = {
-            "covered": covered,
+            "covered": max(1.0, min(WINDOWS[name], now - rec.started)),
             "routes": [[route, service, *entry] for (route, service), entry in
-                       sorted(by_route.items())],
-            "instances": [[service, instance, e[0], e[1]] for (service, instance), e in
+                       sorted(routes.items())],
+            "instances": [[service, instance, *e] for (service, instance), e in
                           sorted(instances.items())],
-            "rejections": {k: v for k, v in rejections.items() if v},
+            "rejections": rejections,
         }
     view = rec.view()
     out["breakers"] = [[s, i, state] for (s, i), state in sorted(view.breakers.items())]

@@ -191,10 +191,7 @@ class Recorder:
         """(covered seconds, route deltas, instance deltas, rejections) over the last
         ``seconds``, the open slot included."""
         now = time.time() if now is None else now
-        view = self.view()
-        routes = _deltas(view.routes, self._last_routes, keep=False)
-        instances = _deltas(view.instances, self._last_instances, keep=False)
-        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in view.rejections.items()}
+        routes, instances, rejections = self.open_slot()
         for at, r, i, rej in reversed(self.slots):
             if at <= now - seconds:
                 break
@@ -204,6 +201,15 @@ class Recorder:
                 rejections[k] = rejections.get(k, 0) + v
         covered = max(1.0, min(seconds, now - self.started))
         return covered, routes, instances, rejections
+
+    def open_slot(self) -> tuple[dict[Any, list[float]], dict[Any, list[float]], dict[str, int]]:
+        """(route deltas, instance deltas, rejections) since the last tick: the slot
+        still open, every worker's."""
+        view = self.view()
+        routes = _deltas(view.routes, self._last_routes, keep=False)
+        instances = _deltas(view.instances, self._last_instances, keep=False)
+        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in view.rejections.items()}
+        return routes, instances, rejections
 
     def take_clients(self) -> dict[tuple[str, str], int]:
         clients, self.clients = self.clients, {}

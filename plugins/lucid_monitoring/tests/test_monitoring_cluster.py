@@ -93,6 +93,59 @@ async def test_node_label_on_every_series_or_on_none(lucid_upstream, lucid_gatew
     assert {(s.labels["code"], s.value) for s in requests} == {("2xx", 1.0), ("5xx", 1.0)}
 
 
+class Finished:
+    """A finished exchange, as the recorder reads it."""
+
+    bytes_in = bytes_out = 10
+    attempts = 1
+    instance = "i"
+    upstream_duration = 0.002
+    client_ip = "10.0.0.1"
+    service = "svc"
+
+    def __init__(self, route: str, status: int, duration: float):
+        self.route_id, self.method, self.status, self.duration = route, "GET", status, duration
+
+
+class Attempt:
+    def __init__(self, kind: str):
+        self.kind, self.duration = kind, 0.002
+
+
+def test_published_windows_kept_as_running_sums_equal_sums_made_afresh():
+    from lucid_monitoring.clustered import ClusterFigures, WindowSums, node_figures
+    from lucid_monitoring.metrics import COUNT, ERRORS, WINDOWS, Recorder
+
+    rec = Recorder([0.01, 0.1, 1.0])
+    start = 1_000_000.0
+    rec.started = start
+    sums = WindowSums()
+    for tick in range(1, 520):  # past 360 slots: the 1 h window drops its oldest
+        now = start + 10.0 * tick
+        for n in range(tick % 5):
+            rec.observe(Finished(f"r{n}", 500 if (tick + n) % 3 == 0 else 200,
+                                 0.005 * (1 + (tick + n) % 50)))
+            rec.outcome("svc", "i", Attempt("success" if n % 2 else "timeout"))
+        rec.observe_event("limit_rejected", {"limit": f"l{tick % 2}"})
+        if tick % 4:
+            rec.tick(now)
+        if tick % 7 == 0:  # between ticks too: the open slot has traffic
+            kept = node_figures(rec, "n", list(WINDOWS), now + 3.0, sums)
+            assert kept == node_figures(rec, "n", list(WINDOWS), now + 3.0)
+            merged = ClusterFigures(rec.bounds, [kept])
+            for seconds in WINDOWS.values():
+                covered, routes, instances, rejections = rec.window(seconds, now + 3.0)
+                mine = merged.window(seconds)
+                assert mine[0] == covered
+                assert sum(e[COUNT] for e in mine[1].values()) == sum(
+                    e[COUNT] for e in routes.values())
+                assert sum(e[ERRORS] for e in mine[1].values()) == sum(
+                    e[ERRORS] for e in routes.values())
+                assert {k: v[:2] for k, v in mine[2].items()} == {
+                    k: v[:2] for k, v in instances.items() if v[0]}
+                assert mine[3] == {k: v for k, v in rejections.items() if v}
+
+
 # ---------------------------------------------------------------------------
 # three `lucid serve` nodes on a private Redis
 # ---------------------------------------------------------------------------
