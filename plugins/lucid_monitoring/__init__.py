@@ -323,8 +323,7 @@ class MonitoringPlugin:
         monitor = self.monitor
         assert monitor is not None
         try:
-            if await monitor.campaign():
-                await monitor.read_states(self.engine)  # go on from the last leader
+            await monitor.campaign(self.engine)  # a new leader goes on from the last one
         except BackendUnavailable:
             monitor.step_down()  # nobody can take the lock while Redis is away
 

@@ -321,9 +321,11 @@ class ClusterMonitor:
         return out
 
     # leadership ----------------------------------------------------------------
-    async def campaign(self) -> bool:
-        """Renew the lock if this node holds it, else try to take it. True when this
-        node has just become the leader (it should take the shared alert states)."""
+    async def campaign(self, engine: AlertEngine) -> bool:
+        """Renew the lock if this node holds it, else try to take it; True when this
+        node has just become the leader. A new leader takes the alert states the last
+        one wrote into ``engine`` before it counts as leading, so its first
+        evaluation goes on from them."""
         started = time.monotonic()
         lease_ms = int(self.lease * 1000)
         was = self.leading
@@ -337,6 +339,9 @@ class ClusterMonitor:
             held = await self.cluster.call(lambda redis: redis.set(
                 self.leader_key, self.token, nx=True, px=lease_ms))
         if held:
+            if not was:
+                # a failure here leaves the lock to expire: nobody leads meanwhile
+                await self.read_states(engine, follower=False)
             self.leading_until = started + self.lease
             if not was:
                 self.leader_since = time.time()
@@ -390,10 +395,13 @@ class ClusterMonitor:
             self.step_down()
         return bool(written)
 
-    async def read_states(self, engine: AlertEngine) -> None:
+    async def read_states(self, engine: AlertEngine, follower: bool = True) -> None:
         """Take the cluster's alert states into ``engine`` (rules defined alike only:
-        a rule changed since is judged afresh)."""
+        a rule changed since is judged afresh). A ``follower`` read that comes back
+        after this node became the leader is dropped: its own states are newer."""
         stored = await self.cluster.call(lambda redis: redis.hgetall(self.states_key))
+        if follower and self.leading:
+            return
         for name, alert in engine.alerts.items():
             try:
                 state = json.loads(stored[name]) if name in stored else None
