@@ -127,6 +127,13 @@ async def status() -> Any:
         "rollup_interval": cfg.rollup_interval,
         "retention": cfg.retention,
         "notifiers": [n.describe() for n in p.notifiers],
+        # a Redis [cluster] backend: this node's part in cluster monitoring
+        "cluster": ({"node_id": p.monitor.node_id, "leading": p.monitor.leading,
+                     "leader_since": p.monitor.leader_since,
+                     "published_at": p.monitor.published_at,
+                     "cluster_interval": cfg.cluster_interval,
+                     "leader_lease": cfg.leader_lease}
+                    if p.monitor is not None else None),
         # server.workers > 1: what each worker counted, as summed on /metrics
         "workers": (p.workers.describe(p.recorder, rt.counters.get("in_flight", 0))
                     if p.workers is not None and p.recorder is not None else None),

@@ -71,6 +71,8 @@ async def test_with_the_local_backend_the_cluster_is_this_node(lucid_upstream, l
     assert node["minute"]["p50_ms"] is not None and node["minute"]["p99_ms"] is not None
     assert body["totals"]["nodes"] == 1 and body["totals"]["alive"] == 1
     assert body["totals"]["minute"]["requests"] == 3
+    status, body = await json_request(gw.session, "GET", gw.admin_url + "/monitoring/status")
+    assert status == 200 and body["cluster"] is None
 
 
 async def test_node_label_on_every_series_or_on_none(lucid_upstream, lucid_gateway):
@@ -416,6 +418,9 @@ async def test_a_stopped_leader_frees_the_lock_and_without_redis_nobody_leads(
             plugin = one.runtime.plugin_set.pm.get_plugin("monitoring")
             assert plugin.monitor.leading is False
             assert await plugin.evaluate() == []
+            status, body = await json_request(one.session, "GET",
+                                              one.admin_url + "/monitoring/status")
+            assert status == 200 and body["cluster"]["leading"] is False
         finally:
             server.resume()
         await wait_until(lambda: leader(one), timeout=VISIBLE, message="leading again")
