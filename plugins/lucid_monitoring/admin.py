@@ -346,8 +346,9 @@ async def cluster() -> Any:
     known = await cluster_status(rt)
     me = rt.cluster.node_id
     documents: dict[str, dict[str, Any]] = {}
-    leader: str | None = me
     monitor = p.monitor
+    # with metrics off no node evaluates rules (and a Redis cluster has no leader)
+    leader: str | None = me if not rt.cluster.shared and p.recorder is not None else None
     if p.recorder is not None:
         documents[me] = node_figures(p.recorder, me, ["1m"], now, p.window_sums)
     if monitor is not None:

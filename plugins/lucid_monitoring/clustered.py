@@ -329,13 +329,14 @@ class ClusterMonitor:
         started = time.monotonic()
         lease_ms = int(self.lease * 1000)
         was = self.leading
-        if was:
-            if self._renew is None and self.cluster.redis is not None:
-                self._renew = self.cluster.redis.register_script(RENEW_SCRIPT)
-            script = self._renew
-            held = await self.cluster.call(lambda redis: script(
-                keys=[self.leader_key], args=[self.token, lease_ms]))
-        else:
+        if self._renew is None and self.cluster.redis is not None:
+            self._renew = self.cluster.redis.register_script(RENEW_SCRIPT)
+        script = self._renew
+        # Extend it if it is this node's: held, or left after this node stepped down
+        # on a failed write (rather than leave the cluster leaderless for a lease)
+        held = await self.cluster.call(lambda redis: script(
+            keys=[self.leader_key], args=[self.token, lease_ms]))
+        if not held and not was:
             held = await self.cluster.call(lambda redis: redis.set(
                 self.leader_key, self.token, nx=True, px=lease_ms))
         if held:
