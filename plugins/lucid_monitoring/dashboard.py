@@ -81,8 +81,9 @@ PAGE = r"""<!doctype html>
   <section><h2>Services and instances</h2><div id="services" class="empty">none</div></section>
   <section><h2>Routes (last minute)</h2><div id="routes" class="empty">none</div></section>
   <section><h2>Top rate-limited keys</h2><div id="limited" class="empty">none</div></section>
-  <section id="cluster-view"><h2>Cluster (last minute) <span class="muted"
-    id="cluster-leader"></span></h2><div id="cluster" class="empty">none</div></section>
+  <section id="cluster-view" style="grid-column:1/-1"><h2>Cluster (last minute)
+    <span id="cluster-leader" style="font-weight:400"></span></h2>
+    <div id="cluster" class="empty" style="white-space:nowrap">none</div></section>
 </main>
 <script>
 "use strict";
@@ -216,7 +217,7 @@ function renderCluster(data) {
   html = html.replace(/<tr>(?![\s\S]*<tr>)/, '<tr class="cluster-total">');
   fill("cluster", html);
   document.getElementById("cluster-leader").textContent =
-    data.leader ? "alerts evaluated by " + data.leader : "no alert leader";
+    data.leader ? "· alerts evaluated by " + data.leader : "· no alert leader";
   document.body.dataset.clusterPolls =
     String(Number(document.body.dataset.clusterPolls || 0) + 1);
 }
