@@ -193,7 +193,8 @@ class MonitoringPlugin:
                                           cfg.leader_lease)
             self._tasks += [
                 loop.create_task(self._every(cfg.cluster_interval, self._publish)),
-                loop.create_task(self._every(cfg.leader_lease / 3, self._campaign)),
+                # every sixth of the lease: the holder renews, the others try to take it
+                loop.create_task(self._every(cfg.leader_lease / 6, self._campaign)),
             ]
         if self.recorder is not None:
             self.rollups = Rollups(self.recorder)

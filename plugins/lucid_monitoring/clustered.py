@@ -7,11 +7,12 @@
   the TTL. ``GET /monitoring/cluster`` reads every node's key at once (MGET).
 * **One alert leader.** Alert rules run on one node only, the leader: whoever holds
   the Redis lock ``monitoring:leader`` (``SET NX PX``, renewed by a compare-and-extend
-  script every third of ``leader_lease``). A leader that dies -- ``kill -9`` included
-  -- stops renewing; the lock expires and another node takes it within
-  ``leader_lease`` plus one attempt. The leader evaluates the rules on the cluster's
-  figures (every node's published windows summed, histograms bucket by bucket, so a
-  cluster p99 is a real quantile, not an average of the nodes' ones).
+  script every sixth of ``leader_lease``, when the other nodes try to take it). A
+  leader that dies -- ``kill -9`` included -- stops renewing; the lock expires and
+  another node takes it within ``leader_lease`` plus one attempt. The leader
+  evaluates the rules on the cluster's figures (every node's published windows
+  summed, histograms bucket by bucket, so a cluster p99 is a real quantile, not an
+  average of the nodes' ones).
 * **Alert state in Redis.** After each evaluation the leader writes every alert's
   state (pending/firing, since when) to Redis with a script that first checks it
   still holds the lock (a leader that was paused past its lease cannot write, and

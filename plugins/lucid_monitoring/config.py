@@ -132,7 +132,7 @@ class MonitoringConfig(Strict):
         "publishes its figures (GET /monitoring/cluster, cluster-wide alert rules)")
     leader_lease: Duration = Field(
         3.0, ge=0.3, le=60, description="with a Redis [cluster] backend: how long the alert "
-        "leader's lock lasts unrenewed (renewed every third); another node takes over "
+        "leader's lock lasts unrenewed (renewed every sixth); another node takes over "
         "within about this long after the leader dies")
 
     @field_validator("buckets")
