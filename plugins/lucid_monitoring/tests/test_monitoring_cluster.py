@@ -378,7 +378,8 @@ async def test_a_stopped_leader_frees_the_lock_and_without_redis_nobody_leads(
     def text(node: str) -> str:
         return f'[cluster]\nbackend = "{server.url}"\nnode_id = "{node}"\n' + gateway_config(
             upstream.url, 'cluster_interval = "100ms"\nleader_lease = "1s"\n'
-                          'evaluation_interval = "100ms"')
+                          'evaluation_interval = "100ms"\n[[monitoring.alerts]]\n'
+                          'name = "Busy"\nmetric = "request_rate"\nthreshold = 1000')
 
     async with AsyncExitStack() as stack:
         redis = Redis.from_url(server.url, decode_responses=True)
@@ -410,12 +411,27 @@ async def test_a_stopped_leader_frees_the_lock_and_without_redis_nobody_leads(
         assert held is None or not held.startswith(first + "/"), held
         await wait_until(lambda: leader(one), timeout=VISIBLE, message="the other leads")
         assert await leader(one) == other
+        plugin = one.runtime.plugin_set.pm.get_plugin("monitoring")
+        # the lock taken from under it (as when this node was paused past its lease and
+        # another took over): its state write is refused, it sends nothing, steps down
+        async def written() -> bool:  # the leader writes its rule's state
+            return "Busy" in await redis.hgetall("lucid:monitoring:alerts")
+
+        await wait_until(written, timeout=VISIBLE, message="the leader's first evaluation")
+        await redis.set("lucid:monitoring:leader", "intruder/run", px=60_000)
+        since = await redis.hgetall("lucid:monitoring:alerts")
+        assert await plugin.evaluate() == []
+        assert plugin.monitor.leading is False
+        assert await leader(one) == "intruder"
+        assert await redis.hgetall("lucid:monitoring:alerts") == since  # nothing written
+        await redis.delete("lucid:monitoring:leader")
+        await wait_until(lambda: plugin.monitor.leading, timeout=VISIBLE,
+                         message="leading again once the lock is free")
         # Redis hung: nobody can hold the lock, so nobody evaluates
         server.pause()
         try:
             await wait_until(lambda: _no_leader(leader, one), timeout=VISIBLE,
                              message="no leader while Redis is paused")
-            plugin = one.runtime.plugin_set.pm.get_plugin("monitoring")
             assert plugin.monitor.leading is False
             assert await plugin.evaluate() == []
             status, body = await json_request(one.session, "GET",
