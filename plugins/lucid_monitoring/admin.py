@@ -123,6 +123,9 @@ async def status() -> Any:
                        "writer_restarts": p.writer.restarts if p.writer else 0,
                        "dropped_lines": p.writer.dropped if p.writer else 0},
         "alert_rules": len(p.engine.alerts),
+        # the last evaluation of the rules (in a Redis cluster: the leader's, shared)
+        "alerts_evaluated_at": max((a.last_evaluated for a in p.engine.alerts.values()),
+                                   default=None) or None,
         "evaluation_interval": cfg.evaluation_interval,
         "rollup_interval": cfg.rollup_interval,
         "retention": cfg.retention,

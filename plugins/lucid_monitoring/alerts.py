@@ -109,7 +109,6 @@ class AlertState:
             "name": self.rule.name, "state": self.state,
             "value": None if self.value is None else round(self.value, 6),
             "since": self.since or None, "fired_at": self.fired_at or None,
-            "last_evaluated": self.last_evaluated or None,
             "static": self.static, "revision": self.revision, "labels": self.labels,
             "rule": self.rule.model_dump(by_alias=True),
         }

@@ -203,8 +203,8 @@ async def quiet_after(session: aiohttp.ClientSession, nodes: list[GatewayProcess
     """Wait until every node shows the rule evaluated well after ``since`` (five
     evaluations): a second notification would have been sent by then."""
     async def evaluated() -> bool:
-        shown = await asyncio.gather(*(alert(session, n) for n in nodes))
-        return all(a is not None and (a["last_evaluated"] or 0) > since + 1.0 for a in shown)
+        shown = await asyncio.gather(*(get(session, n, "/monitoring/status") for n in nodes))
+        return all((s["alerts_evaluated_at"] or 0) > since + 1.0 for s in shown)
 
     await wait_until(evaluated, timeout=VISIBLE, message="five more evaluations")
 
