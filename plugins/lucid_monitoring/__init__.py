@@ -10,6 +10,9 @@ Alert rules are definitions (kind ``alert_rule``): the config file's
 are dynamic and kept by the core's definitions store. ``lucid_prepare`` validates
 them into the generation, and ``lucid_activate`` hands them to the alert engine once
 that generation is live -- at startup, on a reload and after every rule write alike.
+
+With a Redis ``[cluster]`` backend every node publishes its figures to Redis and one
+elected node evaluates the rules on the whole cluster's figures (see ``clustered.py``).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from lucid.config import ConfigError
+from lucid.definitions import BackendUnavailable
 from lucid.plugins import hookimpl
 from lucid_monitoring.accesslog import FLUSH_INTERVAL, AccessLogWriter, entry
 from lucid_monitoring.alerts import AlertEngine, alertmanager_payload, make_notifier
+from lucid_monitoring.clustered import ClusterFigures, ClusterMonitor, WindowSums, node_figures
 from lucid_monitoring.config import ALERT_RULE as KIND
 from lucid_monitoring.config import AlertRule, MonitoringConfig, RouteMonitoring
 from lucid_monitoring.metrics import TICK, PrometheusCollector, Recorder
@@ -106,6 +111,9 @@ class MonitoringPlugin:
         # they leave their metrics for worker 0 (see workers.py).
         self.run_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.workers: WorkerShare | None = None
+        # With a Redis [cluster] backend (worker 0): figures shared, alerts led by one
+        self.monitor: ClusterMonitor | None = None
+        self.window_sums = WindowSums()  # closed slots summed once, not at each publish
 
     # lifecycle ----------------------------------------------------------------
     @hookimpl
@@ -172,13 +180,22 @@ class MonitoringPlugin:
         if self.recorder is not None:
             self.registry.register(PrometheusCollector(
                 self.recorder, lambda: self.runtime, self._alert_samples,
-                self.workers.merged if self.workers is not None else None))
+                self.workers.merged if self.workers is not None else None,
+                node=self._node_label))
         if runtime.worker_index != 0:
             return  # alerts, notifications and rollups run in the first worker only
         self.store = await MonitoringStore.open(runtime.data_dir / "monitoring.db")
         self.notifiers = [make_notifier(n) for n in cfg.notifiers]
         for notifier in self.notifiers:
             notifier.start()
+        if self.recorder is not None and runtime.cluster.shared:
+            self.monitor = ClusterMonitor(runtime.cluster, self.run_id, cfg.cluster_interval,
+                                          cfg.leader_lease)
+            self._tasks += [
+                loop.create_task(self._every(cfg.cluster_interval, self._publish)),
+                # every sixth of the lease: the holder renews, the others try to take it
+                loop.create_task(self._every(cfg.leader_lease / 6, self._campaign)),
+            ]
         if self.recorder is not None:
             self.rollups = Rollups(self.recorder, self.workers.take_clients
                                    if self.workers is not None else None)
@@ -195,6 +212,12 @@ class MonitoringPlugin:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
+        if self.monitor is not None:
+            try:  # another node takes the lead now, not after the lease
+                await self.monitor.resign()
+            except BackendUnavailable:
+                pass
+            self.monitor = None
         if self.workers is not None and runtime.worker_index != 0:
             try:  # the last counts; nothing is in flight any more
                 assert self.recorder is not None
@@ -280,12 +303,74 @@ class MonitoringPlugin:
         assert self.recorder is not None
         self.recorder.tick()
 
+    def _node_label(self) -> str | None:
+        if not self.config.node_label or self.runtime is None:
+            return None
+        return self.runtime.cluster.node_id
+
+    def _windows(self) -> set[str]:
+        """The windows this node publishes: the last minute, and whatever a rule uses."""
+        return {"1m"} | {a.rule.window for a in self.engine.alerts.values()}
+
+    async def _publish(self) -> None:
+        """Put this node's figures in Redis; a follower also takes the alert states."""
+        monitor = self.monitor
+        assert monitor is not None and self.recorder is not None
+        try:
+            await monitor.publish(node_figures(self.recorder, monitor.node_id,
+                                               self._windows(), time.time(),
+                                               self.window_sums))
+            if not monitor.leading:
+                await monitor.read_states(self.engine)
+        except BackendUnavailable:
+            pass  # logged once by the cluster; the figures expire, then come back
+
+    async def _campaign(self) -> None:
+        monitor = self.monitor
+        assert monitor is not None
+        try:
+            await monitor.campaign(self.engine)  # a new leader goes on from the last one
+        except BackendUnavailable:
+            monitor.step_down()  # nobody can take the lock while Redis is away
+
+    async def cluster_figures(self, now: float) -> ClusterFigures:
+        """Every live node's published figures, this node's taken fresh."""
+        from lucid.cluster import status
+
+        assert self.monitor is not None and self.recorder is not None
+        runtime = self.runtime
+        assert runtime is not None
+        nodes = (await status(runtime))["nodes"]
+        others = [n["node_id"] for n in nodes if n["node_id"] != self.monitor.node_id]
+        documents = await self.monitor.read(others)
+        mine = node_figures(self.recorder, self.monitor.node_id, self._windows(), now,
+                            self.window_sums)
+        return ClusterFigures(self.recorder.bounds, [mine, *documents.values()])
+
     async def evaluate(self) -> list[Any]:
-        """Run every rule once; persist and notify the transitions."""
+        """Run every rule once; persist and notify the transitions. In a Redis
+        cluster only the leader does, on the cluster's figures, and only once the
+        alert states are written while it still holds the lock."""
         if self.recorder is None:
             return []
         now = time.time()
-        transitions = self.engine.evaluate(self.recorder, self.runtime, now)
+        monitor = self.monitor
+        if monitor is None:
+            transitions = self.engine.evaluate(self.recorder, self.runtime, now)
+        else:
+            if not monitor.leading:
+                return []
+            try:
+                figures = await self.cluster_figures(now)
+                transitions = self.engine.evaluate(figures, self.runtime, now)
+                written = await monitor.write_states(self.engine)
+            except BackendUnavailable:
+                written = False
+            if not written:
+                # Not written, not sent: step down; whoever leads next (this node
+                # too) starts from the states in Redis and sees these changes again.
+                monitor.step_down()
+                return []
         if self.engine.firing():
             self._alerted = True
         if not transitions:

@@ -15,6 +15,7 @@ from quart_schema import tag, validate_querystring, validate_request
 
 from lucid.admin import error_response, if_match, public, runtime
 from lucid_monitoring.accesslog import query
+from lucid_monitoring.clustered import ClusterFigures, minute_figures, node_figures
 from lucid_monitoring.config import ALERT_RULE as KIND
 from lucid_monitoring.config import AlertRule
 from lucid_monitoring.dashboard import PAGE
@@ -124,10 +125,20 @@ async def status() -> Any:
                        "writer_restarts": p.writer.restarts if p.writer else 0,
                        "dropped_lines": p.writer.dropped if p.writer else 0},
         "alert_rules": len(p.engine.alerts),
+        # the last evaluation of the rules (in a Redis cluster: the leader's, shared)
+        "alerts_evaluated_at": max((a.last_evaluated for a in p.engine.alerts.values()),
+                                   default=None) or None,
         "evaluation_interval": cfg.evaluation_interval,
         "rollup_interval": cfg.rollup_interval,
         "retention": cfg.retention,
         "notifiers": [n.describe() for n in p.notifiers],
+        # a Redis [cluster] backend: this node's part in cluster monitoring
+        "cluster": ({"node_id": p.monitor.node_id, "leading": p.monitor.leading,
+                     "leader_since": p.monitor.leader_since,
+                     "published_at": p.monitor.published_at,
+                     "cluster_interval": cfg.cluster_interval,
+                     "leader_lease": cfg.leader_lease}
+                    if p.monitor is not None else None),
         # server.workers > 1: what each worker counted, as summed on /metrics
         "workers": (p.workers.describe(p.recorder, rt.counters.get("in_flight", 0))
                     if p.workers is not None and p.recorder is not None else None),
@@ -328,6 +339,61 @@ async def reports(query_args: ReportQuery) -> Any:
     if q.format == "csv":
         return Response(to_csv(report), status=200, content_type="text/csv; charset=utf-8")
     return {"period": q.period, "from": start, "to": end, "report": report}
+
+
+# --------------------------------------------------------------------------- cluster
+@blueprint.get("/cluster")
+@tag_monitoring
+async def cluster() -> Any:
+    """Every node of the cluster (``alive``, ``revision``, ``workers``) with its
+    last-minute req/s, error rate and p50/p99, the cluster's totals, and which node
+    evaluates the alert rules (``leader``). With the local backend: this node."""
+    from lucid.cluster import status as cluster_status
+    from lucid.definitions import BackendUnavailable
+
+    p = plugin()
+    rt = runtime()
+    now = time.time()
+    known = await cluster_status(rt)
+    me = rt.cluster.node_id
+    documents: dict[str, dict[str, Any]] = {}
+    monitor = p.monitor
+    # with metrics off no node evaluates rules (and a Redis cluster has no leader)
+    leader: str | None = me if not rt.cluster.shared and p.recorder is not None else None
+    if p.recorder is not None:
+        documents[me] = node_figures(p.recorder, me, ["1m"], now, p.window_sums)
+    if monitor is not None:
+        try:
+            others = [n["node_id"] for n in known["nodes"] if n["node_id"] != me]
+            documents.update({k: v for k, v in (await monitor.read(others)).items()
+                              if k != me})
+            leader = await monitor.leader()
+        except BackendUnavailable:
+            leader = me if monitor.leading else None
+    nodes = []
+    for node in known["nodes"]:
+        document = documents.get(node["node_id"])
+        nodes.append({
+            "node_id": node["node_id"], "alive": node["alive"],
+            "revision": node["revision"], "workers": node["workers"],
+            "proxy": node.get("proxy", ""), "admin": node.get("admin", ""),
+            "last_seen": node["last_seen"],
+            "figures_at": document["at"] if document is not None else None,
+            "minute": minute_figures(document) if document is not None else None,
+        })
+    totals = None
+    if p.recorder is not None:
+        merged = ClusterFigures(p.recorder.bounds, documents.values())
+        totals = merged.minute()
+        totals["skipped_nodes"] = merged.skipped  # other histogram bounds: not summed
+    return {
+        "backend": known["backend"], "backend_up": known["backend_up"], "node_id": me,
+        "revision": known["revision"], "leader": leader,
+        "leader_since": monitor.leader_since if monitor is not None else None,
+        "nodes": nodes,
+        "totals": {"nodes": len(nodes), "alive": sum(1 for n in nodes if n["alive"]),
+                   "minute": totals},
+    }
 
 
 # --------------------------------------------------------------------------- dashboard

@@ -36,6 +36,7 @@ from lucid_monitoring.metrics import (
 
 if TYPE_CHECKING:
     from lucid.runtime import Runtime
+    from lucid_monitoring.clustered import ClusterFigures
 
 log = logging.getLogger("lucid.monitoring.alerts")
 
@@ -48,8 +49,10 @@ def iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
 
 
-def measure(rule: AlertRule, rec: Recorder, runtime: Runtime | None, now: float) -> float | None:
-    """The rule's figure now, or None when there is nothing to judge (no traffic)."""
+def measure(rule: AlertRule, rec: Recorder | ClusterFigures, runtime: Runtime | None,
+            now: float) -> float | None:
+    """The rule's figure now, or None when there is nothing to judge (no traffic).
+    ``rec`` is this gateway's recorder, or in a Redis cluster every node's figures."""
     metric = rule.metric
     if metric == "healthy_instance_share":
         statuses = [s for (service, _), s in instance_health(runtime, rec.view()).items()
@@ -141,7 +144,8 @@ class AlertEngine:
                 kept[rule.name] = AlertState(rule, static, revision)
         self.alerts = kept
 
-    def evaluate(self, rec: Recorder, runtime: Runtime | None, now: float) -> list[Transition]:
+    def evaluate(self, rec: Recorder | ClusterFigures, runtime: Runtime | None,
+                 now: float) -> list[Transition]:
         out: list[Transition] = []
         for alert in list(self.alerts.values()):
             value = measure(alert.rule, rec, runtime, now)

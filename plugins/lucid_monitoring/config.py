@@ -124,6 +124,16 @@ class MonitoringConfig(Strict):
     retention: Duration = Field(30 * 86400.0, gt=0, description="how long rollups are kept")
     alert_history: int = Field(1000, ge=1, description="alert transitions kept in SQLite")
     max_clients: int = Field(1000, ge=1, description="distinct clients counted per rollup")
+    node_label: bool = Field(
+        False, description="add a 'node' label (the cluster node_id) to every series on "
+        "GET /metrics; off, a Prometheus scraping every node sums them as they are")
+    cluster_interval: Duration = Field(
+        1.0, gt=0, le=60, description="with a Redis [cluster] backend: how often each node "
+        "publishes its figures (GET /monitoring/cluster, cluster-wide alert rules)")
+    leader_lease: Duration = Field(
+        3.0, ge=0.3, le=60, description="with a Redis [cluster] backend: how long the alert "
+        "leader's lock lasts unrenewed (renewed every sixth); another node takes over "
+        "within about this long after the leader dies")
 
     @field_validator("buckets")
     @classmethod

@@ -12,6 +12,11 @@ decimal, error rates as percentages, latencies in ms (two decimals under 10 ms, 
 under 100, none above), chart times as HH:MM:SS. Tables wrap long names and scroll
 sideways in their own box when still too wide; nothing is clipped.
 
+The cluster view (its own section and table) polls ``/monitoring/cluster`` on the same
+schedule: one row per node (alive, revision, workers, last-minute req/s, error rate,
+p50/p99) and a row of cluster totals, and it names the node that evaluates the alert
+rules. Its numbers go through the same ``fmt``.
+
 With ``server.admin_secret`` set the data needs a viewer token. The page takes it from
 the URL fragment (``/monitoring/ui#token=<jwt>``: a fragment is never sent to the
 server, so it stays out of access logs and Referer headers), or asks for it when the
@@ -86,6 +91,9 @@ PAGE = r"""<!doctype html>
   <section><h2>Services and instances</h2><div id="services" class="empty">none</div></section>
   <section><h2>Routes (last minute)</h2><div id="routes" class="empty">none</div></section>
   <section><h2>Top rate-limited keys</h2><div id="limited" class="empty">none</div></section>
+  <section id="cluster-view" style="grid-column:1/-1"><h2>Cluster (last minute)
+    <span id="cluster-leader" style="font-weight:400"></span></h2>
+    <div id="cluster" class="empty" style="white-space:nowrap">none</div></section>
 </main>
 <script>
 "use strict";
@@ -95,6 +103,7 @@ const MAX_POINTS = 300;
 const TOKEN_KEY = "lucid-admin-token";
 const points = [];
 let seeded = false;
+let clusterPolling = false;  // started after the first successful poll (token known)
 let token = null;
 try { token = sessionStorage.getItem(TOKEN_KEY); } catch (e) { /* storage off */ }
 const fragment = new URLSearchParams(location.hash.slice(1));
@@ -281,6 +290,40 @@ function clipped() {
   return n;
 }
 
+function renderCluster(data) {
+  const rows = (data.nodes || []).map(n => Object.assign({}, n.minute || {}, {
+    node: n.node_id + (n.node_id === data.node_id ? " (this node)" : ""),
+    state: n.alive ? "alive" : "dead", revision: n.revision, workers: n.workers,
+    leader: n.node_id === data.leader ? "leader" : ""}));
+  const totals = data.totals || {};
+  rows.push(Object.assign({}, totals.minute || {}, {
+    node: "cluster", state: totals.alive + "/" + totals.nodes + " alive",
+    revision: data.revision, workers: (data.nodes || []).reduce(
+      (sum, n) => sum + (n.alive ? n.workers : 0), 0), leader: "", total: true}));
+  let html = table(rows, [
+    ["node", r => r.node], ["state", r => r.state, r => r.state === "dead" ? "failing" : ""],
+    ["alerts", r => r.leader], ["revision", r => r.revision], ["workers", r => r.workers],
+    ["req/s", r => fmt.rps(r.rps), null, true],
+    ["errors", r => fmt.pct(r.error_rate), null, true],
+    ["p50 ms", r => fmt.ms(r.p50_ms), null, true], ["p99 ms", r => fmt.ms(r.p99_ms), null, true]]);
+  // the last row is the cluster's: mark it for styles and tests
+  html = html.replace(/<tr>(?![\s\S]*<tr>)/, '<tr class="cluster-total">');
+  fill("cluster", html);
+  document.getElementById("cluster-leader").textContent =
+    data.leader ? "· alerts evaluated by " + data.leader : "· no alert leader";
+  document.body.dataset.clusterPolls =
+    String(Number(document.body.dataset.clusterPolls || 0) + 1);
+}
+
+async function pollCluster() {
+  try {
+    const headers = token ? {"Authorization": "Bearer " + token} : {};
+    const response = await fetch("cluster", {cache: "no-store", headers: headers});
+    if (response.ok) renderCluster(await response.json());
+  } catch (e) { /* the main poll reports the connection's state */ }
+  setTimeout(pollCluster, INTERVAL);
+}
+
 function point(t, f) {
   return {t: t, rps: f.rps, err: f.error_rate * 100, p50: f.p50_ms, p95: f.p95_ms,
           p99: f.p99_ms};
@@ -344,6 +387,7 @@ async function poll() {
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
     document.getElementById("status").textContent = "live";
+    if (!clusterPolling) { clusterPolling = true; pollCluster(); }
   } catch (e) {
     document.getElementById("status").textContent = "error: " + e.message;
   }

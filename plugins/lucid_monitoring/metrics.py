@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from lucid.runtime import Runtime
+    from lucid_monitoring.clustered import ClusterFigures
 
 UNMATCHED = "(unmatched)"
 OTHER_CLIENTS = "(other)"
@@ -190,10 +191,7 @@ class Recorder:
         """(covered seconds, route deltas, instance deltas, rejections) over the last
         ``seconds``, the open slot included."""
         now = time.time() if now is None else now
-        view = self.view()
-        routes = _deltas(view.routes, self._last_routes, keep=False)
-        instances = _deltas(view.instances, self._last_instances, keep=False)
-        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in view.rejections.items()}
+        routes, instances, rejections = self.open_slot()
         for at, r, i, rej in reversed(self.slots):
             if at <= now - seconds:
                 break
@@ -203,6 +201,15 @@ class Recorder:
                 rejections[k] = rejections.get(k, 0) + v
         covered = max(1.0, min(seconds, now - self.started))
         return covered, routes, instances, rejections
+
+    def open_slot(self) -> tuple[dict[Any, list[float]], dict[Any, list[float]], dict[str, int]]:
+        """(route deltas, instance deltas, rejections) since the last tick: the slot
+        still open, every worker's."""
+        view = self.view()
+        routes = _deltas(view.routes, self._last_routes, keep=False)
+        instances = _deltas(view.instances, self._last_instances, keep=False)
+        rejections = {k: v - self._last_rejections.get(k, 0) for k, v in view.rejections.items()}
+        return routes, instances, rejections
 
     def take_clients(self) -> dict[tuple[str, str], int]:
         clients, self.clients = self.clients, {}
@@ -285,13 +292,24 @@ class PrometheusCollector(Collector):
 
     def __init__(self, recorder: Recorder, runtime: Callable[[], Runtime | None],
                  alerts: Callable[[], Iterable[tuple[str, str, str]]],
-                 workers: Callable[[Recorder], tuple[Recorder, int]] | None = None):
+                 workers: Callable[[Recorder], tuple[Recorder, int]] | None = None,
+                 node: Callable[[], str | None] | None = None):
         self.recorder = recorder
         self.runtime = runtime
         self.alerts = alerts
         self.workers = workers  # adds the other workers' counts (server.workers > 1)
+        # ``[monitoring] node_label``: the node id every series is labelled with, or None
+        self.node = node
 
     def collect(self) -> Iterator[Any]:
+        node = self.node() if self.node is not None else None
+        for family in self._families():
+            if node is not None:
+                family.samples = [s._replace(labels={**s.labels, "node": node})
+                                  for s in family.samples]
+            yield family
+
+    def _families(self) -> Iterator[Any]:
         rec = self.recorder
         other_in_flight = 0
         if self.workers is not None:
@@ -413,7 +431,7 @@ class PrometheusCollector(Collector):
 
 
 def instance_health(runtime: Runtime | None,
-                    rec: Recorder | None) -> dict[tuple[str, str], str]:
+                    rec: Recorder | ClusterFigures | None) -> dict[tuple[str, str], str]:
     """Health of every known instance: what the core knows of each service the routes
     name, or a health event mentioned (``runtime.instances``: whichever plugin resolves
     it answers), overridden by what health events said since."""

@@ -27,6 +27,9 @@ def test_defaults_record_metrics_and_nothing_else():
     ({"alerts": [{"name": "a", "metric": "error_rate", "threshold": 1,
                   "labels": {"bad-label": "x"}}]}, "not a valid label name"),
     ({"colour": "red"}, "Extra inputs"),
+    ({"leader_lease": "10ms"}, "greater than or equal to 0.3"),
+    ({"cluster_interval": 0}, "greater than 0"),
+    ({"node_label": "perhaps"}, "valid boolean"),
 ])
 def test_bad_settings_are_refused(data, message):
     with pytest.raises(ValidationError, match=message):
@@ -122,3 +125,14 @@ def test_a_batch_splits_into_its_lines_whatever_the_paths_hold():
     batch.append(base[:13] + ("\ud800",) + base[14:])
     out = lines(batch).decode().split("\n")
     assert [json.loads(x)["subject"] for x in out[:-1]] == ["", "", "", "", "\ud800"]
+
+
+def test_a_bad_cluster_setting_names_file_and_key_and_exits_2(tmp_path):
+    from lucid.testing import write_config
+    from lucid.testing_internal import run_lucid
+
+    path = write_config('[monitoring]\nleader_lease = "10ms"\n', tmp_path)
+    result = run_lucid("check", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert str(path) in result.stderr and "monitoring.leader_lease" in result.stderr
+    assert "greater than or equal to 0.3" in result.stderr
