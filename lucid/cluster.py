@@ -271,7 +271,10 @@ def describe(error: BaseException | None) -> str:
 # ARGV: base, number of expectations, (field, wanted revision or "" for absent)...,
 #       then (field, JSON body or "" to delete)...
 # Everything or nothing: a script runs alone, so the check and the writes cannot
-# interleave with another node's.
+# interleave with another node's. The message published carries the revision and
+# the changes themselves ({"revision": n, "changes": [[field, body or ""], ...]}), so
+# a process at revision n - 1 applies them without reading Redis back (measured: the
+# two round trips and the parse of every body were half a receiver's time).
 COMMIT_SCRIPT = """
 local revision = tonumber(redis.call('GET', KEYS[1]) or '0')
 if revision ~= tonumber(ARGV[1]) then return {'moved', revision} end
@@ -288,7 +291,9 @@ for _ = 1, n do
   i = i + 2
 end
 revision = revision + 1
+local changes = {}
 while i <= #ARGV do
+  changes[#changes + 1] = {ARGV[i], ARGV[i + 1]}
   if ARGV[i + 1] == '' then
     redis.call('HDEL', KEYS[2], ARGV[i])
     redis.call('HDEL', KEYS[3], ARGV[i])
@@ -299,13 +304,28 @@ while i <= #ARGV do
   i = i + 2
 end
 redis.call('SET', KEYS[1], revision)
-redis.call('PUBLISH', KEYS[4], revision)
+redis.call('PUBLISH', KEYS[4], cjson.encode({revision = revision, changes = changes}))
 return {'ok', revision}
 """
 
 
 def _field(kind: str, id: str) -> str:
     return f"{kind}\0{id}"
+
+
+def published_change(data: str) -> tuple[int, list[Write]] | None:
+    """The revision and writes of a commit's message on the definitions channel, or
+    None if it is not one (then the receiver reads Redis instead)."""
+    try:
+        message = json.loads(data)
+        changes = message["changes"]
+        writes = []
+        for name, body in [] if changes == {} else changes:  # cjson writes [] as {}
+            kind, _, id = str(name).partition("\0")
+            writes.append(Write(kind, id, json.loads(body) if body else None))
+        return int(message["revision"]), writes
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class Moved(PreconditionFailed):
@@ -382,6 +402,11 @@ class RedisBackend:
         else:
             self._snapshot = await self.load()
         return self._snapshot
+
+    def received(self, snapshot: Snapshot) -> None:
+        """``snapshot`` was made from a published change: what Redis holds at its
+        revision, so the next commit on top of it needs no read back."""
+        self._snapshot = snapshot
 
     async def revision(self) -> int:
         value = await self.cluster.call(lambda redis: redis.get(self.revision_key))

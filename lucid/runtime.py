@@ -30,6 +30,7 @@ from lucid.cluster import (
     default_node_id,
     load_snapshot,
     node_entry,
+    published_change,
     save_snapshot,
 )
 from lucid.config import (
@@ -449,13 +450,53 @@ class Runtime:
         catches up here)."""
         assert isinstance(self.backend, RedisBackend)
         wake = asyncio.Event()
-        self.cluster.subscribe(self.backend.channel, lambda revision: wake.set())
+        published: dict[int, list[Write]] = {}  # revision -> its writes, not applied yet
+
+        def received(data: str) -> None:
+            change = published_change(data)
+            if change is not None and len(published) < self.PUBLISHED_KEPT:
+                published[change[0]] = change[1]
+            wake.set()
+
+        self.cluster.subscribe(self.backend.channel, received)
         self.cluster.on_reconnect(wake.set)
         while self.backend is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.cluster.config.check_interval)
             wake.clear()
+            if published and await self._apply_published(published):
+                continue
+            published.clear()
             await self._sync_logged()
+
+    # published changes kept while a process catches up; past that it reads Redis
+    PUBLISHED_KEPT = 1000
+
+    async def _apply_published(self, published: dict[int, list[Write]]) -> bool:
+        """Apply the published changes that follow the running revision without
+        reading Redis; whether nothing else is left to read (a gap, a change missed
+        while the subscription was lost, is read from Redis by the caller)."""
+        async with self._apply_lock:
+            backend = self.backend
+            current = self.generation.definitions
+            for revision in [r for r in published if r <= current.revision]:
+                del published[revision]  # this process's own, or already read
+            snapshot = current
+            while snapshot.revision + 1 in published:
+                revision = snapshot.revision + 1
+                snapshot = snapshot.applied(published.pop(revision), revision)
+            if snapshot is not current and isinstance(backend, RedisBackend):
+                try:
+                    await self._apply(None, snapshot, None)
+                except ConfigError as exc:
+                    log.error("definitions at the store's revision were rejected:\n%s",
+                              exc.render())
+                    return False
+                except Exception:
+                    log.exception("applying a published change failed; reading the store")
+                    return False
+                backend.received(snapshot)
+            return not published
 
     async def _sync_logged(self) -> None:
         try:

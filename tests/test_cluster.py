@@ -12,9 +12,9 @@ import time
 import aiohttp
 import pytest
 
-from lucid.cluster import Cluster, RedisBackend, redact_url
+from lucid.cluster import Cluster, RedisBackend, published_change, redact_url
 from lucid.config import ClusterConfig
-from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Write
+from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Snapshot, Write
 from lucid.testing import json_request, wait_until, write_config
 from lucid.testing_internal import run_lucid
 
@@ -88,6 +88,39 @@ async def test_commits_bump_one_revision_and_refuse_what_moved_on(lucid_redis):
         gone = await one.commit([Write("limit", "a", None)], 2, {("limit", "a"): 2})
         assert gone.revision == 3 and gone.get("limit", "a") is None
         assert await two.revision() == 3 and not (await two.load()).items
+    finally:
+        await c1.close()
+        await c2.close()
+
+
+async def test_a_commit_publishes_its_changes_for_receivers_to_apply_without_a_read(
+        lucid_redis):
+    server = lucid_redis()
+    (c1, one), (c2, two) = await backend_on(server.url), await backend_on(server.url)
+    messages: list[str] = []
+    c2.subscribe(two.channel, messages.append)
+    try:
+        assert c1.redis is not None
+
+        async def subscribed() -> bool:
+            return (await c1.redis.pubsub_numsub(two.channel))[0][1] == 1  # type: ignore[union-attr]
+
+        await wait_until(subscribed, 10)
+        await one.commit([Write("route", "a", {"prefix": "/a"}),
+                          Write("route", "b", {"prefix": "/b"})], 0, {})
+        await one.commit([Write("route", "a", None)], 1, {})
+        await wait_until(lambda: len(messages) == 2, 10)
+        first, second = (published_change(m) for m in messages)
+        assert first == (1, [Write("route", "a", {"prefix": "/a"}),
+                             Write("route", "b", {"prefix": "/b"})])
+        assert second == (2, [Write("route", "a", None)])
+        # what a receiver makes of them is what it would have read
+        made = Snapshot().applied(first[1], 1).applied(second[1], 2)
+        read = await two.load()
+        assert made.revision == read.revision == 2
+        assert [(d.kind, d.id, d.body, d.revision) for d in made.items.values()] == \
+            [(d.kind, d.id, d.body, d.revision) for d in read.items.values()]
+        assert published_change("3") is None  # not a change: the receiver reads Redis
     finally:
         await c1.close()
         await c2.close()
