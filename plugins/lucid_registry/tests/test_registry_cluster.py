@@ -12,16 +12,14 @@ import aiohttp
 from lucid_registry.testing import next_event
 
 from lucid.testing import json_request, wait_until
+from lucid.testing_internal import cluster_node_config
 
 
 def node_config(backend: str) -> str:
-    return f"""
-[cluster]
-backend = "{backend}"
-# the default 50 ms is for production; a test machine shared with other work may
-# not schedule a process that fast (a paused Redis still answers 503 within this)
-timeout = "500ms"
-
+    # timeout: the default 50 ms is for production; a test machine shared with other
+    # work may not schedule a process that fast (a paused Redis still answers 503
+    # within this)
+    return cluster_node_config(backend, timeout="500ms", extra="""
 [registry]
 max_wait = "30s"
 
@@ -29,8 +27,8 @@ max_wait = "30s"
 id = "users"
 prefix = "/users"
 service = "users"
-retries = {{ attempts = 1 }}
-"""
+retries = { attempts = 1 }
+""")
 
 
 async def proxied(node: Any, path: str = "/users/x") -> int:
