@@ -354,11 +354,13 @@ class ClusterRegistry(Registry):
             woken = wake.is_set()
             wake.clear()
             try:
-                if expire:
-                    await self.redis.expire()  # what it changes is published
+                # a published change first: expiring TTLs before it would put one more
+                # round trip between another node's write and this node serving it
                 if woken or time.monotonic() >= next_check:
                     next_check = time.monotonic() + interval
                     await self.sync()
+                if expire:
+                    await self.redis.expire()  # what it changes is published
             except BackendUnavailable:
                 pass  # Cluster.mark logged it; the log has what is missed meanwhile
             except Exception:
