@@ -105,6 +105,32 @@ class Cluster:
         self._reconnected: list[Callable[[], Any]] = []
         self._channels_changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        # plugins' state kept in the last-known-good snapshot beside the definitions:
+        # what this process saves, and what the snapshot held when it started
+        self.remembered: dict[str, Any] = {}
+        self.recalled: dict[str, Any] = {}
+        self.remembered_changed: Callable[[], None] | None = None  # the runtime saves
+
+    # the last-known-good snapshot --------------------------------------------
+    def remember(self, section: str, state: Any) -> None:
+        """Keep ``state`` (JSON-serialisable, not changed afterwards: pass a copy) as
+        ``section`` of this node's last-known-good snapshot, saved with the definitions
+        off the caller's path (by worker 0 of a Redis cluster); :meth:`recall` gives it
+        back to a process that starts while Redis is unreachable."""
+        self.remembered[section] = state
+        if self.remembered_changed is not None:
+            self.remembered_changed()
+
+    def recall(self, section: str) -> Any:
+        """``section`` of the last-known-good snapshot as it was when this process
+        started, or None."""
+        return self.recalled.get(section)
+
+    def load_remembered(self, data_dir: Path) -> None:
+        """Read the sections of the snapshot under ``data_dir`` (at start): for
+        :meth:`recall`, and kept in the next save until their plugin remembers anew."""
+        self.recalled = load_snapshot_sections(data_dir)
+        self.remembered = {**self.recalled, **self.remembered}
 
     def key(self, *parts: str) -> str:
         """A Redis key (or channel) under this cluster's ``key_prefix``."""
@@ -420,15 +446,19 @@ class RedisBackend:
 # the last-known-good snapshot under data_dir
 # ---------------------------------------------------------------------------
 
-def save_snapshot(data_dir: Path, snapshot: Snapshot, backend: str) -> None:
-    """Write the applied definitions to ``data_dir/cluster-snapshot.json`` (0600,
-    replaced whole), for a start while the backend is unreachable."""
+def save_snapshot(data_dir: Path, snapshot: Snapshot, backend: str,
+                  sections: Mapping[str, Any] | None = None) -> None:
+    """Write the applied definitions, and the ``sections`` plugins keep there
+    (:meth:`Cluster.remember`: the registry's services), to
+    ``data_dir/cluster-snapshot.json`` (0600, replaced whole), for a start while the
+    backend is unreachable."""
     from lucid.cli import write_private
 
     document = {
         "backend": backend, "revision": snapshot.revision, "saved_at": time.time(),
         "definitions": [{"kind": d.kind, "id": d.id, "revision": d.revision,
                          "body": dict(d.body)} for d in snapshot.items.values()],
+        "sections": dict(sections or {}),
     }
     write_private(data_dir / SNAPSHOT_FILE, json.dumps(document, sort_keys=True))
 
@@ -447,6 +477,15 @@ def load_snapshot(data_dir: Path) -> Snapshot | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("the cluster snapshot %s is unreadable (%s); ignored", path, exc)
         return None
+
+
+def load_snapshot_sections(data_dir: Path) -> dict[str, Any]:
+    """The plugins' sections of the last-known-good snapshot ({} when none)."""
+    try:
+        sections = json.loads((data_dir / SNAPSHOT_FILE).read_text()).get("sections", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return sections if isinstance(sections, dict) else {}
 
 
 # ---------------------------------------------------------------------------

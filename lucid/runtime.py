@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -63,6 +64,8 @@ from lucid.plugins import Hooks, PluginSet, choose_plugins
 log = logging.getLogger("lucid")
 
 RECENT_EXCHANGES = 10_000  # kept for GET /gateway/metrics
+# under data_dir once its local definitions were imported into an empty Redis cluster
+IMPORTED_MARKER = "definitions-imported-to-cluster.json"
 
 
 def load_plugins_and_config(
@@ -112,6 +115,7 @@ class Runtime:
         # the cluster this node belongs to ([cluster]; "local": this node alone)
         self.cluster = Cluster(config.cluster, config.cluster.node_id
                                or default_node_id(config.server.proxy))
+        self.cluster.remembered_changed = lambda: self._save_later(self.generation)
         self.membership: Membership | None = None  # worker 0 of a Redis cluster
         self.audit: AuditLog | None = None  # admin writes (lucid.audit)
         self.started = False  # every plugin's startup ran (GET /gateway/health)
@@ -160,6 +164,7 @@ class Runtime:
             cluster.node_id = default_node_id(self.listeners["proxy"])  # the port bound
         try:
             if cluster.shared:
+                await asyncio.to_thread(cluster.load_remembered, self.data_dir)
                 await cluster.start()
                 self.backend = RedisBackend(cluster)
             else:
@@ -280,7 +285,7 @@ class Runtime:
             return
         try:
             await asyncio.to_thread(save_snapshot, self.data_dir, generation.definitions,
-                                    self.cluster.url)
+                                    self.cluster.url, dict(self.cluster.remembered))
         except OSError:
             log.exception("saving the cluster snapshot under %s failed", self.data_dir)
 
@@ -410,17 +415,37 @@ class Runtime:
 
     async def _import_legacy(self, snapshot: Snapshot) -> Snapshot:
         """Definitions an older Lucid kept in each plugin's own store, moved into the
-        core's store once (its first start with this version)."""
+        core's store once (its first start with this version). With a Redis backend
+        that has no revision yet (a cluster never written to), what this node kept
+        with the local backend (``data_dir/definitions.db``, or those older stores) is
+        imported instead: switching a node from ``local`` to Redis keeps its routes,
+        limits and pools. A cluster that has a revision is never overwritten."""
         assert self.backend is not None
-        writes = await asyncio.to_thread(legacy_writes, self.data_dir, self.kinds)
+        marker = self.data_dir / IMPORTED_MARKER
+        if self.cluster.shared and marker.exists():
+            return snapshot  # imported once: a Redis emptied since gets no stale copy
+        if self.cluster.shared:
+            stored = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+            writes = [Write(d.kind, d.id, d.body) for d in stored.items.values()]
+            source = f"{self.data_dir / 'definitions.db'} (the local backend)"
+        else:
+            writes = await asyncio.to_thread(legacy_writes, self.data_dir, self.kinds)
+            source = "older stores"
         if not writes:
             return snapshot
         try:
             imported = await self.backend.commit(writes, snapshot.revision, {})
         except Moved:  # another node or worker of the cluster imported first
+            log.info("the cluster was written to meanwhile; the definitions of %s were "
+                     "not imported", source)
             return await self.backend.load()
-        log.info("imported %d definitions from older stores into the %s definitions "
-                 "store", len(writes), self.backend.name)
+        log.info("imported %d definitions from %s into the %s definitions store "
+                 "(revision %d)", len(writes), source, self.cluster.url if
+                 self.cluster.shared else self.backend.name, imported.revision)
+        if self.cluster.shared:
+            await asyncio.to_thread(marker.write_text, json.dumps({
+                "backend": self.cluster.url, "revision": imported.revision,
+                "definitions": len(writes), "at": time.time()}) + "\n")
         return imported
 
     async def sync(self) -> bool:

@@ -16,7 +16,7 @@ from lucid.cluster import Cluster, RedisBackend, published_change, redact_url
 from lucid.config import ClusterConfig
 from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Snapshot, Write
 from lucid.testing import json_request, wait_until, write_config
-from lucid.testing_internal import run_lucid
+from lucid.testing_internal import cluster_node_config, run_lucid
 
 # Three nodes starting at once on a machine shared with other test runs can take
 # longer than the kit's 20 s to import and listen.
@@ -24,14 +24,7 @@ STARTUP = 60.0
 
 
 def node_config(backend: str, upstream: str, extra: str = "", timeout: str = "50ms") -> str:
-    return f"""
-[cluster]
-backend = "{backend}"
-timeout = "{timeout}"
-
-[gateway.services.svc]
-instances = ["{upstream}"]
-
+    return cluster_node_config(backend, upstreams=[upstream], timeout=timeout, extra=f"""
 [[gateway.routes]]
 id = "static"
 prefix = "/static"
@@ -40,7 +33,7 @@ retries = {{ attempts = 1 }}
 
 [monitoring]
 {extra}
-"""
+""")
 
 
 async def get(session: aiohttp.ClientSession, url: str, **kw: object) -> tuple[int, object]:
@@ -486,3 +479,72 @@ async def test_a_write_reaches_every_worker_of_a_node(lucid_redis, lucid_upstrea
         await wait_until(every_worker, timeout=10, message="the route on both workers")
         view = await cluster_view(session, node)
         assert view["nodes"][0]["workers"] == 2
+
+
+async def test_a_node_switched_from_local_to_redis_imports_into_an_empty_cluster_only(
+        lucid_redis, lucid_upstream, tmp_path):
+    """What a node kept with the local backend (definitions.db, registry.db) goes into
+    a cluster never written to; a cluster that has state keeps it, untouched."""
+    from lucid_registry.cluster import RedisStore
+    from lucid_registry.store import SQLiteStore
+
+    from lucid.definitions import SqliteBackend
+    from lucid.testing import GatewayProcess
+    from lucid.testing_internal import write_cluster_config
+
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    data = tmp_path / "node" / "data"  # where write_config puts the node's data_dir
+    data.mkdir(parents=True)
+    local = await SqliteBackend.open(data / "definitions.db")  # as a local node left it
+    await local.commit([Write("route", "kept", {"id": "kept", "prefix": "/kept",
+                                                "service": "svc"})], 0, {})
+    await local.close()
+    registry = SQLiteStore(data / "registry.db")
+    await registry.write(
+        services=[{"name": "users", "idx": 1,
+                   "body": {"metadata": {}, "tags": [], "check": {}}}],
+        instances=[{"service": "users", "id": "u1", "idx": 1, "health": "passing",
+                    "maintenance": None, "note": "", "changed_at": 0.0,
+                    "body": {"url": upstream.url, "weight": 1, "zone": "",
+                             "metadata": {}, "tags": []}}])
+    await registry.close()
+    # a cluster that has state: nothing imported into it
+    seeded, backend = await backend_on(server.url, "seeded:")
+    await backend.commit([Write("route", "theirs", {"id": "theirs", "prefix": "/theirs",
+                                                    "service": "svc"})], 0, {})
+    await RedisStore(seeded).commit([["service", "others", json.dumps(
+        {"metadata": {}, "tags": [], "check": {}})]])
+    routes = '[[gateway.routes]]\nid = "users"\nprefix = "/users"\nservice = "users"\n'
+    try:
+        for prefix in ("seeded:", "empty:"):
+            path = write_cluster_config(tmp_path / "node", server.url, key_prefix=prefix,
+                                        upstreams=[upstream.url], timeout="1s",
+                                        extra=routes)
+            node = GatewayProcess(path)
+            try:
+                node.wait_ready(STARTUP)
+                async with aiohttp.ClientSession() as session:
+                    status, listed = await get(session, node.admin_url + "/gateway/route")
+                    assert status == 200
+                    assert [r["id"] for r in listed["routes"]] == (  # type: ignore[index]
+                        ["theirs"] if prefix == "seeded:" else ["kept"])
+                    async with session.get(node.proxy_url + "/users/x") as r:
+                        # the registered instance: only where it was imported
+                        assert r.status == (503 if prefix == "seeded:" else 200)
+            finally:
+                node.stop()
+        # imported into Redis, not only served by the node that had them
+        cluster, imported = await backend_on(server.url, "empty:")
+        try:
+            snapshot = await imported.load()
+            assert list(snapshot.of("route")) == ["kept"] and snapshot.revision == 1
+            assert await cluster.redis.hkeys("empty:registry:services") == ["users"]  # type: ignore[union-attr]
+            assert await cluster.redis.hkeys("seeded:registry:services") == ["others"]  # type: ignore[union-attr]
+        finally:
+            await cluster.close()
+        assert "imported 1 definitions" in node.output
+        assert "imported 1 services" in node.output
+        assert (data / "definitions-imported-to-cluster.json").exists()
+    finally:
+        await seeded.close()

@@ -64,6 +64,8 @@ log = logging.getLogger("lucid.registry")
 # between a deadline and the instance going critical, at most.
 EXPIRE_INTERVAL = 0.1
 LOG_LENGTH = 10_000  # changes kept for processes catching up (approximate trim)
+# under data_dir once registry.db was imported into an empty cluster registry
+IMPORTED_MARKER = "registry-imported-to-cluster.json"
 
 # KEYS: index, services, deadlines, deregister, log, channel
 # ARGV: prefix of the per-service hashes, mode ("commit" or "expire"), ops (JSON)
@@ -150,6 +152,8 @@ else
       return {'missing', op[2], op[3]}
     elseif kind == 'no_instance' and redis.call('HEXISTS', inst(op[2]), op[3]) == 1 then
       return {'exists', op[2], op[3]}
+    elseif kind == 'no_index' and redis.call('EXISTS', KEYS[1]) == 1 then
+      return {'indexed'}  -- an import: only into a registry never written to
     end
   end
   for _, op in ipairs(ops) do
@@ -221,6 +225,9 @@ class RedisStore:
     async def commit(self, ops: list[Op]) -> int:
         """Run ``ops`` (checks first, then writes) as one script; the index after it."""
         outcome = await self._run("commit", ops)
+        if outcome[0] == "indexed":
+            raise Conflict("the cluster's registry has been written to already",
+                           static=False)
         if outcome[0] == "missing":
             if len(outcome) > 2:
                 raise NotFound(f"service {outcome[1]!r} has no instance {outcome[2]!r}")
@@ -310,6 +317,9 @@ class ClusterRegistry(Registry):
         self._full = True  # the next sync reads everything
         self._loaded = False  # read everything once
         self._ignored: set[str] = set()  # registered names that a static service shadows
+        # what Redis last said of each registered service: the node's last-known-good
+        # snapshot keeps it (runtime.cluster.remember), for a start while Redis is down
+        self._states: dict[str, ServiceState] = {}
 
     # what stays local --------------------------------------------------------
     def _bump(self) -> int | None:
@@ -332,9 +342,87 @@ class ClusterRegistry(Registry):
         self.index = 0
         try:
             await self.sync()
+            if self.index == 0 and self.runtime.worker_index == 0:
+                await self._import_local()
         except BackendUnavailable as exc:
-            log.warning("registry: %s; serving the static services until it answers",
-                        exc.message)
+            saved = self.runtime.cluster.recall("registry")
+            if not saved or not saved.get("services"):
+                log.warning("registry: %s; serving the static services until it answers",
+                            exc.message)
+                return
+            for name, state in saved["services"].items():
+                self._apply(name, (state[0], state[1], state[2]), int(saved["index"]))
+            self._full = True  # Redis's whole state replaces this one when it answers
+            log.warning("registry: %s; serving the %d registered services of the "
+                        "last-known-good snapshot (index %d) until it answers",
+                        exc.message, len(saved["services"]), int(saved["index"]))
+
+    async def _import_local(self) -> None:
+        """Switching a node from the local backend to Redis: the services it kept in
+        ``data_dir/registry.db`` go into the cluster's registry if nothing was ever
+        written there (checked by the script, atomically), once per data dir."""
+        from lucid_registry.store import SQLiteStore
+
+        data_dir = self.runtime.data_dir
+        path, marker = data_dir / "registry.db", data_dir / IMPORTED_MARKER
+        if not path.exists() or marker.exists():
+            return
+        store = SQLiteStore(path)
+        try:
+            rows, instance_rows = await store.load()
+        finally:
+            await store.close()
+        ops: list[Op] = [["no_index"]]
+        shapes: dict[str, Service] = {}
+        for row in rows:
+            if row["name"] in self.services:  # declared in this node's config
+                continue
+            try:
+                body = ServiceBody.model_validate({k: row.get(k) for k in (
+                    "metadata", "tags", "check") if row.get(k) is not None})
+            except ValueError as exc:
+                log.warning("registry: service %r in %s not imported: %s", row["name"],
+                            path, exc)
+                continue
+            shapes[row["name"]] = shape = Service(row["name"], body, static=False)
+            ops.append(["service", row["name"], json.dumps(shape.body())])
+        for row in instance_rows:
+            shape = shapes.get(row["service"])
+            if shape is None:
+                continue
+            try:
+                spec = InstanceSpec.model_validate({k: row[k] for k in (
+                    "id", "url", "weight", "zone", "metadata", "tags") if k in row})
+            except ValueError as exc:
+                log.warning("registry: instance %r of %r in %s not imported: %s",
+                            row["id"], shape.name, path, exc)
+                continue
+            ops.append(["instance", shape.name, spec.id,
+                        instance_fields(spec, row["maintenance"])])
+            ops.append(self._health_op(shape, spec.id, row["health"], row["note"],
+                                       "import", True))
+        if not shapes:
+            return
+        try:
+            await self._commit(ops)
+        except Conflict:
+            log.info("registry: the cluster's registry has been written to already; "
+                     "the services in %s were not imported", path)
+            return
+        await asyncio.to_thread(marker.write_text, json.dumps(
+            {"backend": self.runtime.cluster.url, "index": self.index,
+             "services": len(shapes), "at": time.time()}) + "\n")
+        log.info("registry: imported %d services from %s (the local backend) into "
+                 "the cluster's registry at %s", len(shapes), path,
+                 self.runtime.cluster.url)
+
+    def _remember(self) -> None:
+        """Hand the registered services to the node's last-known-good snapshot
+        (worker 0 saves it; the others' copy would be the same)."""
+        if self.runtime.worker_index == 0:
+            self.runtime.cluster.remember("registry", {
+                "index": self.index,
+                "services": {name: list(state) for name, state in self._states.items()}})
 
     async def follow(self, expire: bool) -> None:
         """Apply what other processes commit: woken by the published index, and
@@ -383,6 +471,7 @@ class ClusterRegistry(Registry):
                         self._apply(name, state, last[name])
                     if changes:
                         self.index = max(self.index, changes[-1][0])
+                        self._remember()
                     return
                 self._full = True
             index, names = await self.redis.services()
@@ -398,11 +487,16 @@ class ClusterRegistry(Registry):
                 self._wake_catalog()
             self.index = index
             self._loaded = True
+            self._remember()
 
     def _apply(self, name: str, state: ServiceState, index: int) -> None:
         """Make the service ``name`` here what Redis says it is."""
         body, instances, healths = state
         service = self.services.get(name)
+        if body is None:
+            self._states.pop(name, None)
+        elif service is None or not service.static:
+            self._states[name] = state
         if service is not None and service.static:
             if body is not None and name not in self._ignored:
                 self._ignored.add(name)

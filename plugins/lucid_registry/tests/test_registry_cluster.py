@@ -207,3 +207,41 @@ async def test_a_paused_redis_keeps_resolving_refuses_writes_and_resyncs(
 
         await wait_until(drained_on_b, timeout=5, message="maintenance seen on B")
         assert time.monotonic() - started < 1.0
+
+
+async def test_a_node_starting_while_redis_is_down_serves_its_snapshot_s_instances(
+        lucid_redis, lucid_upstream, lucid_process):
+    import tomllib
+    from pathlib import Path
+
+    from lucid.testing import GatewayProcess
+
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    env = {"LUCID_CLUSTER__NODE_ID": "node-a"}
+    a = lucid_process(node_config(server.url), env=env, wait=False)
+    a.wait_ready(60)
+    data_dir = Path(tomllib.loads(a.config_path.read_text())["server"]["data_dir"])
+    async with aiohttp.ClientSession() as session:
+        status, _ = await json_request(session, "POST", a.admin_url + "/registry/services",
+                                       json={"id": "users", "instances": [
+                                           {"id": "u1", "url": upstream.url}]})
+        assert status == 201
+
+    def saved() -> bool:  # written off the write's path, soon after it
+        try:
+            text = (data_dir / "cluster-snapshot.json").read_text()
+        except FileNotFoundError:
+            return False
+        return upstream.url in text
+
+    await wait_until(saved, timeout=10, message="the registry in the snapshot")
+    a.stop()
+    server.kill()
+    again = GatewayProcess(a.config_path, env=env)
+    try:
+        again.wait_ready(60)
+        again.wait_for_line("registered services of the last-known-good snapshot")
+        assert await proxied(again) == 200  # u1, known from the snapshot alone
+    finally:
+        again.stop()
