@@ -294,15 +294,55 @@ class Runtime:
             await self.audit.close()
             self.audit = None
 
-    async def check(self) -> None:
+    async def check(self) -> str | None:
         """Prepare a generation of the config as ``lucid serve`` would start it (the
         file, and the definitions stored under ``data_dir``, read-only) without making
-        it live: every plugin's verdict."""
-        if self.cluster.shared:  # what the node would serve if Redis were unreachable
-            stored = await asyncio.to_thread(load_snapshot, self.data_dir) or Snapshot()
-        else:
+        it live: every plugin's verdict. With a Redis backend, the definitions are the
+        live cluster's if it answers (nothing is written to it), else the last-known-good
+        snapshot's; what was checked against is returned, to be said."""
+        if not self.cluster.shared:
             stored = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+            await self.hooks.prepare(self._generation(1, self.generation.config, stored))
+            return None
+        cluster = self.cluster
+        await cluster.start()
+        try:
+            backend = RedisBackend(cluster)
+            live: Snapshot | None = None
+            failure: BackendUnavailable | None = None
+            deadline = time.monotonic() + 1.0
+            while live is None:
+                try:
+                    live = await backend.load()
+                except BackendUnavailable as exc:
+                    failure = exc
+                    if time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(0.1)
+            if live is not None:
+                membership = Membership(cluster, lambda: {})
+                alive = sum(1 for node in await membership.nodes() if node["alive"])
+                said = (f"cluster: checked against the live cluster at {cluster.url} "
+                        f"(revision {live.revision}, {len(live.items)} dynamic definitions, "
+                        f"{alive} node{'s' if alive != 1 else ''} alive)")
+                stored = live
+            else:
+                assert failure is not None
+                saved = await asyncio.to_thread(load_snapshot, self.data_dir)
+                if saved is None:
+                    said = (f"cluster: {failure.message}; there is no last-known-good "
+                            f"snapshot ({self.data_dir / SNAPSHOT_FILE}) either, so only the "
+                            "config file was checked (lucid serve would not start until "
+                            "the backend answers)")
+                else:
+                    said = (f"cluster: {failure.message}; checked against the "
+                            f"last-known-good snapshot only (revision {saved.revision}, "
+                            f"{self.data_dir / SNAPSHOT_FILE}), not the live cluster")
+                stored = saved or Snapshot()
+        finally:
+            await cluster.close()
         await self.hooks.prepare(self._generation(1, self.generation.config, stored))
+        return said
 
     # the one way a generation goes live ----------------------------------------
     async def apply(

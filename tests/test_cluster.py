@@ -398,8 +398,18 @@ async def test_a_node_starts_from_its_snapshot_while_redis_is_down(
     async with aiohttp.ClientSession() as session:
         status = await add_route(session, first, "rt")
         assert status == 201
+        checked = await asyncio.to_thread(run_lucid, "check", "--config",
+                                          str(first.config_path))
+        assert checked.returncode == 0, checked.stderr
+        assert f"checked against the live cluster at {server.url} (revision 1, 1 dynamic " \
+            "definitions, 1 node alive)" in checked.stdout
         first.stop()
         server.kill()
+        checked = await asyncio.to_thread(run_lucid, "check", "--config",
+                                          str(first.config_path))
+        assert checked.returncode == 0, checked.stderr
+        assert "unreachable" in checked.stdout and \
+            "checked against the last-known-good snapshot only (revision 1" in checked.stdout
         again = GatewayProcess(first.config_path)
         try:
             again.wait_ready(STARTUP)
@@ -455,6 +465,8 @@ def test_check_says_what_a_redis_backend_shares_and_what_not_yet(tmp_path):
                           tmp_path / "shared", workers=3)
     accepted = run_lucid("check", "--config", str(shared))
     assert accepted.returncode == 0, accepted.stderr
+    assert "no last-known-good snapshot" in accepted.stdout and \
+        "only the config file was checked" in accepted.stdout
 
 
 async def test_a_write_reaches_every_worker_of_a_node(lucid_redis, lucid_upstream,
