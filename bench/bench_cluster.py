@@ -86,8 +86,11 @@ async def propagation(redis_url: str, writes: int, work: Path,
     """Samples from the start of each write, from its 2xx answer on the writer (0 when
     a node served it before the writer answered), and the writer's answer times."""
     upstream = await start_upstream()
+    # timeout: a Redis call that a busy machine leaves unanswered for 50 ms (the
+    # default) would end the run with a 503; the samples show the delay instead
     nodes = [GatewayProcess(write_cluster_config(work / f"node{n}", redis_url,
-                                                 upstreams=[upstream.url], extra=extra),
+                                                 upstreams=[upstream.url], extra=extra,
+                                                 timeout="1s"),
                             env={"LUCID_CLUSTER__NODE_ID": f"bench-{n}"})
              for n in range(3)]
     samples: list[float] = []

@@ -320,12 +320,23 @@ class Runtime:
                         break
                     await asyncio.sleep(0.1)
             if live is not None:
-                membership = Membership(cluster, lambda: {})
-                alive = sum(1 for node in await membership.nodes() if node["alive"])
+                try:
+                    nodes = await Membership(cluster, lambda: {}).nodes()
+                    alive = sum(1 for node in nodes if node["alive"])
+                    seen = f"{alive} node{'s' if alive != 1 else ''} alive"
+                except BackendUnavailable:
+                    seen = "its nodes unknown"
                 said = (f"cluster: checked against the live cluster at {cluster.url} "
                         f"(revision {live.revision}, {len(live.items)} dynamic definitions, "
-                        f"{alive} node{'s' if alive != 1 else ''} alive)")
+                        f"{seen})")
                 stored = live
+                if live.revision == 0 and not (self.data_dir / IMPORTED_MARKER).exists():
+                    local = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+                    if local.items:  # what lucid serve would import into it
+                        stored = local
+                        said += (f"; it is empty, so the {len(local.items)} definitions "
+                                 f"under {self.data_dir} that lucid serve would import were "
+                                 "checked too")
             else:
                 assert failure is not None
                 saved = await asyncio.to_thread(load_snapshot, self.data_dir)

@@ -533,6 +533,10 @@ async def test_a_node_switched_from_local_to_redis_imports_into_an_empty_cluster
             path = write_cluster_config(tmp_path / "node", server.url, key_prefix=prefix,
                                         upstreams=[upstream.url], timeout="1s",
                                         extra=routes)
+            if prefix == "empty:":  # lucid check prepares what serve will import
+                checked = await asyncio.to_thread(run_lucid, "check", "--config", str(path))
+                assert checked.returncode == 0, checked.stderr
+                assert "it is empty, so the 1 definitions" in checked.stdout, checked.stdout
             node = GatewayProcess(path)
             try:
                 node.wait_ready(STARTUP)
