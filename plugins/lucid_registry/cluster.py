@@ -193,6 +193,34 @@ redis.call('PUBLISH', KEYS[6], string.format('%d', index))
 return {'ok', string.format('%d', index)}
 """
 
+# KEYS: index, log. ARGV: prefix of the per-service hashes, the index the caller has.
+# The changes after that index and, in the same script (so they agree), what Redis
+# holds now of each service they name: one round trip where a log read and then a
+# read of the services were two (each ~a loopback round trip, several ms on a busy
+# machine, on the path between a registration and another node resolving it).
+CHANGES_SCRIPT = r"""
+local since = ARGV[2]
+local first = since == '0' and '-' or ('(' .. since .. '-1')
+local entries = redis.call('XRANGE', KEYS[2], first, '+', 'COUNT', 100000)
+local out = {redis.call('GET', KEYS[1]) or '0', #entries}
+local seen, order = {}, {}
+for _, entry in ipairs(entries) do  -- first every entry: (id, names)...
+  local names = entry[2][2]
+  out[#out + 1] = entry[1]
+  out[#out + 1] = names
+  for _, name in ipairs(cjson.decode(names)) do
+    if not seen[name] then seen[name] = true; order[#order + 1] = name end
+  end
+end
+for _, name in ipairs(order) do  -- then each service named: (name, body, instances, health)
+  out[#out + 1] = name
+  out[#out + 1] = redis.call('HGET', ARGV[1] .. 'services', name) or ''
+  out[#out + 1] = cjson.encode(redis.call('HGETALL', ARGV[1] .. 'instances:' .. name))
+  out[#out + 1] = cjson.encode(redis.call('HGETALL', ARGV[1] .. 'health:' .. name))
+end
+return out
+"""
+
 Op = list[Any]
 # (service description or None, {instance: fields}, {instance: health})
 ServiceState = tuple[dict[str, Any] | None, dict[str, dict[str, Any]], dict[str, dict[str, Any]]]
@@ -212,6 +240,7 @@ class RedisStore:
         self.keys = [self.index_key, self.services_key, cluster.key("registry", "deadlines"),
                      cluster.key("registry", "deregister"), self.log_key, self.channel]
         self._script: Any = None
+        self._changes: Any = None
 
     async def _run(self, mode: str, ops: list[Op]) -> list[Any]:
         if self._script is None and self.cluster.redis is not None:
@@ -239,26 +268,33 @@ class RedisStore:
             raise Conflict(f"service {outcome[1]!r} already exists", static=False)
         return int(outcome[1])
 
+    async def changed(self, since: int) -> tuple[
+            int, list[tuple[int, list[str]]] | None, dict[str, ServiceState]]:
+        """The current index, the changes after ``since`` (None when the log cannot
+        say: trimmed past it, or Redis lost it; then read everything) and what Redis
+        holds now of each service they name, in one script."""
+        if self._changes is None and self.cluster.redis is not None:
+            self._changes = self.cluster.redis.register_script(CHANGES_SCRIPT)
+        script = self._changes
+        out: list[Any] = await self.cluster.call(lambda redis: script(
+            keys=[self.index_key, self.log_key], args=[self.prefix, str(since)]))
+        index, count = int(out[0] or 0), int(out[1])
+        changes = [(int(str(out[2 + 2 * n]).partition("-")[0]), json.loads(out[3 + 2 * n]))
+                   for n in range(count)]
+        states: dict[str, ServiceState] = {}
+        rest = out[2 + 2 * count:]
+        for n in range(0, len(rest), 4):
+            name, body, instances, health = rest[n: n + 4]
+            states[name] = (json.loads(body) if body else None,
+                            {k: json.loads(v) for k, v in _pairs(json.loads(instances))},
+                            {k: json.loads(v) for k, v in _pairs(json.loads(health))})
+        if index < since or (index > since and (not changes or changes[0][0] != since + 1)):
+            return index, None, {}
+        return index, changes, states
+
     async def expire(self) -> int:
         """Mark lapsed TTLs critical, remove what stayed critical ``deregister_after``."""
         return int((await self._run("expire", []))[1])
-
-    async def changes(self, since: int) -> tuple[int, list[tuple[int, list[str]]] | None]:
-        """The current index and the changes after ``since``, or None when the log
-        cannot say (trimmed past it, or Redis lost it): then read everything."""
-        async def read(redis: Redis) -> list[Any]:
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.get(self.index_key)
-                pipe.xrange(self.log_key, min=f"({since}-1" if since else "-", count=100_000)
-                return await pipe.execute()
-
-        current, entries = await self.cluster.call(read)
-        index = int(current or 0)
-        changes = [(int(entry_id.partition("-")[0]), json.loads(fields["s"]))
-                   for entry_id, fields in entries]
-        if index < since or (index > since and (not changes or changes[0][0] != since + 1)):
-            return index, None
-        return index, changes
 
     async def services(self) -> tuple[int, list[str]]:
         """The index and every registered service's name."""
@@ -291,6 +327,12 @@ class RedisStore:
                          {k: json.loads(v) for k, v in instances.items()},
                          {k: json.loads(v) for k, v in health.items()})
         return out
+
+
+def _pairs(flat: Any) -> list[tuple[str, str]]:
+    """HGETALL's flat reply as pairs (cjson writes an empty one as {})."""
+    items = flat if isinstance(flat, list) else []
+    return list(zip(items[::2], items[1::2], strict=True))
 
 
 def _seconds(value: float | None) -> float:
@@ -387,19 +429,19 @@ class ClusterRegistry(Registry):
             shapes[row["name"]] = shape = Service(row["name"], body, static=False)
             ops.append(["service", row["name"], json.dumps(shape.body())])
         for row in instance_rows:
-            shape = shapes.get(row["service"])
-            if shape is None:
+            owner = shapes.get(row["service"])
+            if owner is None:
                 continue
             try:
                 spec = InstanceSpec.model_validate({k: row[k] for k in (
                     "id", "url", "weight", "zone", "metadata", "tags") if k in row})
             except ValueError as exc:
                 log.warning("registry: instance %r of %r in %s not imported: %s",
-                            row["id"], shape.name, path, exc)
+                            row["id"], owner.name, path, exc)
                 continue
-            ops.append(["instance", shape.name, spec.id,
+            ops.append(["instance", owner.name, spec.id,
                         instance_fields(spec, row["maintenance"])])
-            ops.append(self._health_op(shape, spec.id, row["health"], row["note"],
+            ops.append(self._health_op(owner, spec.id, row["health"], row["note"],
                                        "import", True))
         if not shapes:
             return
@@ -461,13 +503,13 @@ class ClusterRegistry(Registry):
             if at_least and self.index >= at_least and not self._full:
                 return
             if not self._full:
-                index, changes = await self.redis.changes(self.index)
+                index, changes, states = await self.redis.changed(self.index)
                 if changes is not None:
                     last: dict[str, int] = {}
                     for at, names in changes:
                         for name in names:
                             last[name] = at
-                    for name, state in (await self.redis.read(last)).items():
+                    for name, state in states.items():
                         self._apply(name, state, last[name])
                     if changes:
                         self.index = max(self.index, changes[-1][0])
