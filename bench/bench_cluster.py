@@ -276,6 +276,10 @@ def main() -> None:
         rounds = ", ".join(f"{r:.3f}" for r in ratio.get("per_round", []))
         print(f"req/s cluster (Redis) / local: {ratio['value']:.3f} (rounds: {rounds}); "
               f"goal >= {GOAL_RATIO}: {verdict}")
+        if ratio.get("cpu_value") is not None:
+            # steadier than req/s on a machine shared with other work: the server's
+            # own CPU time per request (local's / cluster's: >= 1 costs nothing more)
+            print(f"CPU per request, local / cluster (Redis): {ratio['cpu_value']:.3f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
