@@ -47,14 +47,9 @@ GOAL_STRICT = 0.80
 
 
 def config(backend: str, upstream: str, rate: str, burst: int, timeout: str) -> str:
-    return f"""
-[cluster]
-backend = "{backend}"
-timeout = "{timeout}"
+    from lucid.testing_internal import cluster_node_config  # the cluster tests' preamble
 
-[gateway.services.svc]
-instances = ["{upstream}"]
-
+    return cluster_node_config(backend, upstreams=[upstream], timeout=timeout, extra=f"""
 [[gateway.routes]]
 id = "r"
 prefix = "/"
@@ -68,7 +63,7 @@ id = "bucket"
 rate = "{rate}"
 burst = {burst}
 key = "global"
-"""
+""")
 
 
 def loadgen(url: str, connections: int, duration: float) -> dict[str, Any]:

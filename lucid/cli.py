@@ -56,24 +56,27 @@ def check(config: str | None) -> None:
             raise ConfigError(config or "(built-in defaults)", [
                 f"server.admin = {cfg.server.admin!r}: the admin API may listen beyond "
                 "loopback only with authentication; set server.admin_secret"])
-        _prepare(plugin_set, cfg, _config_path(config))
+        checked = _prepare(plugin_set, cfg, _config_path(config))
     except ConfigError as exc:
         click.echo(exc.render(), err=True)
         sys.exit(2)
     enabled = ", ".join(f"{p.capability}={p.name}" for p in plugin_set.plugins) or "none"
     routes = len(getattr(getattr(cfg, "gateway", None), "routes", []))
     click.echo(f"{config or '(built-in defaults)'}: ok (plugins: {enabled}; routes: {routes})")
+    if checked is not None:  # a Redis backend: live cluster, or only the snapshot
+        click.echo(checked)
 
 
-def _prepare(plugin_set: object, cfg: object, path: Path | None) -> None:
-    """Run the plugins' prepare hooks too, so a check catches what startup would."""
+def _prepare(plugin_set: object, cfg: object, path: Path | None) -> str | None:
+    """Run the plugins' prepare hooks too, so a check catches what startup would;
+    with a Redis backend, what the definitions were checked against."""
     import asyncio
 
     from lucid.runtime import Runtime
 
     runtime = Runtime(plugin_set, cfg, path)  # type: ignore[arg-type]
 
-    asyncio.run(runtime.check())
+    return asyncio.run(runtime.check())
 
 
 @main.command()

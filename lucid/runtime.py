@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from lucid.cluster import (
     default_node_id,
     load_snapshot,
     node_entry,
+    published_change,
     save_snapshot,
 )
 from lucid.config import (
@@ -63,6 +65,8 @@ from lucid.tls import Termination, load_tls
 log = logging.getLogger("lucid")
 
 RECENT_EXCHANGES = 10_000  # kept for GET /gateway/metrics
+# under data_dir once its local definitions were imported into an empty Redis cluster
+IMPORTED_MARKER = "definitions-imported-to-cluster.json"
 
 
 def load_plugins_and_config(
@@ -112,6 +116,7 @@ class Runtime:
         # the cluster this node belongs to ([cluster]; "local": this node alone)
         self.cluster = Cluster(config.cluster, config.cluster.node_id
                                or default_node_id(config.server.proxy))
+        self.cluster.remembered_changed = lambda: self._save_later(self.generation)
         self.membership: Membership | None = None  # worker 0 of a Redis cluster
         self.audit: AuditLog | None = None  # admin writes (lucid.audit)
         self.started = False  # every plugin's startup ran (GET /gateway/health)
@@ -165,6 +170,7 @@ class Runtime:
             cluster.node_id = default_node_id(self.listeners["proxy"])  # the port bound
         try:
             if cluster.shared:
+                await asyncio.to_thread(cluster.load_remembered, self.data_dir)
                 await cluster.start()
                 self.backend = RedisBackend(cluster)
             else:
@@ -285,7 +291,7 @@ class Runtime:
             return
         try:
             await asyncio.to_thread(save_snapshot, self.data_dir, generation.definitions,
-                                    self.cluster.url)
+                                    self.cluster.url, dict(self.cluster.remembered))
         except OSError:
             log.exception("saving the cluster snapshot under %s failed", self.data_dir)
 
@@ -294,15 +300,66 @@ class Runtime:
             await self.audit.close()
             self.audit = None
 
-    async def check(self) -> None:
+    async def check(self) -> str | None:
         """Prepare a generation of the config as ``lucid serve`` would start it (the
         file, and the definitions stored under ``data_dir``, read-only) without making
-        it live: every plugin's verdict."""
-        if self.cluster.shared:  # what the node would serve if Redis were unreachable
-            stored = await asyncio.to_thread(load_snapshot, self.data_dir) or Snapshot()
-        else:
+        it live: every plugin's verdict. With a Redis backend, the definitions are the
+        live cluster's if it answers (nothing is written to it), else the last-known-good
+        snapshot's; what was checked against is returned, to be said."""
+        if not self.cluster.shared:
             stored = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+            await self.hooks.prepare(self._generation(1, self.generation.config, stored))
+            return None
+        cluster = self.cluster
+        await cluster.start()
+        try:
+            backend = RedisBackend(cluster)
+            live: Snapshot | None = None
+            failure: BackendUnavailable | None = None
+            deadline = time.monotonic() + 1.0
+            while live is None:
+                try:
+                    live = await backend.load()
+                except BackendUnavailable as exc:
+                    failure = exc
+                    if time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(0.1)
+            if live is not None:
+                try:
+                    nodes = await Membership(cluster, lambda: {}).nodes()
+                    alive = sum(1 for node in nodes if node["alive"])
+                    seen = f"{alive} node{'s' if alive != 1 else ''} alive"
+                except BackendUnavailable:
+                    seen = "its nodes unknown"
+                said = (f"cluster: checked against the live cluster at {cluster.url} "
+                        f"(revision {live.revision}, {len(live.items)} dynamic definitions, "
+                        f"{seen})")
+                stored = live
+                if live.revision == 0 and not (self.data_dir / IMPORTED_MARKER).exists():
+                    local = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+                    if local.items:  # what lucid serve would import into it
+                        stored = local
+                        said += (f"; it is empty, so the {len(local.items)} definitions "
+                                 f"under {self.data_dir} that lucid serve would import were "
+                                 "checked too")
+            else:
+                assert failure is not None
+                saved = await asyncio.to_thread(load_snapshot, self.data_dir)
+                if saved is None:
+                    said = (f"cluster: {failure.message}; there is no last-known-good "
+                            f"snapshot ({self.data_dir / SNAPSHOT_FILE}) either, so only the "
+                            "config file was checked (lucid serve would not start until "
+                            "the backend answers)")
+                else:
+                    said = (f"cluster: {failure.message}; checked against the "
+                            f"last-known-good snapshot only (revision {saved.revision}, "
+                            f"{self.data_dir / SNAPSHOT_FILE}), not the live cluster")
+                stored = saved or Snapshot()
+        finally:
+            await cluster.close()
         await self.hooks.prepare(self._generation(1, self.generation.config, stored))
+        return said
 
     # the one way a generation goes live ----------------------------------------
     async def apply(
@@ -415,17 +472,37 @@ class Runtime:
 
     async def _import_legacy(self, snapshot: Snapshot) -> Snapshot:
         """Definitions an older Lucid kept in each plugin's own store, moved into the
-        core's store once (its first start with this version)."""
+        core's store once (its first start with this version). With a Redis backend
+        that has no revision yet (a cluster never written to), what this node kept
+        with the local backend (``data_dir/definitions.db``, or those older stores) is
+        imported instead: switching a node from ``local`` to Redis keeps its routes,
+        limits and pools. A cluster that has a revision is never overwritten."""
         assert self.backend is not None
-        writes = await asyncio.to_thread(legacy_writes, self.data_dir, self.kinds)
+        marker = self.data_dir / IMPORTED_MARKER
+        if self.cluster.shared and marker.exists():
+            return snapshot  # imported once: a Redis emptied since gets no stale copy
+        if self.cluster.shared:
+            stored = await asyncio.to_thread(read_stored, self.data_dir, self.kinds)
+            writes = [Write(d.kind, d.id, d.body) for d in stored.items.values()]
+            source = f"{self.data_dir / 'definitions.db'} (the local backend)"
+        else:
+            writes = await asyncio.to_thread(legacy_writes, self.data_dir, self.kinds)
+            source = "older stores"
         if not writes:
             return snapshot
         try:
             imported = await self.backend.commit(writes, snapshot.revision, {})
         except Moved:  # another node or worker of the cluster imported first
+            log.info("the cluster was written to meanwhile; the definitions of %s were "
+                     "not imported", source)
             return await self.backend.load()
-        log.info("imported %d definitions from older stores into the %s definitions "
-                 "store", len(writes), self.backend.name)
+        log.info("imported %d definitions from %s into the %s definitions store "
+                 "(revision %d)", len(writes), source, self.cluster.url if
+                 self.cluster.shared else self.backend.name, imported.revision)
+        if self.cluster.shared:
+            await asyncio.to_thread(marker.write_text, json.dumps({
+                "backend": self.cluster.url, "revision": imported.revision,
+                "definitions": len(writes), "at": time.time()}) + "\n")
         return imported
 
     async def sync(self) -> bool:
@@ -455,13 +532,53 @@ class Runtime:
         catches up here)."""
         assert isinstance(self.backend, RedisBackend)
         wake = asyncio.Event()
-        self.cluster.subscribe(self.backend.channel, lambda revision: wake.set())
+        published: dict[int, list[Write]] = {}  # revision -> its writes, not applied yet
+
+        def received(data: str) -> None:
+            change = published_change(data)
+            if change is not None and len(published) < self.PUBLISHED_KEPT:
+                published[change[0]] = change[1]
+            wake.set()
+
+        self.cluster.subscribe(self.backend.channel, received)
         self.cluster.on_reconnect(wake.set)
         while self.backend is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.cluster.config.check_interval)
             wake.clear()
+            if published and await self._apply_published(published):
+                continue
+            published.clear()
             await self._sync_logged()
+
+    # published changes kept while a process catches up; past that it reads Redis
+    PUBLISHED_KEPT = 1000
+
+    async def _apply_published(self, published: dict[int, list[Write]]) -> bool:
+        """Apply the published changes that follow the running revision without
+        reading Redis; whether nothing else is left to read (a gap, a change missed
+        while the subscription was lost, is read from Redis by the caller)."""
+        async with self._apply_lock:
+            backend = self.backend
+            current = self.generation.definitions
+            for revision in [r for r in published if r <= current.revision]:
+                del published[revision]  # this process's own, or already read
+            snapshot = current
+            while snapshot.revision + 1 in published:
+                revision = snapshot.revision + 1
+                snapshot = snapshot.applied(published.pop(revision), revision)
+            if snapshot is not current and isinstance(backend, RedisBackend):
+                try:
+                    await self._apply(None, snapshot, None)
+                except ConfigError as exc:
+                    log.error("definitions at the store's revision were rejected:\n%s",
+                              exc.render())
+                    return False
+                except Exception:
+                    log.exception("applying a published change failed; reading the store")
+                    return False
+                backend.received(snapshot)
+            return not published
 
     async def _sync_logged(self) -> None:
         try:

@@ -17,10 +17,14 @@ import ssl
 import subprocess
 import sys
 import threading
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from lucid.plugins import ENTRY_POINT_GROUP, InstalledPlugin
 
@@ -29,6 +33,7 @@ __all__ = [
     "TLSFiles",
     "builtin_plugins",
     "challenge_params",
+    "cluster_node_config",
     "debian_tool",
     "lucid_env",
     "make_tls",
@@ -36,6 +41,7 @@ __all__ = [
     "route",
     "run_lucid",
     "two_services",
+    "write_cluster_config",
 ]
 
 
@@ -69,6 +75,45 @@ service = "svc"
 retries = {{ attempts = 1 }}
 {extra}
 """
+
+
+def cluster_node_config(
+    backend: str, *, upstreams: Sequence[str] = (), service: str = "svc", extra: str = "",
+    server: Mapping[str, Any] | None = None, **cluster: Any,
+) -> str:
+    """Config (TOML) of one node of a cluster: ``[cluster] backend`` plus ``cluster``
+    keys (``timeout="500ms"``, ``key_prefix``, ``check_interval``, ``node_id``...),
+    ``server`` keys if given (:func:`lucid.testing.write_config` and the
+    ``lucid_process`` fixture fill in free loopback ports and a private data dir), the
+    service ``service`` on ``upstreams`` if any, then ``extra`` merged in (its tables add
+    to these, its arrays of tables follow theirs), so the preamble repeated by every
+    cluster test and bench is written once."""
+    data: dict[str, Any] = {"cluster": {"backend": backend, **cluster}}
+    if server:
+        data["server"] = dict(server)
+    if upstreams:
+        data["gateway"] = {"services": {service: {"instances": list(upstreams)}}}
+    return tomli_w.dumps(_merged(data, tomllib.loads(extra)))
+
+
+def write_cluster_config(directory: Path, backend: str, **options: Any) -> Path:
+    """:func:`cluster_node_config` written into ``directory`` by
+    :func:`lucid.testing.write_config` (free ports, ``directory/data``): its path."""
+    from lucid.testing import write_config
+
+    return write_config(cluster_node_config(backend, **options), directory)
+
+
+def _merged(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(dict(out[key]), value)
+        elif isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = [*out[key], *value]
+        else:
+            out[key] = value
+    return out
 
 
 AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_]+)=("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(?:,|$)')

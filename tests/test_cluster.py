@@ -12,11 +12,11 @@ import time
 import aiohttp
 import pytest
 
-from lucid.cluster import Cluster, RedisBackend, redact_url
+from lucid.cluster import Cluster, RedisBackend, published_change, redact_url
 from lucid.config import ClusterConfig
-from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Write
+from lucid.definitions import BackendUnavailable, Conflict, PreconditionFailed, Snapshot, Write
 from lucid.testing import json_request, wait_until, write_config
-from lucid.testing_internal import run_lucid
+from lucid.testing_internal import cluster_node_config, run_lucid
 
 # Three nodes starting at once on a machine shared with other test runs can take
 # longer than the kit's 20 s to import and listen.
@@ -24,14 +24,7 @@ STARTUP = 60.0
 
 
 def node_config(backend: str, upstream: str, extra: str = "", timeout: str = "50ms") -> str:
-    return f"""
-[cluster]
-backend = "{backend}"
-timeout = "{timeout}"
-
-[gateway.services.svc]
-instances = ["{upstream}"]
-
+    return cluster_node_config(backend, upstreams=[upstream], timeout=timeout, extra=f"""
 [[gateway.routes]]
 id = "static"
 prefix = "/static"
@@ -40,7 +33,7 @@ retries = {{ attempts = 1 }}
 
 [monitoring]
 {extra}
-"""
+""")
 
 
 async def get(session: aiohttp.ClientSession, url: str, **kw: object) -> tuple[int, object]:
@@ -88,6 +81,39 @@ async def test_commits_bump_one_revision_and_refuse_what_moved_on(lucid_redis):
         gone = await one.commit([Write("limit", "a", None)], 2, {("limit", "a"): 2})
         assert gone.revision == 3 and gone.get("limit", "a") is None
         assert await two.revision() == 3 and not (await two.load()).items
+    finally:
+        await c1.close()
+        await c2.close()
+
+
+async def test_a_commit_publishes_its_changes_for_receivers_to_apply_without_a_read(
+        lucid_redis):
+    server = lucid_redis()
+    (c1, one), (c2, two) = await backend_on(server.url), await backend_on(server.url)
+    messages: list[str] = []
+    c2.subscribe(two.channel, messages.append)
+    try:
+        assert c1.redis is not None
+
+        async def subscribed() -> bool:
+            return (await c1.redis.pubsub_numsub(two.channel))[0][1] == 1  # type: ignore[union-attr]
+
+        await wait_until(subscribed, 10)
+        await one.commit([Write("route", "a", {"prefix": "/a"}),
+                          Write("route", "b", {"prefix": "/b"})], 0, {})
+        await one.commit([Write("route", "a", None)], 1, {})
+        await wait_until(lambda: len(messages) == 2, 10)
+        first, second = (published_change(m) for m in messages)
+        assert first == (1, [Write("route", "a", {"prefix": "/a"}),
+                             Write("route", "b", {"prefix": "/b"})])
+        assert second == (2, [Write("route", "a", None)])
+        # what a receiver makes of them is what it would have read
+        made = Snapshot().applied(first[1], 1).applied(second[1], 2)
+        read = await two.load()
+        assert made.revision == read.revision == 2
+        assert [(d.kind, d.id, d.body, d.revision) for d in made.items.values()] == \
+            [(d.kind, d.id, d.body, d.revision) for d in read.items.values()]
+        assert published_change("3") is None  # not a change: the receiver reads Redis
     finally:
         await c1.close()
         await c2.close()
@@ -372,8 +398,18 @@ async def test_a_node_starts_from_its_snapshot_while_redis_is_down(
     async with aiohttp.ClientSession() as session:
         status = await add_route(session, first, "rt")
         assert status == 201
+        checked = await asyncio.to_thread(run_lucid, "check", "--config",
+                                          str(first.config_path))
+        assert checked.returncode == 0, checked.stderr
+        assert f"checked against the live cluster at {server.url} (revision 1, 1 dynamic " \
+            "definitions, 1 node alive)" in checked.stdout
         first.stop()
         server.kill()
+        checked = await asyncio.to_thread(run_lucid, "check", "--config",
+                                          str(first.config_path))
+        assert checked.returncode == 0, checked.stderr
+        assert "unreachable" in checked.stdout and \
+            "checked against the last-known-good snapshot only (revision 1" in checked.stdout
         again = GatewayProcess(first.config_path)
         try:
             again.wait_ready(STARTUP)
@@ -429,6 +465,8 @@ def test_check_says_what_a_redis_backend_shares_and_what_not_yet(tmp_path):
                           tmp_path / "shared", workers=3)
     accepted = run_lucid("check", "--config", str(shared))
     assert accepted.returncode == 0, accepted.stderr
+    assert "no last-known-good snapshot" in accepted.stdout and \
+        "only the config file was checked" in accepted.stdout
 
 
 async def test_a_write_reaches_every_worker_of_a_node(lucid_redis, lucid_upstream,
@@ -453,3 +491,76 @@ async def test_a_write_reaches_every_worker_of_a_node(lucid_redis, lucid_upstrea
         await wait_until(every_worker, timeout=10, message="the route on both workers")
         view = await cluster_view(session, node)
         assert view["nodes"][0]["workers"] == 2
+
+
+async def test_a_node_switched_from_local_to_redis_imports_into_an_empty_cluster_only(
+        lucid_redis, lucid_upstream, tmp_path):
+    """What a node kept with the local backend (definitions.db, registry.db) goes into
+    a cluster never written to; a cluster that has state keeps it, untouched."""
+    from lucid_registry.cluster import RedisStore
+    from lucid_registry.store import SQLiteStore
+
+    from lucid.definitions import SqliteBackend
+    from lucid.testing import GatewayProcess
+    from lucid.testing_internal import write_cluster_config
+
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    data = tmp_path / "node" / "data"  # where write_config puts the node's data_dir
+    data.mkdir(parents=True)
+    local = await SqliteBackend.open(data / "definitions.db")  # as a local node left it
+    await local.commit([Write("route", "kept", {"id": "kept", "prefix": "/kept",
+                                                "service": "svc"})], 0, {})
+    await local.close()
+    registry = SQLiteStore(data / "registry.db")
+    await registry.write(
+        services=[{"name": "users", "idx": 1,
+                   "body": {"metadata": {}, "tags": [], "check": {}}}],
+        instances=[{"service": "users", "id": "u1", "idx": 1, "health": "passing",
+                    "maintenance": None, "note": "", "changed_at": 0.0,
+                    "body": {"url": upstream.url, "weight": 1, "zone": "",
+                             "metadata": {}, "tags": []}}])
+    await registry.close()
+    # a cluster that has state: nothing imported into it
+    seeded, backend = await backend_on(server.url, "seeded:")
+    await backend.commit([Write("route", "theirs", {"id": "theirs", "prefix": "/theirs",
+                                                    "service": "svc"})], 0, {})
+    await RedisStore(seeded).commit([["service", "others", json.dumps(
+        {"metadata": {}, "tags": [], "check": {}})]])
+    routes = '[[gateway.routes]]\nid = "users"\nprefix = "/users"\nservice = "users"\n'
+    try:
+        for prefix in ("seeded:", "empty:"):
+            path = write_cluster_config(tmp_path / "node", server.url, key_prefix=prefix,
+                                        upstreams=[upstream.url], timeout="1s",
+                                        extra=routes)
+            if prefix == "empty:":  # lucid check prepares what serve will import
+                checked = await asyncio.to_thread(run_lucid, "check", "--config", str(path))
+                assert checked.returncode == 0, checked.stderr
+                assert "it is empty, so the 1 definitions" in checked.stdout, checked.stdout
+            node = GatewayProcess(path)
+            try:
+                node.wait_ready(STARTUP)
+                async with aiohttp.ClientSession() as session:
+                    status, listed = await get(session, node.admin_url + "/gateway/route")
+                    assert status == 200
+                    assert [r["id"] for r in listed["routes"]] == (  # type: ignore[index]
+                        ["theirs"] if prefix == "seeded:" else ["kept"])
+                    async with session.get(node.proxy_url + "/users/x") as r:
+                        # the registered instance: only where it was imported
+                        assert r.status == (503 if prefix == "seeded:" else 200)
+            finally:
+                node.stop()
+        # imported into Redis, not only served by the node that had them
+        cluster, imported = await backend_on(server.url, "empty:")
+        try:
+            snapshot = await imported.load()
+            assert list(snapshot.of("route")) == ["kept"] and snapshot.revision == 1
+            assert await cluster.redis.hkeys("empty:registry:services") == ["users"]  # type: ignore[union-attr]
+            assert await cluster.redis.hkeys("seeded:registry:services") == ["others"]  # type: ignore[union-attr]
+        finally:
+            await cluster.close()
+        assert "imported 1 definitions" in node.output
+        assert "imported 1 services" in node.output
+        assert (data / "definitions-imported-to-cluster.json").exists()
+    finally:
+        await seeded.close()

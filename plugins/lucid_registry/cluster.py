@@ -64,6 +64,8 @@ log = logging.getLogger("lucid.registry")
 # between a deadline and the instance going critical, at most.
 EXPIRE_INTERVAL = 0.1
 LOG_LENGTH = 10_000  # changes kept for processes catching up (approximate trim)
+# under data_dir once registry.db was imported into an empty cluster registry
+IMPORTED_MARKER = "registry-imported-to-cluster.json"
 
 # KEYS: index, services, deadlines, deregister, log, channel
 # ARGV: prefix of the per-service hashes, mode ("commit" or "expire"), ops (JSON)
@@ -150,6 +152,8 @@ else
       return {'missing', op[2], op[3]}
     elseif kind == 'no_instance' and redis.call('HEXISTS', inst(op[2]), op[3]) == 1 then
       return {'exists', op[2], op[3]}
+    elseif kind == 'no_index' and redis.call('EXISTS', KEYS[1]) == 1 then
+      return {'indexed'}  -- an import: only into a registry never written to
     end
   end
   for _, op in ipairs(ops) do
@@ -189,6 +193,34 @@ redis.call('PUBLISH', KEYS[6], string.format('%d', index))
 return {'ok', string.format('%d', index)}
 """
 
+# KEYS: index, log. ARGV: prefix of the per-service hashes, the index the caller has.
+# The changes after that index and, in the same script (so they agree), what Redis
+# holds now of each service they name: one round trip where a log read and then a
+# read of the services were two (each ~a loopback round trip, several ms on a busy
+# machine, on the path between a registration and another node resolving it).
+CHANGES_SCRIPT = r"""
+local since = ARGV[2]
+local first = since == '0' and '-' or ('(' .. since .. '-1')
+local entries = redis.call('XRANGE', KEYS[2], first, '+', 'COUNT', 100000)
+local out = {redis.call('GET', KEYS[1]) or '0', #entries}
+local seen, order = {}, {}
+for _, entry in ipairs(entries) do  -- first every entry: (id, names)...
+  local names = entry[2][2]
+  out[#out + 1] = entry[1]
+  out[#out + 1] = names
+  for _, name in ipairs(cjson.decode(names)) do
+    if not seen[name] then seen[name] = true; order[#order + 1] = name end
+  end
+end
+for _, name in ipairs(order) do  -- then each service named: (name, body, instances, health)
+  out[#out + 1] = name
+  out[#out + 1] = redis.call('HGET', ARGV[1] .. 'services', name) or ''
+  out[#out + 1] = cjson.encode(redis.call('HGETALL', ARGV[1] .. 'instances:' .. name))
+  out[#out + 1] = cjson.encode(redis.call('HGETALL', ARGV[1] .. 'health:' .. name))
+end
+return out
+"""
+
 Op = list[Any]
 # (service description or None, {instance: fields}, {instance: health})
 ServiceState = tuple[dict[str, Any] | None, dict[str, dict[str, Any]], dict[str, dict[str, Any]]]
@@ -208,6 +240,7 @@ class RedisStore:
         self.keys = [self.index_key, self.services_key, cluster.key("registry", "deadlines"),
                      cluster.key("registry", "deregister"), self.log_key, self.channel]
         self._script: Any = None
+        self._changes: Any = None
 
     async def _run(self, mode: str, ops: list[Op]) -> list[Any]:
         if self._script is None and self.cluster.redis is not None:
@@ -221,6 +254,9 @@ class RedisStore:
     async def commit(self, ops: list[Op]) -> int:
         """Run ``ops`` (checks first, then writes) as one script; the index after it."""
         outcome = await self._run("commit", ops)
+        if outcome[0] == "indexed":
+            raise Conflict("the cluster's registry has been written to already",
+                           static=False)
         if outcome[0] == "missing":
             if len(outcome) > 2:
                 raise NotFound(f"service {outcome[1]!r} has no instance {outcome[2]!r}")
@@ -232,26 +268,33 @@ class RedisStore:
             raise Conflict(f"service {outcome[1]!r} already exists", static=False)
         return int(outcome[1])
 
+    async def changed(self, since: int) -> tuple[
+            int, list[tuple[int, list[str]]] | None, dict[str, ServiceState]]:
+        """The current index, the changes after ``since`` (None when the log cannot
+        say: trimmed past it, or Redis lost it; then read everything) and what Redis
+        holds now of each service they name, in one script."""
+        if self._changes is None and self.cluster.redis is not None:
+            self._changes = self.cluster.redis.register_script(CHANGES_SCRIPT)
+        script = self._changes
+        out: list[Any] = await self.cluster.call(lambda redis: script(
+            keys=[self.index_key, self.log_key], args=[self.prefix, str(since)]))
+        index, count = int(out[0] or 0), int(out[1])
+        changes = [(int(str(out[2 + 2 * n]).partition("-")[0]), json.loads(out[3 + 2 * n]))
+                   for n in range(count)]
+        states: dict[str, ServiceState] = {}
+        rest = out[2 + 2 * count:]
+        for n in range(0, len(rest), 4):
+            name, body, instances, health = rest[n: n + 4]
+            states[name] = (json.loads(body) if body else None,
+                            {k: json.loads(v) for k, v in _pairs(json.loads(instances))},
+                            {k: json.loads(v) for k, v in _pairs(json.loads(health))})
+        if index < since or (index > since and (not changes or changes[0][0] != since + 1)):
+            return index, None, {}
+        return index, changes, states
+
     async def expire(self) -> int:
         """Mark lapsed TTLs critical, remove what stayed critical ``deregister_after``."""
         return int((await self._run("expire", []))[1])
-
-    async def changes(self, since: int) -> tuple[int, list[tuple[int, list[str]]] | None]:
-        """The current index and the changes after ``since``, or None when the log
-        cannot say (trimmed past it, or Redis lost it): then read everything."""
-        async def read(redis: Redis) -> list[Any]:
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.get(self.index_key)
-                pipe.xrange(self.log_key, min=f"({since}-1" if since else "-", count=100_000)
-                return await pipe.execute()
-
-        current, entries = await self.cluster.call(read)
-        index = int(current or 0)
-        changes = [(int(entry_id.partition("-")[0]), json.loads(fields["s"]))
-                   for entry_id, fields in entries]
-        if index < since or (index > since and (not changes or changes[0][0] != since + 1)):
-            return index, None
-        return index, changes
 
     async def services(self) -> tuple[int, list[str]]:
         """The index and every registered service's name."""
@@ -286,6 +329,12 @@ class RedisStore:
         return out
 
 
+def _pairs(flat: Any) -> list[tuple[str, str]]:
+    """HGETALL's flat reply as pairs (cjson writes an empty one as {})."""
+    items = flat if isinstance(flat, list) else []
+    return list(zip(items[::2], items[1::2], strict=True))
+
+
 def _seconds(value: float | None) -> float:
     return float(value) if value is not None else 0.0
 
@@ -310,6 +359,9 @@ class ClusterRegistry(Registry):
         self._full = True  # the next sync reads everything
         self._loaded = False  # read everything once
         self._ignored: set[str] = set()  # registered names that a static service shadows
+        # what Redis last said of each registered service: the node's last-known-good
+        # snapshot keeps it (runtime.cluster.remember), for a start while Redis is down
+        self._states: dict[str, ServiceState] = {}
 
     # what stays local --------------------------------------------------------
     def _bump(self) -> int | None:
@@ -332,9 +384,87 @@ class ClusterRegistry(Registry):
         self.index = 0
         try:
             await self.sync()
+            if self.index == 0 and self.runtime.worker_index == 0:
+                await self._import_local()
         except BackendUnavailable as exc:
-            log.warning("registry: %s; serving the static services until it answers",
-                        exc.message)
+            saved = self.runtime.cluster.recall("registry")
+            if not saved or not saved.get("services"):
+                log.warning("registry: %s; serving the static services until it answers",
+                            exc.message)
+                return
+            for name, state in saved["services"].items():
+                self._apply(name, (state[0], state[1], state[2]), int(saved["index"]))
+            self._full = True  # Redis's whole state replaces this one when it answers
+            log.warning("registry: %s; serving the %d registered services of the "
+                        "last-known-good snapshot (index %d) until it answers",
+                        exc.message, len(saved["services"]), int(saved["index"]))
+
+    async def _import_local(self) -> None:
+        """Switching a node from the local backend to Redis: the services it kept in
+        ``data_dir/registry.db`` go into the cluster's registry if nothing was ever
+        written there (checked by the script, atomically), once per data dir."""
+        from lucid_registry.store import SQLiteStore
+
+        data_dir = self.runtime.data_dir
+        path, marker = data_dir / "registry.db", data_dir / IMPORTED_MARKER
+        if not path.exists() or marker.exists():
+            return
+        store = SQLiteStore(path)
+        try:
+            rows, instance_rows = await store.load()
+        finally:
+            await store.close()
+        ops: list[Op] = [["no_index"]]
+        shapes: dict[str, Service] = {}
+        for row in rows:
+            if row["name"] in self.services:  # declared in this node's config
+                continue
+            try:
+                body = ServiceBody.model_validate({k: row.get(k) for k in (
+                    "metadata", "tags", "check") if row.get(k) is not None})
+            except ValueError as exc:
+                log.warning("registry: service %r in %s not imported: %s", row["name"],
+                            path, exc)
+                continue
+            shapes[row["name"]] = shape = Service(row["name"], body, static=False)
+            ops.append(["service", row["name"], json.dumps(shape.body())])
+        for row in instance_rows:
+            owner = shapes.get(row["service"])
+            if owner is None:
+                continue
+            try:
+                spec = InstanceSpec.model_validate({k: row[k] for k in (
+                    "id", "url", "weight", "zone", "metadata", "tags") if k in row})
+            except ValueError as exc:
+                log.warning("registry: instance %r of %r in %s not imported: %s",
+                            row["id"], owner.name, path, exc)
+                continue
+            ops.append(["instance", owner.name, spec.id,
+                        instance_fields(spec, row["maintenance"])])
+            ops.append(self._health_op(owner, spec.id, row["health"], row["note"],
+                                       "import", True))
+        if not shapes:
+            return
+        try:
+            await self._commit(ops)
+        except Conflict:
+            log.info("registry: the cluster's registry has been written to already; "
+                     "the services in %s were not imported", path)
+            return
+        await asyncio.to_thread(marker.write_text, json.dumps(
+            {"backend": self.runtime.cluster.url, "index": self.index,
+             "services": len(shapes), "at": time.time()}) + "\n")
+        log.info("registry: imported %d services from %s (the local backend) into "
+                 "the cluster's registry at %s", len(shapes), path,
+                 self.runtime.cluster.url)
+
+    def _remember(self) -> None:
+        """Hand the registered services to the node's last-known-good snapshot
+        (worker 0 saves it; the others' copy would be the same)."""
+        if self.runtime.worker_index == 0:
+            self.runtime.cluster.remember("registry", {
+                "index": self.index,
+                "services": {name: list(state) for name, state in self._states.items()}})
 
     async def follow(self, expire: bool) -> None:
         """Apply what other processes commit: woken by the published index, and
@@ -354,11 +484,13 @@ class ClusterRegistry(Registry):
             woken = wake.is_set()
             wake.clear()
             try:
-                if expire:
-                    await self.redis.expire()  # what it changes is published
+                # a published change first: expiring TTLs before it would put one more
+                # round trip between another node's write and this node serving it
                 if woken or time.monotonic() >= next_check:
                     next_check = time.monotonic() + interval
                     await self.sync()
+                if expire:
+                    await self.redis.expire()  # what it changes is published
             except BackendUnavailable:
                 pass  # Cluster.mark logged it; the log has what is missed meanwhile
             except Exception:
@@ -371,16 +503,17 @@ class ClusterRegistry(Registry):
             if at_least and self.index >= at_least and not self._full:
                 return
             if not self._full:
-                index, changes = await self.redis.changes(self.index)
+                index, changes, states = await self.redis.changed(self.index)
                 if changes is not None:
                     last: dict[str, int] = {}
                     for at, names in changes:
                         for name in names:
                             last[name] = at
-                    for name, state in (await self.redis.read(last)).items():
+                    for name, state in states.items():
                         self._apply(name, state, last[name])
                     if changes:
                         self.index = max(self.index, changes[-1][0])
+                        self._remember()
                     return
                 self._full = True
             index, names = await self.redis.services()
@@ -396,11 +529,16 @@ class ClusterRegistry(Registry):
                 self._wake_catalog()
             self.index = index
             self._loaded = True
+            self._remember()
 
     def _apply(self, name: str, state: ServiceState, index: int) -> None:
         """Make the service ``name`` here what Redis says it is."""
         body, instances, healths = state
         service = self.services.get(name)
+        if body is None:
+            self._states.pop(name, None)
+        elif service is None or not service.static:
+            self._states[name] = state
         if service is not None and service.static:
             if body is not None and name not in self._ignored:
                 self._ignored.add(name)

@@ -16,6 +16,7 @@ from lucid_circuitbreaker.testing import Switch, guarded, plugin_of
 
 from lucid.config import ConfigError
 from lucid.testing import GatewayProcess, json_request, wait_until
+from lucid.testing_internal import cluster_node_config
 
 # The promise: a trip, a reset or any operator action through one node is taken by
 # every node within 100 ms of the answer to the request that caused it (the tripping
@@ -34,8 +35,7 @@ def node_config(backend: str, upstream: str, wait: str = "1s", check: str = "10s
 wait_duration_in_open_state = "{wait}"
 permitted_number_of_calls_in_half_open_state = 2""",
                    # 500 ms: a busy test machine may be slow to answer; no request waits on it
-                   head=f'[cluster]\nbackend = "{backend}"\ncheck_interval = "{check}"\n'
-                        'timeout = "500ms"\n')
+                   head=cluster_node_config(backend, check_interval=check, timeout="500ms"))
 
 
 async def three_nodes(lucid_redis: Any, lucid_upstream: Any, lucid_process: Any,

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from lucid.testing import GatewayProcess, json_request, wait_until
+from lucid.testing_internal import cluster_node_config
 
 KEYS = [f"user-{n}" for n in range(1000)]
 
@@ -22,7 +23,7 @@ def node_config(backend: str, upstreams: list[str]) -> str:
                          for name in ("ring", "mag", "sticky"))
     routes = "\n".join(f'[[gateway.routes]]\nprefix = "/{name}"\nservice = "{name}"\n'
                        for name in ("ring", "mag", "sticky"))
-    return f'[cluster]\nbackend = "{backend}"\n\n{services}\n{routes}'
+    return cluster_node_config(backend, extra=f"{services}\n{routes}")
 
 
 def named(name: str) -> Any:

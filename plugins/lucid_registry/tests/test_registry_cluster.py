@@ -12,16 +12,14 @@ import aiohttp
 from lucid_registry.testing import next_event
 
 from lucid.testing import json_request, wait_until
+from lucid.testing_internal import cluster_node_config
 
 
 def node_config(backend: str) -> str:
-    return f"""
-[cluster]
-backend = "{backend}"
-# the default 50 ms is for production; a test machine shared with other work may
-# not schedule a process that fast (a paused Redis still answers 503 within this)
-timeout = "500ms"
-
+    # timeout: the default 50 ms is for production; a test machine shared with other
+    # work may not schedule a process that fast (a paused Redis still answers 503
+    # within this)
+    return cluster_node_config(backend, timeout="500ms", extra="""
 [registry]
 max_wait = "30s"
 
@@ -29,8 +27,8 @@ max_wait = "30s"
 id = "users"
 prefix = "/users"
 service = "users"
-retries = {{ attempts = 1 }}
-"""
+retries = { attempts = 1 }
+""")
 
 
 async def proxied(node: Any, path: str = "/users/x") -> int:
@@ -209,3 +207,130 @@ async def test_a_paused_redis_keeps_resolving_refuses_writes_and_resyncs(
 
         await wait_until(drained_on_b, timeout=5, message="maintenance seen on B")
         assert time.monotonic() - started < 1.0
+
+
+async def test_a_node_starting_while_redis_is_down_serves_its_snapshot_s_instances(
+        lucid_redis, lucid_upstream, lucid_process):
+    import tomllib
+    from pathlib import Path
+
+    from lucid.testing import GatewayProcess
+
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    env = {"LUCID_CLUSTER__NODE_ID": "node-a"}
+    a = lucid_process(node_config(server.url), env=env, wait=False)
+    a.wait_ready(60)
+    data_dir = Path(tomllib.loads(a.config_path.read_text())["server"]["data_dir"])
+    async with aiohttp.ClientSession() as session:
+        status, _ = await json_request(session, "POST", a.admin_url + "/registry/services",
+                                       json={"id": "users", "instances": [
+                                           {"id": "u1", "url": upstream.url}]})
+        assert status == 201
+
+    def saved() -> bool:  # written off the write's path, soon after it
+        try:
+            text = (data_dir / "cluster-snapshot.json").read_text()
+        except FileNotFoundError:
+            return False
+        return upstream.url in text
+
+    await wait_until(saved, timeout=10, message="the registry in the snapshot")
+    a.stop()
+    server.kill()
+    again = GatewayProcess(a.config_path, env=env)
+    try:
+        again.wait_ready(60)
+        again.wait_for_line("registered services of the last-known-good snapshot")
+        assert await proxied(again) == 200  # u1, known from the snapshot alone
+    finally:
+        again.stop()
+
+
+async def orphans(url: str) -> list[str]:
+    """Registry keys in Redis that belong to nothing: per-service hashes of a service
+    not registered, health without its instance, deadlines of a gone instance."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url, decode_responses=True)
+    try:
+        found: list[str] = []
+        services = set(await redis.hkeys("lucid:registry:services"))
+        instances: dict[str, set[str]] = {}
+        for key in await redis.keys("lucid:registry:instances:*"):
+            service = key.removeprefix("lucid:registry:instances:")
+            instances[service] = set(await redis.hkeys(key))
+            if service not in services:
+                found.append(key)
+        for key in await redis.keys("lucid:registry:health:*"):
+            service = key.removeprefix("lucid:registry:health:")
+            found += [f"{key} {i}" for i in await redis.hkeys(key)
+                      if i not in instances.get(service, set())]
+        for key in ("lucid:registry:deadlines", "lucid:registry:deregister"):
+            for member in await redis.zrange(key, 0, -1):
+                service, _, iid = member.partition("\0")
+                if iid not in instances.get(service, set()):
+                    found.append(f"{key} {service}/{iid}")
+        return found
+    finally:
+        await redis.aclose()
+
+
+async def test_racing_registrations_and_removals_on_two_nodes_leave_no_orphan(
+        lucid_redis, lucid_upstream, lucid_process):
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    a, b = (lucid_process(node_config(server.url), env={"LUCID_CLUSTER__NODE_ID": n},
+                          wait=False) for n in ("node-a", "node-b"))
+    for node in (a, b):
+        node.wait_ready(60)
+    service = {"id": "race", "check": {"ttl": "30s", "deregister_after": "1m"}}
+    async with aiohttp.ClientSession() as session:
+        async def call(method: str, url: str, body: Any = None) -> int:
+            status, answer = await json_request(session, method, url, json=body)
+            assert status in (200, 201, 204, 404, 409), (method, url, status, answer)
+            return status
+
+        await call("POST", a.admin_url + "/registry/services", service)
+        for round_ in range(8):
+            iid = f"r{round_ % 3}"
+            one = a if round_ % 2 else b
+            other = b if one is a else a
+            work = [
+                call("POST", one.admin_url + "/registry/services/race/instances",
+                     {"id": iid, "url": upstream.url}),
+                call("DELETE", other.admin_url + f"/registry/services/race/instances/{iid}"),
+                call("POST", other.admin_url + "/registry/services/race/health",
+                     {"instance": iid, "status": "critical"}),
+                call("PUT", one.admin_url +
+                     f"/registry/services/race/instances/{iid}/maintenance",
+                     {"enabled": True}),
+            ]
+            if round_ % 3 == 2:  # the whole service goes while instances register
+                work += [call("DELETE", other.admin_url + "/registry/services/race")] + [
+                    call("POST", one.admin_url + "/registry/services/race/instances",
+                         {"id": f"late{n}", "url": upstream.url}) for n in range(4)]
+            await asyncio.gather(*work)
+            assert await orphans(server.url) == []
+            if round_ % 3 == 2:
+                await call("POST", one.admin_url + "/registry/services", service)
+        # and both nodes end up with what Redis has
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(server.url, decode_responses=True)
+        try:
+            held = sorted(await redis.hkeys("lucid:registry:instances:race"))
+        finally:
+            await redis.aclose()
+
+        async def agreed() -> bool:
+            for node in (a, b):
+                status, body = await json_request(
+                    session, "GET", node.admin_url + "/registry/services/race")
+                shown = sorted(i["id"] for i in body.get("instances", [])) \
+                    if status == 200 else []
+                if shown != held:
+                    return False
+            return True
+
+        await wait_until(agreed, timeout=5, message="both nodes show Redis's instances")
