@@ -1,0 +1,227 @@
+"""WebSocket proxying, end to end on each engine: a real aiohttp WebSocket upstream on
+loopback, a real aiohttp client, the handshake through routing and admission (JWT,
+rate limit, breaker), then messages both ways; idle timeout, drain, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+from joserfc import jwt
+from joserfc.jwk import OctKey
+
+from lucid.model import Exchange
+from lucid.plugins import hookimpl
+from lucid.testing import wait_until
+from lucid.testing_http import read_response
+
+SECRET = "w" * 40
+
+
+class Echo:
+    """A WebSocket echo server (protocol ``chat``), counting sessions and the close
+    codes it received; any other request gets 200 text."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.close_codes: list[int | None] = []
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("upgrade", "").lower() != "websocket":
+            return web.Response(text="not a websocket")
+        ws = web.WebSocketResponse(protocols=("chat",), max_msg_size=0)
+        await ws.prepare(request)
+        self.sessions += 1
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type == WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        self.close_codes.append(ws.close_code)
+        return ws
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+
+    @hookimpl
+    def lucid_observe_exchange(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+
+
+def config(url: str) -> str:
+    return f"""
+[gateway.services.echo]
+instances = ["{url}"]
+[gateway.services.guarded]
+instances = ["{url}"]
+[gateway.services.down]
+instances = ["http://127.0.0.1:9"]
+
+[gateway.auth.issuers.main]
+issuer = "https://issuer.test"
+audiences = ["api"]
+algorithms = ["HS256"]
+secret = "{SECRET}"
+
+[[gateway.routes]]
+id = "ws"
+prefix = "/ws"
+service = "echo"
+
+[[gateway.routes]]
+id = "auth"
+prefix = "/auth"
+service = "echo"
+auth = {{}}
+
+[[gateway.routes]]
+id = "limited"
+prefix = "/limited"
+service = "echo"
+
+[[gateway.routes]]
+id = "guarded"
+prefix = "/guarded"
+service = "guarded"
+
+[[gateway.routes]]
+id = "down"
+prefix = "/down"
+service = "down"
+
+[[ratelimiter.limits]]
+id = "handshakes"
+rate = "2/minute"
+routes = ["limited"]
+
+[circuitbreaker.circuits.guard]
+service = "guarded"
+"""
+
+
+def token() -> str:
+    now = int(time.time())
+    return jwt.encode({"alg": "HS256"}, {"iss": "https://issuer.test", "sub": "alice",
+                                         "aud": "api", "iat": now, "exp": now + 300},
+                      OctKey.import_key(SECRET))
+
+
+async def handshake_status(gw: Any, path: str, **kw: Any) -> int:
+    """The status of a refused handshake (101 if it was accepted)."""
+    try:
+        async with gw.session.ws_connect(gw.proxy_url + path, **kw) as ws:
+            await ws.close()
+            return 101
+    except aiohttp.WSServerHandshakeError as exc:
+        return exc.status
+
+
+async def test_messages_go_both_ways_and_the_session_is_observed(engine_gateway,
+                                                                 lucid_upstream):
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    seen = Seen()
+    gw = await engine_gateway(config(upstream.url), plugins=[seen])
+    large = os.urandom(4 * 1024 * 1024)
+    async with gw.session.ws_connect(gw.proxy_url + "/ws/chat?room=1", protocols=("chat",),
+                                     max_msg_size=0) as ws:
+        assert ws.protocol == "chat"  # the upstream's choice, relayed
+        assert gw.runtime.counters["websockets"] == 1
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=10)).data == "hello"
+        await ws.send_bytes(b"\x00\x01\xff")
+        assert (await ws.receive(timeout=10)).data == b"\x00\x01\xff"
+        await ws.send_bytes(large)  # several MB each way, through back-pressure
+        assert (await ws.receive(timeout=30)).data == large
+        await ws.send_str("é" * 300_000)
+        assert (await ws.receive(timeout=30)).data == "é" * 300_000
+        await ws.close()
+    assert ws.close_code == 1000
+    exchange = await wait_until(lambda: [e for e in seen.exchanges if e.route_id == "ws"]
+                                and seen.exchanges[-1])
+    assert (exchange.status, exchange.service, exchange.path) == (101, "echo", "/ws/chat")
+    assert exchange.duration > 0 and exchange.bytes_in > len(large)
+    await wait_until(lambda: echo.close_codes == [1000], message="the upstream's close")
+    assert gw.runtime.counters["websockets"] == 0
+
+
+async def test_the_handshake_is_admitted_like_a_request(engine_gateway, lucid_upstream):
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = await engine_gateway(config(upstream.url))
+    # JWT: refused without a token (the gateway's 401), admitted with one
+    assert await handshake_status(gw, "/auth/x") == 401
+    assert await handshake_status(
+        gw, "/auth/x", headers={"Authorization": f"Bearer {token()}"}) == 101
+    # rate limit: 2 handshakes a minute, the third refused
+    assert [await handshake_status(gw, "/limited") for _ in range(3)] == [101, 101, 429]
+    # an open breaker refuses the handshake
+    async with gw.session.post(gw.admin_url + "/circuitbreaker/circuits/guard/force-open"
+                               ) as r:
+        assert r.status == 200, await r.text()
+    assert await handshake_status(gw, "/guarded") == 503
+    # nothing listens at the instance: 502, as for HTTP
+    assert await handshake_status(gw, "/down") == 502
+    assert await handshake_status(gw, "/nowhere") == 404
+    assert echo.sessions == 3
+
+
+async def test_a_bad_handshake_gets_400(engine_gateway, lucid_upstream):
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = await engine_gateway(config(upstream.url))
+    host, _, port = gw.proxy_url.removeprefix("http://").rpartition(":")
+    for fields in (b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                   b"Sec-WebSocket-Version: 13"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: websocket\r\n" + fields + b"\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+        finally:
+            writer.close()
+        assert response.status == 400
+        if gw.runtime.config.server.engine == "fast":  # Hypercorn answers it bare
+            body = json.loads(response.body)
+            assert set(body["fields"]) == ({"sec-websocket-version"} if b"8" in fields
+                                           else {"sec-websocket-key"})
+    assert echo.sessions == 0
+
+
+async def test_an_idle_session_is_closed(engine_gateway, lucid_upstream):
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = await engine_gateway(config(upstream.url), websocket_idle_timeout=0.5)
+    async with gw.session.ws_connect(gw.proxy_url + "/ws", autoping=False) as ws:
+        await ws.send_str("still here")
+        assert (await ws.receive(timeout=10)).data == "still here"
+        message = await ws.receive(timeout=10)  # nothing more: the proxy closes it
+        assert message.type == WSMsgType.CLOSE and message.data == 1001
+    await wait_until(lambda: echo.close_codes == [1001], message="the upstream's close")
+
+
+@pytest.mark.parametrize("engine", ["fast", "hypercorn"])
+async def test_a_drain_closes_sessions_with_1001(engine, lucid_process, lucid_upstream):
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = lucid_process(config(upstream.url), engine=engine, grace_period=5)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(gw.proxy_url + "/ws", autoping=False) as ws:
+            await ws.send_str("ping")
+            assert (await ws.receive(timeout=10)).data == "ping"
+            started = time.monotonic()
+            gw.signal(signal.SIGTERM)
+            message = await ws.receive(timeout=10)
+            assert message.type == WSMsgType.CLOSE and message.data == 1001
+    await wait_until(lambda: echo.close_codes == [1001], message="the upstream's close")
+    assert await asyncio.to_thread(gw.wait) == 0
+    assert time.monotonic() - started < 5  # within the grace period, not at its end
