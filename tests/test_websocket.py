@@ -136,6 +136,8 @@ async def test_messages_go_both_ways_and_the_session_is_observed(engine_gateway,
                                      max_msg_size=0) as ws:
         assert ws.protocol == "chat"  # the upstream's choice, relayed
         assert gw.runtime.counters["websockets"] == 1
+        async with gw.session.get(gw.admin_url + "/metrics") as r:  # monitoring's gauge
+            assert "lucid_websockets_open 1.0" in (await r.text()).splitlines()
         await ws.send_str("hello")
         assert (await ws.receive(timeout=10)).data == "hello"
         await ws.send_bytes(b"\x00\x01\xff")
