@@ -679,7 +679,7 @@ class _ClientSide(asyncio.Protocol):
 class _Bridge(_Relay):
     """Hypercorn: ASGI messages from the client, wsproto frames to the instance."""
 
-    QUEUE = 16  # messages from the instance waiting for the client, before its reads pause
+    HIGH_WATER = 1024 * 1024  # message bytes waiting for the client before reads pause
 
     def __init__(self, session: Session, upstream: _Upstream, exchange: Exchange):
         super().__init__(session, upstream, exchange)
@@ -688,6 +688,7 @@ class _Bridge(_Relay):
         self.writable = asyncio.Event()
         self.writable.set()
         self.parts: list[Any] = []
+        self.queued = 0  # bytes of the messages waiting for the client
         self.client_closed = False
 
     async def run(self) -> None:
@@ -750,12 +751,14 @@ class _Bridge(_Relay):
                 if event.message_finished:
                     parts, self.parts = self.parts, []
                     if isinstance(event, TextMessage):
-                        self.messages.put_nowait({"type": "websocket.send",
-                                                  "text": "".join(parts)})
+                        text = "".join(parts)
+                        self.queued += len(text)
+                        self.messages.put_nowait({"type": "websocket.send", "text": text})
                     else:
                         assert isinstance(event, BytesMessage)
-                        self.messages.put_nowait({"type": "websocket.send",
-                                                  "bytes": b"".join(parts)})
+                        data = b"".join(parts)
+                        self.queued += len(data)
+                        self.messages.put_nowait({"type": "websocket.send", "bytes": data})
             elif isinstance(event, Ping):
                 self._write(event.response())
             elif isinstance(event, CloseConnection):
@@ -764,17 +767,18 @@ class _Bridge(_Relay):
                 self.messages.put_nowait({"type": "websocket.close", "code": event.code,
                                           "reason": event.reason or ""})
                 self.messages.put_nowait(None)
-        if self.messages.qsize() >= self.QUEUE:
+        if self.queued > self.HIGH_WATER:
             _pause(self.upstream.transport, True)
 
     async def _to_client(self) -> None:
         send = self.session.send
         while True:
             message = await self.messages.get()
-            if self.messages.qsize() < self.QUEUE // 2:
-                _pause(self.upstream.transport, False)
             if message is None:
                 break
+            self.queued -= len(message.get("text") or message.get("bytes") or "")
+            if self.queued <= self.HIGH_WATER // 2:
+                _pause(self.upstream.transport, False)
             if message["type"] == "websocket.close":
                 if not self.client_closed:
                     self.client_closed = True

@@ -23,6 +23,7 @@ from lucid.testing import wait_until
 from lucid.testing_http import read_response
 
 SECRET = "w" * 40
+FLOOD, MB = 64, b"m" * (1024 * 1024)  # 64 MiB in 1 MiB messages
 
 
 class Echo:
@@ -32,6 +33,7 @@ class Echo:
     def __init__(self) -> None:
         self.sessions = 0
         self.close_codes: list[int | None] = []
+        self.flooded = 0
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("upgrade", "").lower() != "websocket":
@@ -39,6 +41,10 @@ class Echo:
         ws = web.WebSocketResponse(protocols=("chat",), max_msg_size=0)
         await ws.prepare(request)
         self.sessions += 1
+        if request.path.endswith("/flood"):  # as fast as the client takes them
+            for _ in range(FLOOD):
+                await ws.send_bytes(MB)
+                self.flooded += 1
         async for message in ws:
             if message.type == WSMsgType.TEXT:
                 await ws.send_str(message.data)
@@ -51,10 +57,15 @@ class Echo:
 class Seen:
     def __init__(self) -> None:
         self.exchanges: list[Exchange] = []
+        self.outcomes: list[tuple[str, str, int | None]] = []
 
     @hookimpl
     def lucid_observe_exchange(self, exchange: Exchange) -> None:
         self.exchanges.append(exchange)
+
+    @hookimpl
+    def lucid_record_outcome(self, exchange: Exchange, instance: Any, outcome: Any) -> None:
+        self.outcomes.append((instance.url, outcome.kind, outcome.status))
 
 
 def config(url: str) -> str:
@@ -65,6 +76,8 @@ instances = ["{url}"]
 instances = ["{url}"]
 [gateway.services.down]
 instances = ["http://127.0.0.1:9"]
+[gateway.services.pair]
+instances = ["http://127.0.0.1:9", "{url}"]
 
 [gateway.auth.issuers.main]
 issuer = "https://issuer.test"
@@ -97,6 +110,11 @@ service = "guarded"
 id = "down"
 prefix = "/down"
 service = "down"
+
+[[gateway.routes]]
+id = "pair"
+prefix = "/pair"
+service = "pair"
 
 [[ratelimiter.limits]]
 id = "handshakes"
@@ -159,7 +177,8 @@ async def test_messages_go_both_ways_and_the_session_is_observed(engine_gateway,
 async def test_the_handshake_is_admitted_like_a_request(engine_gateway, lucid_upstream):
     echo = Echo()
     upstream = await lucid_upstream(echo)
-    gw = await engine_gateway(config(upstream.url))
+    seen = Seen()
+    gw = await engine_gateway(config(upstream.url), plugins=[seen])
     # JWT: refused without a token (the gateway's 401), admitted with one
     assert await handshake_status(gw, "/auth/x") == 401
     assert await handshake_status(
@@ -175,6 +194,13 @@ async def test_the_handshake_is_admitted_like_a_request(engine_gateway, lucid_up
     assert await handshake_status(gw, "/down") == 502
     assert await handshake_status(gw, "/nowhere") == 404
     assert echo.sessions == 3
+    # an instance that cannot be reached is an outcome of its own (a breaker counts
+    # it), and the next instance is tried: one of two handshakes meets it first
+    seen.outcomes.clear()
+    assert [await handshake_status(gw, "/pair") for _ in range(2)] == [101, 101]
+    assert sorted(seen.outcomes) == sorted([
+        ("http://127.0.0.1:9", "connect_error", None), (upstream.url, "success", 101),
+        (upstream.url, "success", 101)])
 
 
 async def test_a_bad_handshake_gets_400(engine_gateway, lucid_upstream):
@@ -227,3 +253,27 @@ async def test_a_drain_closes_sessions_with_1001(engine, lucid_process, lucid_up
     await wait_until(lambda: echo.close_codes == [1001], message="the upstream's close")
     assert await asyncio.to_thread(gw.wait) == 0
     assert time.monotonic() - started < 5  # within the grace period, not at its end
+
+
+async def test_a_slow_client_holds_the_upstream_back(engine_gateway, lucid_upstream):
+    """Back-pressure: while the client reads nothing, the proxy stops reading the
+    instance, so the instance's sends stall instead of Lucid buffering them all."""
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = await engine_gateway(config(upstream.url))
+    async with gw.session.ws_connect(gw.proxy_url + "/ws/flood", max_msg_size=0) as ws:
+        seen: list[tuple[int, float]] = []
+
+        def stalled() -> bool:  # the count stood still for half a second
+            now = time.monotonic()
+            if not seen or seen[-1][0] != echo.flooded:
+                seen.append((echo.flooded, now))
+                return False
+            return echo.flooded > 0 and now - seen[-1][1] >= 0.5
+
+        await wait_until(stalled, message="the upstream's sends to stall or end")
+        assert echo.flooded < FLOOD  # what the socket buffers hold, not everything
+        for _ in range(FLOOD):
+            message = await ws.receive(timeout=10)
+            assert message.data == MB
+    await wait_until(lambda: echo.flooded == FLOOD)
