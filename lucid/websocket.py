@@ -249,6 +249,8 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
         await _relay_refusal(exchange, upstream, send)
         return None
     exchange.status = 101
+    if policy.websocket_idle_timeout is not None:  # the route's own
+        session.idle_timeout = policy.websocket_idle_timeout
     relay: _Relay
     if asgi:
         relay = _Bridge(session, upstream, exchange)
@@ -272,7 +274,11 @@ def _request_head(exchange: Exchange, headers: list[tuple[str, str]], asgi: bool
     """The client's handshake as the instance gets it: the proxy's own request headers
     (hop-by-hop ones dropped, forwarding ones set), and the upgrade asked again. Over
     Hypercorn, extensions are this hop's to agree (none), since messages are bridged."""
-    target = exchange.upstream_path + ("?" + exchange.query if exchange.query else "")
+    from lucid.proxy import upstream_url  # (lucid.proxy imports this module)
+
+    instance = exchange.instance
+    assert instance is not None
+    target = upstream_url(exchange, instance).raw_path_qs  # quoted as for HTTP
     lines = [f"GET {target} HTTP/1.1\r\n"]
     has_host = False
     for name, value in headers:
@@ -282,8 +288,6 @@ def _request_head(exchange: Exchange, headers: list[tuple[str, str]], asgi: bool
             continue
         lines.append(f"{name}: {value}\r\n")
     if not has_host:
-        instance = exchange.instance
-        assert instance is not None
         lines.append(f"host: {instance.base.partition('://')[2]}\r\n")
     lines.append("connection: Upgrade\r\nupgrade: websocket\r\n\r\n")
     return "".join(lines).encode("latin-1")
@@ -520,6 +524,8 @@ class _Tunnel(_Relay):
         head = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         for name, value in upstream.headers:
             head.append(b"%s: %s\r\n" % (name, value))
+        for field, text in self.exchange.response_headers:  # a plugin's (rate-limit state)
+            head.append(f"{field}: {text}\r\n".encode("latin-1"))
         head.append(b"x-request-id: %s\r\n\r\n" % self.exchange.request_id.encode())
         early = self.connection.upgrade(_ClientSide(self))
         self.client.write(b"".join(head))
@@ -702,6 +708,8 @@ class _Bridge(_Relay):
                 subprotocol = value.decode("latin-1").strip()
             elif lowered not in _NOT_RELAYED_ON_ACCEPT:
                 extra.append((name, value))
+        extra += [(n.encode("latin-1"), v.encode("latin-1"))
+                  for n, v in self.exchange.response_headers]
         extra.append((b"x-request-id", self.exchange.request_id.encode()))
         await session.send({"type": "websocket.accept", "subprotocol": subprotocol,
                             "headers": extra})

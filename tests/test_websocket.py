@@ -34,6 +34,7 @@ class Echo:
         self.sessions = 0
         self.close_codes: list[int | None] = []
         self.flooded = 0
+        self.handshakes: list[web.Request] = []
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("upgrade", "").lower() != "websocket":
@@ -41,6 +42,7 @@ class Echo:
         ws = web.WebSocketResponse(protocols=("chat",), max_msg_size=0)
         await ws.prepare(request)
         self.sessions += 1
+        self.handshakes.append(request)
         if request.path.endswith("/flood"):  # as fast as the client takes them
             for _ in range(FLOOD):
                 await ws.send_bytes(MB)
@@ -112,6 +114,12 @@ prefix = "/down"
 service = "down"
 
 [[gateway.routes]]
+id = "quiet"
+prefix = "/quiet"
+service = "echo"
+timeouts = {{ websocket_idle = "0.5s" }}
+
+[[gateway.routes]]
 id = "pair"
 prefix = "/pair"
 service = "pair"
@@ -153,6 +161,10 @@ async def test_messages_go_both_ways_and_the_session_is_observed(engine_gateway,
     async with gw.session.ws_connect(gw.proxy_url + "/ws/chat?room=1", protocols=("chat",),
                                      max_msg_size=0) as ws:
         assert ws.protocol == "chat"  # the upstream's choice, relayed
+        (handshake,) = echo.handshakes
+        assert handshake.path_qs == "/ws/chat?room=1"
+        assert handshake.headers["X-Forwarded-For"] == "127.0.0.1"  # as for any request
+        assert handshake.headers["X-Request-Id"] == ws._response.headers["X-Request-Id"]
         assert gw.runtime.counters["websockets"] == 1
         async with gw.session.get(gw.admin_url + "/metrics") as r:  # monitoring's gauge
             assert "lucid_websockets_open 1.0" in (await r.text()).splitlines()
@@ -225,11 +237,13 @@ async def test_a_bad_handshake_gets_400(engine_gateway, lucid_upstream):
     assert echo.sessions == 0
 
 
-async def test_an_idle_session_is_closed(engine_gateway, lucid_upstream):
+@pytest.mark.parametrize("path, server", [("/ws", {"websocket_idle_timeout": 0.5}),
+                                          ("/quiet", {})])  # [server], or the route's
+async def test_an_idle_session_is_closed(engine_gateway, lucid_upstream, path, server):
     echo = Echo()
     upstream = await lucid_upstream(echo)
-    gw = await engine_gateway(config(upstream.url), websocket_idle_timeout=0.5)
-    async with gw.session.ws_connect(gw.proxy_url + "/ws", autoping=False) as ws:
+    gw = await engine_gateway(config(upstream.url), **server)
+    async with gw.session.ws_connect(gw.proxy_url + path, autoping=False) as ws:
         await ws.send_str("still here")
         assert (await ws.receive(timeout=10)).data == "still here"
         message = await ws.receive(timeout=10)  # nothing more: the proxy closes it
