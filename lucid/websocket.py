@@ -51,7 +51,7 @@ from wsproto.events import (
     Ping,
     TextMessage,
 )
-from wsproto.utilities import LocalProtocolError
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from lucid.http import http_date, json_body, request_id_from
 from lucid.model import Outcome, Rejection
@@ -517,6 +517,7 @@ class _Tunnel(_Relay):
         self.to_upstream = _Frames()
         self.to_client = _Frames()
         self.pending: list[bool] = [False, False]  # a close frame waits: [client, upstream]
+        self.sent: list[bool] = [False, False]  # and once it went
         self.client_gone = False
 
     async def run(self) -> None:
@@ -528,7 +529,8 @@ class _Tunnel(_Relay):
             head.append(f"{field}: {text}\r\n".encode("latin-1"))
         head.append(b"x-request-id: %s\r\n\r\n" % self.exchange.request_id.encode())
         early = self.connection.upgrade(_ClientSide(self))
-        self.client.write(b"".join(head))
+        if not self.client.is_closing():
+            self.client.write(b"".join(head))
         upstream.sink = self.from_upstream
         upstream.on_lost = self.upstream_lost
         upstream.on_pause = lambda paused: _pause(self.client, paused)
@@ -553,46 +555,48 @@ class _Tunnel(_Relay):
     def from_client(self, data: bytes) -> None:
         self.last = self.loop.time()
         self.exchange.bytes_in += len(data)
-        if self.closing:
-            self.to_upstream.feed(data)
+        frames = self.to_upstream
+        if self.sent[1]:  # the instance has Lucid's close frame: nothing more goes there
+            frames.feed(data)
             self._maybe_done()
             return
         if self.pending[1]:
-            cut = self.to_upstream.feed(data, stop=True)
-            if cut < len(data) or self.to_upstream.at_boundary:
+            cut = frames.feed(data, stop=True)
+            if cut < len(data) or frames.at_boundary:
                 self.upstream.transport.write(data[:cut])
                 self._close_upstream_side()
-                self.to_upstream.feed(data[cut:])
+                frames.feed(data[cut:])
                 self._maybe_done()
                 return
         else:
-            self.to_upstream.feed(data)
+            frames.feed(data)
         self.upstream.transport.write(data)
 
     def from_upstream(self, data: bytes) -> None:
         self.last = self.loop.time()
         self.exchange.bytes_out += len(data)
-        if self.closing:
-            self.to_client.feed(data)
+        frames = self.to_client
+        if self.sent[0]:  # the client has Lucid's close frame: nothing more goes there
+            frames.feed(data)
             self._maybe_done()
             return
         if self.pending[0]:
-            cut = self.to_client.feed(data, stop=True)
-            if cut < len(data) or self.to_client.at_boundary:
+            cut = frames.feed(data, stop=True)
+            if cut < len(data) or frames.at_boundary:
                 self.client.write(data[:cut])
                 self._close_client_side()
-                self.to_client.feed(data[cut:])
+                frames.feed(data[cut:])
                 self._maybe_done()
                 return
         else:
-            self.to_client.feed(data)
+            frames.feed(data)
         self.client.write(data)
 
     def going_away(self, reason: str) -> None:
         """Close both sides with 1001 at their next frame boundary, then the sockets
         once both answered (or after :data:`CLOSE_WAIT`)."""
-        if self.closing or self.done.done():
-            return
+        if any(self.pending) or self.closing or self.done.done():
+            return  # going away already
         self.reason = reason
         self.pending = [True, True]
         self.to_client.closed = self.to_upstream.closed = False  # now: their answers
@@ -607,6 +611,7 @@ class _Tunnel(_Relay):
     def _close_client_side(self) -> None:
         if self.pending[0]:
             self.pending[0] = False
+            self.sent[0] = True
             if not self.client.is_closing():
                 self.client.write(close_frame(GOING_AWAY, self.reason, masked=False))
             self._both_sent()
@@ -614,6 +619,7 @@ class _Tunnel(_Relay):
     def _close_upstream_side(self) -> None:
         if self.pending[1]:
             self.pending[1] = False
+            self.sent[1] = True
             if not self.upstream.transport.is_closing():
                 self.upstream.transport.write(close_frame(GOING_AWAY, self.reason,
                                                           masked=True))
@@ -753,7 +759,14 @@ class _Bridge(_Relay):
         self.last = self.loop.time()
         self.exchange.bytes_out += len(data)
         self.ws.receive_data(data)
-        for event in self.ws.events():
+        try:
+            events = list(self.ws.events())
+        except RemoteProtocolError as exc:  # frames no WebSocket peer may send
+            log.warning("request %s: the instance broke the WebSocket protocol (%s); "
+                        "closing the session", self.exchange.request_id, exc)
+            self.upstream.transport.abort()
+            return
+        for event in events:
             if isinstance(event, Message):
                 self.parts.append(event.data)
                 if event.message_finished:

@@ -291,3 +291,35 @@ async def test_a_slow_client_holds_the_upstream_back(engine_gateway, lucid_upstr
             message = await ws.receive(timeout=10)
             assert message.data == MB
     await wait_until(lambda: echo.flooded == FLOOD)
+
+
+def test_frame_boundaries_are_found_however_the_bytes_are_split():
+    """The fast engine's tunnel follows frame headers only, to put a close frame
+    between two frames: every split of a stream must give the same boundaries."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import BytesMessage, CloseConnection, TextMessage
+
+    from lucid.websocket import _Frames
+
+    client = Connection(ConnectionType.CLIENT)  # masked frames, as a client sends
+    frames = [client.send(TextMessage(data="hi")),
+              client.send(BytesMessage(data=b"b" * 200)),        # 16-bit length
+              client.send(BytesMessage(data=b"c" * 70_000)),     # 64-bit length
+              client.send(TextMessage(data="", message_finished=True)),
+              client.send(CloseConnection(code=1000))]
+    stream = b"".join(frames)
+    ends = {sum(map(len, frames[:i + 1])) for i in range(len(frames))}
+    for size in (1, 2, 3, 7, 126, 4096, len(stream)):
+        tracker, seen, at = _Frames(), set(), 0
+        for start in range(0, len(stream), size):
+            chunk = stream[start:start + size]
+            while chunk:  # as the tunnel does while a close frame waits
+                cut = tracker.feed(chunk, stop=True)
+                if cut == 0:  # at a boundary already: step over one byte to move on
+                    cut = tracker.feed(chunk[:1])
+                at += cut
+                chunk = chunk[cut:]
+                if tracker.at_boundary:
+                    seen.add(at)
+        assert seen == ends, size
+        assert tracker.closed
