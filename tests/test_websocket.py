@@ -70,7 +70,7 @@ class Seen:
         self.outcomes.append((instance.url, outcome.kind, outcome.status))
 
 
-def config(url: str) -> str:
+def config(url: str, unavailable: str = "http://127.0.0.1:9") -> str:
     return f"""
 [gateway.services.echo]
 instances = ["{url}"]
@@ -80,6 +80,8 @@ instances = ["{url}"]
 instances = ["http://127.0.0.1:9"]
 [gateway.services.pair]
 instances = ["http://127.0.0.1:9", "{url}"]
+[gateway.services.flaky]
+instances = ["{unavailable}", "{url}"]
 
 [gateway.auth.issuers.main]
 issuer = "https://issuer.test"
@@ -123,6 +125,11 @@ timeouts = {{ websocket_idle = "0.5s" }}
 id = "pair"
 prefix = "/pair"
 service = "pair"
+
+[[gateway.routes]]
+id = "flaky"
+prefix = "/flaky"
+service = "flaky"
 
 [[ratelimiter.limits]]
 id = "handshakes"
@@ -189,8 +196,12 @@ async def test_messages_go_both_ways_and_the_session_is_observed(engine_gateway,
 async def test_the_handshake_is_admitted_like_a_request(engine_gateway, lucid_upstream):
     echo = Echo()
     upstream = await lucid_upstream(echo)
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    unavailable = await lucid_upstream(busy)
     seen = Seen()
-    gw = await engine_gateway(config(upstream.url), plugins=[seen])
+    gw = await engine_gateway(config(upstream.url, unavailable.url), plugins=[seen])
     # JWT: refused without a token (the gateway's 401), admitted with one
     assert await handshake_status(gw, "/auth/x") == 401
     assert await handshake_status(
@@ -212,6 +223,12 @@ async def test_the_handshake_is_admitted_like_a_request(engine_gateway, lucid_up
     assert [await handshake_status(gw, "/pair") for _ in range(2)] == [101, 101]
     assert sorted(seen.outcomes) == sorted([
         ("http://127.0.0.1:9", "connect_error", None), (upstream.url, "success", 101),
+        (upstream.url, "success", 101)])
+    # an instance answering 503 to the handshake: an error outcome, the next one tried
+    seen.outcomes.clear()
+    assert [await handshake_status(gw, "/flaky") for _ in range(2)] == [101, 101]
+    assert sorted(seen.outcomes) == sorted([
+        (unavailable.url, "error_status", 503), (upstream.url, "success", 101),
         (upstream.url, "success", 101)])
 
 
