@@ -340,3 +340,26 @@ def test_frame_boundaries_are_found_however_the_bytes_are_split():
                     seen.add(at)
         assert seen == ends, size
         assert tracker.closed
+
+
+@pytest.mark.parametrize("engine", ["fast", "hypercorn"])
+async def test_a_drain_mid_message_closes_between_messages(engine, lucid_process,
+                                                           lucid_upstream):
+    """SIGTERM while 1 MiB messages stream to a client that is behind: it gets whole
+    messages, then the 1001 close frame (never one cut into a message)."""
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = lucid_process(config(upstream.url), engine=engine, grace_period=5)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(gw.proxy_url + "/ws/flood", max_msg_size=0,
+                                      autoping=False) as ws:
+            assert (await ws.receive(timeout=10)).data == MB
+            await wait_until(lambda: echo.flooded > 3, message="messages under way")
+            gw.signal(signal.SIGTERM)
+            while True:
+                message = await ws.receive(timeout=10)
+                if message.type != WSMsgType.BINARY:
+                    break
+                assert message.data == MB
+            assert message.type == WSMsgType.CLOSE and message.data == 1001
+    assert await asyncio.to_thread(gw.wait) == 0
