@@ -11,6 +11,12 @@ turn, and the upstream directly as a reference, from this process:
 - **bulk**: one session echoing ``--bulk`` MiB in 1 MiB binary messages (all sent
   while the echoes are read): MiB/s each way.
 
+A row "hypercorn echo" is an ASGI echo app on Hypercorn with no upstream at all: a
+ceiling for Lucid on Hypercorn, which cannot reach the client's socket and so has to
+take every message through Hypercorn's own framing and ASGI queue. (Measured on the
+shared 2-core machine: Hypercorn alone about 0.64x the floor, Lucid on Hypercorn about
+0.27x, Lucid on the fast engine 0.93-1.0x.)
+
 Targets are measured in interleaved rounds (``--rounds``), the median kept, and each
 Lucid row reported as a ratio to the floor measured in the same run.
 
@@ -65,6 +71,32 @@ async def serve_upstream(port: int) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     await asyncio.Event().wait()
+
+
+async def serve_hypercorn_echo(port: int) -> None:
+    """An ASGI echo on Hypercorn, no upstream: the most Lucid on Hypercorn could do,
+    since Hypercorn frames every client message itself (the bridge's ceiling)."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                await send({"type": "websocket.accept"})
+            elif message["type"] == "websocket.receive":
+                await send({"type": "websocket.send", "text": message.get("text"),
+                            "bytes": message.get("bytes")})
+            else:
+                return
+
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.websocket_max_message_size = 64 * MIB
+    await serve(app, config)  # type: ignore[arg-type]
 
 
 class _Pump(asyncio.Protocol):
@@ -185,15 +217,18 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench/results/websocket.json")
     args = parser.parse_args(argv)
 
-    upstream_port, floor_port = free_port(), free_port()
+    upstream_port, floor_port, echo_port = free_port(), free_port(), free_port()
     me = [sys.executable, __file__]
     children = [subprocess.Popen([*me, "--serve-upstream", str(upstream_port)]),
-                subprocess.Popen([*me, "--serve-floor", str(floor_port), str(upstream_port)])]
+                subprocess.Popen([*me, "--serve-floor", str(floor_port), str(upstream_port)]),
+                subprocess.Popen([*me, "--serve-hypercorn-echo", str(echo_port)])]
     gateways: list[GatewayProcess] = []
     try:
         wait_port(upstream_port)
         wait_port(floor_port)
+        wait_port(echo_port)
         targets = {"upstream (direct)": f"ws://127.0.0.1:{upstream_port}/ws",
+                   "hypercorn echo": f"ws://127.0.0.1:{echo_port}/ws",
                    "floor (bare relay)": f"ws://127.0.0.1:{floor_port}/ws"}
         for engine in ("fast", "hypercorn"):
             directory = Path(tempfile.mkdtemp(prefix=f"lucid-ws-{engine}-"))
@@ -250,6 +285,8 @@ if __name__ == "__main__":
     uvloop.install()
     if len(sys.argv) > 2 and sys.argv[1] == "--serve-upstream":
         asyncio.run(serve_upstream(int(sys.argv[2])))
+    elif len(sys.argv) > 2 and sys.argv[1] == "--serve-hypercorn-echo":
+        asyncio.run(serve_hypercorn_echo(int(sys.argv[2])))
     elif len(sys.argv) > 3 and sys.argv[1] == "--serve-floor":
         asyncio.run(serve_floor(int(sys.argv[2]), int(sys.argv[3])))
     else:
