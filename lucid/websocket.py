@@ -184,6 +184,16 @@ class _ConnectFailed(Exception):
     pass
 
 
+_TLS: list[ssl.SSLContext] = []
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One client context for ``https`` instances (loading the CA store costs ms)."""
+    if not _TLS:
+        _TLS.append(ssl.create_default_context())
+    return _TLS[0]
+
+
 async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
                headers: list[tuple[str, str]], send: Any, scope: dict[str, Any],
                last: bool) -> Rejection | None:
@@ -200,7 +210,7 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
     try:
         scheme, _, hostport = instance.base.partition("://")
         host, _, port = hostport.rpartition(":")
-        context = ssl.create_default_context() if scheme == "https" else None
+        context = _tls_context() if scheme == "https" else None
         try:
             async with asyncio.timeout(policy.connect_timeout):
                 _, upstream = await loop.create_connection(
@@ -730,6 +740,8 @@ class _Bridge(_Relay):
         self.idle = self.loop.call_at(self.last + session.idle_timeout, self._watch_idle)
         tasks = [asyncio.ensure_future(self._from_client()),
                  asyncio.ensure_future(self._to_client())]
+        for task in tasks:  # one failing ends the session, rather than leaving it hung
+            task.add_done_callback(self._ended)
         try:
             await self.done
         finally:
@@ -739,6 +751,12 @@ class _Bridge(_Relay):
             await asyncio.gather(*tasks, return_exceptions=True)
             if not upstream.transport.is_closing():
                 upstream.transport.close()
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("request %s: WebSocket bridge failed: %r", self.exchange.request_id,
+                        task.exception())
+            self._finish()
 
     def _upstream_paused(self, paused: bool) -> None:
         if paused:
