@@ -97,6 +97,14 @@ def handshake_problems(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return problems
 
 
+def _over_h2(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A WebSocket over HTTP/2 has no key (RFC 8441 §5: the stream is the session);
+    the instance is asked over HTTP/1.1, which needs one: Lucid makes it."""
+    if any(name.lower() == b"sec-websocket-key" for name, _ in headers):
+        return headers
+    return [*headers, (b"sec-websocket-key", base64.b64encode(os.urandom(16)))]
+
+
 def accept_token(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + GUID).digest())
 
@@ -148,7 +156,10 @@ async def serve(app: ProxyApp, scope: dict[str, Any], receive: Any, send: Any) -
     if connection is not None:  # Lucid's own engine answers HTTP as it is
         denial = send
 
-    problems = handshake_problems(scope["headers"])
+    headers = scope["headers"]
+    if scope.get("http_version") == "2":  # RFC 8441 (Hypercorn): extended CONNECT
+        headers = _over_h2(headers)
+    problems = handshake_problems(headers)
     if problems:
         # Hypercorn answers a bad handshake itself (a bare 400); the fast engine
         # leaves it to this JSON answer naming each header.
@@ -166,6 +177,7 @@ async def serve(app: ProxyApp, scope: dict[str, Any], receive: Any, send: Any) -
     session = Session(receive, send, connection, app.websockets,
                       float(config.websocket_idle_timeout))
     http_scope = dict(scope)
+    http_scope["headers"] = headers
     http_scope["method"] = "GET"
     http_scope["scheme"] = _SCHEMES.get(scope.get("scheme", "ws"), "http")
     http_scope["lucid.websocket"] = session

@@ -363,3 +363,62 @@ async def test_a_drain_mid_message_closes_between_messages(engine, lucid_process
                 assert message.data == MB
             assert message.type == WSMsgType.CLOSE and message.data == 1001
     assert await asyncio.to_thread(gw.wait) == 0
+
+
+async def test_a_websocket_over_http2_is_proxied_on_hypercorn(lucid_gateway, lucid_upstream):
+    """RFC 8441 (extended CONNECT, which Hypercorn offers on HTTP/2): the stream carries
+    no key, Lucid makes one for the instance, asked over HTTP/1.1."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import TextMessage
+
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = await lucid_gateway(config(upstream.url), engine="hypercorn")
+    host, _, port = gw.proxy_url.removeprefix("http://").rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    writer.write(client.data_to_send())
+
+    async def events() -> list[Any]:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        assert data, "the connection closed"
+        received = client.receive_data(data)
+        writer.write(client.data_to_send())
+        return received
+
+    try:
+        while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in await events()):
+            pass
+        stream = client.get_next_available_stream_id()
+        client.send_headers(stream, [(":method", "CONNECT"), (":protocol", "websocket"),
+                                     (":scheme", "http"), (":path", "/ws/h2"),
+                                     (":authority", "a"), ("sec-websocket-version", "13")])
+        writer.write(client.data_to_send())
+        status = None
+        while status is None:
+            for event in await events():
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+        assert status == b"200"
+        ws = Connection(ConnectionType.CLIENT)
+        client.send_data(stream, ws.send(TextMessage(data="over h2")))
+        writer.write(client.data_to_send())
+        echoed = None
+        while echoed is None:
+            for event in await events():
+                if isinstance(event, h2.events.DataReceived):
+                    client.acknowledge_received_data(event.flow_controlled_length, stream)
+                    ws.receive_data(event.data)
+                    echoed = next((m.data for m in ws.events()
+                                   if isinstance(m, TextMessage)), None)
+        assert echoed == "over h2"
+        (handshake,) = echo.handshakes
+        assert handshake.path == "/ws/h2" and handshake.headers["Sec-WebSocket-Key"]
+    finally:
+        writer.close()
+    await wait_until(lambda: gw.runtime.counters["websockets"] == 0, timeout=3)
+    await wait_until(lambda: echo.close_codes, timeout=3)
