@@ -454,20 +454,36 @@ class _Frames:
         """Follow ``data``; with ``stop``, only up to the first frame boundary (its
         offset is returned: a frame can be put there)."""
         n = len(data)
-        if not self.header and self.remaining >= n and not (stop and self.remaining == 0):
-            self.remaining -= n
+        remaining = self.remaining
+        header = self.header
+        if not header and remaining >= n and not (stop and remaining == 0):
+            self.remaining = remaining - n  # within a payload: the usual large read
             return n
         i = 0
-        header = self.header
         while i < n:
-            if stop and self.remaining == 0 and not header:
-                return i
-            if self.remaining:
-                step = min(self.remaining, n - i)
-                self.remaining -= step
+            if remaining:
+                step = min(remaining, n - i)
+                remaining -= step
                 i += step
                 continue
-            header.append(data[i])
+            if stop and not header:
+                break
+            if not header and n - i >= 2:  # a whole header in this read: read it in place
+                second = data[i + 1]
+                size = second & 0x7F
+                need = 2 + (2 if size == 126 else 8 if size == 127 else 0) + (
+                    4 if second & 0x80 else 0)
+                if n - i >= need:
+                    if size == 126:
+                        size = int.from_bytes(data[i + 2:i + 4], "big")
+                    elif size == 127:
+                        size = int.from_bytes(data[i + 2:i + 10], "big")
+                    if data[i] & 0x0F == 0x8:
+                        self.closed = True
+                    remaining = size
+                    i += need
+                    continue
+            header.append(data[i])  # a header split between reads: byte by byte
             i += 1
             if len(header) < 2:
                 continue
@@ -482,9 +498,10 @@ class _Frames:
                 size = int.from_bytes(header[2:10], "big")
             if header[0] & 0x0F == 0x8:
                 self.closed = True
-            self.remaining = size
+            remaining = size
             header.clear()
-        return n
+        self.remaining = remaining
+        return i
 
     @property
     def at_boundary(self) -> bool:
