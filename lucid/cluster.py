@@ -202,13 +202,18 @@ class Cluster:
         return unsubscribe
 
     def on_reconnect(self, callback: Callable[[], Any]) -> None:
-        """Call ``callback()`` each time the subscription is made again after a loss:
-        whatever was published meanwhile is gone, so look again."""
+        """Call ``callback()`` once the first subscription is made, and each time it is
+        made again after a loss: whatever was published before it (between a
+        subscriber's first read and its subscription) or meanwhile is gone, so look
+        again."""
         self._reconnected.append(callback)
 
     async def _listen(self) -> None:
         assert self.redis is not None
-        lost = False
+        # True at first too: a message published between a subscriber's first read of
+        # the shared state and this subscription would otherwise be missed until the
+        # next periodic revision check.
+        lost = True
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:

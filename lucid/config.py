@@ -31,6 +31,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -264,6 +265,60 @@ def _listen(value: str) -> str:
     return value
 
 
+class TLSCertificate(BaseModel):
+    """``[[server.tls.certificates]]``: one more certificate, chosen by SNI."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert: str = Field(description="PEM certificate chain (relative to the config file)")
+    key: str = Field(description="PEM private key of ``cert`` (not encrypted)")
+    server_names: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        default_factory=list, description="host names it answers for ('*.example.com' "
+        "allowed); default: the DNS names in the certificate's subjectAltName")
+
+
+class ServerTLS(BaseModel):
+    """``[server.tls]``: TLS termination on the proxy listener (HTTPS)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert: str = Field(description="PEM certificate chain served when no SNI name matches "
+                      "another certificate (relative to the config file)")
+    key: str = Field(description="PEM private key of ``cert`` (not encrypted)")
+    min_version: Literal["1.2", "1.3"] = Field(
+        "1.2", description="oldest TLS version accepted: '1.2' or '1.3'")
+    certificates: list[TLSCertificate] = Field(
+        default_factory=list, description="more certificates, chosen by the SNI name the "
+        "client sends")
+
+
+class ServiceConfig(BaseModel):
+    """``[services.<name>]``: how the proxy connects to a service's ``https://``
+    instances, whichever plugin lists them (``[gateway.services]``, the registry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tls_ca: str | None = Field(None, description="PEM CA certificates that sign the "
+                               "instances' certificates (instead of the system's)")
+    tls_verify: bool = Field(True, description="check the instances' certificates and "
+                             "host names; false is allowed, and logged as a warning")
+    tls_cert: str | None = Field(None, description="PEM client certificate chain (mTLS)")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+    tls_server_name: str | None = Field(
+        None, min_length=1, description="the name sent by SNI and checked in the "
+        "certificate; default: the instance URL's host")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ServiceConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give tls_cert and tls_key together (a client certificate "
+                             "and its private key)")
+        if not self.tls_verify and self.tls_ca is not None:
+            raise ValueError("tls_ca is unused with tls_verify = false: give one or the "
+                             "other")
+        return self
+
+
 class ServerConfig(BaseModel):
     """``[server]``: listeners, processes and what the proxy trusts."""
 
@@ -274,7 +329,9 @@ class ServerConfig(BaseModel):
     workers: int = Field(1, ge=1, le=64, description="proxy processes sharing the proxy port")
     engine: Literal["fast", "hypercorn"] = Field(
         "fast", description="proxy listener's HTTP server: 'fast' (HTTP/1.1, llhttp on "
-        "uvloop) or 'hypercorn' (HTTP/1.1 and HTTP/2 over h2c)")
+        "uvloop; over TLS too) or 'hypercorn' (HTTP/1.1 and HTTP/2: h2c, or h2 over TLS)")
+    tls: ServerTLS | None = Field(None, description="TLS termination on the proxy "
+                                  "listener; the admin API stays plain HTTP")
     data_dir: str = Field("data", description="SQLite files and state; relative to the config")
     grace_period: Duration = Field(10.0, ge=0, description="drain time on SIGTERM")
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
@@ -422,6 +479,7 @@ def build_root_model(sections: Mapping[str, type[BaseModel]]) -> type[BaseSettin
         "server": (ServerConfig, Field(default_factory=lambda: ServerConfig())),
         "plugins": (dict[str, str | bool], Field(default_factory=dict)),
         "cluster": (ClusterConfig, Field(default_factory=lambda: ClusterConfig())),
+        "services": (dict[str, ServiceConfig], Field(default_factory=dict)),
     }
     for name, model in sections.items():
         fields[name] = (model, Field(default_factory=model))

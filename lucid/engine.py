@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -79,12 +80,17 @@ class FastServer:
         self.terminated = asyncio.Event()
         self._all_closed: asyncio.Event | None = None
         self.clock: HeadClock = head_clock(asyncio.get_running_loop())
+        self.scheme = "http"  # "https" on a TLS listener (the ASGI scope's scheme)
 
-    async def serve(self, sock: socket.socket, shutdown_trigger: Callable[[], Awaitable[Any]]
-                    ) -> None:
+    async def serve(self, sock: socket.socket, shutdown_trigger: Callable[[], Awaitable[Any]],
+                    tls: ssl.SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
-        listener = await loop.create_server(lambda: HttpConnection(self), sock=sock,
-                                            backlog=2048)
+        self.scheme = "https" if tls is not None else "http"
+        # A handshake is bounded like a request head: a client that opens a connection
+        # and stalls the handshake holds it no longer than it could stall a head.
+        listener = await loop.create_server(
+            lambda: HttpConnection(self), sock=sock, backlog=2048, ssl=tls,
+            ssl_handshake_timeout=min(self.head_timeout, 60.0) if tls is not None else None)
         try:
             await shutdown_trigger()
         finally:
@@ -258,7 +264,7 @@ class HttpConnection(asyncio.Protocol):
             "http_version": version,
             "server": self.local,
             "client": self.client,
-            "scheme": "http",
+            "scheme": self.server.scheme,
             "method": parser.get_method().decode("ascii"),
             "root_path": "",
             "path": path,
@@ -268,7 +274,7 @@ class HttpConnection(asyncio.Protocol):
         }
         if websocket:  # lucid.websocket proxies it, and may take the connection over
             scope["type"] = "websocket"
-            scope["scheme"] = "ws"
+            scope["scheme"] = "wss" if self.server.scheme == "https" else "ws"
             scope["extensions"] = {"lucid.connection": self}
         cycle = _Cycle(self, scope, parser.should_keep_alive() and not parser.should_upgrade())
         if any(n == b"expect" and v.lower() == b"100-continue" for n, v in self._fields):
@@ -583,7 +589,9 @@ def _reason(status: int) -> bytes:
 
 
 async def serve_fast(app: Any, sock: socket.socket, server: Any,
-                     shutdown_trigger: Callable[[], Awaitable[Any]]) -> None:
+                     shutdown_trigger: Callable[[], Awaitable[Any]],
+                     tls: ssl.SSLContext | None = None) -> None:
     """Serve ``app`` on ``sock`` with the fast engine until ``shutdown_trigger``
-    returns, then drain (``server`` is the ``[server]`` config)."""
-    await FastServer(app, server).serve(sock, shutdown_trigger)
+    returns, then drain (``server`` is the ``[server]`` config; ``tls`` the listening
+    context of ``[server.tls]``, :class:`lucid.tls.Termination`)."""
+    await FastServer(app, server).serve(sock, shutdown_trigger, tls)

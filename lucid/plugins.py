@@ -234,7 +234,7 @@ class PluginSet:
     def _register_section(
         self, section: str, model: type[BaseModel], route_model: type[BaseModel] | None = None
     ) -> None:
-        if section in ("server", "plugins", "cluster") or section in self.sections:
+        if section in ("server", "plugins", "cluster", "services") or section in self.sections:
             raise ValueError(f"config section [{section}] is already taken")
         self.sections[section] = model
         if route_model is not None:

@@ -387,6 +387,7 @@ class ProxyApp:
                 response = await self.pool.request(
                     exchange.method, url, headers, payload,
                     connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
+                    tls=self.runtime.tls.upstreams.get(instance.service),
                 )
         except Exception as exc:
             deadline.close()

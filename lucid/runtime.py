@@ -58,6 +58,7 @@ from lucid.definitions import (
 from lucid.model import Event, Generation, Instance
 from lucid.passive import PassiveHealth
 from lucid.plugins import Hooks, PluginSet, choose_plugins
+from lucid.tls import Termination, load_tls
 
 log = logging.getLogger("lucid")
 
@@ -124,6 +125,11 @@ class Runtime:
         self.counters = {"requests": 0, "errors": 0, "in_flight": 0}
         self.passive = PassiveHealth(self.emit)  # ejections, for every instance
         self.version = __version__
+        # [server.tls] and [services.*]: every certificate read and checked now (a
+        # ConfigError otherwise); the listener's Termination follows reloads.
+        self.tls = load_tls(config, config_path)
+        self.termination = (Termination(self.tls.certificates)
+                            if self.tls.certificates is not None else None)
 
     def _generation(self, number: int, config: Any, definitions: Snapshot) -> Generation:
         return Generation(
@@ -482,12 +488,20 @@ class Runtime:
         problems = []
         if [p.name for p in plugin_set.plugins] != [p.name for p in self.plugin_set.plugins]:
             problems.append("plugins: changing which plugins are enabled needs a restart")
-        for key in ("proxy", "admin", "workers", "data_dir", "admission_order"):
+        for key in ("proxy", "admin", "workers", "data_dir", "admission_order", "engine"):
             if getattr(config.server, key) != getattr(old.config.server, key):
                 problems.append(f"server.{key}: changing it needs a restart")
+        if (config.server.tls is None) != (old.config.server.tls is None):
+            problems.append("server.tls: turning TLS on or off needs a restart")
         if problems:
             raise ConfigError(self.source, problems)
+        # Certificates are read again (a renewed file under the same name) and checked
+        # before anything changes: a bad one keeps the running ones.
+        tls = await asyncio.to_thread(load_tls, config, self.config_path)
         candidate = await self.apply(config)
+        self.tls = tls
+        if self.termination is not None and tls.certificates is not None:
+            self.termination.swap(tls.certificates)
         log.info("config reloaded from %s (generation %d)", self.source, candidate.number)
         self.emit(Event("config_reloaded", {"generation": candidate.number, "source": self.source}))
         return candidate

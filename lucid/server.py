@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from ssl import SSLError
@@ -33,6 +34,7 @@ from lucid.http import HEAD_LATE, refusal
 from lucid.model import Event
 from lucid.proxy import ProxyApp
 from lucid.runtime import Runtime, load_plugins_and_config
+from lucid.tls import load_tls
 
 log = logging.getLogger("lucid")
 
@@ -62,9 +64,19 @@ def address(sock: socket.socket) -> str:
 
 
 class LucidHypercornConfig(HypercornConfig):
-    """Hypercorn's settings, and the one it lacks: a time limit on reading a request head."""
+    """Hypercorn's settings, and what it lacks: a time limit on reading a request head,
+    and TLS from a context Lucid made (certificates chosen by SNI, swapped on reload)
+    rather than from its certfile/keyfile."""
 
     request_head_timeout: float | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return self.ssl_context is not None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self.ssl_context
 
 
 class TimedConnection(Protocol):
@@ -307,9 +319,12 @@ def install_head_timeout() -> None:
     hypercorn.asyncio.run.TCPServer = HeadTimedTCPServer  # type: ignore[attr-defined]
 
 
-def hypercorn_config(sock: socket.socket, server: Any, name: str) -> HypercornConfig:
+def hypercorn_config(sock: socket.socket, server: Any, name: str,
+                     ssl_context: ssl.SSLContext | None = None) -> HypercornConfig:
     cfg = LucidHypercornConfig()
     cfg.bind = [f"fd://{sock.fileno()}"]
+    cfg.ssl_context = ssl_context
+    cfg.ssl_handshake_timeout = min(float(server.request_head_timeout), 60.0)
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger(f"lucid.{name}.server")
     cfg.graceful_timeout = server.grace_period
@@ -355,14 +370,16 @@ async def run_process(
     try:
         server = runtime.config.server
         proxy_app = ProxyApp(runtime)
-        serving = [_serve_proxy(proxy_app, proxy_sock, server, stop)]
+        tls = runtime.termination.context if runtime.termination is not None else None
+        serving = [_serve_proxy(proxy_app, proxy_sock, server, stop, tls)]
         if admin_sock is not None:
             admin_app: Any = HeadLimits(create_admin_app(runtime), runtime)
             serving.append(serve(admin_app, hypercorn_config(admin_sock, server, "admin"),
                                  shutdown_trigger=stop.wait))
         for name, where in runtime.listeners.items():
-            log.info("%s listening on http://%s (worker %d, pid %d)",
-                     name, where, runtime.worker_index, os.getpid())
+            scheme = "https" if name == "proxy" and tls is not None else "http"
+            log.info("%s listening on %s://%s (worker %d, pid %d)",
+                     name, scheme, where, runtime.worker_index, os.getpid())
         if tune_gc:
             tune_garbage_collector()
         if ready is not None:
@@ -386,16 +403,17 @@ async def run_process(
 
 
 async def _serve_proxy(app: ProxyApp, sock: socket.socket, server: Any,
-                       stop: asyncio.Event) -> None:
+                       stop: asyncio.Event, tls: ssl.SSLContext | None = None) -> None:
     """The proxy listener on the engine ``[server] engine`` names: ``fast`` (llhttp on
-    uvloop, :mod:`lucid.engine`) or ``hypercorn`` (h11, and HTTP/2 by h2c)."""
+    uvloop, :mod:`lucid.engine`) or ``hypercorn`` (h11, and HTTP/2 by h2c, or h2 over
+    TLS); over TLS when ``tls`` is given (``[server.tls]``, :mod:`lucid.tls`)."""
     if server.engine == "hypercorn":
-        await serve(app, hypercorn_config(sock, server, "proxy"),  # type: ignore[arg-type]
+        await serve(app, hypercorn_config(sock, server, "proxy", tls),  # type: ignore[arg-type]
                     shutdown_trigger=stop.wait)
     else:
         from lucid.engine import serve_fast  # it builds on this module's HeadClock
 
-        await serve_fast(app, sock, server, stop.wait)
+        await serve_fast(app, sock, server, stop.wait, tls)
 
 
 async def _announce_stopping(runtime: Runtime, stop: asyncio.Event) -> None:
@@ -454,6 +472,8 @@ def serve_forever(config_path: Path | None) -> int:
         if reasons:
             source = str(config_path) if config_path else "(built-in defaults)"
             raise ConfigError(source, [f"server.workers = {workers}: {r}" for r in reasons])
+        # every certificate and key readable and matching, before any worker starts
+        load_tls(config, config_path, warn=False)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2

@@ -122,7 +122,8 @@ class RunningGateway:
     runtime: Runtime
     #: the ``cluster.toml`` written for it (free ports and a private ``data_dir`` filled in)
     config_path: Path
-    #: ``http://127.0.0.1:<port>`` of the proxy listener (the data plane)
+    #: ``http://127.0.0.1:<port>`` of the proxy listener (the data plane); ``https://``
+    #: with ``[server.tls]``
     proxy_url: str
     #: ``http://127.0.0.1:<port>`` of the admin API
     admin_url: str
@@ -169,7 +170,8 @@ async def run_gateway(
                        return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()  # raise what stopped it
-    proxy_url = f"http://{runtime.listeners['proxy']}"
+    scheme = "https" if runtime.termination is not None else "http"  # [server.tls]
+    proxy_url = f"{scheme}://{runtime.listeners['proxy']}"
     admin_url = f"http://{runtime.listeners['admin']}"
     session = aiohttp.ClientSession(auto_decompress=False)
     try:
@@ -280,7 +282,7 @@ class GatewayProcess:
     (the log) is collected in ``lines``, and ``proxy_url``/``admin_url`` come from its
     "listening on" lines."""
 
-    LISTENING = re.compile(r"(proxy|admin) listening on (http://\S+)")
+    LISTENING = re.compile(r"(proxy|admin) listening on (https?://\S+)")
 
     def __init__(self, config_path: Path, env: dict[str, str] | None = None,
                  stdout: Any = subprocess.DEVNULL):

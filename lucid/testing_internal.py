@@ -13,20 +13,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from lucid.plugins import ENTRY_POINT_GROUP, InstalledPlugin
 
 __all__ = [
     "AUTH_PARAM",
+    "TLSFiles",
     "builtin_plugins",
     "challenge_params",
     "debian_tool",
     "lucid_env",
+    "make_tls",
     "plugin_rows",
     "route",
     "run_lucid",
@@ -155,3 +160,61 @@ def debian_tool(binary: str, package: str) -> str:
     found = shutil.which(binary)
     assert found, f"this test needs {binary!r}: apt-get install -y {package}"
     return found
+
+
+@dataclass
+class TLSFiles:
+    """A test CA and what it signed, as PEM files in one folder (see :func:`make_tls`):
+    ``server_cert``/``server_key`` for ``names``, ``client_cert``/``client_key`` for a
+    client (mTLS), ``ca_cert`` to trust them. ``ca`` is the ``trustme.CA`` itself, to
+    issue more (``issue(name, *names)``)."""
+
+    directory: Path
+    ca: Any
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def issue(self, stem: str, *names: str) -> tuple[Path, Path]:
+        """A further certificate from the same CA for ``names``: (cert, key) files."""
+        leaf = self.ca.issue_cert(*names)
+        cert, key = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        return cert, key
+
+    def client_context(self, with_certificate: bool = False) -> ssl.SSLContext:
+        """A client context trusting the CA (with the client certificate if asked)."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
+        if with_certificate:
+            ctx.load_cert_chain(self.client_cert, self.client_key)
+        return ctx
+
+    def server_context(self, require_client: bool = False) -> ssl.SSLContext:
+        """A server context with the server certificate (for a test upstream); with
+        ``require_client``, a client without a certificate from the CA is refused."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.server_cert, self.server_key)
+        if require_client:
+            ctx.load_verify_locations(cafile=str(self.ca_cert))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+
+def make_tls(directory: Path, *names: str) -> TLSFiles:
+    """A CA made now (``trustme``), a server certificate for ``names`` (default
+    ``localhost`` and ``127.0.0.1``) and a client certificate, written to
+    ``directory``: for HTTPS and WSS tests of the proxy listener and mTLS upstreams."""
+    import trustme
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(organization_name="Lucid test CA")
+    files = TLSFiles(directory, ca, directory / "ca.pem", directory / "server.pem",
+                     directory / "server.key", directory / "client.pem",
+                     directory / "client.key")
+    ca.cert_pem.write_to_path(str(files.ca_cert))
+    files.issue("server", *(names or ("localhost", "127.0.0.1")))
+    files.issue("client", "client.lucid.test")
+    return files

@@ -37,11 +37,18 @@ from typing import Any
 import httptools
 from yarl import URL
 
+from lucid.tls import UpstreamTLS, upstream_context
+
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 HIGH_WATER = 256 * 1024  # response bytes buffered before the socket stops being read
 MAX_HEAD = 64 * 1024  # a larger response head is a broken upstream
 MAX_FIELDS = 256
+
+
+# (scheme, host, port, TLS settings): connections made with one service's TLS
+# settings (its CA, client certificate, SNI name) never serve another's requests.
+_Key = tuple[str, str, int, UpstreamTLS | None]
 
 
 class UpstreamError(ConnectionError):
@@ -138,7 +145,7 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to an upstream; one request at a time."""
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]):
+    def __init__(self, pool: UpstreamPool, key: _Key):
         self.pool = pool
         self.key = key
         self.loop = pool.loop
@@ -403,7 +410,7 @@ class UpstreamPool:
         self.keepalive = keepalive
         self.loop = asyncio.get_running_loop()
         self._ssl = ssl_context
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[_Key, list[_Connection]] = {}
         self._open: set[_Connection] = set()
         self._connecting = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -421,14 +428,17 @@ class UpstreamPool:
         self, method: str, url: URL, headers: list[tuple[str, str]],
         body: bytes | AsyncIterable[bytes] | None = None, *,
         connect_timeout: float = 5.0, read_timeout: float = 30.0,
+        tls: UpstreamTLS | None = None,
     ) -> Response:
         """Send one request and return its response once the head is in; read the
         body from it and ``release()`` it. Raises UpstreamConnectError,
-        UpstreamTimeout or UpstreamError."""
+        UpstreamTimeout or UpstreamError. ``tls``: how to connect to an ``https://``
+        URL (the service's ``[services.<name>]``), else the pool's default context
+        (verifying against the system's CAs)."""
         scheme = url.scheme
         host = url.raw_host or ""
         port = url.port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
+        key = (scheme, host, port, tls if scheme == "https" else None)
         head, chunked, declared = _request_head(method, url, host, port, headers, body)
         replayable = not isinstance(body, AsyncIterable)
         for attempt in (0, 1):
@@ -463,7 +473,7 @@ class UpstreamPool:
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _acquire(self, key: tuple[str, str, int], timeout: float
+    async def _acquire(self, key: _Key, timeout: float
                        ) -> tuple[_Connection, bool]:
         idle = self._idle.get(key)
         if idle:
@@ -490,13 +500,17 @@ class UpstreamPool:
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
         self._connecting += 1
-        scheme, host, port = key
+        scheme, host, port, tls = key
+        context: ssl.SSLContext | None = None
+        server_name: str | None = None
+        if scheme == "https":  # SNI and the name checked: the URL's host, unless told
+            context = tls.context if tls is not None else self._ssl_context()
+            server_name = (tls.server_name if tls is not None else None) or host
         try:
             async with asyncio.timeout_at(deadline):
                 _, connection = await self.loop.create_connection(
                     lambda: _Connection(self, key), host, port,
-                    ssl=self._ssl_context() if scheme == "https" else None,
-                    server_hostname=host if scheme == "https" else None,
+                    ssl=context, server_hostname=server_name,
                 )
         except TimeoutError:
             raise UpstreamTimeout(f"connecting to {host}:{port} timed out") from None
@@ -510,7 +524,7 @@ class UpstreamPool:
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            self._ssl = ssl.create_default_context()
+            self._ssl = upstream_context()
         return self._ssl
 
     def _evict_idle(self) -> bool:

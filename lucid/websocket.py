@@ -55,6 +55,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from lucid.http import http_date, json_body, request_id_from
 from lucid.model import Outcome, Rejection
+from lucid.tls import upstream_context
 
 if TYPE_CHECKING:
     from lucid.model import Exchange, Instance
@@ -202,7 +203,7 @@ _TLS: list[ssl.SSLContext] = []
 def _tls_context() -> ssl.SSLContext:
     """One client context for ``https`` instances (loading the CA store costs ms)."""
     if not _TLS:
-        _TLS.append(ssl.create_default_context())
+        _TLS.append(upstream_context())
     return _TLS[0]
 
 
@@ -222,11 +223,17 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
     try:
         scheme, _, hostport = instance.base.partition("://")
         host, _, port = hostport.rpartition(":")
-        context = _tls_context() if scheme == "https" else None
+        host = host.strip("[]")
+        context: ssl.SSLContext | None = None
+        server_name: str | None = None
+        if scheme == "https":  # as the pool does: the service's TLS settings, SNI
+            tls = app.runtime.tls.upstreams.get(instance.service)
+            context = tls.context if tls is not None else _tls_context()
+            server_name = (tls.server_name if tls is not None else None) or host
         try:
             async with asyncio.timeout(policy.connect_timeout):
                 _, upstream = await loop.create_connection(
-                    _Upstream, host.strip("[]"), int(port), ssl=context)
+                    _Upstream, host, int(port), ssl=context, server_hostname=server_name)
         except OSError as exc:
             raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
         upstream.transport.write(_request_head(exchange, headers, asgi))

@@ -31,6 +31,15 @@ def engine_process(request: pytest.FixtureRequest, lucid_process: Any) -> Any:
     return factory
 
 
+@pytest.fixture
+def tls_files(tmp_path: Any) -> Any:
+    """A CA made for this test, a server certificate for localhost/127.0.0.1 and a
+    client certificate (``lucid.testing_internal.make_tls``): HTTPS, WSS, mTLS."""
+    from lucid.testing_internal import make_tls
+
+    return make_tls(tmp_path / "tls")
+
+
 @pytest.fixture(autouse=True)
 def no_lucid_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """``LUCID_*`` overrides from the shell running the tests must not leak into them

@@ -422,3 +422,28 @@ async def test_a_websocket_over_http2_is_proxied_on_hypercorn(lucid_gateway, luc
         writer.close()
     await wait_until(lambda: gw.runtime.counters["websockets"] == 0, timeout=3)
     await wait_until(lambda: echo.close_codes, timeout=3)
+
+
+async def test_wss_is_proxied_over_tls_termination(engine_gateway, lucid_upstream, tls_files):
+    """``wss://`` to Lucid ([server.tls]), plain ``ws`` to the instance, which hears
+    https as the client's scheme; messages both ways through the TLS transport."""
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = await engine_gateway(config(upstream.url) + f"""
+[server.tls]
+cert = "{tls_files.server_cert}"
+key = "{tls_files.server_key}"
+""")
+    assert gw.proxy_url.startswith("https://")
+    large = os.urandom(2 * 1024 * 1024)
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+            gw.proxy_url.replace("https://", "wss://") + "/ws", max_msg_size=0,
+            ssl=tls_files.client_context()) as ws:
+        await ws.send_str("secret")
+        assert (await ws.receive(timeout=10)).data == "secret"
+        await ws.send_bytes(large)
+        assert (await ws.receive(timeout=30)).data == large
+        await ws.close()
+    (handshake,) = echo.handshakes
+    assert handshake.headers["X-Forwarded-Proto"] == "https"
+    await wait_until(lambda: echo.close_codes == [1000], message="the upstream's close")

@@ -180,7 +180,8 @@ class MonitoringPlugin:
         for notifier in self.notifiers:
             notifier.start()
         if self.recorder is not None:
-            self.rollups = Rollups(self.recorder)
+            self.rollups = Rollups(self.recorder, self.workers.take_clients
+                                   if self.workers is not None else None)
             self._tasks += [
                 loop.create_task(self._every(TICK, self._tick)),
                 loop.create_task(self._every(cfg.evaluation_interval, self.evaluate)),
@@ -198,6 +199,8 @@ class MonitoringPlugin:
             try:  # the last counts; nothing is in flight any more
                 assert self.recorder is not None
                 self.workers.write(self.recorder, 0)
+                if self.ring is not None:
+                    self.workers.write_log(self.ring)
             except Exception:
                 log.exception("monitoring: final metrics snapshot failed")
         if self.store is not None and self.rollups is not None:
@@ -270,6 +273,8 @@ class MonitoringPlugin:
         assert self.workers is not None and self.recorder is not None
         assert self.runtime is not None
         self.workers.write(self.recorder, self.runtime.counters.get("in_flight", 0))
+        if self.ring is not None:
+            self.workers.write_log(self.ring)
 
     async def _tick(self) -> None:
         assert self.recorder is not None

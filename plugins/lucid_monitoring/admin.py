@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, Literal
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -281,7 +283,8 @@ async def delete_alert(name: str) -> Any:
 @validate_querystring(LogQuery)
 @tag_monitoring
 async def logs(query_args: LogQuery) -> Any:
-    """Recent requests from the ring buffer, newest first."""
+    """Recent requests from the ring buffer, newest first (every worker's, with
+    ``server.workers > 1``: the others' at most a second late)."""
     p = plugin()
     q = query_args
     status = status_class = None
@@ -290,7 +293,12 @@ async def logs(query_args: LogQuery) -> Any:
             status = int(q.status)
         else:
             status_class = int(q.status[0])
-    lines = query(p.ring or (), status=status, status_class=status_class, route=q.route,
+    buffer: Any = p.ring or ()
+    if p.workers is not None and p.ring is not None:
+        others = await asyncio.to_thread(p.workers.logs, p.config.log_buffer)
+        if others:
+            buffer = sorted([*buffer, *others], key=itemgetter(0))
+    lines = query(buffer, status=status, status_class=status_class, route=q.route,
                   request_id=q.request_id, since=_time(q.since), until=_time(q.until),
                   limit=q.limit)
     return {"logs": lines, "buffer": p.config.log_buffer}

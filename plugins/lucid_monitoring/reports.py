@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 from lucid_monitoring.metrics import COUNT, DURATION_SUM, ERRORS, HEAD, Recorder, figures
@@ -23,8 +24,11 @@ TOP_CLIENTS = 10
 class Rollups:
     """Takes rollup rows out of a recorder: deltas since the previous rollup."""
 
-    def __init__(self, recorder: Recorder):
+    def __init__(self, recorder: Recorder,
+                 other_clients: Callable[[], dict[tuple[str, str], int]] | None = None):
         self.recorder = recorder
+        # server.workers > 1: the other workers' client counts since the last rollup
+        self.other_clients = other_clients
         self._last: dict[Any, list[float]] = {}
 
     def take(self, minute: float, alerting: bool) -> list[tuple[Any, ...]]:
@@ -48,7 +52,11 @@ class Rollups:
                     for i, v in enumerate(delta):
                         agg[i] += v
         clients: dict[str, dict[str, int]] = {}
-        for (service, ip), n in rec.take_clients().items():
+        taken = rec.take_clients()
+        if self.other_clients is not None:
+            for client, n in self.other_clients().items():
+                taken[client] = taken.get(client, 0) + n
+        for (service, ip), n in taken.items():
             clients.setdefault(service, {})[ip] = n
         rows = []
         flag = 1 if alerting else 0

@@ -1,10 +1,13 @@
 """The dashboard in a real headless browser (Debian's ``chromium``) against a live gateway,
-with admin authentication on: the page takes a viewer token from its URL fragment."""
+with admin authentication on: the page takes a viewer token from its URL fragment. Its
+figures are rounded for reading, its charts carry time labels, and its tables clip
+nothing, even in a narrow window with long names."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from html import unescape
 
 from aiohttp import web
 
@@ -13,6 +16,17 @@ from lucid.model import Event
 from lucid.testing_internal import debian_tool
 
 SECRET = "s" * 48
+LONG = "a-route-whose-name-is-much-longer-than-any-column-of-the-routes-table-is-wide"
+TIME = r"\d{2}:\d{2}:\d{2}"
+
+
+def table_rows(dom: str, element: str) -> list[dict[str, str]]:
+    """The rows of the table the page drew in ``<div id=element>``, by heading."""
+    html = dom.split(f'id="{element}"', 1)[1].split("</table>", 1)[0]
+    rows = [[unescape(re.sub(r"<[^>]+>", "", c)) for c in
+             re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", html, re.S)]
+    return [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -46,6 +60,11 @@ id = "api"
 prefix = "/"
 service = "svc"
 
+[[gateway.routes]]
+id = "{LONG}"
+prefix = "/long"
+service = "svc"
+
 [gateway.services.svc]
 instances = ["{upstream.url}"]
 
@@ -67,7 +86,7 @@ severity = "critical"
 
     async def traffic() -> None:  # keeps flowing while the browser polls
         while not stop.is_set():
-            for path in ("/a", "/b", "/c", "/fail"):
+            for path in ("/a", "/b", "/c", "/fail", "/long/x"):
                 async with gw.session.get(gw.proxy_url + path) as r:
                     await r.read()
             await asyncio.sleep(0.02)
@@ -78,7 +97,8 @@ severity = "critical"
         page = gw.admin_url + "/monitoring/ui?interval=300"
         no_token = await chromium(tmp_path, "--virtual-time-budget=1500", "--dump-dom", page)
         url = f"{page}#token={viewer}"
-        dom = await chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom", url)
+        dom = await chromium(tmp_path, "--virtual-time-budget=3000", "--window-size=600,900",
+                             "--dump-dom", url)
         shot = tmp_path / "dashboard.png"
         await chromium(tmp_path, "--virtual-time-budget=3000", "--window-size=1366,900",
                        f"--screenshot={shot}", url)
@@ -94,11 +114,36 @@ severity = "critical"
     assert set(points) == {"rps", "errors", "latency"}
     assert points["rps"] >= 2 and points["errors"] >= 2
     assert points["latency"] >= 6  # three percentiles, at least two polls each
-    polls = int(re.search(r'<body data-polls="(\d+)"', dom).group(1))
+    polls = int(re.search(r'<body[^>]* data-polls="(\d+)"', dom).group(1))
     assert polls >= 2
     assert ">live<" in dom
     assert '<form id="login" hidden="">' in dom
-    assert re.search(r'id="rps-now">[\d.]+ req/s<', dom)
+    assert re.search(r'id="rps-now">\d+\.\d req/s<', dom)
+    assert re.search(r'id="errors-now">\d+(\.\d{1,2})?%<', dom)
+    # figures rounded for reading: req/s to one decimal, error rates as %, ms
+    routes = {row["route"]: row for row in table_rows(dom, "routes")}
+    assert set(routes) == {"api", LONG}
+    for row in routes.values():
+        assert re.fullmatch(r"\d+\.\d", row["req/s"]), row
+        assert re.fullmatch(r"(0|\d+\.\d{1,2}|100)%", row["errors"]), row
+        for column in ("p50 ms", "p99 ms"):
+            assert re.fullmatch(r"\d+\.\d{1,2}|\d{2,}\.\d|\d{3,}", row[column]), row
+    assert routes["api"]["errors"] != "0%"  # a quarter of its requests fail
+    (instance,) = table_rows(dom, "services")
+    assert re.fullmatch(r"\d+\.\d", instance["req/s"]) and instance["errors"].endswith("%")
+    (alert,) = table_rows(dom, "alerts")
+    assert re.fullmatch(r"\d+(\.\d{1,2})?%", alert["value"]), alert  # an error rate
+    # each chart labels its time axis (local HH:MM:SS), each second once, in order (the
+    # browser polls for about a second here: one label or a few)
+    labels = dict(re.findall(r'<canvas id="chart-(\w+)"[^>]*data-time-labels="([^"]*)"', dom))
+    assert set(labels) == {"rps", "errors", "latency"}
+    for chart, text in labels.items():
+        assert re.fullmatch(rf"{TIME}( {TIME})*", text), (chart, text)
+        shown = text.split()
+        assert len(set(shown)) == len(shown), (chart, text)
+        assert shown == sorted(shown) or "00:00:0" in text, (chart, text)  # midnight
+    # a 600 px window and a long route name: the tables wrap or scroll, nothing is cut
+    assert 'data-clipped="0"' in dom
     assert "203.0.113.9" in dom  # top rate-limited keys
     assert 'class="half_open">half_open<' in dom  # breaker state per instance
     assert '<td class="firing">firing</td>' in dom and ">Errors<" in dom  # active alert
