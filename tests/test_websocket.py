@@ -447,3 +447,25 @@ key = "{tls_files.server_key}"
     (handshake,) = echo.handshakes
     assert handshake.headers["X-Forwarded-Proto"] == "https"
     await wait_until(lambda: echo.close_codes == [1000], message="the upstream's close")
+
+
+async def test_a_pipelined_handshake_is_refused_by_the_fast_engine(lucid_gateway,
+                                                                   lucid_upstream):
+    """A handshake behind a request in the same write would be read before its turn
+    to take the connection over: 400 after the first answer, and the connection ends."""
+    echo = Echo()
+    upstream = await lucid_upstream(echo)
+    gw = await lucid_gateway(config(upstream.url), engine="fast")
+    host, _, port = gw.proxy_url.removeprefix("http://").rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /ws/plain HTTP/1.1\r\nHost: a\r\n\r\n"
+                     b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        first = await asyncio.wait_for(read_response(reader), 10)
+        second = await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        writer.close()
+    assert (first.status, second.status, second.closed) == (200, 400, True)
+    assert echo.sessions == 0
