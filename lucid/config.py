@@ -359,6 +359,12 @@ class ServerConfig(BaseModel):
         20.0, gt=0, description="a request head must arrive within this, from its first "
         "byte (408, then close); separate from the 75 s keep-alive"
     )
+    # nginx closes a proxied WebSocket after 60 s without a byte (proxy_read_timeout);
+    # applications ping more often than that, and a longer default forgives one that
+    # pings every few minutes. Idle past it: a 1001 close frame to both sides.
+    websocket_idle_timeout: Duration = Field(
+        300.0, gt=0, description="a proxied WebSocket with no frame either way for this "
+        "long is closed (1001 to both sides)")
     via: str = Field("lucid", pattern=r"^[A-Za-z0-9._-]+$",
                      description="pseudonym in the Via header")
     admin_secret: SecretText32 | None = Field(

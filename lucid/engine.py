@@ -146,6 +146,7 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self.upgrade_rest = b""  # what followed a WebSocket handshake's head
 
     # -- asyncio.Protocol --
 
@@ -170,8 +171,15 @@ class HttpConnection(asyncio.Protocol):
             if self._last_refusal is None:
                 raise
             self._refuse(*self._last_refusal)
-        except httptools.HttpParserUpgrade:
-            pass  # the request is served as it is, and the connection closed after it
+        except httptools.HttpParserUpgrade as exc:
+            cycle = self.cycle
+            if cycle is not None and cycle.scope["type"] == "websocket":
+                # the bytes after the head are the client's, once the handshake is
+                # accepted (lucid.websocket takes them); nothing is read until then
+                self.upgrade_rest = data[exc.args[0]:]
+                self._pause_reading()
+            # any other upgrade: the request is served as it is, and the connection
+            # closed after it
         except httptools.HttpParserError as exc:
             self._refuse(400, self._malformed(exc))
 
@@ -229,10 +237,10 @@ class HttpConnection(asyncio.Protocol):
             self.reading_head = False
             self.clock.end(self)
         parser = self.parser
-        if parser.should_upgrade() and any(
-                n == b"upgrade" and b"websocket" in v.lower() for n, v in self._fields):
-            # as Hypercorn answers the proxy's refusal of a WebSocket handshake
-            self._raise(403, "WebSocket proxying is not supported")
+        websocket = parser.should_upgrade() and any(
+            n == b"upgrade" and b"websocket" in v.lower() for n, v in self._fields)
+        if websocket and self.cycle is not None:
+            self._raise(400, "a WebSocket handshake cannot be pipelined")
         if parser.should_upgrade() and any(
                 n == b"transfer-encoding" or n == b"content-length" and v != b"0"
                 for n, v in self._fields):
@@ -250,7 +258,7 @@ class HttpConnection(asyncio.Protocol):
         if "%" in path:
             path = unquote(path)
         version = parser.get_http_version()
-        scope = {
+        scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": version,
@@ -264,6 +272,10 @@ class HttpConnection(asyncio.Protocol):
             "query_string": parsed.query or b"",
             "headers": self._fields,
         }
+        if websocket:  # lucid.websocket proxies it, and may take the connection over
+            scope["type"] = "websocket"
+            scope["scheme"] = "wss" if self.server.scheme == "https" else "ws"
+            scope["extensions"] = {"lucid.connection": self}
         cycle = _Cycle(self, scope, parser.should_keep_alive() and not parser.should_upgrade())
         if any(n == b"expect" and v.lower() == b"100-continue" for n, v in self._fields):
             cycle.expect_continue = True
@@ -392,6 +404,15 @@ class HttpConnection(asyncio.Protocol):
             self.resume_reading()
             if not self.reading_head and self.parsing is None:
                 self._rest()
+
+    def upgrade(self, protocol: asyncio.Protocol) -> bytes:
+        """The upstream accepted the WebSocket handshake: ``protocol`` reads the socket
+        from now on (:mod:`lucid.websocket`). Gives the bytes that followed the head;
+        reading stays paused until the new protocol resumes it."""
+        assert self.transport is not None
+        rest, self.upgrade_rest = self.upgrade_rest, b""
+        self.transport.set_protocol(protocol)
+        return rest
 
     async def drained(self) -> None:
         """Until the transport's write buffer is low again."""

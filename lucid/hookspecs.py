@@ -274,8 +274,9 @@ def lucid_fallback_response(
 def lucid_observe_exchange(exchange: Exchange) -> None | Awaitable[None]:
     """See every finished exchange: timings, sizes, status, route, instance, identity.
 
-    Called after the response is sent, so it never delays the client. Results: list;
-    an exception is logged and swallowed.
+    Called after the response is sent, so it never delays the client; for a proxied
+    WebSocket, once its session ends (status 101). Results: list; an exception is
+    logged and swallowed.
 
     :param exchange: the finished request.
     """

@@ -106,6 +106,7 @@ class RoutePolicy:
     budget: RetryBudget = field(default_factory=RetryBudget)
     client_timeout: Any = None  # all three timeouts, for a plugin's own upstream call
     io_timeout: Any = None  # connect and read only: the core keeps the total deadline
+    websocket_idle_timeout: float | None = None  # None: [server] websocket_idle_timeout
 
     def __post_init__(self) -> None:
         import aiohttp

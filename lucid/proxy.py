@@ -20,6 +20,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from lucid import websocket
 from lucid.deadline import Deadline, Deadlines
 from lucid.http import (
     CLIENT_IDENTITY,
@@ -172,6 +173,7 @@ class ProxyApp:
         self.deadlines = Deadlines()
         self._via_cache: tuple[Any, bytes, str] = (None, b"", "")
         self._pool: UpstreamPool | None = None
+        self.websockets = websocket.Sessions()
 
     @property
     def pool(self) -> UpstreamPool:
@@ -195,8 +197,8 @@ class ProxyApp:
             await self.handle(scope, receive, send)
         elif kind == "lifespan":
             await _lifespan(receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1003})
+        elif kind == "websocket":  # the handshake; handle() with lucid.websocket's call
+            await websocket.serve(self, scope, receive, send)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         runtime = self.runtime
@@ -337,9 +339,14 @@ class ProxyApp:
                 if retry:
                     budget.active_retries += 1
                 try:
-                    result = await self._call(exchange, instance, upstream_headers, body, data,
-                                              send, idempotent,
-                                              last=exchange.attempts >= policy.attempts)
+                    if scope["type"] == "websocket":
+                        result = await websocket.call(self, exchange, instance, upstream_headers,
+                                                      send, scope,
+                                                      last=exchange.attempts >= policy.attempts)
+                    else:
+                        result = await self._call(exchange, instance, upstream_headers, body,
+                                                  data, send, idempotent,
+                                                  last=exchange.attempts >= policy.attempts)
                 finally:
                     if retry:
                         budget.active_retries -= 1

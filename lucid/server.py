@@ -385,10 +385,12 @@ async def run_process(
         if ready is not None:
             ready.set()
         announce = asyncio.create_task(_announce_stopping(runtime, stop))
+        goodbye = asyncio.create_task(proxy_app.websockets.close_when(stop))  # 1001
         try:
             await asyncio.gather(*serving)
         finally:
             announce.cancel()
+            goodbye.cancel()
             await proxy_app.close()
     finally:
         # Hypercorn closed the listening fds it was handed; forget them here so they

@@ -66,6 +66,7 @@ def policy_for(route: Route) -> RoutePolicy:
         connect_timeout=route.timeouts.connect,
         read_timeout=route.timeouts.read,
         total_timeout=route.timeouts.total,
+        websocket_idle_timeout=route.timeouts.websocket_idle,
         attempts=route.retries.attempts,
         retry_on_status=frozenset(route.retries.on_status),
         max_body_size=route.max_body_size,

@@ -33,6 +33,9 @@ class Timeouts(Strict):
                           "(or of the request body)")
     # (5 s and longer: enforced to the next whole second, on a timer shared by all calls)
     total: Duration = Field(60.0, gt=0, description="the whole upstream exchange, body included")
+    websocket_idle: Duration | None = Field(
+        None, gt=0, description="a proxied WebSocket with no frame either way for this long "
+        "is closed with 1001 (default: [server] websocket_idle_timeout)")
 
 
 class Retries(Strict):

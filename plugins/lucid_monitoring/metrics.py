@@ -348,6 +348,10 @@ class PrometheusCollector(Collector):
         in_flight.add_metric([], other_in_flight + (
             runtime.counters.get("in_flight", 0) if runtime else 0))
         yield in_flight
+        websockets = GaugeMetricFamily(
+            "lucid_websockets_open", "WebSocket sessions being relayed (this worker)")
+        websockets.add_metric([], runtime.counters.get("websockets", 0) if runtime else 0)
+        yield websockets
         instance_requests = CounterMetricFamily(
             "lucid_instance_requests", "Upstream calls by instance", labels=["service", "instance"])
         instance_errors = CounterMetricFamily(
