@@ -35,7 +35,13 @@ from lucid.model import Event, Exchange, Generation, Rejection
 from lucid.plugins import hookimpl
 from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
 from lucid_ratelimiter.config import Limit, RateLimiterConfig, RouteSettings
-from lucid_ratelimiter.redis_store import ALGORITHM_CODES, MICRO, SharedLimits, limit_keys
+from lucid_ratelimiter.redis_store import (
+    ALGORITHM_CODES,
+    MICRO,
+    SharedLimits,
+    limit_keys,
+    state_key,
+)
 from lucid_ratelimiter.store import Row, SqliteStore
 
 if TYPE_CHECKING:
@@ -502,7 +508,7 @@ class RateLimiterPlugin:
         for compiled in every:
             key = compiled.key_of(exchange)
             labels.append(key)
-            keys.append(compiled.shared_prefix + key)
+            keys.append(state_key(compiled.shared_prefix, key))
             code, count, period, capacity = compiled.shared_args
             lease = ""
             if compiled.concurrent:

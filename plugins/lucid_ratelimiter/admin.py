@@ -21,7 +21,7 @@ from quart_schema import tag, validate_querystring, validate_request
 from lucid.admin import error_response, if_match, runtime
 from lucid.definitions import BackendUnavailable
 from lucid_ratelimiter.config import Limit
-from lucid_ratelimiter.redis_store import MICRO
+from lucid_ratelimiter.redis_store import MICRO, label_of, state_key
 
 if TYPE_CHECKING:
     from lucid_ratelimiter import CompiledLimit, RateLimiterPlugin
@@ -272,7 +272,7 @@ async def shared_usage(shared: SharedLimits, table: Any, limit_id: str | None,
             labels = []
             async for name in redis.scan_iter(match=glob_escape(prefix) + "*", count=1000,
                                               _type=KEY_TYPES[compiled.spec.algorithm]):
-                labels.append(name[len(prefix):])
+                labels.append(label_of(name, prefix))
                 if len(labels) >= MAX_SCANNED:
                     break
             return labels, rejections
@@ -285,7 +285,7 @@ async def shared_usage(shared: SharedLimits, table: Any, limit_id: str | None,
         for start in range(0, len(labels), 1000):
             chunk = labels[start:start + 1000]
             reply = await shared.run([("u", args * len(chunk),
-                                       [prefix + label for label in chunk])])
+                                       [state_key(prefix, label) for label in chunk])])
             values = reply[1]
             for i, label in enumerate(chunk):
                 used, reset = int(values[2 * i]), values[2 * i + 1] / MICRO
@@ -313,7 +313,7 @@ async def reset(data: ResetRequest) -> Any:
         names = []
         for limit_id in limits:
             compiled = table.limits[limit_id]
-            state = compiled.shared_prefix + data.key
+            state = state_key(compiled.shared_prefix, data.key)
             names.append((state, compiled.shared_rejections))
 
         async def forget(redis: Any) -> None:

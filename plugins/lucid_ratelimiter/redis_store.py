@@ -259,6 +259,18 @@ def limit_keys(cluster: Cluster, limit_id: str, signature: str) -> tuple[str, st
             cluster.key("rl-rejections", limit_id, digest))
 
 
+def state_key(prefix: str, key: str) -> str:
+    """A client's state key for one limit: the client's key is a Redis Cluster hash tag
+    (``{...}``), so every key of that limit for that client (a sliding log's running
+    total ``...}:n`` too) lands in one slot, and stacked limits keyed alike share it."""
+    return f"{prefix}{{{key}}}"
+
+
+def label_of(name: str, prefix: str) -> str:
+    """The client's key back from a state key (:func:`state_key`)."""
+    return name[len(prefix) + 1:-1]
+
+
 def fail(batch: Sequence[tuple[Any, ...]], error: BackendUnavailable) -> None:
     for *_, future in batch:
         if future is not None and not future.done():

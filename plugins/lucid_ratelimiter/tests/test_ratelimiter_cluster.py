@@ -249,7 +249,7 @@ async def test_three_nodes_of_two_workers_count_every_limit_once(
             admitted = statuses.count(200)
             state_key = next(args[3] for _, _, args in list(monitor.lines)
                              if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
-                             and args[3].startswith(prefix) and args[3].endswith(run))
+                             and args[3].startswith(prefix) and args[3].endswith("{" + run + "}"))
 
             def replayed(key: str = state_key) -> Replay:
                 return replay_token_bucket(list(monitor.lines), key, RATE, 1.0, RATE)

@@ -9,9 +9,8 @@ import asyncio
 import random
 
 import pytest
-from lucid_ratelimiter import RateLimiterPlugin
 from lucid_ratelimiter.algorithms import ALGORITHMS
-from lucid_ratelimiter.redis_store import MICRO, SharedLimits
+from lucid_ratelimiter.redis_store import MICRO, SharedLimits, state_key
 
 from lucid.cluster import Cluster
 from lucid.config import ClusterConfig
@@ -122,10 +121,6 @@ service = "svc"
 '''
 
 
-def plugin_of(gw) -> RateLimiterPlugin:
-    return gw.runtime.plugin_set.pm.get_plugin("ratelimiter")
-
-
 async def call(gw, path: str, tenant: str) -> tuple[int, dict[str, str]]:
     async with gw.session.get(gw.proxy_url + path, headers={"x-tenant": tenant}) as r:
         await r.read()
@@ -225,8 +220,8 @@ key = "global"
     assert [s for s, _ in await asyncio.gather(*first)] == [200, 200]
     assert (await call(b, "/x", "t"))[0] == 200
     # a lease taken by a holder that never renews nor releases it (a killed node)
-    shared = plugin_of(a).shared
-    state = plugin_of(a).current().limits["conc"].shared_prefix + "*"
+    shared = a.plugin("ratelimiter").shared
+    state = state_key(a.plugin("ratelimiter").current().limits["conc"].shared_prefix, "*")
     for _ in range(2):
         args = shared.params("concurrency", 1, 2, 0, 2, f"gone:{_}:1", "rej", "*")
         reply = await shared.run([("d", args, [state])])
@@ -265,7 +260,7 @@ header = "x-tenant"
         assert (await call(gw, "/x", tenant))[0] == 200
 
     async def both_seen() -> bool:
-        return plugin_of(a).processes == 2 and plugin_of(b).processes == 2
+        return a.plugin("ratelimiter").processes == 2 and b.plugin("ratelimiter").processes == 2
 
     await wait_until(both_seen, message="each gateway seeing two live processes")
     server.pause()
@@ -293,7 +288,7 @@ header = "x-tenant"
         server.resume()
 
     async def exact_again() -> bool:
-        return plugin_of(a).shared.closed and plugin_of(b).shared.closed
+        return a.plugin("ratelimiter").shared.closed and b.plugin("ratelimiter").shared.closed
 
     await wait_until(exact_again, timeout=5, message="counting in Redis again")
     # Redis kept the 4 counted before the outage: 16 left, whichever gateway asks;
