@@ -37,8 +37,12 @@ from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
 from lucid_ratelimiter.config import Limit, RateLimiterConfig, RouteSettings
 from lucid_ratelimiter.redis_store import (
     ALGORITHM_CODES,
+    LEASE_SECONDS,
+    LEASE_SHARE,
+    MAX_SLICE,
     MICRO,
     SharedLimits,
+    Slice,
     limit_keys,
     state_key,
 )
@@ -106,7 +110,8 @@ class CompiledLimit:
 
     __slots__ = ("id", "spec", "source", "revision", "limiter", "key_of", "quota", "concurrent",
                  "signature", "rejections", "limit", "policy", "ietf_prefix", "x_limit",
-                 "dirty", "shared_prefix", "shared_rejections", "shared_args", "fallback")
+                 "dirty", "shared_prefix", "shared_rejections", "shared_args", "fallback",
+                 "lease", "slices")
 
     def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str,
                  revision: int = 0):
@@ -134,6 +139,9 @@ class CompiledLimit:
         self.shared_args: tuple[str, int, int, int] = ("", 0, 0, 0)
         # while Redis is down (on_backend_failure = "local"): this process's share
         self.fallback: Limiter | None = None
+        # sync = "lease" (with a Redis backend): the slices this worker holds, by key
+        self.lease = spec.sync == "lease"
+        self.slices: dict[str, Slice] = {}
 
 
 @dataclass(slots=True)
@@ -145,6 +153,9 @@ class Plan:
     limits: tuple[CompiledLimit, ...]
     policy: str
     slots: tuple[CompiledLimit, ...] = ()
+    # every limit sync = "lease" (and no concurrency limit), counted in Redis: decided
+    # from this worker's slices; any other plan is decided in Redis, request by request
+    lease: bool = False
 
 
 @dataclass
@@ -168,7 +179,8 @@ class Table:
         ]
         chosen = tuple(c for c in applicable if not c.concurrent)
         slots = tuple(c for c in applicable if c.concurrent)
-        plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots)
+        lease = self.shared and bool(chosen) and not slots and all(c.lease for c in chosen)
+        plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots, lease)
         if len(self.plans) < 10_000:
             self.plans[(route_id, tier)] = plan
         return plan
@@ -333,6 +345,7 @@ class RateLimiterPlugin:
         for compiled in table.limits.values():
             previous = old.get(compiled.id)
             if previous is not None and previous.signature == compiled.signature:
+                compiled.slices = previous.slices  # given back when they expire
                 compiled.limiter = limiter = previous.limiter
                 limiter.max_keys = max_keys
                 limiter.count = compiled.spec.count  # a concurrency limit's max_in_flight
@@ -345,6 +358,11 @@ class RateLimiterPlugin:
                 if restored is not None and restored.signature == sig:
                     restored.limiter.load(key, window, value, before, now)
             self._restored = []
+        gone = [previous for id, previous in old.items()
+                if previous.slices and (id not in table.limits
+                                        or table.limits[id].slices is not previous.slices)]
+        if gone and self.shared is not None:
+            self._give_back(gone, every=True)
         self.table = table
         if self.shared is not None and not self.shared.closed:
             self._degrade()  # Redis is down: the new limits need their local share
@@ -370,6 +388,13 @@ class RateLimiterPlugin:
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        if self.shared is not None and self.table is not None and self.shared.closed:
+            ops = self._slices_back(self.table.limits.values(), time.monotonic(), every=True)
+            if ops:
+                try:  # unspent slices back to the cluster (else they expire there)
+                    await self.shared.run(ops)
+                except Exception:  # noqa: BLE001 - shutting down: they expire anyway
+                    log.info("could not give %d slices back to Redis", len(ops))
         if self.store is not None:
             await self.flush()
             await self.store.close()
@@ -420,6 +445,8 @@ class RateLimiterPlugin:
             return None
         if table.shared and self.shared is not None:
             if self.shared.closed:
+                if plan.lease:
+                    return self._admit_lease(exchange, plan, cost, style)
                 return self._admit_shared(exchange, plan, cost, style)
             return self._degraded(exchange, table, plan, cost, style)
         return self._admit_local(exchange, plan, cost, style, False)
@@ -546,6 +573,145 @@ class RateLimiterPlugin:
                 reply[2 + 3 * best] / MICRO)
         return None
 
+    def _admit_lease(self, exchange: Exchange, plan: Plan, cost: int,
+                     style: str) -> Any:
+        """``sync = "lease"``: admit from this worker's slices, synchronously, when every
+        limit's slice still holds ``cost``; else take slices from Redis (awaitable)."""
+        now = time.monotonic()
+        limits = plan.limits
+        keys = []
+        ready = True
+        for compiled in limits:
+            key = compiled.key_of(exchange)
+            keys.append(key)
+            piece = compiled.slices.get(key)
+            if piece is None or piece.tokens < cost or piece.deadline <= now:
+                ready = False
+        if not ready:
+            return self._take_slices(exchange, plan, keys, cost, style, now)
+        for compiled, key in zip(limits, keys, strict=True):
+            compiled.slices[key].tokens -= cost
+        self._lease_admitted(exchange, plan, keys, style, now)
+        return None
+
+    def _lease_admitted(self, exchange: Exchange, plan: Plan, keys: list[str], style: str,
+                        now: float) -> None:
+        """Count an admission from slices; its headers name the limit with the fewest
+        requests left, as Redis last said (what this worker's slice still holds, plus
+        what was left when it was taken: other workers' slices are not seen)."""
+        self.admitted += 1
+        if style == "none":
+            return
+        best: Slice | None = None
+        chosen = plan.limits[0]
+        for compiled, key in zip(plan.limits, keys, strict=True):
+            piece = compiled.slices.get(key)
+            if piece is None:  # given back meanwhile (a reload, Redis failing)
+                continue
+            if best is None or piece.remaining + piece.tokens < best.remaining + best.tokens:
+                best, chosen = piece, compiled
+        if best is None:
+            return
+        exchange.response_headers += _headers(
+            style, plan.policy, chosen, best.remaining + best.tokens,
+            max(0.0, best.reset_at - now))
+
+    async def _take_slices(self, exchange: Exchange, plan: Plan, keys: list[str], cost: int,
+                           style: str, now: float) -> Rejection | None:
+        """Take a slice of every limit whose slice cannot pay ``cost`` (one batched
+        script call); the request spends ``cost`` of each, or of none if one refuses
+        (the slices taken stay with the worker). A slice is at most what is left ÷
+        (LEASE_SHARE × live processes), and just ``cost`` once little is left: near
+        the limit every request is decided in Redis, as with ``sync = "strict"``."""
+        shared = self.shared
+        assert shared is not None
+        divisor = LEASE_SHARE * max(1, self.processes)
+        reserved: list[Slice] = []
+        asked: list[tuple[CompiledLimit, str, Slice]] = []
+        args: list[Any] = []
+        state: list[str] = []
+        for compiled, key in zip(plan.limits, keys, strict=True):
+            piece = compiled.slices.get(key)
+            if piece is None:
+                piece = compiled.slices[key] = Slice()
+            if piece.tokens >= cost and piece.deadline > now:
+                piece.tokens -= cost
+                reserved.append(piece)
+                continue
+            if piece.deadline > now:  # spent before it expired: ask for more next time
+                piece.want = min(MAX_SLICE, piece.want * 2)
+            elif piece.tokens:  # expired: what is left goes back
+                self._give_back([compiled], key=key)
+            code, count, period, capacity = compiled.shared_args
+            args += (code, cost, count, period, capacity, f"{piece.want}:{divisor}",
+                     compiled.shared_rejections, key)
+            state.append(state_key(compiled.shared_prefix, key))
+            asked.append((compiled, key, piece))
+        try:
+            reply = await shared.take(args, state)
+        except BackendUnavailable:
+            for piece in reserved:
+                piece.tokens += cost
+            table = self.table
+            assert table is not None
+            return self._degraded(exchange, table, plan, cost, style)
+        refused: tuple[CompiledLimit, str, float, float] | None = None
+        for n, (compiled, key, piece) in enumerate(asked):
+            granted, remaining, reset, retry, mark = reply[5 * n:5 * n + 5]
+            if not granted:
+                if refused is None:
+                    refused = (compiled, key, retry / MICRO, reset / MICRO)
+                continue
+            until = reset / MICRO
+            piece.tokens += int(granted)
+            piece.remaining = int(remaining)
+            piece.reset_at = now + until
+            piece.mark = int(mark)
+            # a fixed window's slice is worth nothing once its window ends
+            piece.deadline = now + (min(LEASE_SECONDS, until) if mark else LEASE_SECONDS)
+        if refused is not None:
+            for piece in reserved:
+                piece.tokens += cost
+            compiled, key, retry_after, reset = refused
+            return self._reject(exchange, compiled, key, style, plan, retry_after, reset)
+        for _, _, piece in asked:
+            piece.tokens -= cost
+        self._lease_admitted(exchange, plan, keys, style, now)
+        return None
+
+    def _slices_back(self, limits: Iterable[CompiledLimit], now: float, every: bool = False,
+                     key: str | None = None) -> list[tuple[str, list[Any], list[str]]]:
+        """``g`` groups giving back the unspent tokens of expired slices (``every``: of
+        all slices; ``key``: of that key's only). Slices idle for a while are dropped."""
+        ops: list[tuple[str, list[Any], list[str]]] = []
+        for compiled in limits:
+            slices = compiled.slices
+            if not slices:
+                continue
+            code, count, period, capacity = compiled.shared_args
+            for name in ([key] if key is not None else list(slices)):
+                piece = slices.get(name)
+                if piece is None or not (every or key is not None or piece.deadline <= now):
+                    continue
+                if piece.tokens > 0:
+                    ops.append(("g", [code, 0, count, period, capacity,
+                                      f"{piece.tokens}:{piece.mark}", "", ""],
+                                [state_key(compiled.shared_prefix, name)]))
+                    piece.tokens = 0
+                    piece.want = max(1, piece.want // 2)
+                if every or (key is None and piece.deadline <= now - 10 * LEASE_SECONDS):
+                    del slices[name]
+        return ops
+
+    def _give_back(self, limits: Iterable[CompiledLimit], every: bool = False,
+                   key: str | None = None) -> None:
+        """Give slices back in the worker's next batch (nobody waits for it)."""
+        shared = self.shared
+        if shared is None or not shared.closed:
+            return
+        for op, args, keys in self._slices_back(limits, time.monotonic(), every, key):
+            shared.enqueue(op, args, keys)
+
     def _degraded(self, exchange: Exchange, table: Table, plan: Plan, cost: int,
                   style: str) -> Rejection | None:
         """Redis is down: ``on_backend_failure`` decides (each decision counted)."""
@@ -569,6 +735,7 @@ class RateLimiterPlugin:
             return
         share = max(1, self.processes)
         for compiled in self.table.limits.values():
+            compiled.slices.clear()  # counted in Redis already: not spent twice
             spec = compiled.spec
             compiled.fallback = ALGORITHMS[spec.algorithm](
                 max(1, spec.count // share), spec.period, max(1, spec.capacity // share),
@@ -602,6 +769,8 @@ class RateLimiterPlugin:
                     else:
                         self.processes = max(1, sum(
                             int(n.get("workers", 1)) for n in nodes if n.get("alive")))
+                if shared.closed and self.table is not None:
+                    self._give_back(self.table.limits.values())
                 if shared.closed and now - last_renew >= shared.lease_seconds / 3:
                     last_renew = now
                     await shared.renew()

@@ -129,6 +129,9 @@ def backend_status(p: RateLimiterPlugin, table: Any) -> dict[str, Any]:
         "breaker_openings": shared.failures,
         "processes": p.processes,
         "leases_held": len(shared.held),
+        # sync = "lease": tokens this worker holds, taken from Redis, not yet spent
+        "slice_tokens": sum(piece.tokens for compiled in table.limits.values()
+                            for piece in list(compiled.slices.values())),
     }
 
 
@@ -278,7 +281,8 @@ async def shared_usage(shared: SharedLimits, table: Any, limit_id: str | None,
             return labels, rejections
 
         labels, rejections = await shared.cluster.call(read)
-        labels = list(dict.fromkeys([*labels, *rejections]))
+        if key is None:  # else the one key asked for, not every key refused
+            labels = list(dict.fromkeys([*labels, *rejections]))
         code, count, period, capacity = compiled.shared_args
         args = shared.params(compiled.spec.algorithm, 0, count, compiled.spec.period,
                              capacity, "", "", "")

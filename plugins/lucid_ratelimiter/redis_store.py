@@ -55,10 +55,12 @@ MICRO = 1_000_000
 # (concurrency), rejections hash, the key as users see it. KEYS: one per limit, in
 # order (the key's state; a sliding log's running total is that key .. ':n').
 # ops: d = decide (all or nothing), u = usage (read only), r = release a lease,
-#      n = renew a lease.
+#      n = renew a lease, l = take a slice (sync = "lease"; the lease entry is
+#      "want:divisor"), g = give a slice back (the lease entry is "unused:mark").
 # Reply: {now (µs), then per group: d -> {refused (0, or the 1-based index of the
 # refusing limit), then remaining, reset (µs), retry (µs) per limit evaluated};
-# u -> {used, reset (µs)} per limit; r, n -> {}}.
+# u -> {used, reset (µs)} per limit; l -> {granted (0: refused), remaining after it,
+# reset (µs), retry (µs), mark (a fixed window's start, µs)} per limit; r, n, g -> {}}.
 SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -168,6 +170,55 @@ local function decide(alg, key, cost, count, period, capacity, lease)
   end
 end
 
+-- sync = "lease": take a slice of what is left, at least cost and at most want,
+-- else an even share (what is left / divisor); refused (0) if cost does not fit.
+-- The slice is counted now, as that many requests would be: the cluster never
+-- admits more than the limit, whoever spends it.
+local function take(alg, key, cost, count, period, capacity, want, divisor)
+  local avail, write
+  if alg == '1' then
+    local interval = period / count
+    local tolerance = capacity * interval
+    local tat = tonumber(redis.call('GET', key))
+    if (not tat) or tat < now then tat = now end
+    avail = floor((tolerance - (tat - now) + interval * 1e-3) / interval)
+    if avail < cost then
+      return 0, 0, tat - now, tat + cost * interval - now - tolerance, 0
+    end
+    local slice = math.max(cost, math.min(want, floor(avail / divisor)))
+    local new = tat + slice * interval
+    redis.call('SET', key, string.format('%.17g', new), 'PX', ceil((new - now) / 1000) + 1)
+    return slice, avail - slice, new - now, 0, 0
+  end
+  local start, c, p = roll(key, period)
+  local reset = start + period - now
+  avail = count - c
+  if avail < cost then return 0, 0, reset, reset, start end
+  local slice = math.max(cost, math.min(want, floor(avail / divisor)))
+  redis.call('HSET', key, 'w', start, 'c', c + slice, 'p', p)
+  redis.call('PEXPIRE', key, ceil((reset + period) / 1000) + 1)
+  return slice, avail - slice, reset, 0, start
+end
+
+-- give back what a slice did not spend (a fixed window's only within its window)
+local function give(alg, key, count, period, unused, mark)
+  if alg == '1' then
+    local tat = tonumber(redis.call('GET', key))
+    if not tat then return end
+    local new = tat - unused * period / count
+    if new > now then
+      redis.call('SET', key, string.format('%.17g', new), 'PX', ceil((new - now) / 1000) + 1)
+    else
+      redis.call('DEL', key)
+    end
+    return
+  end
+  local start, c, p = roll(key, period)
+  if start == mark and c > 0 then
+    redis.call('HSET', key, 'w', start, 'c', math.max(0, c - unused), 'p', p)
+  end
+end
+
 local function usage(alg, key, count, period, capacity)
   if alg == '1' then
     local interval = period / count
@@ -228,6 +279,24 @@ for _ = 1, tonumber(ARGV[1]) do
         reply[#reply + 1] = floor(reset)
       elseif op == 'r' then
         redis.call('ZREM', KEYS[k], ARGV[i + 5])
+      elseif op == 'l' then
+        local want, divisor = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
+        local granted, remaining, reset, retry, mark = take(
+          ARGV[i], KEYS[k], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
+          tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(want), tonumber(divisor))
+        if granted == 0 then
+          redis.call('HINCRBY', ARGV[i + 6], ARGV[i + 7], 1)
+          redis.call('PEXPIRE', ARGV[i + 6], 86400000)
+        end
+        reply[#reply + 1] = granted
+        reply[#reply + 1] = remaining
+        reply[#reply + 1] = floor(reset)
+        reply[#reply + 1] = floor(retry)
+        reply[#reply + 1] = mark
+      elseif op == 'g' then
+        local unused, mark = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
+        give(ARGV[i], KEYS[k], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+             tonumber(unused), tonumber(mark))
       elseif op == 'n' then
         redis.call('ZADD', KEYS[k], 'XX', now + tonumber(ARGV[i + 3]), ARGV[i + 5])
         redis.call('PEXPIRE', KEYS[k], ceil(tonumber(ARGV[i + 3]) / 1000) + 1000)
@@ -239,6 +308,29 @@ for _ = 1, tonumber(ARGV[1]) do
 end
 return out
 """
+
+
+# sync = "lease": how a worker sizes the slices it takes
+LEASE_SHARE = 2  # a slice is at most what is left ÷ (this × live processes)
+LEASE_SECONDS = 1.0  # a slice unspent this long goes back (a fixed window's: at its end)
+FIRST_SLICE = 4  # a key's first slice; doubled while slices run out, halved when not
+MAX_SLICE = 1024
+
+
+class Slice:
+    """What one worker holds of one limit for one key (``sync = "lease"``): ``tokens``
+    it may admit without asking Redis until ``deadline`` (monotonic seconds), and what
+    Redis said when it gave them (``remaining`` elsewhere, ``reset_at``) for headers."""
+
+    __slots__ = ("tokens", "remaining", "reset_at", "deadline", "mark", "want")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.remaining = 0
+        self.reset_at = 0.0
+        self.deadline = 0.0
+        self.mark = 0  # a fixed window's start (µs, Redis's clock): where to give back
+        self.want = FIRST_SLICE
 
 
 @dataclass(slots=True)
@@ -338,6 +430,13 @@ class SharedLimits:
         self._enqueue("d", args, keys, future)
         return future
 
+    def take(self, args: list[Any], keys: list[str]) -> asyncio.Future[Any]:
+        """Queue the taking of slices (an ``l`` group, ``sync = "lease"``), batched
+        like decisions; resolved with the reply or :class:`BackendUnavailable`."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue("l", args, keys, future)
+        return future
+
     def release(self, key: str, lease: str) -> None:
         """Give a concurrency lease back, in the next batch (nobody waits for it; if
         Redis is down the lease expires on its own)."""
@@ -345,6 +444,10 @@ class SharedLimits:
         if self.closed:
             self._enqueue("r", self.params("concurrency", 0, 0, 0, 0, lease, "", ""),
                           [key], None)
+
+    def enqueue(self, op: str, args: list[Any], keys: list[str]) -> None:
+        """A group nobody waits for (a slice given back), in the next batch."""
+        self._enqueue(op, args, keys, None)
 
     def _enqueue(self, op: str, args: list[Any], keys: list[str],
                  future: asyncio.Future[Any] | None) -> None:

@@ -65,6 +65,53 @@ async def test_the_script_decides_as_the_algorithm_in_memory(lucid_redis, algori
         await cluster.close()
 
 
+@pytest.mark.parametrize(("algorithm", "count", "period", "capacity"), [
+    ("token_bucket", 20, 0.5, 30), ("fixed_window", 25, 0.5, 25)])
+async def test_slices_are_counted_as_that_many_requests_and_given_back(
+        lucid_redis, algorithm, count, period, capacity):
+    """``sync = "lease"``'s script ops: a slice of ``n`` is ``n`` requests to the
+    algorithm in memory at the same Redis time (so a slice never takes more than is
+    left), at least the cost, at most ``want`` and what is left ÷ the divisor; a refusal
+    has the in-memory retry after; giving ``u`` back is a refund of ``u``."""
+    server = lucid_redis()
+    cluster = Cluster(ClusterConfig(backend=server.url), "test")
+    await cluster.start()
+    shared = SharedLimits(cluster, lease_seconds=30.0)
+    local = ALGORITHMS[algorithm](count, period, capacity, 1000)
+    rng = random.Random(3)
+    granted_total = refused = 0
+    try:
+        for _ in range(80):
+            cost, want, divisor = rng.choice((1, 1, 2)), rng.choice((1, 4, 16)), rng.choice((1, 4))
+            args = shared.params(algorithm, cost, count, period, capacity, f"{want}:{divisor}",
+                                 "rej", "k")
+            reply = await shared.run([("l", args, ["lim:{k}"])])
+            now = reply[0] / MICRO
+            granted, remaining, reset, retry, mark = reply[1]
+            left = local.usage("k", now)
+            avail = (capacity if algorithm == "token_bucket" else count) - left[0]
+            if granted:
+                assert granted == max(cost, min(want, avail // divisor)), (avail, want, divisor)
+                assert local.hit("k", granted, now) == remaining >= 0
+                assert reset / MICRO == pytest.approx(local.reset, abs=1e-5)
+                granted_total += granted
+                if algorithm == "fixed_window":
+                    assert mark / MICRO == pytest.approx(local.window, abs=1e-5)
+                unused = rng.choice((0, 0, granted // 2))
+                if unused:
+                    args[5] = f"{unused}:{mark}"
+                    await shared.run([("g", args, ["lim:{k}"])])
+                    local.refund("k", unused, now)
+            else:
+                refused += 1
+                assert local.hit("k", cost, now) < 0, (now, cost)
+                assert retry / MICRO == pytest.approx(local.retry_after, abs=1e-5)
+            await asyncio.sleep(rng.random() * period / 15)
+        assert granted_total and refused
+    finally:
+        await cluster.close()
+
+
 # ---------------------------------------------------------------------------
 # through gateways: two on one Redis, against one counting in memory
 # ---------------------------------------------------------------------------
@@ -296,3 +343,70 @@ header = "x-tenant"
     # ran when it resumed: counted, never admitted twice
     statuses = [(await call(gw, "/x", tenant))[0] for gw in (a, b) for _ in range(10)]
     assert statuses.count(200) in (15, 16) and set(statuses) == {200, 429}
+
+
+LEASED = '''
+[[ratelimiter.limits]]
+id = "bucket"
+rate = "1/m"
+burst = 12
+key = "header"
+header = "x-tenant"
+sync = "lease"
+
+[[ratelimiter.limits]]
+id = "daily"
+rate = "7/day"
+algorithm = "fixed_window"
+key = "header"
+header = "x-day"
+sync = "lease"
+routes = ["heavy"]
+'''
+
+
+async def test_lease_slices_never_admit_beyond_the_limit_and_go_back_unspent(
+        lucid_redis, lucid_upstream, lucid_gateway):
+    """``sync = "lease"`` on two gateways: each spends slices of the allowance taken
+    from Redis, so together they admit exactly the burst (never more) with fewer
+    script calls than requests; a refusal's Retry-After is the limit's; the unspent
+    part of a slice goes back to Redis when it expires (1 s), so the usage report
+    counts only what was admitted."""
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    a = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url))
+    b = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url))
+    answers = [await call((a, b)[n % 2], "/x", "acme") for n in range(30)]
+    statuses = [status for status, _ in answers]
+    assert statuses.count(200) == 12 and set(statuses) == {200, 429}
+    refusal = next(headers for status, headers in answers if status == 429)
+    assert 50 <= int(refusal["retry-after"]) <= 60
+    assert refusal["x-ratelimit-remaining"] == "0"
+    first = answers[0][1]  # what this worker holds plus what Redis had left
+    assert first["ratelimit-policy"] == '"bucket";q=12;w=60'
+    assert 0 <= int(first["x-ratelimit-remaining"]) <= 11
+    # the fixed window costs 2 a request on /heavy: 3 admitted of 7, whoever asks
+    heavy = [(await call((a, b)[n % 2], "/heavy", "beta"))[0] for n in range(6)]
+    assert heavy.count(200) == 3, heavy
+    calls = 0
+    for gw in (a, b):
+        status, report = await json_request(gw.session, "GET",
+                                            gw.admin_url + "/ratelimiter/status")
+        calls += report["backend"]["script_calls"]
+    assert calls < len(statuses) + len(heavy)
+
+    # one request takes a slice (more than itself) from a fresh key; within a
+    # second the rest goes back, and Redis counts 1 used
+    assert (await call(a, "/x", "gamma"))[0] == 200
+
+    async def usage() -> int:
+        status, report = await json_request(
+            b.session, "GET", b.admin_url + "/ratelimiter/usage?limit=bucket&key=h:gamma")
+        return report["usage"][0]["used"] if report["usage"] else 0
+
+    assert await usage() > 1  # the slice is counted in Redis while a holds it
+
+    async def given_back() -> bool:
+        return await usage() == 1
+
+    await wait_until(given_back, timeout=3, message="the unspent slice back in Redis")
