@@ -108,6 +108,12 @@ def replay_token_bucket(lines: list[tuple[float, str, list[str]]], state_key: st
     return out
 
 
+def replay_times(stamps: list[float], count: int, burst: int) -> int:
+    """How many of requests arriving at ``stamps`` the in-memory bucket admits."""
+    bucket = TokenBucket(count, 1.0, burst, 10)
+    return sum(1 for stamp in stamps if bucket.hit("k", 1, stamp) >= 0)
+
+
 def _decisions_on(args: list[str], state_key: str) -> int:
     """``d`` groups of one EVALSHA whose (single) limit is ``state_key``."""
     numkeys = int(args[2])
@@ -140,6 +146,11 @@ prefix = "/tb"
 service = "svc"
 
 [[gateway.routes]]
+id = "lease"
+prefix = "/lease"
+service = "svc"
+
+[[gateway.routes]]
 id = "log"
 prefix = "/log"
 service = "svc"
@@ -164,6 +175,15 @@ header = "x-run"
 routes = ["tb"]
 
 [[ratelimiter.limits]]
+id = "leased"
+rate = "{RATE}/s"
+burst = {RATE}
+key = "header"
+header = "x-run"
+routes = ["lease"]
+sync = "lease"
+
+[[ratelimiter.limits]]
 id = "minute"
 rate = "100/m"
 algorithm = "sliding_log"
@@ -181,19 +201,27 @@ routes = ["conc"]
 
 async def drive(nodes: list[str], path: str, rate: float, seconds: float,
                 headers: dict[str, str]) -> list[int]:
+    return [status for status, _, _ in await drive_timed(nodes, path, rate, seconds,
+                                                         headers)]
+
+
+async def drive_timed(nodes: list[str], path: str, rate: float, seconds: float,
+                      headers: dict[str, str]) -> list[tuple[int, float, float]]:
     """Open loop: request n leaves at start + n / rate, round robin over the nodes,
-    each node through 8 connections (the kernel hands them to either worker)."""
+    each node through 8 connections (the kernel hands them to either worker).
+    (status, sent, answered) per request, in epoch seconds."""
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
                 for _ in nodes]
-    statuses: list[int] = []
+    statuses: list[tuple[int, float, float]] = []
 
     async def one(session: aiohttp.ClientSession, url: str) -> None:
+        sent = time.time()
         try:
             async with session.get(url, headers=headers) as r:
                 await r.read()
-                statuses.append(r.status)
+                statuses.append((r.status, sent, time.time()))
         except aiohttp.ClientError:
-            statuses.append(0)
+            statuses.append((0, sent, time.time()))
 
     tasks = []
     start = time.monotonic()
@@ -249,7 +277,7 @@ async def test_three_nodes_of_two_workers_count_every_limit_once(
             admitted = statuses.count(200)
             state_key = next(args[3] for _, _, args in list(monitor.lines)
                              if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
-                             and args[3].startswith(prefix) and args[3].endswith("{" + run + "}"))
+                             and args[3].startswith(prefix) and args[3].endswith(":" + run + "}"))
 
             def replayed(key: str = state_key) -> Replay:
                 return replay_token_bucket(list(monitor.lines), key, RATE, 1.0, RATE)
@@ -267,6 +295,33 @@ async def test_three_nodes_of_two_workers_count_every_limit_once(
             span = reference.stamps[-1] - reference.stamps[0]
             assert admitted <= RATE + span * RATE + 1
             assert admitted < len(statuses)  # the bucket did run dry
+
+        # the same bucket with sync = "lease": workers spend slices taken from Redis,
+        # so Redis never sees most arrival times; the reference is the in-memory
+        # bucket fed the client's send times and, again, its answer times (a request
+        # reached a gateway between the two)
+        lease_prefix = "lucid:rl:leased:"
+        for run, factor in (("lease-twice", 2), ("lease-tenfold", 10)):
+            timed = await drive_timed(urls, "/lease/x", RATE * factor, SECONDS,
+                                      {"x-run": run})
+            statuses = [status for status, _, _ in timed]
+            assert set(statuses) <= {200, 429}, sorted(set(statuses))
+            admitted = statuses.count(200)
+            low = min(replay_times(sorted(sent for _, sent, _ in timed), RATE, RATE),
+                      replay_times(sorted(got for _, _, got in timed), RATE, RATE))
+            assert admitted >= 0.99 * low, (run, admitted, low)
+            # never over the limit: every admitted request reached a gateway between
+            # the first request's sending and the last admitted one's answer
+            first = min(sent for _, sent, _ in timed)
+            last = max(got for status, _, got in timed if status == 200)
+            assert admitted <= RATE + (last - first) * RATE + 1, (run, admitted)
+            assert admitted < len(statuses)
+            calls = sum(1 for _, _, args in list(monitor.lines)
+                        if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
+                        and any(a.startswith(lease_prefix) and a.endswith(":" + run + "}")
+                                for a in args[3:3 + int(args[2])]))
+            print(f"lease {run}: admitted {admitted} (reference >= {low}), "
+                  f"{calls} script calls for {len(statuses)} requests")
 
         # sliding log 100 per minute: exactly 100, whatever process is asked
         statuses = await drive(urls, "/log/x", 300, 1.0, {})
