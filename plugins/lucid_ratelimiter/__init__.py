@@ -33,7 +33,7 @@ from lucid.config import ConfigError, data_dir
 from lucid.definitions import BackendUnavailable, Kind, legacy_rows, read_stored
 from lucid.model import Event, Exchange, Generation, Rejection
 from lucid.plugins import hookimpl
-from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
+from lucid_ratelimiter.algorithms import ALGORITHMS, FixedWindow, Limiter, TokenBucket
 from lucid_ratelimiter.config import Limit, RateLimiterConfig, RouteSettings
 from lucid_ratelimiter.redis_store import (
     ALGORITHM_CODES,
@@ -111,7 +111,7 @@ class CompiledLimit:
     __slots__ = ("id", "spec", "source", "revision", "limiter", "key_of", "quota", "concurrent",
                  "signature", "rejections", "limit", "policy", "ietf_prefix", "x_limit",
                  "dirty", "shared_prefix", "shared_rejections", "shared_args", "fallback",
-                 "lease", "slices")
+                 "lease", "slices", "seen", "seeded")
 
     def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str,
                  revision: int = 0):
@@ -142,6 +142,11 @@ class CompiledLimit:
         # sync = "lease" (with a Redis backend): the slices this worker holds, by key
         self.lease = spec.sync == "lease"
         self.slices: dict[str, Slice] = {}
+        # what Redis last said of each key (token bucket: its TAT, epoch s; fixed
+        # window: (window start, used)), so that a process's share while Redis is
+        # down starts where the cluster was, not full; and what was seeded from it
+        self.seen: dict[str, Any] = {}
+        self.seeded: dict[str, tuple[float, int]] = {}
 
 
 @dataclass(slots=True)
@@ -346,6 +351,8 @@ class RateLimiterPlugin:
             previous = old.get(compiled.id)
             if previous is not None and previous.signature == compiled.signature:
                 compiled.slices = previous.slices  # given back when they expire
+                compiled.seen = previous.seen
+                compiled.fallback, compiled.seeded = previous.fallback, previous.seeded
                 compiled.limiter = limiter = previous.limiter
                 limiter.max_keys = max_keys
                 limiter.count = compiled.spec.count  # a concurrency limit's max_in_flight
@@ -365,7 +372,7 @@ class RateLimiterPlugin:
             self._give_back(gone, every=True)
         self.table = table
         if self.shared is not None and not self.shared.closed:
-            self._degrade()  # Redis is down: the new limits need their local share
+            self._degrade(missing=True)  # Redis is down: new limits need their share
         return {
             id: (table.limits[id].signature if id in table.limits else None)
             for id, previous in old.items()
@@ -550,6 +557,9 @@ class RateLimiterPlugin:
             assert table is not None
             return self._degraded(exchange, table, plan, cost, style)
         refused = int(reply[0]) - 1
+        now = self.clock()
+        for i in range(min(len(plan.limits), (len(reply) - 1) // 3)):
+            _remember(plan.limits[i], labels[i], reply[1 + 3 * i], reply[2 + 3 * i], now)
         if refused >= 0:
             at = 1 + 3 * refused
             compiled = every[refused]
@@ -656,6 +666,7 @@ class RateLimiterPlugin:
             assert table is not None
             return self._degraded(exchange, table, plan, cost, style)
         refused: tuple[CompiledLimit, str, float, float] | None = None
+        wall = self.clock()
         for n, (compiled, key, piece) in enumerate(asked):
             granted, remaining, reset, retry, mark = reply[5 * n:5 * n + 5]
             if not granted:
@@ -663,6 +674,7 @@ class RateLimiterPlugin:
                     refused = (compiled, key, retry / MICRO, reset / MICRO)
                 continue
             until = reset / MICRO
+            _remember(compiled, key, remaining, reset, wall)
             piece.tokens += int(granted)
             piece.remaining = int(remaining)
             piece.reset_at = now + until
@@ -728,18 +740,73 @@ class RateLimiterPlugin:
                              reason="rate limit backend unavailable", retry_after=1)
         return self._admit_local(exchange, plan, cost, style, True)
 
-    def _degrade(self) -> None:
-        """The breaker opened: give every limit this process's share (limit ÷ live
-        gateway processes, at least 1), counted in memory from now on."""
+    def _degrade(self, missing: bool = False) -> None:
+        """The breaker opened: give every limit (``missing``: every limit without one
+        yet) this process's share (limit ÷ live gateway processes, at least 1),
+        counted in memory from now on, starting from what Redis last said of each key."""
         if self.table is None:
             return
         share = max(1, self.processes)
+        now = self.clock()
         for compiled in self.table.limits.values():
+            if missing and compiled.fallback is not None:
+                continue
             compiled.slices.clear()  # counted in Redis already: not spent twice
             spec = compiled.spec
-            compiled.fallback = ALGORITHMS[spec.algorithm](
+            compiled.fallback = fallback = ALGORITHMS[spec.algorithm](
                 max(1, spec.count // share), spec.period, max(1, spec.capacity // share),
                 self.table.config.max_keys)
+            seen, compiled.seen, compiled.seeded = compiled.seen, {}, {}
+            if isinstance(fallback, TokenBucket):
+                # a TAT is in seconds: the share's (1/share of the tokens, each worth
+                # share times the time) is the cluster's, so it starts as full
+                fallback.tats.update((key, tat) for key, tat in seen.items() if tat > now)
+            elif type(fallback) is FixedWindow:
+                window = fallback.window_at(now)
+                for key, (start, used) in seen.items():
+                    if abs(start - window) < spec.period / 2:
+                        fallback.counts[key] = part = min(fallback.count, -(-used // share))
+                        compiled.seeded[key] = (window, part)
+
+    async def _back(self) -> None:
+        """Redis answers again (before decisions go back to it): what was admitted
+        meanwhile counts in Redis, and the concurrency leases of requests still
+        running are renewed at once (else those that lapsed meanwhile would free
+        slots that are taken)."""
+        shared = self.shared
+        assert shared is not None
+        charges = self._charges()
+        for start in range(0, len(charges), 1000):
+            await shared.run(charges[start:start + 1000])
+        await shared.renew(force=True)
+
+    def _charges(self) -> list[tuple[str, list[Any], list[str]]]:
+        """Redis is back: ``c`` groups counting in it what this process admitted on
+        its own meanwhile (token buckets and fixed windows), so that the cluster does
+        not hand out the same allowance twice."""
+        ops: list[tuple[str, list[Any], list[str]]] = []
+        if self.table is None:
+            return ops
+        now = self.clock()
+        for compiled in self.table.limits.values():
+            # the share stays (requests meanwhile still use it) until the next outage
+            fallback = compiled.fallback
+            seeded, compiled.seeded = compiled.seeded, {}
+            code, count, period, capacity = compiled.shared_args
+            pending: list[tuple[str, str]] = []
+            if isinstance(fallback, TokenBucket):
+                pending = [(key, f"{int((tat - now) * MICRO)}:0")
+                           for key, tat in fallback.tats.items() if tat > now]
+            elif type(fallback) is FixedWindow:
+                window = fallback.window_at(now)
+                mark = round(window * MICRO)
+                for key, used in fallback.counts.items():
+                    start, part = seeded.get(key, (window, 0))
+                    if used > part and start == window:
+                        pending.append((key, f"{used - part}:{mark}"))
+            ops += [("c", [code, 0, count, period, capacity, amount, "", ""],
+                     [state_key(compiled.shared_prefix, key)]) for key, amount in pending]
+        return ops
 
     async def _watch_backend(self, runtime: Runtime) -> None:
         """While Redis is down, probe it every 0.2 s (requests never wait on a probe);
@@ -756,8 +823,8 @@ class RateLimiterPlugin:
             try:
                 if shared.closed and not cluster.up:
                     shared.trip()  # another call of this process found Redis down
-                if not shared.closed:
-                    await shared.probe()
+                if not shared.closed and await shared.probe(self._back):
+                    last_renew = time.monotonic()
                 now = time.monotonic()
                 # the live processes matter only once Redis fails: read them seldom
                 if shared.closed and now - last_members >= max(2.0, cluster.config.heartbeat):
@@ -846,6 +913,12 @@ class RateLimiterPlugin:
             self.swept += removed
             if len(compiled.rejections) >= MAX_REJECTION_KEYS:
                 compiled.rejections.clear()
+            if compiled.seen:  # what Redis said of keys since at rest or gone by
+                period = compiled.spec.period
+                compiled.seen = {
+                    key: value for key, value in list(compiled.seen.items())
+                    if (value > now if isinstance(value, float) else value[0] + period > now)
+                } if len(compiled.seen) < table_max(self) else {}
 
     def reset_key(self, key: str, limit_id: str | None = None) -> list[str]:
         """Forget a key's counters (in memory, and on disk at the next flush)."""
@@ -866,6 +939,21 @@ class RateLimiterPlugin:
 
     def data_path(self) -> Path | None:
         return self.runtime.data_dir / "ratelimiter.db" if self.runtime else None
+
+
+def table_max(plugin: RateLimiterPlugin) -> int:
+    return plugin.table.config.max_keys if plugin.table is not None else 1_000_000
+
+
+def _remember(compiled: CompiledLimit, key: str, remaining: int, reset: int,
+              now: float) -> None:
+    """Note what Redis answered of ``key`` (see ``CompiledLimit.seen``); ``reset`` µs."""
+    code = compiled.shared_args[0]
+    if code == "1":
+        compiled.seen[key] = now + reset / MICRO
+    elif code == "2":
+        compiled.seen[key] = (now + reset / MICRO - compiled.spec.period,
+                              compiled.spec.count - int(remaining))
 
 
 def _headers(style: str, policy: str, compiled: CompiledLimit, remaining: int,

@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,11 +56,15 @@ MICRO = 1_000_000
 # order (the key's state; a sliding log's running total is that key .. ':n').
 # ops: d = decide (all or nothing), u = usage (read only), r = release a lease,
 #      n = renew a lease, l = take a slice (sync = "lease"; the lease entry is
-#      "want:divisor"), g = give a slice back (the lease entry is "unused:mark").
+#      "want:divisor"), g = give a slice back (the lease entry is "unused:mark"),
+#      c = charge what was admitted while Redis was down (the lease entry is
+#      "ahead:0" for a token bucket: its TAT at least now + ahead µs; "n:mark" for a
+#      fixed window: n more in the window starting at mark µs).
 # Reply: {now (µs), then per group: d -> {refused (0, or the 1-based index of the
 # refusing limit), then remaining, reset (µs), retry (µs) per limit evaluated};
 # u -> {used, reset (µs)} per limit; l -> {granted (0: refused), remaining after it,
-# reset (µs), retry (µs), mark (a fixed window's start, µs)} per limit; r, n, g -> {}}.
+# reset (µs), retry (µs), mark (a fixed window's start, µs)} per limit;
+# r, n, g, c -> {}}.
 SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -219,6 +223,23 @@ local function give(alg, key, count, period, unused, mark)
   end
 end
 
+-- after an outage: count what a process admitted on its own meanwhile
+local function charge(alg, key, count, period, capacity, amount, mark)
+  if alg == '1' then
+    local new = now + math.min(amount, capacity * period / count)
+    local tat = tonumber(redis.call('GET', key))
+    if (not tat) or tat < new then
+      redis.call('SET', key, string.format('%.17g', new), 'PX', ceil((new - now) / 1000) + 1)
+    end
+    return
+  end
+  local start, c, p = roll(key, period)
+  if start == mark then
+    redis.call('HSET', key, 'w', start, 'c', math.min(count, c + amount), 'p', p)
+    redis.call('PEXPIRE', key, ceil((start + 2 * period - now) / 1000) + 1)
+  end
+end
+
 local function usage(alg, key, count, period, capacity)
   if alg == '1' then
     local interval = period / count
@@ -297,6 +318,10 @@ for _ = 1, tonumber(ARGV[1]) do
         local unused, mark = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
         give(ARGV[i], KEYS[k], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
              tonumber(unused), tonumber(mark))
+      elseif op == 'c' then
+        local amount, mark = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
+        charge(ARGV[i], KEYS[k], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+               tonumber(ARGV[i + 4]), tonumber(amount), tonumber(mark))
       elseif op == 'n' then
         redis.call('ZADD', KEYS[k], 'XX', now + tonumber(ARGV[i + 3]), ARGV[i + 5])
         redis.call('PEXPIRE', KEYS[k], ceil(tonumber(ARGV[i + 3]) / 1000) + 1000)
@@ -503,10 +528,13 @@ class SharedLimits:
             if self.on_trip is not None:
                 self.on_trip()
 
-    async def probe(self) -> bool:
-        """PING; close the breaker if Redis answers."""
+    async def probe(self, before: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """PING; close the breaker if Redis answers (after ``before``, if given, has
+        run: what must reach Redis before decisions do)."""
         try:
             await self.cluster.call(lambda redis: redis.ping())
+            if before is not None:
+                await before()
         except BackendUnavailable:
             return False
         if not self.closed:
@@ -523,9 +551,10 @@ class SharedLimits:
         return [ALGORITHM_CODES[algorithm], cost, count, int(micro), capacity, lease,
                 rejections, label]
 
-    async def renew(self) -> None:
-        """Extend every lease this worker holds, in one call."""
-        if not self.held or not self.closed:
+    async def renew(self, force: bool = False) -> None:
+        """Extend every lease this worker holds, in one call (``force``: even with the
+        breaker open, as Redis comes back)."""
+        if not self.held or not (self.closed or force):
             return
         ops = [("n", self.params("concurrency", 0, 0, 0, 0, lease, "", ""), [key])
                for lease, key in list(self.held.items())]
