@@ -109,6 +109,48 @@ def replay_token_bucket(lines: list[tuple[float, str, list[str]]], state_key: st
     return out
 
 
+def replay_slices(lines: list[tuple[float, str, list[str]]], state_key: str,
+                  count: int, period: float, burst: int) -> int:
+    """What Redis handed out of ``state_key`` in slices, net of what came back: the
+    script's take and give-back ops replayed in Redis's order at their ``TIME``
+    stamps on the in-memory bucket (a slice counted as that many requests)."""
+    bucket = TokenBucket(count, period, burst, 10)
+    net = 0
+    pending: list[tuple[str, int, int, int]] | None = None
+    for stamp, client, args in lines:
+        if client != "0 lua":
+            pending = _slice_ops(args, state_key) if args[:2] in (
+                ["evalsha", SHA], ["EVALSHA", SHA]) else None
+        elif args[:1] == ["TIME"] and pending is not None:
+            ops, pending = pending, None
+            for op, cost, first, second in ops:
+                if op == "g":
+                    bucket.refund("k", first, stamp)
+                    net -= first
+                    continue
+                avail = burst - bucket.usage("k", stamp)[0]
+                if avail >= cost:
+                    granted = max(cost, min(first, avail // second))
+                    assert bucket.hit("k", granted, stamp) >= 0
+                    net += granted
+    return net
+
+
+def _slice_ops(args: list[str], state_key: str) -> list[tuple[str, int, int, int]]:
+    """The take (``l``: cost, want, divisor) and give-back (``g``: unused) groups of one
+    EVALSHA on ``state_key``."""
+    numkeys = int(args[2])
+    keys, argv = args[3:3 + numkeys], args[3 + numkeys:]
+    i, k, found = 1, 0, []
+    for _ in range(int(argv[0])):
+        op, n = argv[i], int(argv[i + 1])
+        if op in ("l", "g") and n == 1 and keys[k] == state_key:
+            first, second = (int(x) for x in argv[i + 2 + 5].split(":"))
+            found.append((op, int(argv[i + 2 + 1]), first, second))
+        i, k = i + 2 + 8 * n, k + n
+    return found
+
+
 def replay_times(stamps: list[float], count: int, burst: int) -> int:
     """How many of requests arriving at ``stamps`` the in-memory bucket admits."""
     bucket = TokenBucket(count, 1.0, burst, 10)
@@ -332,6 +374,19 @@ async def test_three_nodes_of_two_workers_count_every_limit_once(
                         if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
                         and any(a.startswith(lease_prefix) and a.endswith(":" + run + "}")
                                 for a in args[3:3 + int(args[2])]))
+            # and exactly what Redis handed out, net of the slices given back (each
+            # within a second), by the algorithm at Redis's times: workers spend
+            # nothing they were not given, and give back what they do not spend
+            state_key = next(a for _, _, args in list(monitor.lines)
+                             if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
+                             for a in args[3:3 + int(args[2])]
+                             if a.startswith(lease_prefix) and a.endswith(":" + run + "}"))
+
+            def handed_out(key: str = state_key) -> int:
+                return replay_slices(list(monitor.lines), key, RATE, 1.0, RATE)
+
+            await wait_until(lambda n=admitted: handed_out() == n, timeout=5,
+                             message="the slices handed out, net, equal to the admitted")
             print(f"lease {run}: admitted {admitted}; in-memory bucket at the send times "
                   f"{at_sent}, at the answer times {at_answer}; bound {bound:.0f}; "
                   f"{calls} script calls for {len(statuses)} requests")

@@ -14,7 +14,7 @@ from lucid_ratelimiter.redis_store import MICRO, SharedLimits, state_key
 
 from lucid.cluster import Cluster
 from lucid.config import ClusterConfig
-from lucid.testing import json_request, wait_until
+from lucid.testing import json_request, run_gateway, wait_until
 
 ALGORITHM_CASES = [  # (algorithm, count, period, capacity)
     ("token_bucket", 5, 0.5, 8),
@@ -372,12 +372,12 @@ routes = ["heavy"]
 
 
 async def test_lease_slices_never_admit_beyond_the_limit_and_go_back_unspent(
-        lucid_redis, lucid_upstream, lucid_gateway):
+        lucid_redis, lucid_upstream, lucid_gateway, tmp_path):
     """``sync = "lease"`` on two gateways: each spends slices of the allowance taken
     from Redis, so together they admit exactly the burst (never more) with fewer
     script calls than requests; a refusal's Retry-After is the limit's; the unspent
     part of a slice goes back to Redis when it expires (1 s), so the usage report
-    counts only what was admitted."""
+    counts only what was admitted; a gateway that stops gives its slices back."""
     server = lucid_redis()
     upstream = await lucid_upstream()
     a = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url))
@@ -405,9 +405,9 @@ async def test_lease_slices_never_admit_beyond_the_limit_and_go_back_unspent(
     # second the rest goes back, and Redis counts 1 used
     assert (await call(a, "/x", "gamma"))[0] == 200
 
-    async def usage() -> int:
+    async def usage(key: str = "h:gamma") -> int:
         status, report = await json_request(
-            b.session, "GET", b.admin_url + "/ratelimiter/usage?limit=bucket&key=h:gamma")
+            b.session, "GET", b.admin_url + f"/ratelimiter/usage?limit=bucket&key={key}")
         return report["usage"][0]["used"] if report["usage"] else 0
 
     assert await usage() > 1  # the slice is counted in Redis while a holds it
@@ -416,3 +416,8 @@ async def test_lease_slices_never_admit_beyond_the_limit_and_go_back_unspent(
         return await usage() == 1
 
     await wait_until(given_back, timeout=3, message="the unspent slice back in Redis")
+    async with run_gateway(gateway_config(upstream.url, LEASED, server.url),
+                           tmp_path / "c") as c:
+        assert (await call(c, "/x", "delta"))[0] == 200
+        assert await usage("h:delta") > 1
+    assert await usage("h:delta") == 1
