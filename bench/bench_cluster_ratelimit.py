@@ -17,7 +17,10 @@ order rotating each round:
   0.80, lease ≥ 0.95);
 * **Redis calls per request**: script calls ÷ requests (``/ratelimiter/status``;
   goal for lease at steady state below the limit: ≤ 0.1);
-* **added latency**: p50 and p99 of each Redis gateway minus the local one's.
+* **added latency**: p50 and p99 of each Redis gateway minus the local one's;
+* **CPU per request** of each gateway (``/proc``: the process and its workers) and of
+  ``redis-server``, and local ÷ (gateway + Redis): what the throughput ratio would
+  be were the gateway CPU-bound, steadier than req/s on a shared machine.
 
 **Outage**, once per sync mode: a Redis gateway with a token bucket of 200/s, burst
 200, driven for 12 s; Redis is ``SIGSTOP``-ped for 5 s from second 3
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -87,6 +91,16 @@ def loadgen(url: str, connections: int, duration: float) -> dict[str, Any]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a ``lucid serve`` process and the workers it forked."""
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    total = 0
+    for one in pids:
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def status(session: aiohttp.ClientSession, node: GatewayProcess) -> dict[str, Any]:
     async with session.get(node.admin_url + "/ratelimiter/status") as r:
         return await r.json()  # type: ignore[no-any-return]
@@ -111,8 +125,14 @@ async def paired(redis: RedisServer, upstream: str, work: Path, rounds: int,
                 for name in order:
                     node = nodes[name]
                     before = await status(session, node)
+                    cpu = cpu_seconds(node.proc.pid), cpu_seconds(redis.proc.pid)
                     result = await asyncio.to_thread(loadgen, node.proxy_url + "/x",
                                                      connections, duration)
+                    requests = max(1, result["requests"])
+                    result["cpu_us_per_request"] = (
+                        cpu_seconds(node.proc.pid) - cpu[0]) / requests * 1e6
+                    result["redis_cpu_us_per_request"] = (
+                        cpu_seconds(redis.proc.pid) - cpu[1]) / requests * 1e6
                     after = await status(session, node)
                     row[name] = result
                     if name != "local":
@@ -122,6 +142,12 @@ async def paired(redis: RedisServer, upstream: str, work: Path, rounds: int,
                         result["degraded"] = sum(after["backend"]["degraded"].values())
                 for name in MODES[1:]:
                     row[name]["ratio"] = row[name]["rps"] / row["local"]["rps"]
+                    # what a CPU-bound gateway would sustain: local CPU per request ÷
+                    # this one's (gateway and Redis CPU counted), less noisy on a
+                    # shared machine than req/s
+                    row[name]["cpu_ratio"] = row["local"]["cpu_us_per_request"] / (
+                        row[name]["cpu_us_per_request"]
+                        + row[name]["redis_cpu_us_per_request"])
                 rows.append(row)
                 print(f"round {n + 1}: local {row['local']['rps']:.0f} req/s; " + "; ".join(
                     f"{name} {row[name]['rps']:.0f} req/s, ratio {row[name]['ratio']:.3f}, "
@@ -132,6 +158,12 @@ async def paired(redis: RedisServer, upstream: str, work: Path, rounds: int,
             node.stop()
     return {"rounds": rows, **{name: {
         "ratio_median": statistics.median(r[name]["ratio"] for r in rows),
+        "cpu_ratio_median": statistics.median(r[name]["cpu_ratio"] for r in rows),
+        "cpu_us_per_request": statistics.median(r[name]["cpu_us_per_request"] for r in rows),
+        "redis_cpu_us_per_request": statistics.median(r[name]["redis_cpu_us_per_request"]
+                                                      for r in rows),
+        "local_cpu_us_per_request": statistics.median(r["local"]["cpu_us_per_request"]
+                                                      for r in rows),
         "calls_per_request_median": statistics.median(r[name]["calls_per_request"]
                                                       for r in rows),
         "added_p50_ms": statistics.median(r[name]["p50_ms"] - r["local"]["p50_ms"]
@@ -220,6 +252,12 @@ def main() -> None:
         print(f"| req/s, Redis ÷ local (median of {args.rounds}) | "
               f"{strict['ratio_median']:.3f} | {lease['ratio_median']:.3f} | "
               f"strict ≥ {GOAL_STRICT}, lease ≥ {GOAL_LEASE} |")
+        print("| CPU per request, local ÷ (gateway + Redis) (median) | "
+              f"{strict['cpu_ratio_median']:.3f} | {lease['cpu_ratio_median']:.3f} | |")
+        print("| CPU µs per request: gateway + Redis (local: "
+              f"{strict['local_cpu_us_per_request']:.0f}) | "
+              f"{strict['cpu_us_per_request']:.0f} + {strict['redis_cpu_us_per_request']:.0f} | "
+              f"{lease['cpu_us_per_request']:.0f} + {lease['redis_cpu_us_per_request']:.0f} | |")
         print(f"| Redis calls per request | {strict['calls_per_request_median']:.4f} | "
               f"{lease['calls_per_request_median']:.4f} | lease ≤ 0.1 |")
         print(f"| added latency p50 / p99 (ms) | {strict['added_p50_ms']:.2f} / "
