@@ -140,7 +140,7 @@ def _slice_ops(args: list[str], state_key: str) -> list[tuple[str, int, int, int
     """The take (``l``: cost, want, divisor) and give-back (``g``: unused) groups of one
     EVALSHA on ``state_key``."""
     numkeys = int(args[2])
-    keys, argv = args[3:3 + numkeys], args[3 + numkeys:]
+    keys, argv = args[3:3 + numkeys], script_args(args, numkeys)
     i, k, found = 1, 0, []
     for _ in range(int(argv[0])):
         op, n = argv[i], int(argv[i + 1])
@@ -157,10 +157,16 @@ def replay_times(stamps: list[float], count: int, burst: int) -> int:
     return sum(1 for stamp in stamps if bucket.hit("k", 1, stamp) >= 0)
 
 
+def script_args(args: list[str], numkeys: int) -> list[str]:
+    """The script's arguments: one string, fields joined by \\x1f (as MONITOR
+    escapes it)."""
+    return args[3 + numkeys].split("\\x1f")
+
+
 def _decisions_on(args: list[str], state_key: str) -> int:
     """``d`` groups of one EVALSHA whose (single) limit is ``state_key``."""
     numkeys = int(args[2])
-    keys, argv = args[3:3 + numkeys], args[3 + numkeys:]
+    keys, argv = args[3:3 + numkeys], script_args(args, numkeys)
     i, k, found = 1, 0, 0
     for _ in range(int(argv[0])):
         op, n = argv[i], int(argv[i + 1])
