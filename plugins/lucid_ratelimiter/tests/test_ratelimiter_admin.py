@@ -80,6 +80,7 @@ async def test_bad_input_is_refused_naming_each_field_and_changes_nothing(
         ({"id": "a", "rate": "10/s", "colour": "red"}, "colour"),
         ({"id": "a b", "rate": "10/s"}, "id"),
         ({"id": "a"}, "rate"),
+        ({"id": "a", "rate": "10/s", "algorithm": "sliding_window", "sync": "lease"}, "sync"),
     ]
     for payload, field in cases:
         status, body = await call(gw, "POST", "/limits", json=payload)

@@ -386,8 +386,10 @@ async def test_lease_slices_never_admit_beyond_the_limit_and_go_back_unspent(
     counts only what was admitted; a gateway that stops gives its slices back."""
     server = lucid_redis()
     upstream = await lucid_upstream()
-    a = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url))
-    b = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url))
+    # 5 s Redis timeouts: a stall of this shared machine must not open a breaker
+    # (decisions would then be local shares, and these counts are exact)
+    a = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url, timeout="5s"))
+    b = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url, timeout="5s"))
     answers = [await call((a, b)[n % 2], "/x", "acme") for n in range(30)]
     statuses = [status for status, _ in answers]
     assert statuses.count(200) == 12 and set(statuses) == {200, 429}
@@ -422,8 +424,7 @@ async def test_lease_slices_never_admit_beyond_the_limit_and_go_back_unspent(
         return await usage() == 1
 
     await wait_until(given_back, timeout=3, message="the unspent slice back in Redis")
-    # (a 5 s timeout: a stall of this shared machine must not open the breaker, which
-    # drops slices rather than give them back)
+    # (an open breaker would drop slices rather than give them back)
     async with run_gateway(gateway_config(upstream.url, LEASED, server.url, timeout="5s"),
                            tmp_path / "c") as c:
         assert (await call(c, "/x", "delta"))[0] == 200
