@@ -10,6 +10,13 @@ stamps, a few µs apart. The reference replays the decisions in Redis's order at
 interval ("sensitive"): the admitted count must lie within −1% and +0% of the
 reference, widened by those (normally none).
 
+The same bucket with ``sync = "lease"`` (workers spend slices taken from Redis, so
+Redis never sees most arrival times) is checked twice: the admitted count equals what
+Redis handed out in slices net of those given back (the take and give-back ops
+replayed at their ``TIME`` stamps), and is within −1% of the in-memory bucket fed
+the times each request was written to a connection (and answered), never above
+burst + rate × the run's span.
+
 ``LUCID_RL_CLUSTER_SECONDS`` and ``LUCID_RL_CLUSTER_RATE`` set the load runs (the
 issue's figures are 10 s at 100/s with a burst of 100; the default, 3 s at 25/s with a
 burst of 25, keeps the test run short and within what one Python client can offer at

@@ -112,6 +112,41 @@ async def test_slices_are_counted_as_that_many_requests_and_given_back(
         await cluster.close()
 
 
+async def test_what_a_share_admitted_during_an_outage_is_charged_to_redis(lucid_redis):
+    """The ``c`` op (Redis is back): a token bucket's TAT moves at least as far ahead as
+    the share's (never back), capped at a full bucket; a fixed window counts the
+    share's admissions only in the window they were made in."""
+    server = lucid_redis()
+    cluster = Cluster(ClusterConfig(backend=server.url), "test")
+    await cluster.start()
+    shared = SharedLimits(cluster, lease_seconds=30.0)
+    try:
+        bucket = shared.params("token_bucket", 0, 10, 60.0, 10, "", "", "b")
+        usage = [("u", bucket, ["lim:{b}"])]
+        charge = [("c", [*bucket[:5], f"{30 * MICRO}:0", "", ""], ["lim:{b}"])]
+        await shared.run(charge)  # 30 s ahead at 10/min: 5 used
+        assert (await shared.run(usage))[1][0] == 5
+        charge[0][1][5] = f"{6 * MICRO}:0"  # less than Redis has: no change
+        await shared.run(charge)
+        assert (await shared.run(usage))[1][0] == 5
+        charge[0][1][5] = f"{3600 * MICRO}:0"  # more than a bucket: full, not beyond
+        await shared.run(charge)
+        assert (await shared.run(usage))[1][0] == 10
+
+        window = shared.params("fixed_window", 0, 10, 3600.0, 10, "", "", "w")
+        now = (await shared.run([]))[0]
+        mark = now - now % (3600 * MICRO)
+        charge = [("c", [*window[:5], f"3:{mark}", "", ""], ["lim:{w}"])]
+        await shared.run(charge)
+        await shared.run(charge)
+        assert (await shared.run([("u", window, ["lim:{w}"])]))[1][0] == 6
+        charge[0][1][5] = f"3:{mark - 3600 * MICRO}"  # the window before: not this one
+        await shared.run(charge)
+        assert (await shared.run([("u", window, ["lim:{w}"])]))[1][0] == 6
+    finally:
+        await cluster.close()
+
+
 # ---------------------------------------------------------------------------
 # through gateways: two on one Redis, against one counting in memory
 # ---------------------------------------------------------------------------
