@@ -131,6 +131,14 @@ class RunningGateway:
     #: bodies, so a test sees what the gateway sent
     session: aiohttp.ClientSession
 
+    def plugin(self, name: str) -> Any:
+        """The enabled plugin named ``name`` (its instance: counters, state), for a
+        test to look at; LookupError if no such plugin is enabled."""
+        target = self.runtime.plugin_set.pm.get_plugin(name)
+        if target is None:
+            raise LookupError(f"no enabled plugin is named {name!r}")
+        return target
+
     def plugin_hook(self, plugin: str, hook: str) -> Callable[..., Any]:
         """Call ``hook`` of the enabled plugin named ``plugin`` alone, with keyword
         arguments as the hook spec names them: that plugin's own answer, not the first

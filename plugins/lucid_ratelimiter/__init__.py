@@ -33,9 +33,19 @@ from lucid.config import ConfigError, data_dir
 from lucid.definitions import BackendUnavailable, Kind, legacy_rows, read_stored
 from lucid.model import Event, Exchange, Generation, Rejection
 from lucid.plugins import hookimpl
-from lucid_ratelimiter.algorithms import ALGORITHMS, Limiter
+from lucid_ratelimiter.algorithms import ALGORITHMS, FixedWindow, Limiter, TokenBucket
 from lucid_ratelimiter.config import Limit, RateLimiterConfig, RouteSettings
-from lucid_ratelimiter.redis_store import ALGORITHM_CODES, MICRO, SharedLimits, limit_keys
+from lucid_ratelimiter.redis_store import (
+    ALGORITHM_CODES,
+    LEASE_SECONDS,
+    LEASE_SHARE,
+    MAX_SLICE,
+    MICRO,
+    SharedLimits,
+    Slice,
+    limit_keys,
+    state_key,
+)
 from lucid_ratelimiter.store import Row, SqliteStore
 
 if TYPE_CHECKING:
@@ -100,7 +110,8 @@ class CompiledLimit:
 
     __slots__ = ("id", "spec", "source", "revision", "limiter", "key_of", "quota", "concurrent",
                  "signature", "rejections", "limit", "policy", "ietf_prefix", "x_limit",
-                 "dirty", "shared_prefix", "shared_rejections", "shared_args", "fallback")
+                 "dirty", "shared_prefix", "shared_rejections", "shared_args", "fallback",
+                 "lease", "slices", "seen", "seeded")
 
     def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str,
                  revision: int = 0):
@@ -128,6 +139,14 @@ class CompiledLimit:
         self.shared_args: tuple[str, int, int, int] = ("", 0, 0, 0)
         # while Redis is down (on_backend_failure = "local"): this process's share
         self.fallback: Limiter | None = None
+        # sync = "lease" (with a Redis backend): the slices this worker holds, by key
+        self.lease = spec.sync == "lease"
+        self.slices: dict[str, Slice] = {}
+        # what Redis last said of each key (token bucket: its TAT, epoch s; fixed
+        # window: (window start, used)), so that a process's share while Redis is
+        # down starts where the cluster was, not full; and what was seeded from it
+        self.seen: dict[str, Any] = {}
+        self.seeded: dict[str, tuple[float, int]] = {}
 
 
 @dataclass(slots=True)
@@ -139,6 +158,9 @@ class Plan:
     limits: tuple[CompiledLimit, ...]
     policy: str
     slots: tuple[CompiledLimit, ...] = ()
+    # every limit sync = "lease" (and no concurrency limit), counted in Redis: decided
+    # from this worker's slices; any other plan is decided in Redis, request by request
+    lease: bool = False
 
 
 @dataclass
@@ -162,7 +184,8 @@ class Table:
         ]
         chosen = tuple(c for c in applicable if not c.concurrent)
         slots = tuple(c for c in applicable if c.concurrent)
-        plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots)
+        lease = self.shared and bool(chosen) and not slots and all(c.lease for c in chosen)
+        plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots, lease)
         if len(self.plans) < 10_000:
             self.plans[(route_id, tier)] = plan
         return plan
@@ -327,6 +350,9 @@ class RateLimiterPlugin:
         for compiled in table.limits.values():
             previous = old.get(compiled.id)
             if previous is not None and previous.signature == compiled.signature:
+                compiled.slices = previous.slices  # given back when they expire
+                compiled.seen = previous.seen
+                compiled.fallback, compiled.seeded = previous.fallback, previous.seeded
                 compiled.limiter = limiter = previous.limiter
                 limiter.max_keys = max_keys
                 limiter.count = compiled.spec.count  # a concurrency limit's max_in_flight
@@ -339,9 +365,14 @@ class RateLimiterPlugin:
                 if restored is not None and restored.signature == sig:
                     restored.limiter.load(key, window, value, before, now)
             self._restored = []
+        gone = [previous for id, previous in old.items()
+                if previous.slices and (id not in table.limits
+                                        or table.limits[id].slices is not previous.slices)]
+        if gone and self.shared is not None:
+            self._give_back(gone, every=True)
         self.table = table
         if self.shared is not None and not self.shared.closed:
-            self._degrade()  # Redis is down: the new limits need their local share
+            self._degrade(missing=True)  # Redis is down: new limits need their share
         return {
             id: (table.limits[id].signature if id in table.limits else None)
             for id, previous in old.items()
@@ -364,6 +395,13 @@ class RateLimiterPlugin:
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        if self.shared is not None and self.table is not None and self.shared.closed:
+            ops = self._slices_back(self.table.limits.values(), time.monotonic(), every=True)
+            if ops:
+                try:  # unspent slices back to the cluster (else they expire there)
+                    await self.shared.run(ops)
+                except Exception:  # noqa: BLE001 - shutting down: they expire anyway
+                    log.info("could not give %d slices back to Redis", len(ops))
         if self.store is not None:
             await self.flush()
             await self.store.close()
@@ -414,6 +452,8 @@ class RateLimiterPlugin:
             return None
         if table.shared and self.shared is not None:
             if self.shared.closed:
+                if plan.lease:
+                    return self._admit_lease(exchange, plan, cost, style)
                 return self._admit_shared(exchange, plan, cost, style)
             return self._degraded(exchange, table, plan, cost, style)
         return self._admit_local(exchange, plan, cost, style, False)
@@ -502,7 +542,7 @@ class RateLimiterPlugin:
         for compiled in every:
             key = compiled.key_of(exchange)
             labels.append(key)
-            keys.append(compiled.shared_prefix + key)
+            keys.append(state_key(compiled.shared_prefix, key))
             code, count, period, capacity = compiled.shared_args
             lease = ""
             if compiled.concurrent:
@@ -517,6 +557,9 @@ class RateLimiterPlugin:
             assert table is not None
             return self._degraded(exchange, table, plan, cost, style)
         refused = int(reply[0]) - 1
+        now = self.clock()
+        for i in range(min(len(plan.limits), (len(reply) - 1) // 3)):
+            _remember(plan.limits[i], labels[i], reply[1 + 3 * i], reply[2 + 3 * i], now)
         if refused >= 0:
             at = 1 + 3 * refused
             compiled = every[refused]
@@ -540,6 +583,147 @@ class RateLimiterPlugin:
                 reply[2 + 3 * best] / MICRO)
         return None
 
+    def _admit_lease(self, exchange: Exchange, plan: Plan, cost: int,
+                     style: str) -> Any:
+        """``sync = "lease"``: admit from this worker's slices, synchronously, when every
+        limit's slice still holds ``cost``; else take slices from Redis (awaitable)."""
+        now = time.monotonic()
+        limits = plan.limits
+        keys = []
+        ready = True
+        for compiled in limits:
+            key = compiled.key_of(exchange)
+            keys.append(key)
+            piece = compiled.slices.get(key)
+            if piece is None or piece.tokens < cost or piece.deadline <= now:
+                ready = False
+        if not ready:
+            return self._take_slices(exchange, plan, keys, cost, style, now)
+        for compiled, key in zip(limits, keys, strict=True):
+            compiled.slices[key].tokens -= cost
+        self._lease_admitted(exchange, plan, keys, style, now)
+        return None
+
+    def _lease_admitted(self, exchange: Exchange, plan: Plan, keys: list[str], style: str,
+                        now: float) -> None:
+        """Count an admission from slices; its headers name the limit with the fewest
+        requests left, as Redis last said (what this worker's slice still holds, plus
+        what was left when it was taken: other workers' slices are not seen)."""
+        self.admitted += 1
+        if style == "none":
+            return
+        best: Slice | None = None
+        chosen = plan.limits[0]
+        for compiled, key in zip(plan.limits, keys, strict=True):
+            piece = compiled.slices.get(key)
+            if piece is None:  # given back meanwhile (a reload, Redis failing)
+                continue
+            if best is None or piece.remaining + piece.tokens < best.remaining + best.tokens:
+                best, chosen = piece, compiled
+        if best is None:
+            return
+        exchange.response_headers += _headers(
+            style, plan.policy, chosen, best.remaining + best.tokens,
+            max(0.0, best.reset_at - now))
+
+    async def _take_slices(self, exchange: Exchange, plan: Plan, keys: list[str], cost: int,
+                           style: str, now: float) -> Rejection | None:
+        """Take a slice of every limit whose slice cannot pay ``cost`` (one batched
+        script call); the request spends ``cost`` of each, or of none if one refuses
+        (the slices taken stay with the worker). A slice is at most what is left ÷
+        (LEASE_SHARE × live processes), and just ``cost`` once little is left: near
+        the limit every request is decided in Redis, as with ``sync = "strict"``."""
+        shared = self.shared
+        assert shared is not None
+        divisor = LEASE_SHARE * max(1, self.processes)
+        reserved: list[Slice] = []
+        asked: list[tuple[CompiledLimit, str, Slice]] = []
+        args: list[Any] = []
+        state: list[str] = []
+        for compiled, key in zip(plan.limits, keys, strict=True):
+            piece = compiled.slices.get(key)
+            if piece is None:
+                piece = compiled.slices[key] = Slice()
+            if piece.tokens >= cost and piece.deadline > now:
+                piece.tokens -= cost
+                reserved.append(piece)
+                continue
+            if piece.deadline > now:  # spent before it expired: ask for more next time
+                piece.want = min(MAX_SLICE, piece.want * 2)
+            elif piece.tokens:  # expired: what is left goes back
+                self._give_back([compiled], key=key)
+            code, count, period, capacity = compiled.shared_args
+            args += (code, cost, count, period, capacity, f"{piece.want}:{divisor}",
+                     compiled.shared_rejections, key)
+            state.append(state_key(compiled.shared_prefix, key))
+            asked.append((compiled, key, piece))
+        try:
+            reply = await shared.take(args, state)
+        except BackendUnavailable:
+            for piece in reserved:
+                piece.tokens += cost
+            table = self.table
+            assert table is not None
+            return self._degraded(exchange, table, plan, cost, style)
+        refused: tuple[CompiledLimit, str, float, float] | None = None
+        wall = self.clock()
+        for n, (compiled, key, piece) in enumerate(asked):
+            granted, remaining, reset, retry, mark = reply[5 * n:5 * n + 5]
+            if not granted:
+                if refused is None:
+                    refused = (compiled, key, retry / MICRO, reset / MICRO)
+                continue
+            until = reset / MICRO
+            _remember(compiled, key, remaining, reset, wall)
+            piece.tokens += int(granted)
+            piece.remaining = int(remaining)
+            piece.reset_at = now + until
+            piece.mark = int(mark)
+            # a fixed window's slice is worth nothing once its window ends
+            piece.deadline = now + (min(LEASE_SECONDS, until) if mark else LEASE_SECONDS)
+        if refused is not None:
+            for piece in reserved:
+                piece.tokens += cost
+            compiled, key, retry_after, reset = refused
+            return self._reject(exchange, compiled, key, style, plan, retry_after, reset)
+        for _, _, piece in asked:
+            piece.tokens -= cost
+        self._lease_admitted(exchange, plan, keys, style, now)
+        return None
+
+    def _slices_back(self, limits: Iterable[CompiledLimit], now: float, every: bool = False,
+                     key: str | None = None) -> list[tuple[str, list[Any], list[str]]]:
+        """``g`` groups giving back the unspent tokens of expired slices (``every``: of
+        all slices; ``key``: of that key's only). Slices idle for a while are dropped."""
+        ops: list[tuple[str, list[Any], list[str]]] = []
+        for compiled in limits:
+            slices = compiled.slices
+            if not slices:
+                continue
+            code, count, period, capacity = compiled.shared_args
+            for name in ([key] if key is not None else list(slices)):
+                piece = slices.get(name)
+                if piece is None or not (every or key is not None or piece.deadline <= now):
+                    continue
+                if piece.tokens > 0:
+                    ops.append(("g", [code, 0, count, period, capacity,
+                                      f"{piece.tokens}:{piece.mark}", "", ""],
+                                [state_key(compiled.shared_prefix, name)]))
+                    piece.tokens = 0
+                    piece.want = max(1, piece.want // 2)
+                if every or (key is None and piece.deadline <= now - 10 * LEASE_SECONDS):
+                    del slices[name]
+        return ops
+
+    def _give_back(self, limits: Iterable[CompiledLimit], every: bool = False,
+                   key: str | None = None) -> None:
+        """Give slices back in the worker's next batch (nobody waits for it)."""
+        shared = self.shared
+        if shared is None or not shared.closed:
+            return
+        for op, args, keys in self._slices_back(limits, time.monotonic(), every, key):
+            shared.enqueue(op, args, keys)
+
     def _degraded(self, exchange: Exchange, table: Table, plan: Plan, cost: int,
                   style: str) -> Rejection | None:
         """Redis is down: ``on_backend_failure`` decides (each decision counted)."""
@@ -556,17 +740,73 @@ class RateLimiterPlugin:
                              reason="rate limit backend unavailable", retry_after=1)
         return self._admit_local(exchange, plan, cost, style, True)
 
-    def _degrade(self) -> None:
-        """The breaker opened: give every limit this process's share (limit ÷ live
-        gateway processes, at least 1), counted in memory from now on."""
+    def _degrade(self, missing: bool = False) -> None:
+        """The breaker opened: give every limit (``missing``: every limit without one
+        yet) this process's share (limit ÷ live gateway processes, at least 1),
+        counted in memory from now on, starting from what Redis last said of each key."""
         if self.table is None:
             return
         share = max(1, self.processes)
+        now = self.clock()
         for compiled in self.table.limits.values():
+            if missing and compiled.fallback is not None:
+                continue
+            compiled.slices.clear()  # counted in Redis already: not spent twice
             spec = compiled.spec
-            compiled.fallback = ALGORITHMS[spec.algorithm](
+            compiled.fallback = fallback = ALGORITHMS[spec.algorithm](
                 max(1, spec.count // share), spec.period, max(1, spec.capacity // share),
                 self.table.config.max_keys)
+            seen, compiled.seen, compiled.seeded = compiled.seen, {}, {}
+            if isinstance(fallback, TokenBucket):
+                # a TAT is in seconds: the share's (1/share of the tokens, each worth
+                # share times the time) is the cluster's, so it starts as full
+                fallback.tats.update((key, tat) for key, tat in seen.items() if tat > now)
+            elif type(fallback) is FixedWindow:
+                window = fallback.window_at(now)
+                for key, (start, used) in seen.items():
+                    if abs(start - window) < spec.period / 2:
+                        fallback.counts[key] = part = min(fallback.count, -(-used // share))
+                        compiled.seeded[key] = (window, part)
+
+    async def _back(self) -> None:
+        """Redis answers again (before decisions go back to it): what was admitted
+        meanwhile counts in Redis, and the concurrency leases of requests still
+        running are renewed at once (else those that lapsed meanwhile would free
+        slots that are taken)."""
+        shared = self.shared
+        assert shared is not None
+        charges = self._charges()
+        for start in range(0, len(charges), 1000):
+            await shared.run(charges[start:start + 1000])
+        await shared.renew(force=True)
+
+    def _charges(self) -> list[tuple[str, list[Any], list[str]]]:
+        """Redis is back: ``c`` groups counting in it what this process admitted on
+        its own meanwhile (token buckets and fixed windows), so that the cluster does
+        not hand out the same allowance twice."""
+        ops: list[tuple[str, list[Any], list[str]]] = []
+        if self.table is None:
+            return ops
+        now = self.clock()
+        for compiled in self.table.limits.values():
+            # the share stays (requests meanwhile still use it) until the next outage
+            fallback = compiled.fallback
+            seeded, compiled.seeded = compiled.seeded, {}
+            code, count, period, capacity = compiled.shared_args
+            pending: list[tuple[str, str]] = []
+            if isinstance(fallback, TokenBucket):
+                pending = [(key, f"{int((tat - now) * MICRO)}:0")
+                           for key, tat in fallback.tats.items() if tat > now]
+            elif type(fallback) is FixedWindow:
+                window = fallback.window_at(now)
+                mark = round(window * MICRO)
+                for key, used in fallback.counts.items():
+                    start, part = seeded.get(key, (window, 0))
+                    if used > part and start == window:
+                        pending.append((key, f"{used - part}:{mark}"))
+            ops += [("c", [code, 0, count, period, capacity, amount, "", ""],
+                     [state_key(compiled.shared_prefix, key)]) for key, amount in pending]
+        return ops
 
     async def _watch_backend(self, runtime: Runtime) -> None:
         """While Redis is down, probe it every 0.2 s (requests never wait on a probe);
@@ -583,8 +823,8 @@ class RateLimiterPlugin:
             try:
                 if shared.closed and not cluster.up:
                     shared.trip()  # another call of this process found Redis down
-                if not shared.closed:
-                    await shared.probe()
+                if not shared.closed and await shared.probe(self._back):
+                    last_renew = time.monotonic()
                 now = time.monotonic()
                 # the live processes matter only once Redis fails: read them seldom
                 if shared.closed and now - last_members >= max(2.0, cluster.config.heartbeat):
@@ -596,6 +836,8 @@ class RateLimiterPlugin:
                     else:
                         self.processes = max(1, sum(
                             int(n.get("workers", 1)) for n in nodes if n.get("alive")))
+                if shared.closed and self.table is not None:
+                    self._give_back(self.table.limits.values())
                 if shared.closed and now - last_renew >= shared.lease_seconds / 3:
                     last_renew = now
                     await shared.renew()
@@ -671,6 +913,12 @@ class RateLimiterPlugin:
             self.swept += removed
             if len(compiled.rejections) >= MAX_REJECTION_KEYS:
                 compiled.rejections.clear()
+            if compiled.seen:  # what Redis said of keys since at rest or gone by
+                period = compiled.spec.period
+                compiled.seen = {
+                    key: value for key, value in list(compiled.seen.items())
+                    if (value > now if isinstance(value, float) else value[0] + period > now)
+                } if len(compiled.seen) < table_max(self) else {}
 
     def reset_key(self, key: str, limit_id: str | None = None) -> list[str]:
         """Forget a key's counters (in memory, and on disk at the next flush)."""
@@ -691,6 +939,21 @@ class RateLimiterPlugin:
 
     def data_path(self) -> Path | None:
         return self.runtime.data_dir / "ratelimiter.db" if self.runtime else None
+
+
+def table_max(plugin: RateLimiterPlugin) -> int:
+    return plugin.table.config.max_keys if plugin.table is not None else 1_000_000
+
+
+def _remember(compiled: CompiledLimit, key: str, remaining: int, reset: int,
+              now: float) -> None:
+    """Note what Redis answered of ``key`` (see ``CompiledLimit.seen``); ``reset`` µs."""
+    code = compiled.shared_args[0]
+    if code == "1":
+        compiled.seen[key] = now + reset / MICRO
+    elif code == "2":
+        compiled.seen[key] = (now + reset / MICRO - compiled.spec.period,
+                              compiled.spec.count - int(remaining))
 
 
 def _headers(style: str, policy: str, compiled: CompiledLimit, remaining: int,

@@ -21,7 +21,7 @@ from quart_schema import tag, validate_querystring, validate_request
 from lucid.admin import error_response, if_match, runtime
 from lucid.definitions import BackendUnavailable
 from lucid_ratelimiter.config import Limit
-from lucid_ratelimiter.redis_store import MICRO
+from lucid_ratelimiter.redis_store import MICRO, label_of, state_key
 
 if TYPE_CHECKING:
     from lucid_ratelimiter import CompiledLimit, RateLimiterPlugin
@@ -129,6 +129,9 @@ def backend_status(p: RateLimiterPlugin, table: Any) -> dict[str, Any]:
         "breaker_openings": shared.failures,
         "processes": p.processes,
         "leases_held": len(shared.held),
+        # sync = "lease": tokens this worker holds, taken from Redis, not yet spent
+        "slice_tokens": sum(piece.tokens for compiled in table.limits.values()
+                            for piece in list(compiled.slices.values())),
     }
 
 
@@ -272,20 +275,21 @@ async def shared_usage(shared: SharedLimits, table: Any, limit_id: str | None,
             labels = []
             async for name in redis.scan_iter(match=glob_escape(prefix) + "*", count=1000,
                                               _type=KEY_TYPES[compiled.spec.algorithm]):
-                labels.append(name[len(prefix):])
+                labels.append(label_of(name, prefix))
                 if len(labels) >= MAX_SCANNED:
                     break
             return labels, rejections
 
         labels, rejections = await shared.cluster.call(read)
-        labels = list(dict.fromkeys([*labels, *rejections]))
+        if key is None:  # else the one key asked for, not every key refused
+            labels = list(dict.fromkeys([*labels, *rejections]))
         code, count, period, capacity = compiled.shared_args
         args = shared.params(compiled.spec.algorithm, 0, count, compiled.spec.period,
                              capacity, "", "", "")
         for start in range(0, len(labels), 1000):
             chunk = labels[start:start + 1000]
             reply = await shared.run([("u", args * len(chunk),
-                                       [prefix + label for label in chunk])])
+                                       [state_key(prefix, label) for label in chunk])])
             values = reply[1]
             for i, label in enumerate(chunk):
                 used, reset = int(values[2 * i]), values[2 * i + 1] / MICRO
@@ -313,7 +317,7 @@ async def reset(data: ResetRequest) -> Any:
         names = []
         for limit_id in limits:
             compiled = table.limits[limit_id]
-            state = compiled.shared_prefix + data.key
+            state = state_key(compiled.shared_prefix, data.key)
             names.append((state, compiled.shared_rejections))
 
         async def forget(redis: Any) -> None:

@@ -175,6 +175,10 @@ class FixedWindow(Limiter):
         self.counts: dict[str, int] = {}
         self.previous: dict[str, int] = {}
 
+    def window_at(self, now: float) -> float:
+        """The start of the window ``now`` is in (the current one, once rolled)."""
+        return self._roll(now)
+
     def _roll(self, now: float) -> float:
         start = now - now % self.period
         if start != self.window:

@@ -18,6 +18,8 @@ Algorithm = Literal["token_bucket", "sliding_log", "sliding_window", "fixed_wind
 KeyType = Literal["ip", "user", "api_key", "header", "route", "service", "global"]
 HeaderStyle = Literal["all", "ietf", "x", "none"]
 BackendFailure = Literal["local", "open", "closed"]
+Sync = Literal["strict", "lease"]
+LEASE_ALGORITHMS = ("token_bucket", "fixed_window")
 
 PERIODS = {
     "s": 1, "sec": 1, "second": 1,
@@ -65,6 +67,9 @@ class Limit(BaseModel):
     burst: int | None = Field(default=None, ge=1, validate_default=True)
     routes: list[str] = Field(default_factory=list)
     tiers: list[str] = Field(default_factory=list)
+    # with a Redis [cluster] backend: decide every request in Redis ("strict"), or
+    # spend slices of the allowance taken from Redis ahead ("lease"; see README)
+    sync: Sync = Field(default="strict", validate_default=True)
 
     # field validators (not a model validator) so that a 422 names the field
     @field_validator("rate")
@@ -114,6 +119,15 @@ class Limit(BaseModel):
         algorithm = info.data.get("algorithm")
         if value is not None and algorithm is not None and algorithm != "token_bucket":
             raise ValueError("burst applies to algorithm = 'token_bucket' only")
+        return value
+
+    @field_validator("sync")
+    @classmethod
+    def _sync(cls, value: str, info: ValidationInfo) -> str:
+        algorithm = info.data.get("algorithm")
+        if value == "lease" and algorithm is not None and algorithm not in LEASE_ALGORITHMS:
+            raise ValueError(f"sync = 'lease' applies to algorithm = 'token_bucket' or "
+                             f"'fixed_window' only, not {algorithm!r} (use sync = 'strict')")
         return value
 
     @property

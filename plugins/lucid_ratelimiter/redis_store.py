@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,17 +49,31 @@ KEY_TYPES = {"token_bucket": "string", "fixed_window": "hash", "sliding_window":
              "sliding_log": "zset", "concurrency": "zset"}
 PER_LIMIT = 8  # ARGV entries per limit of a group (see SCRIPT)
 MICRO = 1_000_000
+SEPARATOR = "\x1f"  # between the script's arguments (see SCRIPT)
 
-# ARGV[1]: groups. Each group: op, limits; each limit: algorithm (ALGORITHM_CODES),
-# cost, count, period (µs; a concurrency limit's lease), capacity, lease id
+# The arguments travel as one string, fields joined by \x1f (US): one argument to
+# encode per call instead of ~11 per decision (redis-py encodes each in Python: the
+# largest cost of a batch, measured with cProfile). Logically, ARGV[1]: groups.
+# Each group: op, limits; each limit: algorithm (ALGORITHM_CODES), cost, count,
+# period (µs; a concurrency limit's lease), capacity, lease id
 # (concurrency), rejections hash, the key as users see it. KEYS: one per limit, in
 # order (the key's state; a sliding log's running total is that key .. ':n').
 # ops: d = decide (all or nothing), u = usage (read only), r = release a lease,
-#      n = renew a lease.
+#      n = renew a lease, l = take a slice (sync = "lease"; the lease entry is
+#      "want:divisor"), g = give a slice back (the lease entry is "unused:mark"),
+#      c = charge what was admitted while Redis was down (the lease entry is
+#      "ahead:0" for a token bucket: its TAT at least now + ahead µs; "n:mark" for a
+#      fixed window: n more in the window starting at mark µs).
 # Reply: {now (µs), then per group: d -> {refused (0, or the 1-based index of the
 # refusing limit), then remaining, reset (µs), retry (µs) per limit evaluated};
-# u -> {used, reset (µs)} per limit; r, n -> {}}.
+# u -> {used, reset (µs)} per limit; l -> {granted (0: refused), remaining after it,
+# reset (µs), retry (µs), mark (a fixed window's start, µs)} per limit;
+# r, n, g, c -> {}}.
 SCRIPT = """
+-- the arguments come as one string, fields separated by \\31 (see SharedLimits._call)
+local packed = ARGV[1] .. '\\31'
+local ARGV = {}
+for field in string.gmatch(packed, '(.-)\\31') do ARGV[#ARGV + 1] = field end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local floor, ceil = math.floor, math.ceil
@@ -168,6 +182,72 @@ local function decide(alg, key, cost, count, period, capacity, lease)
   end
 end
 
+-- sync = "lease": take a slice of what is left, at least cost and at most want,
+-- else an even share (what is left / divisor); refused (0) if cost does not fit.
+-- The slice is counted now, as that many requests would be: the cluster never
+-- admits more than the limit, whoever spends it.
+local function take(alg, key, cost, count, period, capacity, want, divisor)
+  local avail, write
+  if alg == '1' then
+    local interval = period / count
+    local tolerance = capacity * interval
+    local tat = tonumber(redis.call('GET', key))
+    if (not tat) or tat < now then tat = now end
+    avail = floor((tolerance - (tat - now) + interval * 1e-3) / interval)
+    if avail < cost then
+      return 0, 0, tat - now, tat + cost * interval - now - tolerance, 0
+    end
+    local slice = math.max(cost, math.min(want, floor(avail / divisor)))
+    local new = tat + slice * interval
+    redis.call('SET', key, string.format('%.17g', new), 'PX', ceil((new - now) / 1000) + 1)
+    return slice, avail - slice, new - now, 0, 0
+  end
+  local start, c, p = roll(key, period)
+  local reset = start + period - now
+  avail = count - c
+  if avail < cost then return 0, 0, reset, reset, start end
+  local slice = math.max(cost, math.min(want, floor(avail / divisor)))
+  redis.call('HSET', key, 'w', start, 'c', c + slice, 'p', p)
+  redis.call('PEXPIRE', key, ceil((reset + period) / 1000) + 1)
+  return slice, avail - slice, reset, 0, start
+end
+
+-- give back what a slice did not spend (a fixed window's only within its window)
+local function give(alg, key, count, period, unused, mark)
+  if alg == '1' then
+    local tat = tonumber(redis.call('GET', key))
+    if not tat then return end
+    local new = tat - unused * period / count
+    if new > now then
+      redis.call('SET', key, string.format('%.17g', new), 'PX', ceil((new - now) / 1000) + 1)
+    else
+      redis.call('DEL', key)
+    end
+    return
+  end
+  local start, c, p = roll(key, period)
+  if start == mark and c > 0 then
+    redis.call('HSET', key, 'w', start, 'c', math.max(0, c - unused), 'p', p)
+  end
+end
+
+-- after an outage: count what a process admitted on its own meanwhile
+local function charge(alg, key, count, period, capacity, amount, mark)
+  if alg == '1' then
+    local new = now + math.min(amount, capacity * period / count)
+    local tat = tonumber(redis.call('GET', key))
+    if (not tat) or tat < new then
+      redis.call('SET', key, string.format('%.17g', new), 'PX', ceil((new - now) / 1000) + 1)
+    end
+    return
+  end
+  local start, c, p = roll(key, period)
+  if start == mark then
+    redis.call('HSET', key, 'w', start, 'c', math.min(count, c + amount), 'p', p)
+    redis.call('PEXPIRE', key, ceil((start + 2 * period - now) / 1000) + 1)
+  end
+end
+
 local function usage(alg, key, count, period, capacity)
   if alg == '1' then
     local interval = period / count
@@ -228,6 +308,28 @@ for _ = 1, tonumber(ARGV[1]) do
         reply[#reply + 1] = floor(reset)
       elseif op == 'r' then
         redis.call('ZREM', KEYS[k], ARGV[i + 5])
+      elseif op == 'l' then
+        local want, divisor = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
+        local granted, remaining, reset, retry, mark = take(
+          ARGV[i], KEYS[k], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
+          tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(want), tonumber(divisor))
+        if granted == 0 then
+          redis.call('HINCRBY', ARGV[i + 6], ARGV[i + 7], 1)
+          redis.call('PEXPIRE', ARGV[i + 6], 86400000)
+        end
+        reply[#reply + 1] = granted
+        reply[#reply + 1] = remaining
+        reply[#reply + 1] = floor(reset)
+        reply[#reply + 1] = floor(retry)
+        reply[#reply + 1] = mark
+      elseif op == 'g' then
+        local unused, mark = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
+        give(ARGV[i], KEYS[k], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+             tonumber(unused), tonumber(mark))
+      elseif op == 'c' then
+        local amount, mark = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
+        charge(ARGV[i], KEYS[k], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]),
+               tonumber(ARGV[i + 4]), tonumber(amount), tonumber(mark))
       elseif op == 'n' then
         redis.call('ZADD', KEYS[k], 'XX', now + tonumber(ARGV[i + 3]), ARGV[i + 5])
         redis.call('PEXPIRE', KEYS[k], ceil(tonumber(ARGV[i + 3]) / 1000) + 1000)
@@ -239,6 +341,29 @@ for _ = 1, tonumber(ARGV[1]) do
 end
 return out
 """
+
+
+# sync = "lease": how a worker sizes the slices it takes
+LEASE_SHARE = 2  # a slice is at most what is left ÷ (this × live processes)
+LEASE_SECONDS = 1.0  # a slice unspent this long goes back (a fixed window's: at its end)
+FIRST_SLICE = 4  # a key's first slice; doubled while slices run out, halved when not
+MAX_SLICE = 1024
+
+
+class Slice:
+    """What one worker holds of one limit for one key (``sync = "lease"``): ``tokens``
+    it may admit without asking Redis until ``deadline`` (monotonic seconds), and what
+    Redis said when it gave them (``remaining`` elsewhere, ``reset_at``) for headers."""
+
+    __slots__ = ("tokens", "remaining", "reset_at", "deadline", "mark", "want")
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.remaining = 0
+        self.reset_at = 0.0
+        self.deadline = 0.0
+        self.mark = 0  # a fixed window's start (µs, Redis's clock): where to give back
+        self.want = FIRST_SLICE
 
 
 @dataclass(slots=True)
@@ -257,6 +382,18 @@ def limit_keys(cluster: Cluster, limit_id: str, signature: str) -> tuple[str, st
     digest = hashlib.sha1(signature.encode()).hexdigest()[:12]
     return (cluster.key("rl", limit_id, digest, ""),
             cluster.key("rl-rejections", limit_id, digest))
+
+
+def state_key(prefix: str, key: str) -> str:
+    """A client's state key for one limit: the client's key is a Redis Cluster hash tag
+    (``{...}``), so every key of that limit for that client (a sliding log's running
+    total ``...}:n`` too) lands in one slot, and stacked limits keyed alike share it."""
+    return f"{prefix}{{{key}}}"
+
+
+def label_of(name: str, prefix: str) -> str:
+    """The client's key back from a state key (:func:`state_key`)."""
+    return name[len(prefix) + 1:-1]
 
 
 def fail(batch: Sequence[tuple[Any, ...]], error: BackendUnavailable) -> None:
@@ -304,6 +441,12 @@ class SharedLimits:
 
     async def _call(self, keys: list[str], args: list[Any]) -> Any:
         cluster = self.cluster
+        # one argument (see SCRIPT); a separator inside a client's key would shift
+        # the fields: it becomes "?" (only the rejections report shows that label)
+        packed = SEPARATOR.join(map(str, args))
+        if packed.count(SEPARATOR) != len(args) - 1:
+            packed = SEPARATOR.join(str(a).replace(SEPARATOR, "?") for a in args)
+        args = [packed]
         if self._script is None and cluster.redis is not None:
             self._script = cluster.redis.register_script(SCRIPT)
         script = self._script
@@ -326,6 +469,13 @@ class SharedLimits:
         self._enqueue("d", args, keys, future)
         return future
 
+    def take(self, args: list[Any], keys: list[str]) -> asyncio.Future[Any]:
+        """Queue the taking of slices (an ``l`` group, ``sync = "lease"``), batched
+        like decisions; resolved with the reply or :class:`BackendUnavailable`."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue("l", args, keys, future)
+        return future
+
     def release(self, key: str, lease: str) -> None:
         """Give a concurrency lease back, in the next batch (nobody waits for it; if
         Redis is down the lease expires on its own)."""
@@ -333,6 +483,10 @@ class SharedLimits:
         if self.closed:
             self._enqueue("r", self.params("concurrency", 0, 0, 0, 0, lease, "", ""),
                           [key], None)
+
+    def enqueue(self, op: str, args: list[Any], keys: list[str]) -> None:
+        """A group nobody waits for (a slice given back), in the next batch."""
+        self._enqueue(op, args, keys, None)
 
     def _enqueue(self, op: str, args: list[Any], keys: list[str],
                  future: asyncio.Future[Any] | None) -> None:
@@ -388,10 +542,13 @@ class SharedLimits:
             if self.on_trip is not None:
                 self.on_trip()
 
-    async def probe(self) -> bool:
-        """PING; close the breaker if Redis answers."""
+    async def probe(self, before: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """PING; close the breaker if Redis answers (after ``before``, if given, has
+        run: what must reach Redis before decisions do)."""
         try:
             await self.cluster.call(lambda redis: redis.ping())
+            if before is not None:
+                await before()
         except BackendUnavailable:
             return False
         if not self.closed:
@@ -408,9 +565,10 @@ class SharedLimits:
         return [ALGORITHM_CODES[algorithm], cost, count, int(micro), capacity, lease,
                 rejections, label]
 
-    async def renew(self) -> None:
-        """Extend every lease this worker holds, in one call."""
-        if not self.held or not self.closed:
+    async def renew(self, force: bool = False) -> None:
+        """Extend every lease this worker holds, in one call (``force``: even with the
+        breaker open, as Redis comes back)."""
+        if not self.held or not (self.closed or force):
             return
         ops = [("n", self.params("concurrency", 0, 0, 0, 0, lease, "", ""), [key])
                for lease, key in list(self.held.items())]

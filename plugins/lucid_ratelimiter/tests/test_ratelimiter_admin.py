@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from lucid_ratelimiter import RateLimiterPlugin
-
 from lucid.testing import PluginAdmin
 
 T0 = 1_800_000_000.0
@@ -23,10 +21,6 @@ rate = "1000/s"
 '''
 
 
-def plugin(gw) -> RateLimiterPlugin:
-    return gw.runtime.plugin_set.pm.get_plugin("ratelimiter")
-
-
 async def call(gw, method, path, **kw):
     return await PluginAdmin(gw, "/ratelimiter")(method, path, **kw)
 
@@ -41,7 +35,7 @@ async def test_limits_are_created_replaced_deleted_and_applied_at_once(
         lucid_upstream, lucid_gateway):
     upstream = await lucid_upstream()
     gw = await lucid_gateway(BASE.format(url=upstream.url))
-    plugin(gw).clock = lambda: T0
+    gw.plugin("ratelimiter").clock = lambda: T0
     status, body = await call(gw, "POST", "/limits", json={
         "id": "tenant", "rate": "2/minute", "key": "header", "header": "X-Tenant"})
     assert status == 201, body
@@ -86,6 +80,7 @@ async def test_bad_input_is_refused_naming_each_field_and_changes_nothing(
         ({"id": "a", "rate": "10/s", "colour": "red"}, "colour"),
         ({"id": "a b", "rate": "10/s"}, "id"),
         ({"id": "a"}, "rate"),
+        ({"id": "a", "rate": "10/s", "algorithm": "sliding_window", "sync": "lease"}, "sync"),
     ]
     for payload, field in cases:
         status, body = await call(gw, "POST", "/limits", json=payload)
@@ -106,7 +101,7 @@ async def test_usage_reports_the_most_limited_keys_and_a_key_can_be_reset(
         lucid_upstream, lucid_gateway):
     upstream = await lucid_upstream()
     gw = await lucid_gateway(BASE.format(url=upstream.url))
-    plugin(gw).clock = lambda: T0
+    gw.plugin("ratelimiter").clock = lambda: T0
     assert (await call(gw, "POST", "/limits", json={
         "id": "tenant", "rate": "2/minute", "key": "header", "header": "x-tenant"}))[0] == 201
     for tenant, count in (("a", 5), ("b", 3), ("c", 1)):
@@ -144,7 +139,7 @@ async def test_replacing_a_quota_keeps_its_counters_unless_what_they_count_chang
         lucid_upstream, lucid_gateway):
     upstream = await lucid_upstream()
     gw = await lucid_gateway(BASE.format(url=upstream.url))
-    p = plugin(gw)
+    p = gw.plugin("ratelimiter")
     p.clock = lambda: T0
     daily = {"id": "daily", "rate": "5/day", "algorithm": "fixed_window"}
     assert (await call(gw, "POST", "/limits", json=daily))[0] == 201
@@ -191,7 +186,7 @@ async def test_counters_carry_over_when_another_definition_is_written(
     """Any write makes a new generation; limits it does not change keep counting."""
     upstream = await lucid_upstream()
     gw = await lucid_gateway(BASE.format(url=upstream.url))
-    plugin(gw).clock = lambda: T0
+    gw.plugin("ratelimiter").clock = lambda: T0
     assert (await call(gw, "POST", "/limits", json={
         "id": "tenant", "rate": "2/minute", "key": "header", "header": "x-tenant"}))[0] == 201
     assert [await proxied(gw, {"X-Tenant": "a"}) for _ in range(2)] == [200, 200]

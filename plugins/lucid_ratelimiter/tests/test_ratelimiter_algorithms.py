@@ -148,6 +148,13 @@ def test_rates_parse(text, expected):
     ({"algorithm": "concurrency", "max_in_flight": 2, "rate": "1/s"}, "rate", "not a rate"),
     ({"algorithm": "concurrency", "max_in_flight": 2, "burst": 3}, "burst", "token_bucket' only"),
     ({"rate": "10/s", "max_in_flight": 3}, "max_in_flight", "'concurrency' only"),
+    ({"rate": "10/s", "algorithm": "sliding_log", "sync": "lease"}, "sync",
+     "'token_bucket' or 'fixed_window' only, not 'sliding_log'"),
+    ({"rate": "10/s", "algorithm": "sliding_window", "sync": "lease"}, "sync",
+     "'fixed_window' only, not 'sliding_window'"),
+    ({"algorithm": "concurrency", "max_in_flight": 2, "sync": "lease"}, "sync",
+     "not 'concurrency'"),
+    ({"rate": "10/s", "sync": "batch"}, "sync", "Input should be 'strict' or 'lease'"),
 ])
 def test_bad_limits_are_refused_naming_the_field(body, field, message):
     with pytest.raises(ValidationError) as info:

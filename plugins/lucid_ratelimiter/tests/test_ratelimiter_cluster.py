@@ -10,6 +10,13 @@ stamps, a few µs apart. The reference replays the decisions in Redis's order at
 interval ("sensitive"): the admitted count must lie within −1% and +0% of the
 reference, widened by those (normally none).
 
+The same bucket with ``sync = "lease"`` (workers spend slices taken from Redis, so
+Redis never sees most arrival times) is checked twice: the admitted count equals what
+Redis handed out in slices net of those given back (the take and give-back ops
+replayed at their ``TIME`` stamps), and is within −1% of the in-memory bucket fed
+the times each request was written to a connection (and answered), never above
+burst + rate × the run's span.
+
 ``LUCID_RL_CLUSTER_SECONDS`` and ``LUCID_RL_CLUSTER_RATE`` set the load runs (the
 issue's figures are 10 s at 100/s with a burst of 100; the default, 3 s at 25/s with a
 burst of 25, keeps the test run short and within what one Python client can offer at
@@ -28,6 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -108,10 +116,64 @@ def replay_token_bucket(lines: list[tuple[float, str, list[str]]], state_key: st
     return out
 
 
+def replay_slices(lines: list[tuple[float, str, list[str]]], state_key: str,
+                  count: int, period: float, burst: int) -> int:
+    """What Redis handed out of ``state_key`` in slices, net of what came back: the
+    script's take and give-back ops replayed in Redis's order at their ``TIME``
+    stamps on the in-memory bucket (a slice counted as that many requests)."""
+    bucket = TokenBucket(count, period, burst, 10)
+    net = 0
+    pending: list[tuple[str, int, int, int]] | None = None
+    for stamp, client, args in lines:
+        if client != "0 lua":
+            pending = _slice_ops(args, state_key) if args[:2] in (
+                ["evalsha", SHA], ["EVALSHA", SHA]) else None
+        elif args[:1] == ["TIME"] and pending is not None:
+            ops, pending = pending, None
+            for op, cost, first, second in ops:
+                if op == "g":
+                    bucket.refund("k", first, stamp)
+                    net -= first
+                    continue
+                avail = burst - bucket.usage("k", stamp)[0]
+                if avail >= cost:
+                    granted = max(cost, min(first, avail // second))
+                    assert bucket.hit("k", granted, stamp) >= 0
+                    net += granted
+    return net
+
+
+def _slice_ops(args: list[str], state_key: str) -> list[tuple[str, int, int, int]]:
+    """The take (``l``: cost, want, divisor) and give-back (``g``: unused) groups of one
+    EVALSHA on ``state_key``."""
+    numkeys = int(args[2])
+    keys, argv = args[3:3 + numkeys], script_args(args, numkeys)
+    i, k, found = 1, 0, []
+    for _ in range(int(argv[0])):
+        op, n = argv[i], int(argv[i + 1])
+        if op in ("l", "g") and n == 1 and keys[k] == state_key:
+            first, second = (int(x) for x in argv[i + 2 + 5].split(":"))
+            found.append((op, int(argv[i + 2 + 1]), first, second))
+        i, k = i + 2 + 8 * n, k + n
+    return found
+
+
+def replay_times(stamps: list[float], count: int, burst: int) -> int:
+    """How many of requests arriving at ``stamps`` the in-memory bucket admits."""
+    bucket = TokenBucket(count, 1.0, burst, 10)
+    return sum(1 for stamp in stamps if bucket.hit("k", 1, stamp) >= 0)
+
+
+def script_args(args: list[str], numkeys: int) -> list[str]:
+    """The script's arguments: one string, fields joined by \\x1f (as MONITOR
+    escapes it)."""
+    return args[3 + numkeys].split("\\x1f")
+
+
 def _decisions_on(args: list[str], state_key: str) -> int:
     """``d`` groups of one EVALSHA whose (single) limit is ``state_key``."""
     numkeys = int(args[2])
-    keys, argv = args[3:3 + numkeys], args[3 + numkeys:]
+    keys, argv = args[3:3 + numkeys], script_args(args, numkeys)
     i, k, found = 1, 0, 0
     for _ in range(int(argv[0])):
         op, n = argv[i], int(argv[i + 1])
@@ -140,6 +202,11 @@ prefix = "/tb"
 service = "svc"
 
 [[gateway.routes]]
+id = "lease"
+prefix = "/lease"
+service = "svc"
+
+[[gateway.routes]]
 id = "log"
 prefix = "/log"
 service = "svc"
@@ -164,6 +231,15 @@ header = "x-run"
 routes = ["tb"]
 
 [[ratelimiter.limits]]
+id = "leased"
+rate = "{RATE}/s"
+burst = {RATE}
+key = "header"
+header = "x-run"
+routes = ["lease"]
+sync = "lease"
+
+[[ratelimiter.limits]]
 id = "minute"
 rate = "100/m"
 algorithm = "sliding_log"
@@ -181,19 +257,36 @@ routes = ["conc"]
 
 async def drive(nodes: list[str], path: str, rate: float, seconds: float,
                 headers: dict[str, str]) -> list[int]:
+    return [status for status, _, _ in await drive_timed(nodes, path, rate, seconds,
+                                                         headers)]
+
+
+async def drive_timed(nodes: list[str], path: str, rate: float, seconds: float,
+                      headers: dict[str, str]) -> list[tuple[int, float, float]]:
     """Open loop: request n leaves at start + n / rate, round robin over the nodes,
-    each node through 8 connections (the kernel hands them to either worker)."""
-    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
+    each node through 8 connections (the kernel hands them to either worker).
+    (status, sent, answered) per request, in epoch seconds: ``sent`` once its head is
+    written to a connection (a request may wait for one long after it is due when
+    this client falls behind), so it reached a gateway between the two."""
+    trace = aiohttp.TraceConfig()
+
+    async def head_sent(session: Any, context: Any, params: Any) -> None:
+        context.trace_request_ctx["sent"] = time.time()
+
+    trace.on_request_headers_sent.append(head_sent)
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8),
+                                      trace_configs=[trace])
                 for _ in nodes]
-    statuses: list[int] = []
+    statuses: list[tuple[int, float, float]] = []
 
     async def one(session: aiohttp.ClientSession, url: str) -> None:
+        stamp = {"sent": time.time()}
         try:
-            async with session.get(url, headers=headers) as r:
+            async with session.get(url, headers=headers, trace_request_ctx=stamp) as r:
                 await r.read()
-                statuses.append(r.status)
+                statuses.append((r.status, stamp["sent"], time.time()))
         except aiohttp.ClientError:
-            statuses.append(0)
+            statuses.append((0, stamp["sent"], time.time()))
 
     tasks = []
     start = time.monotonic()
@@ -249,7 +342,7 @@ async def test_three_nodes_of_two_workers_count_every_limit_once(
             admitted = statuses.count(200)
             state_key = next(args[3] for _, _, args in list(monitor.lines)
                              if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
-                             and args[3].startswith(prefix) and args[3].endswith(run))
+                             and args[3].startswith(prefix) and args[3].endswith(":" + run + "}"))
 
             def replayed(key: str = state_key) -> Replay:
                 return replay_token_bucket(list(monitor.lines), key, RATE, 1.0, RATE)
@@ -267,6 +360,49 @@ async def test_three_nodes_of_two_workers_count_every_limit_once(
             span = reference.stamps[-1] - reference.stamps[0]
             assert admitted <= RATE + span * RATE + 1
             assert admitted < len(statuses)  # the bucket did run dry
+
+        # the same bucket with sync = "lease": workers spend slices taken from Redis,
+        # so Redis never sees most arrival times; the reference is the in-memory
+        # bucket fed the client's send times and, again, its answer times (a request
+        # reached a gateway between the two)
+        lease_prefix = "lucid:rl:leased:"
+        for run, factor in (("lease-twice", 2), ("lease-tenfold", 10)):
+            timed = await drive_timed(urls, "/lease/x", RATE * factor, SECONDS,
+                                      {"x-run": run})
+            statuses = [status for status, _, _ in timed]
+            assert set(statuses) <= {200, 429}, sorted(set(statuses))
+            admitted = statuses.count(200)
+            at_sent = replay_times(sorted(sent for _, sent, _ in timed), RATE, RATE)
+            at_answer = replay_times(sorted(got for _, _, got in timed), RATE, RATE)
+            low = min(at_sent, at_answer)
+            assert admitted >= 0.99 * low, (run, admitted, at_sent, at_answer)
+            # never over the limit: every admitted request reached a gateway between
+            # the first request's sending and the last admitted one's answer
+            first = min(sent for _, sent, _ in timed)
+            last = max(got for status, _, got in timed if status == 200)
+            bound = RATE + (last - first) * RATE + 1
+            assert admitted <= bound, (run, admitted, bound)
+            assert admitted < len(statuses)
+            calls = sum(1 for _, _, args in list(monitor.lines)
+                        if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
+                        and any(a.startswith(lease_prefix) and a.endswith(":" + run + "}")
+                                for a in args[3:3 + int(args[2])]))
+            # and exactly what Redis handed out, net of the slices given back (each
+            # within a second), by the algorithm at Redis's times: workers spend
+            # nothing they were not given, and give back what they do not spend
+            state_key = next(a for _, _, args in list(monitor.lines)
+                             if args[:2] in (["evalsha", SHA], ["EVALSHA", SHA])
+                             for a in args[3:3 + int(args[2])]
+                             if a.startswith(lease_prefix) and a.endswith(":" + run + "}"))
+
+            def handed_out(key: str = state_key) -> int:
+                return replay_slices(list(monitor.lines), key, RATE, 1.0, RATE)
+
+            await wait_until(lambda n=admitted: handed_out() == n, timeout=5,
+                             message="the slices handed out, net, equal to the admitted")
+            print(f"lease {run}: admitted {admitted}; in-memory bucket at the send times "
+                  f"{at_sent}, at the answer times {at_answer}; bound {bound:.0f}; "
+                  f"{calls} script calls for {len(statuses)} requests")
 
         # sliding log 100 per minute: exactly 100, whatever process is asked
         statuses = await drive(urls, "/log/x", 300, 1.0, {})

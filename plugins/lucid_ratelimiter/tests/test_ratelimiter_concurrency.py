@@ -9,7 +9,6 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
-from lucid_ratelimiter import RateLimiterPlugin
 from lucid_ratelimiter.algorithms import Concurrency
 
 from lucid.testing import wait_until
@@ -58,12 +57,8 @@ header = "x-tenant"
 '''
 
 
-def plugin(gw: Any) -> RateLimiterPlugin:
-    return gw.runtime.plugin_set.pm.get_plugin("ratelimiter")
-
-
 def in_flight(gw: Any, limit: str = "conc") -> dict[str, int]:
-    limiter = plugin(gw).current().limits[limit].limiter
+    limiter = gw.plugin("ratelimiter").current().limits[limit].limiter
     assert isinstance(limiter, Concurrency)
     return dict(limiter.in_flight)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import tomllib
 
 import tomli_w
-from lucid_ratelimiter import RateLimiterPlugin
 
 from lucid.model import Exchange
 
@@ -40,15 +39,11 @@ service = "svc"
 '''
 
 
-def limiter(gw) -> RateLimiterPlugin:
-    return gw.runtime.plugin_set.pm.get_plugin("ratelimiter")
-
-
 async def start(lucid_upstream, lucid_gateway, limits, **kw):
     upstream = await lucid_upstream()
     gw = await lucid_gateway(config(upstream, limits, **kw))
     clock = Clock()
-    limiter(gw).clock = clock
+    gw.plugin("ratelimiter").clock = clock
     return gw, clock, upstream
 
 
@@ -65,7 +60,7 @@ async def test_inert_without_limits(lucid_upstream, lucid_gateway):
         status, headers = await get(gw)
         assert status == 200
         assert "ratelimit" not in headers and "x-ratelimit-limit" not in headers
-    assert limiter(gw).admitted == 0
+    assert gw.plugin("ratelimiter").admitted == 0
 
 
 async def test_twice_the_limit_for_ten_seconds_through_the_gateway(lucid_upstream, lucid_gateway):
@@ -259,7 +254,7 @@ rate = "3/minute"
 key = "user"
 tiers = ["pro"]
 ''', extra='tier_claim = "plan"\ndefault_tier = "free"')
-    plugin = limiter(gw)
+    plugin = gw.plugin("ratelimiter")
 
     def admit(identity):
         exchange = Exchange(

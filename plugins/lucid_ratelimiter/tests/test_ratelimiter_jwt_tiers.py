@@ -78,7 +78,7 @@ tiers = ["pro"]
 async def test_each_tier_of_a_verified_token_gets_its_own_limit(lucid_upstream, lucid_gateway):
     upstream = await lucid_upstream()
     gw = await lucid_gateway(config(upstream.url))
-    limiter: RateLimiterPlugin = gw.runtime.plugin_set.pm.get_plugin("ratelimiter")
+    limiter: RateLimiterPlugin = gw.plugin("ratelimiter")
     limiter.clock = lambda: T0 - T0 % 60  # one fixed window for the whole test
 
     async def call(path: str, bearer: str | None = None) -> tuple[int, Any]:

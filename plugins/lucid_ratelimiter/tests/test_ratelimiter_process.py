@@ -124,3 +124,16 @@ def test_limits_an_older_lucid_stored_also_refuse_several_workers(lucid_process,
     process = lucid_process(text, wait=False, workers=2, data_dir=str(data_dir))
     assert process.wait() != 0
     assert "would admit 2x every limit" in process.output
+
+
+def test_lease_sync_on_another_algorithm_is_a_config_error(lucid_process):
+    """``sync = "lease"`` takes slices of a token bucket or fixed window only: on a
+    sliding log it is refused at startup, naming the file, the key and what fits."""
+    text = CONFIG.format(url="http://127.0.0.1:9").replace(
+        'algorithm = "fixed_window"', 'algorithm = "sliding_log"\nsync = "lease"').replace(
+        'rate = "10/day"', 'rate = "10/m"')
+    process = lucid_process(text, wait=False)
+    assert process.wait() == 2
+    assert "ratelimiter.limits[0].sync" in process.output
+    assert "'token_bucket' or 'fixed_window' only, not 'sliding_log'" in process.output
+    assert ".toml" in process.output

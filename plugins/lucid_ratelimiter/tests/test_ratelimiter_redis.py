@@ -9,13 +9,12 @@ import asyncio
 import random
 
 import pytest
-from lucid_ratelimiter import RateLimiterPlugin
 from lucid_ratelimiter.algorithms import ALGORITHMS
-from lucid_ratelimiter.redis_store import MICRO, SharedLimits
+from lucid_ratelimiter.redis_store import MICRO, SharedLimits, state_key
 
 from lucid.cluster import Cluster
 from lucid.config import ClusterConfig
-from lucid.testing import json_request, wait_until
+from lucid.testing import json_request, run_gateway, wait_until
 
 ALGORITHM_CASES = [  # (algorithm, count, period, capacity)
     ("token_bucket", 5, 0.5, 8),
@@ -62,6 +61,88 @@ async def test_the_script_decides_as_the_algorithm_in_memory(lucid_redis, algori
                 await shared.run([("r", args, ["lim:k"])])
                 local.release("k", cost)
             await asyncio.sleep(rng.random() * period / 12 if period else 0.001)
+    finally:
+        await cluster.close()
+
+
+@pytest.mark.parametrize(("algorithm", "count", "period", "capacity"), [
+    ("token_bucket", 20, 0.5, 30), ("fixed_window", 25, 0.5, 25)])
+async def test_slices_are_counted_as_that_many_requests_and_given_back(
+        lucid_redis, algorithm, count, period, capacity):
+    """``sync = "lease"``'s script ops: a slice of ``n`` is ``n`` requests to the
+    algorithm in memory at the same Redis time (so a slice never takes more than is
+    left), at least the cost, at most ``want`` and what is left ÷ the divisor; a refusal
+    has the in-memory retry after; giving ``u`` back is a refund of ``u``."""
+    server = lucid_redis()
+    cluster = Cluster(ClusterConfig(backend=server.url), "test")
+    await cluster.start()
+    shared = SharedLimits(cluster, lease_seconds=30.0)
+    local = ALGORITHMS[algorithm](count, period, capacity, 1000)
+    rng = random.Random(3)
+    granted_total = refused = 0
+    try:
+        for _ in range(80):
+            cost, want, divisor = rng.choice((1, 1, 2)), rng.choice((1, 4, 16)), rng.choice((1, 4))
+            args = shared.params(algorithm, cost, count, period, capacity, f"{want}:{divisor}",
+                                 "rej", "k")
+            reply = await shared.run([("l", args, ["lim:{k}"])])
+            now = reply[0] / MICRO
+            granted, remaining, reset, retry, mark = reply[1]
+            left = local.usage("k", now)
+            avail = (capacity if algorithm == "token_bucket" else count) - left[0]
+            if granted:
+                assert granted == max(cost, min(want, avail // divisor)), (avail, want, divisor)
+                assert local.hit("k", granted, now) == remaining >= 0
+                assert reset / MICRO == pytest.approx(local.reset, abs=1e-5)
+                granted_total += granted
+                if algorithm == "fixed_window":
+                    assert mark / MICRO == pytest.approx(local.window, abs=1e-5)
+                unused = rng.choice((0, 0, granted // 2))
+                if unused:
+                    args[5] = f"{unused}:{mark}"
+                    await shared.run([("g", args, ["lim:{k}"])])
+                    local.refund("k", unused, now)
+            else:
+                refused += 1
+                assert local.hit("k", cost, now) < 0, (now, cost)
+                assert retry / MICRO == pytest.approx(local.retry_after, abs=1e-5)
+            await asyncio.sleep(rng.random() * period / 15)
+        assert granted_total and refused
+    finally:
+        await cluster.close()
+
+
+async def test_what_a_share_admitted_during_an_outage_is_charged_to_redis(lucid_redis):
+    """The ``c`` op (Redis is back): a token bucket's TAT moves at least as far ahead as
+    the share's (never back), capped at a full bucket; a fixed window counts the
+    share's admissions only in the window they were made in."""
+    server = lucid_redis()
+    cluster = Cluster(ClusterConfig(backend=server.url), "test")
+    await cluster.start()
+    shared = SharedLimits(cluster, lease_seconds=30.0)
+    try:
+        bucket = shared.params("token_bucket", 0, 10, 60.0, 10, "", "", "b")
+        usage = [("u", bucket, ["lim:{b}"])]
+        charge = [("c", [*bucket[:5], f"{30 * MICRO}:0", "", ""], ["lim:{b}"])]
+        await shared.run(charge)  # 30 s ahead at 10/min: 5 used
+        assert (await shared.run(usage))[1][0] == 5
+        charge[0][1][5] = f"{6 * MICRO}:0"  # less than Redis has: no change
+        await shared.run(charge)
+        assert (await shared.run(usage))[1][0] == 5
+        charge[0][1][5] = f"{3600 * MICRO}:0"  # more than a bucket: full, not beyond
+        await shared.run(charge)
+        assert (await shared.run(usage))[1][0] == 10
+
+        window = shared.params("fixed_window", 0, 10, 3600.0, 10, "", "", "w")
+        now = (await shared.run([]))[0]
+        mark = now - now % (3600 * MICRO)
+        charge = [("c", [*window[:5], f"3:{mark}", "", ""], ["lim:{w}"])]
+        await shared.run(charge)
+        await shared.run(charge)
+        assert (await shared.run([("u", window, ["lim:{w}"])]))[1][0] == 6
+        charge[0][1][5] = f"3:{mark - 3600 * MICRO}"  # the window before: not this one
+        await shared.run(charge)
+        assert (await shared.run([("u", window, ["lim:{w}"])]))[1][0] == 6
     finally:
         await cluster.close()
 
@@ -120,10 +201,6 @@ service = "svc"
 {extra}
 {limits}
 '''
-
-
-def plugin_of(gw) -> RateLimiterPlugin:
-    return gw.runtime.plugin_set.pm.get_plugin("ratelimiter")
 
 
 async def call(gw, path: str, tenant: str) -> tuple[int, dict[str, str]]:
@@ -225,8 +302,14 @@ key = "global"
     assert [s for s, _ in await asyncio.gather(*first)] == [200, 200]
     assert (await call(b, "/x", "t"))[0] == 200
     # a lease taken by a holder that never renews nor releases it (a killed node)
-    shared = plugin_of(a).shared
-    state = plugin_of(a).current().limits["conc"].shared_prefix + "*"
+    shared = a.plugin("ratelimiter").shared
+    state = state_key(a.plugin("ratelimiter").current().limits["conc"].shared_prefix, "*")
+
+    async def released() -> bool:  # releases travel in a later batch, unawaited
+        args = shared.params("concurrency", 0, 2, 0, 2, "", "", "*")
+        return (await shared.run([("u", args, [state])]))[1][0] == 0
+
+    await wait_until(released, timeout=5, message="every slot given back")
     for _ in range(2):
         args = shared.params("concurrency", 1, 2, 0, 2, f"gone:{_}:1", "rej", "*")
         reply = await shared.run([("d", args, [state])])
@@ -245,8 +328,10 @@ key = "global"
 async def test_a_stopped_redis_degrades_as_configured_and_counting_resumes(
         lucid_redis, lucid_upstream, lucid_gateway, mode):
     """Redis SIGSTOPped: the breaker opens, decisions follow on_backend_failure
-    (local: limit ÷ the two live gateways each; open: admit; closed: 503), each one
-    counted in /ratelimiter/status; once Redis answers, counting is exact again."""
+    (local: limit ÷ the two live gateways each, starting from what Redis last said
+    of the key; open: admit; closed: 503), each one counted in /ratelimiter/status;
+    once Redis answers, what was admitted locally counts in it and counting is exact
+    again: the cluster never admits the same allowance twice."""
     server = lucid_redis()
     upstream = await lucid_upstream()
     limits = '''
@@ -265,7 +350,7 @@ header = "x-tenant"
         assert (await call(gw, "/x", tenant))[0] == 200
 
     async def both_seen() -> bool:
-        return plugin_of(a).processes == 2 and plugin_of(b).processes == 2
+        return a.plugin("ratelimiter").processes == 2 and b.plugin("ratelimiter").processes == 2
 
     await wait_until(both_seen, message="each gateway seeing two live processes")
     server.pause()
@@ -279,8 +364,8 @@ header = "x-tenant"
         await wait_until(degraded, timeout=1, message="the breaker open within 1 s")
         statuses = [first[0]] + [(await call(gw, "/x", tenant))[0]
                                  for gw in (a, b) for _ in range(14)]
-        if mode == "local":  # 20 // 2 each, counted from the start of the outage
-            assert statuses.count(200) == 20 and set(statuses) == {200, 429}
+        if mode == "local":  # 20 // 2 each, of which Redis said 4 were used: 16
+            assert statuses.count(200) == 16 and set(statuses) == {200, 429}
         elif mode == "open":
             assert set(statuses) == {200}
         else:
@@ -293,11 +378,90 @@ header = "x-tenant"
         server.resume()
 
     async def exact_again() -> bool:
-        return plugin_of(a).shared.closed and plugin_of(b).shared.closed
+        return a.plugin("ratelimiter").shared.closed and b.plugin("ratelimiter").shared.closed
 
     await wait_until(exact_again, timeout=5, message="counting in Redis again")
     # Redis kept the 4 counted before the outage: 16 left, whichever gateway asks;
     # 15 if the decision sent as Redis stopped (answered locally after the timeout)
-    # ran when it resumed: counted, never admitted twice
+    # ran when it resumed: counted, never admitted twice. In local mode the 16
+    # admitted meanwhile were charged to Redis on its return: none left.
     statuses = [(await call(gw, "/x", tenant))[0] for gw in (a, b) for _ in range(10)]
-    assert statuses.count(200) in (15, 16) and set(statuses) == {200, 429}
+    if mode == "local":
+        assert set(statuses) == {429}
+    else:
+        assert statuses.count(200) in (15, 16) and set(statuses) == {200, 429}
+
+
+LEASED = '''
+[[ratelimiter.limits]]
+id = "bucket"
+rate = "1/m"
+burst = 12
+key = "header"
+header = "x-tenant"
+sync = "lease"
+
+[[ratelimiter.limits]]
+id = "daily"
+rate = "7/day"
+algorithm = "fixed_window"
+key = "header"
+header = "x-day"
+sync = "lease"
+routes = ["heavy"]
+'''
+
+
+async def test_lease_slices_never_admit_beyond_the_limit_and_go_back_unspent(
+        lucid_redis, lucid_upstream, lucid_gateway, tmp_path):
+    """``sync = "lease"`` on two gateways: each spends slices of the allowance taken
+    from Redis, so together they admit exactly the burst (never more) with fewer
+    script calls than requests; a refusal's Retry-After is the limit's; the unspent
+    part of a slice goes back to Redis when it expires (1 s), so the usage report
+    counts only what was admitted; a gateway that stops gives its slices back."""
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    # 5 s Redis timeouts: a stall of this shared machine must not open a breaker
+    # (decisions would then be local shares, and these counts are exact)
+    a = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url, timeout="5s"))
+    b = await lucid_gateway(gateway_config(upstream.url, LEASED, server.url, timeout="5s"))
+    answers = [await call((a, b)[n % 2], "/x", "acme") for n in range(30)]
+    statuses = [status for status, _ in answers]
+    assert statuses.count(200) == 12 and set(statuses) == {200, 429}
+    refusal = next(headers for status, headers in answers if status == 429)
+    assert 50 <= int(refusal["retry-after"]) <= 60
+    assert refusal["x-ratelimit-remaining"] == "0"
+    first = answers[0][1]  # what this worker holds plus what Redis had left
+    assert first["ratelimit-policy"] == '"bucket";q=12;w=60'
+    assert 0 <= int(first["x-ratelimit-remaining"]) <= 11
+    # the fixed window costs 2 a request on /heavy: 3 admitted of 7, whoever asks
+    heavy = [(await call((a, b)[n % 2], "/heavy", "beta"))[0] for n in range(6)]
+    assert heavy.count(200) == 3, heavy
+    calls = 0
+    for gw in (a, b):
+        status, report = await json_request(gw.session, "GET",
+                                            gw.admin_url + "/ratelimiter/status")
+        calls += report["backend"]["script_calls"]
+    assert calls < len(statuses) + len(heavy)
+
+    # one request takes a slice (more than itself) from a fresh key; within a
+    # second the rest goes back, and Redis counts 1 used
+    assert (await call(a, "/x", "gamma"))[0] == 200
+
+    async def usage(key: str = "h:gamma") -> int:
+        status, report = await json_request(
+            b.session, "GET", b.admin_url + f"/ratelimiter/usage?limit=bucket&key={key}")
+        return report["usage"][0]["used"] if report["usage"] else 0
+
+    assert await usage() > 1  # the slice is counted in Redis while a holds it
+
+    async def given_back() -> bool:
+        return await usage() == 1
+
+    await wait_until(given_back, timeout=3, message="the unspent slice back in Redis")
+    # (an open breaker would drop slices rather than give them back)
+    async with run_gateway(gateway_config(upstream.url, LEASED, server.url, timeout="5s"),
+                           tmp_path / "c") as c:
+        assert (await call(c, "/x", "delta"))[0] == 200
+        assert await usage("h:delta") > 1
+    assert await usage("h:delta") == 1
