@@ -162,6 +162,11 @@ class _Body:
             self._total.close()
 
 
+# The body of every request that declares none: never read, so nothing ever changes
+# it (``started``, ``waiting`` and ``error`` are set only while a body is read).
+_NO_BODY = _Body(None, None, None, None)  # type: ignore[arg-type]
+
+
 class ProxyApp:
     """The ASGI application serving the proxy listener."""
 
@@ -279,7 +284,8 @@ class ProxyApp:
         instances = exchange.instances = hooks.resolve_instances(exchange, generation)
         if not instances and not getattr(instances, "everyone", None):
             return await self._reply(exchange, send, 503, _no_instances(exchange))
-        body = _Body(receive, exchange, policy.max_body_size, self.deadlines)
+        body = (_Body(receive, exchange, policy.max_body_size, self.deadlines)
+                if length is not None or "transfer-encoding" in exchange.headers else _NO_BODY)
         data: Any = None
         if length is not None and int(length) <= BUFFER_LIMIT:
             if length == "0":
@@ -385,7 +391,7 @@ class ProxyApp:
         exchange.upstream_started = started
         try:
             with deadline:
-                response = await self.pool.request(
+                response = await (self._pool or self.pool).request(
                     exchange.method, url, headers, payload,
                     connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
                 )
@@ -448,7 +454,9 @@ class ProxyApp:
         drop = hop_by_hop(headers.get("connection"))
         if exchange.drop_response_headers:
             drop = drop | exchange.drop_response_headers
-        via = self._via()[0]
+        cached, generation = self._via_cache, exchange.generation  # as _upstream_headers left it
+        via = (cached[1] if generation is not None and cached[0] is generation.config.server
+               else self._via()[0])
         out = []
         lowered_names = _LOWERED
         for name, value in response.raw_headers:
@@ -529,7 +537,8 @@ class ProxyApp:
             out.append(("forwarded", f"{incoming}, {element}" if incoming else element))
         if server.x_real_ip:
             out.append(("x-real-ip", exchange.client_ip))
-        via = self._via()[1]
+        cached = self._via_cache
+        via = cached[2] if cached[0] is server else self._via()[1]
         out.append(("via", f"{headers['via']}, {via}" if "via" in headers else via))
         out.append(("x-request-id", exchange.request_id))
         traceparent, kept = traceparent_from(headers.get("traceparent"))
