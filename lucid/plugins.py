@@ -289,6 +289,15 @@ class Hooks:
         self._observe_event = _direct(h.lucid_observe_event, ("event",))
         self.observes_exchanges = bool(self._observe_exchange)
         self.observes_events = bool(self._observe_event)
+        # A hook below with one implementation is that function: the method's loop
+        # around it answers exactly what the function does, one call later. (Each
+        # call a request saves is about a thousand instructions.)
+        for method, functions in (("match_route", self._match_route),
+                                  ("resolve_instances", self._resolve_instances),
+                                  ("select_instance", self._select_instance),
+                                  ("permit_call", self._permit_call)):
+            if len(functions) == 1:
+                setattr(self, method, functions[0])
 
     # lifecycle -------------------------------------------------------------
     def register_admin(self, register: Callable[[Blueprint], None]) -> None:
