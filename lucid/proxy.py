@@ -261,7 +261,9 @@ class ProxyApp:
         refused = refused_head(scope, exchange.headers, head_size, generation.config.server)
         if refused is not None:
             return await self._reply(exchange, send, *refused, close=True)
-        path = normalize_path(exchange.path)
+        raw = exchange.path  # normalised only when it may need it: a call less
+        path = (normalize_path(raw) if not raw.startswith("/") or "//" in raw or "/." in raw
+                or "\x00" in raw else raw)
         if path is None:
             return await self._reply(exchange, send, 400, "malformed request path")
         exchange.path = path
@@ -362,7 +364,8 @@ class ProxyApp:
                 return
         finally:
             budget.active_requests -= 1
-            body.close()
+            if body is not _NO_BODY:
+                body.close()
         if isinstance(body.error, ClientGone):
             exchange.error = "client disconnected"
             return
