@@ -14,6 +14,11 @@ aiohttp), ``floor-fast`` (uvloop + httptools both sides, ``bench/floor_fast.py``
 route, sending the bench's bearer token), then each ``--variant``; every row is
 compared with both floors. ``--rows`` picks some of them.
 
+``--price-plugins`` adds lucid-full without each of its plugins in turn (rows
+``full-no-auth``, ``full-no-ratelimiter`` ...) and prints what each plugin costs a
+request: lucid-full's count less that row's (its hooks and whatever its work adds
+elsewhere, such as the response headers a rate limit announces).
+
 A failed request fails the run, naming what failed (``bench/loadgen.py`` counts each
 kind: a status, a connection error, a timeout).
 
@@ -31,6 +36,7 @@ the loaded run ("raw" keeps it).
 
     python bench/bench_instructions.py                      # the four standard rows
     python bench/bench_instructions.py --rows floor-fast,lucid-full
+    python bench/bench_instructions.py --rows lucid-full --price-plugins
     python bench/bench_instructions.py --variant monitoring-off=off.toml
     python bench/bench_instructions.py --keep prof/  # callgrind_annotate prof/callgrind.lucid.1
 
@@ -40,6 +46,7 @@ Needs valgrind (Debian's package). Writes ``bench/results/instructions.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shutil
@@ -52,6 +59,8 @@ from pathlib import Path
 
 from proxy_bench import (
     BENCH_DIR,
+    BENCH_HEADERS,
+    BENCH_ROUTE,
     FULL_CHAIN_GOALS,
     HOST,
     BenchError,
@@ -72,6 +81,22 @@ RESULTS = BENCH_DIR / "results" / "instructions.json"
 GOAL = 0.90  # floor/lucid
 FLOORS = ("floor", "floor-fast")
 STANDARD_ROWS = ("floor", "floor-fast", "lucid", "lucid-full")
+PRICED = ("ratelimiter", "loadbalancer", "circuitbreaker", "monitoring")  # and auth
+
+
+def priced_layers(full: dict) -> dict[str, dict]:
+    """lucid-full's layer without one plugin each (auth: the route's JWT check and its
+    token), by row label."""
+    rows = {}
+    layer = copy.deepcopy(full)
+    del layer[BENCH_ROUTE], layer[BENCH_HEADERS]
+    rows["full-no-auth"] = layer
+    for capability in PRICED:
+        layer = copy.deepcopy(full)
+        del layer[capability]
+        layer["plugins"] = {capability: False}
+        rows[f"full-no-{capability}"] = layer
+    return rows
 
 
 @dataclass
@@ -157,13 +182,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="lucid-instructions-") as name:
         tmp = Path(name)
-        up_port, *rest = free_ports(1 + 2 * (len(STANDARD_ROWS) + len(args.variants)))
+        up_port, *rest = free_ports(1 + 2 * len(args.row_labels))
         up_url = f"http://{HOST}:{up_port}"
         kind = "nginx" if shutil.which("nginx") else "asyncio"
         upstream = start_service("upstream", upstream_command(kind, tmp, up_port), tmp)
         standard = standard_layers()
         layers_of: dict[str, list[tuple[str, dict]]] = {
             "lucid": [], "lucid-full": [("lucid-full", standard["lucid-full"])],
+            **{label: [(label, layer)]
+               for label, layer in priced_layers(standard["lucid-full"]).items()},
             **{label: [(str(path), read_layer(path))] for label, path in args.variants}}
         counts = []
         try:
@@ -214,6 +241,14 @@ def report(counts: list[Count], args: argparse.Namespace) -> None:
         verdict = "met" if ratio >= goal else "NOT met"
         print(f"{floor}/{row} (instructions per request): {ratio:.3f} -- {goal:.2f} "
               f"{verdict} (user-space instructions only: see the module docstring)")
+    plugin_costs: dict[str, float] = {}
+    full = by_label.get("lucid-full")
+    if full is not None:
+        plugin_costs = {c.label.removeprefix("full-no-"): full.per_request - c.per_request
+                        for c in counts if c.label.startswith("full-no-")}
+        for plugin, cost in plugin_costs.items():
+            print(f"{plugin:<22} costs {cost:10,.0f} instructions/request in lucid-full "
+                  f"({cost / full.per_request:.1%})")
     payload: dict = {
         "benchmark": "instructions per proxied request (callgrind)",
         "requests": args.requests, "connections": args.connections, "idle_seconds": args.idle,
@@ -225,6 +260,9 @@ def report(counts: list[Count], args: argparse.Namespace) -> None:
                      if (r := _over(by_label.get(floor), c)) is not None}}
                  for c in counts],
     }
+    if plugin_costs:
+        payload["plugin_instructions_per_request"] = {
+            plugin: round(cost) for plugin, cost in plugin_costs.items()}
     if "floor" in by_label and "lucid" in by_label:
         payload["ratio_floor_over_lucid"] = round(
             by_label["floor"].per_request / by_label["lucid"].per_request, 4)
@@ -246,6 +284,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", default=",".join(STANDARD_ROWS),
                         help="standard rows to count, comma-separated (default: "
                              f"{','.join(STANDARD_ROWS)}); variants are always counted")
+    parser.add_argument("--price-plugins", action="store_true",
+                        help="also count lucid-full without each of its plugins, and print "
+                             "what each costs a request")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="copy each target's callgrind dumps here (callgrind.LABEL.1 the "
@@ -263,7 +304,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or taken:
         parser.error(f"--rows {', '.join(unknown)}: not a standard row ({', '.join(STANDARD_ROWS)})"
                      if unknown else f"--variant {taken[0]}: the label is a standard row's")
-    args.row_labels = rows + [label for label, _ in args.variants]
+    priced = [f"full-no-{p}" for p in ("auth", *PRICED)] if args.price_plugins else []
+    if priced and "lucid-full" not in rows:
+        rows.append("lucid-full")  # what the plugins' costs are measured from
+    args.row_labels = rows + priced + [label for label, _ in args.variants]
     if not args.row_labels:
         parser.error("nothing to count: --rows is empty and there is no --variant")
     return args
