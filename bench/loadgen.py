@@ -1,7 +1,9 @@
 """Python fallback load generator, used when ``wrk`` is not installed.
 
 It keeps N keep-alive connections busy against one URL for a fixed time and
-prints one JSON object with requests, errors, req/s and latency percentiles.
+prints one JSON object with requests, errors, req/s and latency percentiles, and
+``failures``: how many of each kind ("status 503", "ServerDisconnectedError: ...",
+"TimeoutError"), so a failed run says what failed.
 It runs as its own process so its CPU use is not charged to the server being
 measured.  Being Python, it is slower than wrk: on a 2-core machine it can
 become the bottleneck, so treat its numbers as a lower bound and prefer wrk
@@ -20,6 +22,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -34,6 +37,7 @@ class Stats:
     socket_errors: int = 0
     timeouts: int = 0
     requests: int = 0
+    failures: Counter[str] = field(default_factory=Counter)  # kind -> count
 
     @property
     def errors(self) -> int:
@@ -63,16 +67,25 @@ async def _worker(
         except TimeoutError:
             stats.timeouts += 1
             stats.requests += 1
+            stats.failures["TimeoutError: no whole answer within --timeout"] += 1
             continue
-        except aiohttp.ClientError:
+        except aiohttp.ClientError as exc:
             stats.socket_errors += 1
             stats.requests += 1
+            stats.failures[failure_kind(exc)] += 1
             await asyncio.sleep(0.01)  # don't spin on a refused connection
             continue
         stats.latencies.append(clock() - started)
         stats.requests += 1
         if not ok:
             stats.non_2xx += 1
+            stats.failures[f"status {resp.status}"] += 1
+
+
+def failure_kind(exc: BaseException) -> str:
+    """The exception's class and message, without what varies per connection."""
+    text = str(exc).split(" [")[0]  # aiohttp appends "[Errno ...]" details
+    return f"{type(exc).__name__}: {text}"[:120] if text else type(exc).__name__
 
 
 async def run(
@@ -117,6 +130,7 @@ def summarize(stats: Stats, elapsed: float, cpu: float, url: str, connections: i
         "non_2xx": stats.non_2xx,
         "socket_errors": stats.socket_errors,
         "timeouts": stats.timeouts,
+        "failures": dict(stats.failures.most_common()),
         "rps": round(stats.requests / elapsed, 1) if elapsed else 0.0,
         "p50_ms": round(percentile(latencies, 50) * 1000, 3),
         "p99_ms": round(percentile(latencies, 99) * 1000, 3),

@@ -144,8 +144,10 @@ os.register_at_fork(after_in_child=_ids.seed)
 
 
 def random_hex(size: int) -> str:
-    """``size`` random bytes as lowercase hex (16 -> 32 characters)."""
-    return _ids.randbytes(size).hex()
+    """``size`` random bytes as lowercase hex (16 -> 32 characters): randbytes() without
+    its Python frame (the same bytes). The two ids of a proxied request are drawn the
+    same way inline, a call less each."""
+    return _ids.getrandbits(size * 8).to_bytes(size, "little").hex()
 
 
 def new_request_id() -> str:
@@ -156,7 +158,7 @@ def request_id_from(value: str | None) -> str:
     """Keep a well-formed incoming request id, else make one."""
     if value and _REQUEST_ID.match(value):
         return value
-    return new_request_id()
+    return _ids.getrandbits(128).to_bytes(16, "little").hex()  # new_request_id()
 
 
 def traceparent_from(value: str | None) -> tuple[str, bool]:
@@ -174,7 +176,7 @@ def traceparent_from(value: str | None) -> tuple[str, bool]:
             and m.group(3) != "0" * 16
         ):
             return value.strip(), True
-    ids = random_hex(24)  # trace id and parent id from one draw
+    ids = _ids.getrandbits(192).to_bytes(24, "little").hex()  # trace and parent id: one draw
     return f"00-{ids[:32]}-{ids[32:]}-00", False
 
 

@@ -109,6 +109,23 @@ class Response:
         self._buffered = 0
         return chunk
 
+    def read_ready(self) -> bytes | None:
+        """What :meth:`read_chunk` would answer now without waiting, or None when it
+        would wait or raise. The usual small response comes whole with its head: the
+        proxy takes it without a coroutine, a timer or a deadline."""
+        chunks = self._chunks
+        if not chunks:
+            return b"" if self._complete and self._error is None else None
+        if len(chunks) == 1:
+            chunk = chunks.popleft()
+        else:
+            chunk = b"".join(chunks)
+            chunks.clear()
+        if self._buffered > HIGH_WATER:
+            self._connection.resume()
+        self._buffered = 0
+        return chunk
+
     async def read(self) -> bytes:
         """The whole body."""
         parts = []

@@ -250,7 +250,9 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
         exchange.outcome = outcome
         log.info("request %s: WebSocket handshake %s from %s: %s", exchange.request_id,
                  outcome.kind, instance.url, outcome.error)
-        await hooks.record_outcome(exchange, instance, outcome)
+        recording = hooks.record_outcome(exchange, instance, outcome)
+        if recording is not None:
+            await recording
         app.passive.record(exchange, instance, outcome)
         status = 504 if outcome.kind == "timeout" else 502
         return Rejection(status, reason=f"upstream {outcome.kind.replace('_', ' ')}")
@@ -265,7 +267,9 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
         outcome = Outcome("error_status" if status >= 500 else "success", status,
                           time.perf_counter() - started)
     exchange.outcome = outcome
-    await hooks.record_outcome(exchange, instance, outcome)
+    recording = hooks.record_outcome(exchange, instance, outcome)
+    if recording is not None:
+        await recording
     if status >= 500 or outcome.kind == "upstream_error":
         app.passive.record(exchange, instance, outcome)
     if outcome.kind == "upstream_error":
