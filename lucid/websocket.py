@@ -603,44 +603,34 @@ class _Tunnel(_Relay):
             self._finish()
 
     def from_client(self, data: bytes) -> None:
-        self.last = self.loop.time()
         self.exchange.bytes_in += len(data)
-        frames = self.to_upstream
-        if self.sent[1]:  # the instance has Lucid's close frame: nothing more goes there
-            frames.feed(data)
-            self._maybe_done()
-            return
-        if self.pending[1]:
-            cut = frames.feed(data, stop=True)
-            if cut < len(data) or frames.at_boundary:
-                self.upstream.transport.write(data[:cut])
-                self._close_upstream_side()
-                frames.feed(data[cut:])
-                self._maybe_done()
-                return
-        else:
-            frames.feed(data)
-        self.upstream.transport.write(data)
+        self._relay(data, 1, self.to_upstream, self.upstream.transport.write,
+                    self._close_upstream_side)
 
     def from_upstream(self, data: bytes) -> None:
-        self.last = self.loop.time()
         self.exchange.bytes_out += len(data)
-        frames = self.to_client
-        if self.sent[0]:  # the client has Lucid's close frame: nothing more goes there
+        self._relay(data, 0, self.to_client, self.client.write, self._close_client_side)
+
+    def _relay(self, data: bytes, side: int, frames: _Frames, write: Callable[[bytes], Any],
+               close_side: Callable[[], None]) -> None:
+        """Pass ``data`` on to ``side`` (0: the client, 1: the instance), keeping track
+        of its frames so Lucid's own close frame goes in between two of them."""
+        self.last = self.loop.time()
+        if self.sent[side]:  # that side has Lucid's close frame: nothing more goes there
             frames.feed(data)
             self._maybe_done()
             return
-        if self.pending[0]:
+        if self.pending[side]:
             cut = frames.feed(data, stop=True)
             if cut < len(data) or frames.at_boundary:
-                self.client.write(data[:cut])
-                self._close_client_side()
+                write(data[:cut])
+                close_side()
                 frames.feed(data[cut:])
                 self._maybe_done()
                 return
         else:
             frames.feed(data)
-        self.client.write(data)
+        write(data)
 
     def going_away(self, reason: str) -> None:
         """Close both sides with 1001 at their next frame boundary, then the sockets

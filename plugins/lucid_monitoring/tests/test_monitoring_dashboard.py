@@ -10,10 +10,10 @@ import re
 from html import unescape
 
 from aiohttp import web
+from lucid_monitoring.testing import chromium
 
 from lucid.admin import mint_admin_token
 from lucid.model import Event
-from lucid.testing_internal import debian_tool
 
 SECRET = "s" * 48
 LONG = "a-route-whose-name-is-much-longer-than-any-column-of-the-routes-table-is-wide"
@@ -27,22 +27,6 @@ def table_rows(dom: str, element: str) -> list[dict[str, str]]:
              re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
             for row in re.findall(r"<tr>(.*?)</tr>", html, re.S)]
     return [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
-
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars",
-]
-
-
-async def chromium(tmp_path, *args: str) -> str:
-    binary = await asyncio.to_thread(debian_tool, "chromium", "chromium")
-    proc = await asyncio.create_subprocess_exec(
-        binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode()
 
 
 async def test_dashboard_draws_live_charts_in_a_real_browser(
