@@ -100,10 +100,7 @@ async def propagation(redis_url: str, writes: int, work: Path,
         for node in nodes:
             await asyncio.to_thread(node.wait_ready, 60)  # a busy machine starts slowly
         async with aiohttp.ClientSession() as session:
-            # the first write after start is not counted: a node that has just said it
-            # is ready may not have subscribed yet, and catches it by its periodic check
-            for n in [writes, *range(writes)]:
-                warmup = n == writes
+            for n in range(writes):
                 writer = nodes[n % 3]
                 others = [node for node in nodes if node is not writer]
                 admin_path, body, path = write(n, upstream.url)
@@ -126,9 +123,6 @@ async def propagation(redis_url: str, writes: int, work: Path,
                     raise SystemExit(f"{path} not served by {node.proxy_url} within 10 s")
 
                 got = await asyncio.gather(*(served(node) for node in others))
-                if warmup:
-                    acknowledged.pop()
-                    continue
                 samples += got
                 after_answer += [max(0.0, at - acknowledged[-1]) for at in got]
     finally:
@@ -229,7 +223,7 @@ def main() -> None:
                 propagation(redis.url, args.writes, work / "definitions"))
             registry, registry_answered, registry_acks = asyncio.run(
                 propagation(redis.url, args.writes, work / "registry", registry_write,
-                            registry_routes(args.writes + 1)))  # + the warm-up write
+                            registry_routes(args.writes)))
             breaker = (asyncio.run(breaker_propagation(redis.url, args.trips, work / "breaker"))
                        if args.trips else [])
             ratio = None if args.skip_throughput else throughput(redis.url, args, work)

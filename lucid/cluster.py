@@ -23,6 +23,7 @@ and ``subscribe(channel, callback)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -104,6 +105,8 @@ class Cluster:
         self._subscribers: dict[str, list[Callback]] = {}
         self._reconnected: list[Callable[[], Any]] = []
         self._channels_changed = asyncio.Event()
+        self._live: set[str] = set()  # channels the listener has subscribed
+        self._live_changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         # plugins' state kept in the last-known-good snapshot beside the definitions:
         # what this process saves, and what the snapshot held when it started
@@ -234,6 +237,25 @@ class Cluster:
         again."""
         self._reconnected.append(callback)
 
+    # how long the listener waits for a message before it looks for new channels
+    LISTEN_POLL = 0.1
+
+    async def subscribed(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` seconds, until every channel asked for so far is
+        subscribed; whether it is. A starting node waits for this before it serves, so
+        a change written on another node right after reaches it by pub/sub rather than
+        by the next periodic check."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while set(self._subscribers) - self._live:
+            left = deadline - loop.time()
+            if left <= 0 or self._listener is None:
+                return False
+            self._live_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._live_changed.wait(), left)
+        return True
+
     async def _listen(self) -> None:
         assert self.redis is not None
         # True at first too: a message published between a subscriber's first read of
@@ -250,13 +272,16 @@ class Cluster:
                         self._channels_changed.clear()
                         await pubsub.subscribe(*(wanted - subscribed))
                         subscribed |= wanted
+                        self._live = set(subscribed)
+                        self._live_changed.set()
                         if lost:
                             lost = False
                             await _run_all([cb() for cb in self._reconnected])
                     if not subscribed:
                         await self._channels_changed.wait()
                         continue
-                    message = await pubsub.get_message(timeout=1.0)
+                    # short, so a channel asked for meanwhile is subscribed within it
+                    message = await pubsub.get_message(timeout=self.LISTEN_POLL)
                     if message is not None and message.get("type") == "message":
                         await _run_all([cb(str(message["data"])) for cb in
                                         list(self._subscribers.get(message["channel"], ()))])
@@ -268,6 +293,7 @@ class Cluster:
                     log.debug("cluster subscription lost (%s); subscribing again",
                               describe(exc))
                 lost = True
+                self._live = set()
                 await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
                 await asyncio.sleep(0.1)
 

@@ -216,6 +216,14 @@ class Runtime:
         self.started = True
         if cluster.shared:
             self.background(self._follow_cluster())
+            await asyncio.sleep(0)  # the follower asks for its channel
+            if cluster.up:
+                if await cluster.subscribed(self.SUBSCRIBE_WAIT):
+                    await self._sync_logged()  # committed between the first read and now
+                else:
+                    log.warning("not subscribed to the cluster's changes after %.0f s; "
+                                "the periodic revision check keeps this node current "
+                                "meanwhile", self.SUBSCRIBE_WAIT)
             if self.worker_index == 0:
                 self.membership = Membership(cluster, lambda: node_entry(self))
                 self.background(self.membership.run())
@@ -550,6 +558,9 @@ class Runtime:
                 continue
             published.clear()
             await self._sync_logged()
+
+    # how long a starting node waits for its pub/sub subscription before it serves
+    SUBSCRIBE_WAIT = 2.0
 
     # published changes kept while a process catches up; past that it reads Redis
     PUBLISHED_KEPT = 1000

@@ -312,6 +312,27 @@ async def wait_backend_up(session: aiohttp.ClientSession, node: object) -> None:
     await wait_until(up, timeout=5, message="backend_up again")
 
 
+async def test_a_node_ready_is_subscribed_so_the_first_change_needs_no_periodic_check(
+        lucid_redis, lucid_upstream, lucid_process):
+    """A node says it is listening only once its pub/sub subscription is in place (and
+    it has read what was committed meanwhile): a route written on A right after B
+    said so is served by B long before B's periodic revision check, 60 s here."""
+    server = lucid_redis()
+    upstream = await lucid_upstream()
+    slow_check = cluster_node_config(server.url, upstreams=[upstream.url],
+                                     check_interval="60s")
+    a = lucid_process(slow_check, env={"LUCID_CLUSTER__NODE_ID": "node-a"})
+    b = lucid_process(slow_check, env={"LUCID_CLUSTER__NODE_ID": "node-b"})
+    async with aiohttp.ClientSession() as session:
+        assert await add_route(session, a, "first") == 201
+
+        async def served() -> bool:
+            async with session.get(b.proxy_url + "/first/x") as r:
+                return r.status == 200
+
+        await wait_until(served, timeout=5, message="the first route served by B")
+
+
 async def one_node(lucid_redis, lucid_upstream, lucid_process, appendonly: bool = False):
     """A private Redis and one ``lucid serve`` node on it, in front of an upstream."""
     server = lucid_redis(appendonly=appendonly)
