@@ -21,8 +21,10 @@ configured service; the pool keeps its connections apart per object.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,14 +197,24 @@ class Termination:
 
 
 class UpstreamTLS:
-    """How to make TLS connections to one service's instances. Compared by identity:
-    the pool keeps connections made with different settings apart."""
+    """How to make TLS connections to one service's instances. The pool keeps
+    connections made with different settings apart; two made from the same settings
+    and the same file contents (``fingerprint``) are equal, so a reload that changes
+    nothing keeps the pooled connections. Without a fingerprint, compared by identity."""
 
-    __slots__ = ("context", "server_name")
+    __slots__ = ("context", "server_name", "fingerprint")
 
-    def __init__(self, context: ssl.SSLContext, server_name: str | None = None):
+    def __init__(self, context: ssl.SSLContext, server_name: str | None = None,
+                 fingerprint: Hashable | None = None):
         self.context = context
         self.server_name = server_name
+        self.fingerprint = object() if fingerprint is None else fingerprint
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UpstreamTLS) and self.fingerprint == other.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
 
 
 def upstream_context(ca_file: Path | None = None) -> ssl.SSLContext:
@@ -238,7 +250,16 @@ def load_upstream(name: str, service: ServiceConfig, base: Path | None,
         if not _load_pair(ctx, f"{where}.tls_cert", service.tls_cert, f"{where}.tls_key",
                           service.tls_key, base, problems):
             return None
-    return UpstreamTLS(ctx, service.tls_server_name)
+    files = [f for f in (service.tls_ca, service.tls_cert, service.tls_key) if f is not None]
+    try:
+        digests = tuple(hashlib.sha256(_resolve(f, base).read_bytes()).hexdigest()
+                        for f in files)
+    except OSError:
+        digests = None  # read a moment ago; if it is gone now, this load stands alone
+    fingerprint = None if digests is None else (
+        service.tls_verify, service.tls_server_name, service.tls_ca, service.tls_cert,
+        service.tls_key, digests)
+    return UpstreamTLS(ctx, service.tls_server_name, fingerprint)
 
 
 # -- both, per config load --------------------------------------------------------

@@ -474,6 +474,13 @@ retries = {{ attempts = 1 }}
     await gw.runtime.reload()
     await wait_until(lambda: _is(status, 200), message="the service's CA to be used")
 
+    # a reload that changes nothing keeps the pooled TLS connection (no new handshake)
+    peers = set(plain.peers)
+    await gw.runtime.reload()
+    for _ in range(3):
+        assert await status() == 200
+    assert set(plain.peers) == peers
+
     # what the running listener cannot follow is refused, and nothing changes
     config = tomllib.loads(gw.config_path.read_text())
     config["server"]["tls"] = {"cert": str(files.server_cert), "key": str(files.server_key)}
