@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -777,25 +778,31 @@ class RateLimiterPlugin:
         assert shared is not None
         charges = self._charges()
         for start in range(0, len(charges), 1000):
-            await shared.run(charges[start:start + 1000])
+            chunk = charges[start:start + 1000]
+            await shared.run([op for op, _ in chunk])
+            # only now does Redis count these: a recovery that fails half way and is
+            # tried again charges what is left, never a window's count twice
+            for _, charged in chunk:
+                charged()
         await shared.renew(force=True)
 
-    def _charges(self) -> list[tuple[str, list[Any], list[str]]]:
+    def _charges(self) -> list[tuple[tuple[str, list[Any], list[str]], Callable[[], None]]]:
         """Redis is back: ``c`` groups counting in it what this process admitted on
         its own meanwhile (token buckets and fixed windows), so that the cluster does
-        not hand out the same allowance twice."""
-        ops: list[tuple[str, list[Any], list[str]]] = []
+        not hand out the same allowance twice; each with what to note once Redis has
+        counted it (a bucket's charge takes the later TAT, so it needs nothing)."""
+        ops: list[tuple[tuple[str, list[Any], list[str]], Callable[[], None]]] = []
         if self.table is None:
             return ops
         now = self.clock()
         for compiled in self.table.limits.values():
             # the share stays (requests meanwhile still use it) until the next outage
             fallback = compiled.fallback
-            seeded, compiled.seeded = compiled.seeded, {}
+            seeded = compiled.seeded
             code, count, period, capacity = compiled.shared_args
-            pending: list[tuple[str, str]] = []
+            pending: list[tuple[str, str, Callable[[], None]]] = []
             if isinstance(fallback, TokenBucket):
-                pending = [(key, f"{int((tat - now) * MICRO)}:0")
+                pending = [(key, f"{int((tat - now) * MICRO)}:0", _nothing)
                            for key, tat in fallback.tats.items() if tat > now]
             elif type(fallback) is FixedWindow:
                 window = fallback.window_at(now)
@@ -803,9 +810,11 @@ class RateLimiterPlugin:
                 for key, used in fallback.counts.items():
                     start, part = seeded.get(key, (window, 0))
                     if used > part and start == window:
-                        pending.append((key, f"{used - part}:{mark}"))
-            ops += [("c", [code, 0, count, period, capacity, amount, "", ""],
-                     [state_key(compiled.shared_prefix, key)]) for key, amount in pending]
+                        pending.append((key, f"{used - part}:{mark}", partial(
+                            seeded.__setitem__, key, (window, used))))
+            ops += [(("c", [code, 0, count, period, capacity, amount, "", ""],
+                      [state_key(compiled.shared_prefix, key)]), charged)
+                    for key, amount, charged in pending]
         return ops
 
     async def _watch_backend(self, runtime: Runtime) -> None:
@@ -974,3 +983,7 @@ def _headers(style: str, policy: str, compiled: CompiledLimit, remaining: int,
     return [("x-ratelimit-limit", compiled.x_limit),
             ("x-ratelimit-remaining", left),
             ("x-ratelimit-reset", seconds)]
+
+
+def _nothing() -> None:
+    """What a token bucket's charge needs noted once Redis has it: nothing."""
