@@ -558,9 +558,13 @@ class RateLimiterPlugin:
             assert table is not None
             return self._degraded(exchange, table, plan, cost, style)
         refused = int(reply[0]) - 1
-        now = self.clock()
-        for i in range(min(len(plan.limits), (len(reply) - 1) // 3)):
-            _remember(plan.limits[i], labels[i], reply[1 + 3 * i], reply[2 + 3 * i], now)
+        table = self.table
+        if table is not None and table.config.on_backend_failure == "local":
+            # only a local share seeded from these answers ever reads them
+            now = self.clock()
+            for i in range(min(len(plan.limits), (len(reply) - 1) // 3)):
+                _remember(plan.limits[i], labels[i], reply[1 + 3 * i], reply[2 + 3 * i],
+                          now)
         if refused >= 0:
             at = 1 + 3 * refused
             compiled = every[refused]
