@@ -145,9 +145,7 @@ class RunningGateway:
         of all plugins' (a firstresult hook answers one value, any other a list).
         LookupError if the plugin is not enabled or does not implement the hook."""
         pm = self.runtime.plugin_set.pm
-        target = pm.get_plugin(plugin)
-        if target is None:
-            raise LookupError(f"no enabled plugin is named {plugin!r}")
+        target = self.plugin(plugin)
         caller = getattr(pm.hook, hook)
         if not any(impl.plugin is target for impl in caller.get_hookimpls()):
             raise LookupError(f"plugin {plugin!r} does not implement {hook}")

@@ -601,6 +601,9 @@ class _Tunnel(_Relay):
             await self.done
         finally:
             self._finish()
+            # cancelled too (the server stopping): never leave the instance's socket
+            # open; close() still sends what is buffered, a close frame included
+            upstream.transport.close()
 
     def from_client(self, data: bytes) -> None:
         self.exchange.bytes_in += len(data)
