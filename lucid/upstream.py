@@ -518,11 +518,7 @@ class UpstreamPool:
                         self._waiters.remove(waiter)
         self._connecting += 1
         scheme, host, port, tls = key
-        context: ssl.SSLContext | None = None
-        server_name: str | None = None
-        if scheme == "https":  # SNI and the name checked: the URL's host, unless told
-            context = tls.context if tls is not None else self._ssl_context()
-            server_name = (tls.server_name if tls is not None else None) or host
+        context, server_name = self.tls_for(scheme, host, tls)
         try:
             async with asyncio.timeout_at(deadline):
                 _, connection = await self.loop.create_connection(
@@ -538,6 +534,16 @@ class UpstreamPool:
             self._wake_waiter()
         self._open.add(connection)
         return connection, False
+
+    def tls_for(self, scheme: str, host: str, tls: UpstreamTLS | None
+                ) -> tuple[ssl.SSLContext | None, str | None]:
+        """The context and server name a connection to ``scheme://host`` is made
+        with: none for ``http``; for ``https`` the service's settings (``tls``) or the
+        system's CAs, and SNI (the name checked) the URL's host unless told."""
+        if scheme != "https":
+            return None, None
+        context = tls.context if tls is not None else self._ssl_context()
+        return context, (tls.server_name if tls is not None else None) or host
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:

@@ -37,7 +37,6 @@ import binascii
 import hashlib
 import logging
 import os
-import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,6 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from lucid.http import http_date, json_body, request_id_from
 from lucid.model import Outcome, Rejection
-from lucid.tls import upstream_context
 
 if TYPE_CHECKING:
     from lucid.model import Exchange, Instance
@@ -197,16 +195,6 @@ class _ConnectFailed(Exception):
     pass
 
 
-_TLS: list[ssl.SSLContext] = []
-
-
-def _tls_context() -> ssl.SSLContext:
-    """One client context for ``https`` instances (loading the CA store costs ms)."""
-    if not _TLS:
-        _TLS.append(upstream_context())
-    return _TLS[0]
-
-
 async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
                headers: list[tuple[str, str]], send: Any, scope: dict[str, Any],
                last: bool) -> Rejection | None:
@@ -224,12 +212,8 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
         scheme, _, hostport = instance.base.partition("://")
         host, _, port = hostport.rpartition(":")
         host = host.strip("[]")
-        context: ssl.SSLContext | None = None
-        server_name: str | None = None
-        if scheme == "https":  # as the pool does: the service's TLS settings, SNI
-            tls = app.runtime.tls.upstreams.get(instance.service)
-            context = tls.context if tls is not None else _tls_context()
-            server_name = (tls.server_name if tls is not None else None) or host
+        context, server_name = app.pool.tls_for(
+            scheme, host, app.runtime.tls.upstreams.get(instance.service))
         try:
             async with asyncio.timeout(policy.connect_timeout):
                 _, upstream = await loop.create_connection(
