@@ -387,6 +387,23 @@ class ProxyApp:
         answer = await hooks.fallback_response(exchange, failure)
         await self._send_rejection(exchange, send, answer)
 
+    async def attempt_failed(self, exchange: Exchange, instance: Instance,
+                             outcome: Outcome, what: str = "") -> Rejection:
+        """An attempt at ``instance`` got no answer (``outcome``: a timeout, a refused
+        connection, a broken reply): counted everywhere it counts, and the 502/504 to
+        answer unless another instance does better. ``what``: said in the log before
+        the outcome (e.g. "WebSocket handshake ")."""
+        exchange.upstream_duration = outcome.duration
+        exchange.outcome = outcome
+        log.info("request %s: %s%s from %s: %s", exchange.request_id, what, outcome.kind,
+                 instance.url, outcome.error)
+        recording = self.runtime.hooks.record_outcome(exchange, instance, outcome)
+        if recording is not None:
+            await recording
+        self.passive.record(exchange, instance, outcome)
+        status = 504 if outcome.kind == "timeout" else 502
+        return Rejection(status, reason=f"upstream {outcome.kind.replace('_', ' ')}")
+
     async def _call(
         self, exchange: Exchange, instance: Instance, headers: list[tuple[str, str]],
         body: _Body, data: Any, send: _Sent, idempotent: bool, last: bool,
@@ -414,17 +431,8 @@ class ProxyApp:
                 body.error = BodyTimeout()
             if body.error is not None:
                 return Rejection(400, reason=type(body.error).__name__)
-            outcome = _classify(exc, time.perf_counter() - started)
-            exchange.upstream_duration = outcome.duration
-            exchange.outcome = outcome
-            log.info("request %s: %s from %s: %s", exchange.request_id, outcome.kind,
-                     instance.url, outcome.error)
-            recording = hooks.record_outcome(exchange, instance, outcome)
-            if recording is not None:
-                await recording
-            self.passive.record(exchange, instance, outcome)
-            status = 504 if outcome.kind == "timeout" else 502
-            return Rejection(status, reason=f"upstream {outcome.kind.replace('_', ' ')}")
+            return await self.attempt_failed(
+                exchange, instance, _classify(exc, time.perf_counter() - started))
         status = response.status
         retryable = (
             idempotent and not last and status in policy.retry_on_status

@@ -229,17 +229,9 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
         if not isinstance(exc, TimeoutError | OSError | _ConnectFailed | _BadAnswer
                           | httptools.HttpParserError):
             raise
-        outcome = _failure(exc, time.perf_counter() - started)
-        exchange.upstream_duration = outcome.duration
-        exchange.outcome = outcome
-        log.info("request %s: WebSocket handshake %s from %s: %s", exchange.request_id,
-                 outcome.kind, instance.url, outcome.error)
-        recording = hooks.record_outcome(exchange, instance, outcome)
-        if recording is not None:
-            await recording
-        app.passive.record(exchange, instance, outcome)
-        status = 504 if outcome.kind == "timeout" else 502
-        return Rejection(status, reason=f"upstream {outcome.kind.replace('_', ' ')}")
+        return await app.attempt_failed(exchange, instance,
+                                        _failure(exc, time.perf_counter() - started),
+                                        "WebSocket handshake ")
     status = upstream.status
     if status == 101 and upstream.accept != accept_token(exchange.headers[
             "sec-websocket-key"].strip().encode("latin-1")):
