@@ -10,13 +10,13 @@ import json
 
 from aiohttp import web
 
-from lucid.testing_http import read_response
+from lucid.testing_http import Client, read_response
 from lucid.testing_internal import route
 
 
-async def _connect(gw):
+def _client(gw) -> Client:
     host, _, port = gw.proxy_url.removeprefix("http://").rpartition(":")
-    return await asyncio.open_connection(host, int(port))
+    return Client(host, int(port))
 
 
 async def test_pipelined_requests_are_answered_in_order(engine_gateway, lucid_upstream):
@@ -27,7 +27,7 @@ async def test_pipelined_requests_are_answered_in_order(engine_gateway, lucid_up
 
     upstream = await lucid_upstream(echo_path)
     gw = await engine_gateway(route(upstream.url))
-    reader, writer = await _connect(gw)
+    reader, writer = await _client(gw).connect()
     try:
         writer.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
                      b"POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
@@ -51,13 +51,7 @@ async def test_an_http_1_0_client_is_answered_and_closed_unless_it_keeps_alive(
     responses = []
     for request in (b"GET /a HTTP/1.0\r\nHost: a\r\n\r\n",
                     b"GET /b HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n"):
-        reader, writer = await _connect(gw)
-        try:
-            writer.write(request)
-            await writer.drain()
-            responses.append(await asyncio.wait_for(read_response(reader), 10))
-        finally:
-            writer.close()
+        responses.append(await _client(gw).send(request))
     plain, kept = responses
     assert (plain.status, plain.closed) == (200, True)
     assert kept.status == 200 and json.loads(kept.body)["path"] == "/b"
@@ -67,7 +61,7 @@ async def test_an_http_1_0_client_is_answered_and_closed_unless_it_keeps_alive(
 async def test_expect_100_continue_gets_the_body_sent(engine_gateway, lucid_upstream):
     upstream = await lucid_upstream()
     gw = await engine_gateway(route(upstream.url))
-    reader, writer = await _connect(gw)
+    reader, writer = await _client(gw).connect()
     try:
         writer.write(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
                      b"Expect: 100-continue\r\n\r\n")
@@ -108,15 +102,10 @@ async def test_a_websocket_handshake_not_accepted_upstream_gets_its_answer(
     no 101 has its answer passed on, and the connection ends with it."""
     upstream = await lucid_upstream()
     gw = await engine_gateway(route(upstream.url))
-    reader, writer = await _connect(gw)
-    try:
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
-                     b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-        await writer.drain()
-        response = await asyncio.wait_for(read_response(reader), 10)
-    finally:
-        writer.close()
+    response = await _client(gw).send(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     assert (response.status, response.closed) == (200, True)
     (request,) = upstream.requests
     assert request.headers["Upgrade"] == "websocket"
@@ -130,14 +119,9 @@ async def test_an_upgrade_request_with_a_body_is_refused_by_the_fast_engine(
     it would be left unread, and be read as the next request."""
     upstream = await lucid_upstream()
     gw = await lucid_gateway(route(upstream.url), engine="fast")
-    reader, writer = await _connect(gw)
-    try:
-        writer.write(b"POST /u HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
-                     b"Upgrade: h2c\r\nContent-Length: 30\r\n\r\n"
-                     b"GET /smuggled HTTP/1.1\r\n\r\n")
-        await writer.drain()
-        response = await asyncio.wait_for(read_response(reader), 10)
-    finally:
-        writer.close()
+    response = await _client(gw).send(
+        b"POST /u HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+        b"Upgrade: h2c\r\nContent-Length: 30\r\n\r\n"
+        b"GET /smuggled HTTP/1.1\r\n\r\n")
     assert (response.status, response.closed) == (400, True)
     assert upstream.requests == []
