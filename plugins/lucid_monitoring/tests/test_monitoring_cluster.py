@@ -157,18 +157,7 @@ def node_config(backend: str, upstream: str, hook: str) -> str:
 [cluster]
 backend = "{backend}"
 timeout = "500ms"
-
-[[gateway.routes]]
-id = "api"
-prefix = "/"
-service = "svc"
-retries = {{ attempts = 1 }}
-
-[gateway.services.svc]
-instances = ["{upstream}"]
-
-[monitoring]
-evaluation_interval = "200ms"
+""" + gateway_config(upstream, f"""evaluation_interval = "200ms"
 cluster_interval = "200ms"
 leader_lease = "3s"
 
@@ -176,7 +165,7 @@ leader_lease = "3s"
 type = "webhook"
 url = "{hook}"
 backoff_initial = "100ms"
-"""
+""")
 
 
 async def get(session: aiohttp.ClientSession, node: GatewayProcess, path: str) -> Any:

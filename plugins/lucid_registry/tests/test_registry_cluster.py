@@ -31,6 +31,18 @@ retries = { attempts = 1 }
 """)
 
 
+def nodes(lucid_process: Any, backend: str, *names: str, wait: bool = True,
+          **options: Any) -> list[Any]:
+    """``lucid serve`` nodes named ``names`` on ``backend``, started at once; ready
+    (the 60 s a busy machine may need) unless ``wait`` is false."""
+    started = [lucid_process(node_config(backend), env={"LUCID_CLUSTER__NODE_ID": n},
+                             wait=False, **options) for n in names]
+    if wait:
+        for node in started:
+            node.wait_ready(60)
+    return started
+
+
 async def proxied(node: Any, path: str = "/users/x") -> int:
     """The status of one request through ``node``, on a new connection (a node with
     several workers hands each connection to any of them)."""
@@ -50,10 +62,8 @@ async def test_registrations_heartbeats_and_watches_reach_every_node(
         lucid_redis, lucid_upstream, lucid_process):
     server = lucid_redis()
     upstream = await lucid_upstream()
-    a, b = (lucid_process(node_config(server.url), env={"LUCID_CLUSTER__NODE_ID": n},
-                          wait=False) for n in ("node-a", "node-b"))
-    c = lucid_process(node_config(server.url), env={"LUCID_CLUSTER__NODE_ID": "node-c"},
-                      wait=False, workers=2)
+    a, b = nodes(lucid_process, server.url, "node-a", "node-b", wait=False)
+    (c,) = nodes(lucid_process, server.url, "node-c", wait=False, workers=2)
     for node in (a, b, c):
         node.wait_ready(60)
     async with aiohttp.ClientSession() as session:
@@ -162,10 +172,7 @@ async def test_a_paused_redis_keeps_resolving_refuses_writes_and_resyncs(
         lucid_redis, lucid_upstream, lucid_process):
     server = lucid_redis()
     upstream = await lucid_upstream()
-    a, b = (lucid_process(node_config(server.url), env={"LUCID_CLUSTER__NODE_ID": n},
-                          wait=False) for n in ("node-a", "node-b"))
-    for node in (a, b):
-        node.wait_ready(60)
+    a, b = nodes(lucid_process, server.url, "node-a", "node-b")
     async with aiohttp.ClientSession() as session:
         status, _ = await json_request(session, "POST", a.admin_url + "/registry/services",
                                        json={"id": "users", "instances": [
@@ -280,10 +287,7 @@ async def test_racing_registrations_and_removals_on_two_nodes_leave_no_orphan(
         lucid_redis, lucid_upstream, lucid_process):
     server = lucid_redis()
     upstream = await lucid_upstream()
-    a, b = (lucid_process(node_config(server.url), env={"LUCID_CLUSTER__NODE_ID": n},
-                          wait=False) for n in ("node-a", "node-b"))
-    for node in (a, b):
-        node.wait_ready(60)
+    a, b = nodes(lucid_process, server.url, "node-a", "node-b")
     service = {"id": "race", "check": {"ttl": "30s", "deregister_after": "1m"}}
     async with aiohttp.ClientSession() as session:
         async def call(method: str, url: str, body: Any = None) -> int:
