@@ -288,6 +288,10 @@ class Hooks:
         self._observe_exchange = _direct(h.lucid_observe_exchange, ("exchange",))
         self._observe_event = _direct(h.lucid_observe_event, ("event",))
         self.observes_exchanges = bool(self._observe_exchange)
+        # whether anyone implements these: the proxy skips the call when nobody does
+        self.admits = bool(self._admit_request)
+        self.permits = bool(self._permit_call)
+        self.records = bool(self._record_outcome)
         self.observes_events = bool(self._observe_event)
         # A hook below with one implementation is that function: the method's loop
         # around it answers exactly what the function does, one call later. (Each

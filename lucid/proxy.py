@@ -12,8 +12,8 @@ import asyncio
 import functools
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -42,7 +42,6 @@ from lucid.model import Exchange, Instance, Outcome, Rejection
 from lucid.upstream import Response, UpstreamConnectError, UpstreamPool
 
 if TYPE_CHECKING:
-    from lucid.model import Generation
     from lucid.runtime import Runtime
 
 log = logging.getLogger("lucid.proxy")
@@ -197,19 +196,20 @@ class ProxyApp:
             self._pool = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """One request. The usual one (no streamed body, answered by the first
+        instance) runs in this coroutine and :meth:`_call` alone: each coroutine a
+        request passes through costs it a call and a resumption."""
         kind = scope["type"]
-        if kind == "http":
-            await self.handle(scope, receive, send)
-        elif kind == "lifespan":
-            await _lifespan(receive, send)
-        elif kind == "websocket":  # the handshake; handle() with lucid.websocket's call
-            await websocket.serve(self, scope, receive, send)
-
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if kind != "http" and "lucid.websocket" not in scope:
+            if kind == "lifespan":
+                await _lifespan(receive, send)
+            elif kind == "websocket":  # the handshake; handle() with lucid.websocket's call
+                await websocket.serve(self, scope, receive, send)
+            return
         runtime = self.runtime
         generation = runtime.generation  # read once: a reload never changes it under us
         server = generation.config.server
-        started = time.perf_counter()
+        started = perf_counter()
         headers: dict[str, str] = {}
         head_size = 0  # the fields as sent, "name: value" CRLF, less 4 bytes each
         for raw_name, raw_value in scope["headers"]:
@@ -220,93 +220,88 @@ class ProxyApp:
                 headers[name] += ("; " if name == "cookie" else ", ") + value
             else:
                 headers[name] = value
-        peer = scope["client"][0] if scope.get("client") else ""
+        client = scope.get("client")
+        peer = client[0] if client else ""
         trusted = server.trusted_proxies
         exchange = Exchange(
-            request_id=request_id_from(headers.get("x-request-id")),
-            method=scope["method"],
-            path=scope["path"],
-            query=scope["query_string"].decode("latin-1"),
-            host=headers.get("host", ""),
-            scheme=scope["scheme"],
-            client_ip=client_ip(peer, headers.get("x-forwarded-for"), trusted) if trusted else peer,
-            headers=headers,
-            started=started,
-            generation=generation,
-        )
-        runtime.counters["requests"] += 1
-        runtime.counters["in_flight"] += 1
-        sent = _Sent(send)
+            request_id_from(headers.get("x-request-id")), scope["method"], scope["path"],
+            scope["query_string"].decode("latin-1"), headers.get("host", ""), scope["scheme"],
+            client_ip(peer, headers.get("x-forwarded-for"), trusted) if trusted else peer,
+            headers, started, generation)
+        counters = runtime.counters
+        counters["requests"] += 1
+        counters["in_flight"] += 1
+        send = _Sent(send)
+        hooks = runtime.hooks
         try:
-            await self._proxy(exchange, generation, scope, receive, sent, peer, head_size)
+            refused = refused_head(scope, headers, head_size, server)
+            if refused is not None:
+                return await self._reply(exchange, send, *refused, close=True)
+            raw = exchange.path  # normalised only when it may need it: a call less
+            path = (normalize_path(raw) if not raw.startswith("/") or "//" in raw
+                    or "/." in raw or "\x00" in raw else raw)
+            if path is None:
+                return await self._reply(exchange, send, 400, "malformed request path")
+            exchange.path = exchange.upstream_path = path
+            if hooks.match_route(exchange, generation) is None:
+                return await self._reply(exchange, send, 404, "no route matches this request")
+            policy = exchange.policy
+            length = headers.get("content-length")
+            if length is not None:
+                if not length.isdigit():
+                    return await self._reply(exchange, send, 400, "malformed Content-Length")
+                if policy.max_body_size is not None and int(length) > policy.max_body_size:
+                    return await self._reply(exchange, send, 413, "request body too large")
+            if hooks.admits:
+                rejection = hooks.admit_request(exchange)
+                if rejection is not None and not isinstance(rejection, Rejection):
+                    rejection = await rejection
+                if rejection is not None:
+                    exchange.rejection = rejection
+                    return await self._send_rejection(exchange, send, rejection)
+            instances = exchange.instances = hooks.resolve_instances(exchange, generation)
+            if not instances and not getattr(instances, "everyone", None):
+                return await self._reply(exchange, send, 503, _no_instances(exchange))
+            body = _NO_BODY
+            data: Any = None
+            if length is not None or "transfer-encoding" in headers:
+                body = _Body(receive, exchange, policy.max_body_size, self.deadlines)
+                if length is not None and int(length) <= BUFFER_LIMIT:
+                    if length == "0":
+                        exchange.body = b""
+                    else:
+                        try:
+                            data = exchange.body = await body.read_all()
+                        except BodyTooLarge:
+                            return await self._reply(exchange, send, 413,
+                                                     "request body too large")
+                        except BodyTimeout:
+                            return await self._reply(exchange, send, 408, _BODY_LATE,
+                                                     close=True)
+                        except ClientGone:
+                            exchange.error = "client disconnected"
+                            return
+                else:
+                    data = body
+            await self._attempts(exchange, instances, body, data, send, peer, scope)
         except Exception:
-            runtime.counters["errors"] += 1
+            counters["errors"] += 1
             log.exception("request %s failed inside Lucid", exchange.request_id)
             exchange.error = exchange.error or "internal error"
-            if not sent.started:
-                await self._reply(exchange, sent, 500, "internal error")
+            if not send.started:
+                await self._reply(exchange, send, 500, "internal error")
         finally:
-            runtime.counters["in_flight"] -= 1
-            ended = time.perf_counter()
+            counters["in_flight"] -= 1
+            ended = perf_counter()
             exchange.duration = ended - started
             runtime.recent.append((ended, exchange.duration, exchange.status))  # metrics
-            if runtime.hooks.observes_exchanges:
-                observing = runtime.hooks.observe_exchange(exchange)
+            if hooks.observes_exchanges:
+                observing = hooks.observe_exchange(exchange)
                 if observing is not None:
                     await observing
 
-    async def _proxy(
-        self, exchange: Exchange, generation: Generation, scope: dict[str, Any], receive: Any,
-        send: _Sent, peer: str, head_size: int,
-    ) -> None:
-        hooks = self.runtime.hooks
-        refused = refused_head(scope, exchange.headers, head_size, generation.config.server)
-        if refused is not None:
-            return await self._reply(exchange, send, *refused, close=True)
-        raw = exchange.path  # normalised only when it may need it: a call less
-        path = (normalize_path(raw) if not raw.startswith("/") or "//" in raw or "/." in raw
-                or "\x00" in raw else raw)
-        if path is None:
-            return await self._reply(exchange, send, 400, "malformed request path")
-        exchange.path = path
-        exchange.upstream_path = path
-        if hooks.match_route(exchange, generation) is None:
-            return await self._reply(exchange, send, 404, "no route matches this request")
-        policy = exchange.policy
-        length = exchange.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await self._reply(exchange, send, 400, "malformed Content-Length")
-            if policy.max_body_size is not None and int(length) > policy.max_body_size:
-                return await self._reply(exchange, send, 413, "request body too large")
-        rejection = hooks.admit_request(exchange)
-        if rejection is not None and not isinstance(rejection, Rejection):
-            rejection = await rejection
-        if rejection is not None:
-            exchange.rejection = rejection
-            return await self._send_rejection(exchange, send, rejection)
-        instances = exchange.instances = hooks.resolve_instances(exchange, generation)
-        if not instances and not getattr(instances, "everyone", None):
-            return await self._reply(exchange, send, 503, _no_instances(exchange))
-        body = (_Body(receive, exchange, policy.max_body_size, self.deadlines)
-                if length is not None or "transfer-encoding" in exchange.headers else _NO_BODY)
-        data: Any = None
-        if length is not None and int(length) <= BUFFER_LIMIT:
-            if length == "0":
-                exchange.body = b""
-            else:
-                try:
-                    data = exchange.body = await body.read_all()
-                except BodyTooLarge:
-                    return await self._reply(exchange, send, 413, "request body too large")
-                except BodyTimeout:
-                    return await self._reply(exchange, send, 408, _BODY_LATE, close=True)
-                except ClientGone:
-                    exchange.error = "client disconnected"
-                    return
-        elif length is not None or "transfer-encoding" in exchange.headers:
-            data = body
-        await self._attempts(exchange, instances, body, data, send, peer, scope)
+    #: what :mod:`lucid.websocket` runs a checked handshake through
+    handle = __call__
 
     async def _attempts(
         self, exchange: Exchange, instances: Any, body: _Body, data: Any, send: _Sent,
@@ -341,12 +336,13 @@ class ProxyApp:
                         instance = candidates[self._rotation % len(candidates)]
                         self._rotation += 1
                 tried.append(instance)
-                refused = hooks.permit_call(exchange, instance)
-                if refused is not None and not isinstance(refused, Rejection):
-                    refused = await refused
-                if refused is not None:
-                    failure = refused
-                    continue
+                if hooks.permits:
+                    refused = hooks.permit_call(exchange, instance)
+                    if refused is not None and not isinstance(refused, Rejection):
+                        refused = await refused
+                    if refused is not None:
+                        failure = refused
+                        continue
                 exchange.attempts += 1
                 exchange.instance = instance
                 if retry:
@@ -408,23 +404,37 @@ class ProxyApp:
         self, exchange: Exchange, instance: Instance, headers: list[tuple[str, str]],
         body: _Body, data: Any, send: _Sent, idempotent: bool, last: bool,
     ) -> Rejection | None:
-        """One upstream attempt. A Rejection means "try elsewhere or answer with this"."""
+        """One upstream attempt. A Rejection means "try elsewhere or answer with this".
+
+        The route's total timeout runs from here to the response's last byte. The pool
+        enforces it up to the response head; a :class:`Deadline` takes over only when
+        the body does not come whole with the head, or when the request body is
+        streamed (the usual small request and response never need one)."""
         hooks = self.runtime.hooks
         policy = exchange.policy
         url = upstream_url(exchange, instance)
-        payload = data.stream() if isinstance(data, _Body) else data
-        deadline = self.deadlines.deadline(policy.total_timeout)
-        started = time.perf_counter()
+        pool = self._pool or self.pool
+        upstreams = self.runtime.tls.upstreams
+        tls = upstreams.get(instance.service) if upstreams else None
+        started = perf_counter()
         exchange.upstream_started = started
+        deadline: Deadline | None = None
         try:
-            with deadline:
-                response = await (self._pool or self.pool).request(
-                    exchange.method, url, headers, payload,
+            if isinstance(data, _Body):
+                deadline = self.deadlines.deadline(policy.total_timeout)
+                with deadline:
+                    response = await pool.request(
+                        exchange.method, url, headers, data.stream(),
+                        connect_timeout=policy.connect_timeout,
+                        read_timeout=policy.read_timeout, tls=tls)
+            else:
+                response = await pool.request(
+                    exchange.method, url, headers, data,
                     connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
-                    tls=self.runtime.tls.upstreams.get(instance.service),
-                )
+                    total_timeout=policy.total_timeout, tls=tls)
         except Exception as exc:
-            deadline.close()
+            if deadline is not None:
+                deadline.close()
             if body.error is None and body.waiting and isinstance(exc, TimeoutError):
                 # The upstream waited for the body as long as Lucid did: the client
                 # is the slow side (408), not the instance (no outcome recorded).
@@ -432,79 +442,87 @@ class ProxyApp:
             if body.error is not None:
                 return Rejection(400, reason=type(body.error).__name__)
             return await self.attempt_failed(
-                exchange, instance, _classify(exc, time.perf_counter() - started))
+                exchange, instance, _classify(exc, perf_counter() - started))
         status = response.status
-        retryable = (
-            idempotent and not last and status in policy.retry_on_status
-            and not (body.started and data is body)
-        )
         outcome = Outcome(
-            "error_status" if status >= 500 else "success", status,
-            time.perf_counter() - started,
-        )
+            "error_status" if status >= 500 else "success", status, perf_counter() - started)
         exchange.outcome = outcome
-        recording = hooks.record_outcome(exchange, instance, outcome)
-        if recording is not None:
-            await recording
+        if hooks.records:
+            recording = hooks.record_outcome(exchange, instance, outcome)
+            if recording is not None:
+                await recording
         if status >= 500:
             self.passive.record(exchange, instance, outcome)
-        if retryable:
-            deadline.close()
+        if (status in policy.retry_on_status and idempotent and not last
+                and not (body.started and data is body)):
+            if deadline is not None:
+                deadline.close()
             response.release()
             return Rejection(status, reason=f"upstream answered {status}")
         try:
-            whole = await self._stream_response(exchange, response, send, deadline)
+            # the response head: hop-by-hop fields dropped, Via and the request id added
+            response_headers = response.headers
+            drop = hop_by_hop(response_headers.get("connection"))
+            if exchange.drop_response_headers:
+                drop = drop | exchange.drop_response_headers
+            cached, generation = self._via_cache, exchange.generation  # _upstream_headers set it
+            via = (cached[1] if generation is not None and cached[0] is generation.config.server
+                   else self._via()[0])
+            out = []
+            lowered_names = _LOWERED
+            for name, value in response.raw_headers:
+                lowered = lowered_names.get(name)
+                if lowered is None:
+                    lowered = _lowered(name)
+                if lowered == "via":
+                    via = value + b", " + via
+                elif lowered not in drop:
+                    out.append((name, value))
+            if "date" not in response_headers:  # a proxy adds Date when the origin did not
+                out.append((b"date", http_date()))   # (RFC 9110 §6.6.1)
+            out.append((b"x-request-id", exchange.request_id.encode()))
+            out.append((b"via", via))
+            if exchange.response_headers:
+                out += [(n.encode("latin-1"), v.encode("latin-1"))
+                        for n, v in exchange.response_headers]
+            exchange.status = status
+            await send.start(status, out)
+            if exchange.method == "HEAD" or status == 204 or status == 304:
+                await send.body(b"", more=False)
+                whole = True
+            else:
+                # Every body is passed on as it arrives, whatever its declared length: a
+                # long poll or a slow API must not wait for its last byte to show its
+                # first. The usual small response came whole with its head: it goes out
+                # as one final message, with no wait, timer or deadline.
+                chunk = response.read_ready()
+                if chunk is not None and response.at_eof():
+                    exchange.bytes_out += len(chunk)
+                    await send.body(chunk, more=False)
+                    whole = True
+                else:
+                    if deadline is None:
+                        deadline = self.deadlines.deadline(
+                            max(0.0, policy.total_timeout - (perf_counter() - started)))
+                    whole = await self._stream_body(exchange, response, send, deadline, chunk)
         finally:
-            deadline.close()
+            if deadline is not None:
+                deadline.close()
             response.release()
-            exchange.upstream_duration = time.perf_counter() - started
+            exchange.upstream_duration = perf_counter() - started
         if whole and status < 500 and self.passive.failing:
             # a success for passive health only once the body came whole
             self.passive.record(exchange, instance, outcome)
         return None
 
-    async def _stream_response(
-        self, exchange: Exchange, response: Response, send: _Sent,
-        deadline: Deadline,
+    async def _stream_body(
+        self, exchange: Exchange, response: Response, send: _Sent, deadline: Deadline,
+        chunk: bytes | None,
     ) -> bool:
-        """Pass the response on; False if the upstream broke it off mid-body."""
-        status = response.status
-        headers = response.headers
-        drop = hop_by_hop(headers.get("connection"))
-        if exchange.drop_response_headers:
-            drop = drop | exchange.drop_response_headers
-        cached, generation = self._via_cache, exchange.generation  # as _upstream_headers left it
-        via = (cached[1] if generation is not None and cached[0] is generation.config.server
-               else self._via()[0])
-        out = []
-        lowered_names = _LOWERED
-        for name, value in response.raw_headers:
-            lowered = lowered_names.get(name)
-            if lowered is None:
-                lowered = _lowered(name)
-            if lowered == "via":
-                via = value + b", " + via
-            elif lowered not in drop:
-                out.append((name, value))
-        if "date" not in headers:  # a proxy adds Date when the origin did not (RFC 9110 §6.6.1)
-            out.append((b"date", http_date()))
-        out.append((b"x-request-id", exchange.request_id.encode()))
-        out.append((b"via", via))
-        if exchange.response_headers:
-            out += [(n.encode("latin-1"), v.encode("latin-1"))
-                    for n, v in exchange.response_headers]
-        exchange.status = status
-        await send.start(status, out)
-        if exchange.method == "HEAD" or status in (204, 304):
-            await send.body(b"", more=False)
-            return True
+        """Pass the rest of a response body on as it arrives (``chunk``: what came
+        already, None if nothing did); False if the upstream broke it off."""
         try:
-            # Every body is passed on as it arrives, whatever its declared length: a long
-            # poll or a slow API must not wait for its last byte to show its first. What
-            # is already whole (the usual small response, read with its head) still
-            # goes out as one final message.
             while True:  # the deadline covers reading the upstream, not writing to the client
-                chunk = response.read_ready()  # what came already: no wait, nothing to time
                 if chunk is None or deadline.expired:
                     with deadline:
                         chunk = await response.read_chunk()
@@ -515,6 +533,7 @@ class ProxyApp:
                     await send.body(chunk, more=False)
                     return True
                 await send.body(chunk, more=True)
+                chunk = response.read_ready()  # what came already: no wait, nothing to time
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             # The status line is gone; closing the connection is the only honest signal.
             exchange.error = f"upstream failed mid-response: {type(exc).__name__}"
@@ -524,7 +543,8 @@ class ProxyApp:
             response.close()
             if exchange.instance is not None:  # a broken response counts against it
                 self.passive.record(exchange, exchange.instance, Outcome(
-                    "upstream_error", status, time.perf_counter() - exchange.upstream_started,
+                    "upstream_error", response.status,
+                    perf_counter() - exchange.upstream_started,
                     f"failed mid-response: {type(exc).__name__}"))
             return False
         await send.body(b"", more=False)

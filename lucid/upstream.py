@@ -445,19 +445,25 @@ class UpstreamPool:
         self, method: str, url: URL, headers: list[tuple[str, str]],
         body: bytes | AsyncIterable[bytes] | None = None, *,
         connect_timeout: float = 5.0, read_timeout: float = 30.0,
-        tls: UpstreamTLS | None = None,
+        total_timeout: float | None = None, tls: UpstreamTLS | None = None,
     ) -> Response:
         """Send one request and return its response once the head is in; read the
         body from it and ``release()`` it. Raises UpstreamConnectError,
-        UpstreamTimeout or UpstreamError. ``tls``: how to connect to an ``https://``
-        URL (the service's ``[services.<name>]``), else the pool's default context
-        (verifying against the system's CAs)."""
+        UpstreamTimeout or UpstreamError. ``total_timeout``: the head must be in
+        within it, from now, connecting included (the caller times the body).
+        ``tls``: how to connect to an ``https://`` URL (the service's
+        ``[services.<name>]``), else the pool's default context (verifying against
+        the system's CAs)."""
         scheme = url.scheme
         host = url.raw_host or ""
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, host, port, tls if scheme == "https" else None)
         head, chunked, declared = _request_head(method, url, host, port, headers, body)
         replayable = not isinstance(body, AsyncIterable)
+        until = None
+        if total_timeout is not None:
+            until = self.loop.time() + total_timeout
+            connect_timeout = min(connect_timeout, total_timeout)
         for attempt in (0, 1):
             connection, reused = await self._acquire(key, connect_timeout)
             connection.pool_read_timeout = read_timeout
@@ -477,7 +483,10 @@ class UpstreamPool:
                         assert isinstance(body, AsyncIterable)
                         if not await connection.write_body(body, chunked, declared):
                             connection.keep_alive = False  # the body was not sent whole
-                await connection.head(read_timeout)
+                if until is None:
+                    await connection.head(read_timeout)
+                else:
+                    await connection.head(min(read_timeout, until - self.loop.time()))
             except UpstreamError:
                 connection.done(reusable=False)
                 if (attempt == 0 and reused and connection.received == 0 and replayable
