@@ -290,6 +290,7 @@ class Hooks:
         self.observes_exchanges = bool(self._observe_exchange)
         # whether anyone implements these: the proxy skips the call when nobody does
         self.admits = bool(self._admit_request)
+        self.selects = bool(self._select_instance)
         self.permits = bool(self._permit_call)
         self.records = bool(self._record_outcome)
         self.observes_events = bool(self._observe_event)
