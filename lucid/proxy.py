@@ -497,7 +497,8 @@ class ProxyApp:
                 out += [(n.encode("latin-1"), v.encode("latin-1"))
                         for n, v in exchange.response_headers]
             exchange.status = status
-            await send.start(status, out)
+            send.started = True  # the server's send itself: a call less each (_Sent's)
+            await send.send({"type": "http.response.start", "status": status, "headers": out})
             if exchange.method == "HEAD" or status == 204 or status == 304:
                 await send.body(b"", more=False)
                 whole = True
@@ -506,16 +507,17 @@ class ProxyApp:
                 # long poll or a slow API must not wait for its last byte to show its
                 # first. The usual small response came whole with its head: it goes out
                 # as one final message, with no wait, timer or deadline.
-                chunk = response.read_ready()
-                if chunk is not None and response.at_eof():
+                chunk = response.read_whole()
+                if chunk is not None:
                     exchange.bytes_out += len(chunk)
-                    await send.body(chunk, more=False)
+                    await send.send({"type": "http.response.body", "body": chunk,
+                                     "more_body": False})
                     whole = True
                 else:
                     if deadline is None:
                         deadline = self.deadlines.deadline(
                             max(0.0, policy.total_timeout - (perf_counter() - started)))
-                    whole = await self._stream_body(exchange, response, send, deadline, chunk)
+                    whole = await self._stream_body(exchange, response, send, deadline)
         finally:
             if deadline is not None:
                 deadline.close()
@@ -528,10 +530,9 @@ class ProxyApp:
 
     async def _stream_body(
         self, exchange: Exchange, response: Response, send: _Sent, deadline: Deadline,
-        chunk: bytes | None,
     ) -> bool:
-        """Pass the rest of a response body on as it arrives (``chunk``: what came
-        already, None if nothing did); False if the upstream broke it off."""
+        """Pass a response body on as it arrives; False if the upstream broke it off."""
+        chunk: bytes | None = None
         try:
             while True:  # the deadline covers reading the upstream, not writing to the client
                 if chunk is None or deadline.expired:

@@ -126,6 +126,22 @@ class Response:
         self._buffered = 0
         return chunk
 
+    def read_whole(self) -> bytes | None:
+        """The whole body if all of it is here already (the usual small response comes
+        with its head), else None, taking nothing: one call where the proxy would
+        otherwise make two (:meth:`read_ready`, :meth:`at_eof`)."""
+        if not self._complete or self._error is not None:
+            return None
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        chunk = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self._buffered > HIGH_WATER:
+            self._connection.resume()
+        self._buffered = 0
+        return chunk
+
     async def read(self) -> bytes:
         """The whole body."""
         parts = []
