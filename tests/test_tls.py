@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 import tomli_w
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 
 from lucid.config import ConfigError
 from lucid.runtime import load_plugins_and_config
@@ -210,12 +211,23 @@ def _serial(url: str, ctx: ssl.SSLContext) -> str:
     return asyncio.run(get())
 
 
-def test_sighup_swaps_the_certificate_and_a_bad_one_is_refused(lucid_process, tmp_path):
-    """New connections get the renewed certificate (and a new minimum version) after
-    SIGHUP, without a restart; a key that does not match keeps the running
+def _encrypted(key: Path, destination: Path,
+               form: Any = serialization.PrivateFormat.PKCS8) -> Path:
+    """``key`` protected by a passphrase, written to ``destination``: PKCS#8
+    ("ENCRYPTED PRIVATE KEY") or OpenSSL's traditional form (Proc-Type: 4,ENCRYPTED)."""
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    destination.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, form, serialization.BestAvailableEncryption(b"secret")))
+    return destination
+
+
+def test_sighup_swaps_the_certificate_and_a_bad_one_is_refused(engine_process, tmp_path):
+    """On each engine, new connections get the renewed certificate and the new minimum
+    version after SIGHUP, without a restart (a TLS 1.2-only client refused once the
+    minimum is 1.3); a key that does not match, or an encrypted one, keeps the running
     certificate, and the log says why."""
     files = make_tls(tmp_path / "tls")
-    process = lucid_process(route("http://127.0.0.1:9", _tls_server(files)))
+    process = engine_process(route("http://127.0.0.1:9", _tls_server(files)))
     assert process.proxy_url.startswith("https://")
     ctx = files.client_context()
     first = _serial(process.proxy_url, ctx)
@@ -246,6 +258,21 @@ def test_sighup_swaps_the_certificate_and_a_bad_one_is_refused(lucid_process, tm
     assert "does not match server.tls.cert" in process.output
     assert _serial(process.proxy_url, ctx) == second
 
+    # a renewed certificate whose (matching) key came encrypted: Lucid cannot read it
+    renewed = files.ca.issue_cert("localhost", "127.0.0.1")
+    renewed.cert_chain_pems[0].write_to_path(str(files.server_cert))
+    renewed.private_key_pem.write_to_path(str(tmp_path / "plain.key"))
+    _encrypted(tmp_path / "plain.key", files.server_key)
+    rejected = len(process.output.split("reload rejected")) - 1
+    process.signal(signal.SIGHUP)
+    process.wait_for_line(f"server.tls.key = '{files.server_key}': the private key in "
+                          f"{files.server_key} is encrypted".replace(".", r"\."))
+    assert len(process.output.split("reload rejected")) - 1 == rejected + 1
+    assert "Lucid has no passphrase option" in process.output
+    assert _serial(process.proxy_url, ctx) == second
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):  # and its minimum too
+        _serial(process.proxy_url, only_12)
+
 
 def test_bad_certificates_stop_lucid_serve_with_exit_2(tmp_path, capsys):
     """``lucid serve``'s own entry point, in process: it stops before binding."""
@@ -266,6 +293,40 @@ key = "{files.server_key}"
     assert "server.tls.key" in out and "does not match server.tls.cert" in out
     assert "server.tls.certificates[0].cert = 'missing.pem': cannot read" in out
     assert "expected a PEM certificate chain" in out
+
+
+def test_an_encrypted_key_stops_lucid_serve_with_exit_2(lucid_process, tmp_path):
+    """``lucid serve`` in a subprocess: a passphrase-protected key, for the listener
+    or for a service's client certificate, is refused before anything binds (and
+    OpenSSL never asks for the passphrase on a terminal); the message names the key
+    and the file, and says it is encrypted."""
+    files = make_tls(tmp_path / "tls")
+    server_key = _encrypted(files.server_key, tmp_path / "server-encrypted.key")
+    client_key = _encrypted(files.client_key, tmp_path / "client-encrypted.key",
+                            serialization.PrivateFormat.TraditionalOpenSSL)
+    text = route("https://localhost:9", f"""
+[server.tls]
+cert = "{files.server_cert}"
+key = "{server_key}"
+
+[services.svc]
+tls_ca = "{files.ca_cert}"
+tls_cert = "{files.client_cert}"
+tls_key = "{client_key}"
+""")
+    process = lucid_process(text, wait=False)
+    assert process.wait() == 2
+    assert process.output.startswith(f"lucid: invalid config {process.config_path}:")
+    assert "listening on" not in process.output
+    for name, key in (("server.tls.key", server_key), ("services.svc.tls_key", client_key)):
+        assert (f"{name} = '{key}': the private key in {key} is encrypted "
+                "(passphrase-protected) and Lucid has no passphrase option; expected a "
+                "PEM private key without a passphrase") in process.output
+
+    # the same keys unencrypted: it starts
+    process = lucid_process(text.replace(str(server_key), str(files.server_key))
+                            .replace(str(client_key), str(files.client_key)))
+    assert process.proxy_url.startswith("https://")
 
 
 def _check(text: str, path: Path) -> list[str]:
