@@ -469,3 +469,63 @@ async def test_a_pipelined_handshake_is_refused_by_the_fast_engine(lucid_gateway
         writer.close()
     assert (first.status, second.status, second.closed) == (200, 400, True)
     assert echo.sessions == 0
+
+
+async def _serve_tls(handler: Any, ctx: Any) -> tuple[web.AppRunner, int]:
+    """``handler`` for every path over TLS on loopback (``ctx``): (runner, port)."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_a_session_is_proxied_to_an_https_instance(engine_gateway, tls_files):
+    """``wss`` from Lucid to an ``https://`` instance, its certificate verified with the
+    service's ``tls_ca`` (without it, the system's CAs refuse it: 502 and no session);
+    messages both ways, through TLS on the upstream side."""
+    echo = Echo()
+    ctx = tls_files.server_context()
+    names: list[str | None] = []  # the SNI names it was sent
+    ctx.sni_callback = lambda _, name, __: names.append(name)
+    runner, port = await _serve_tls(echo, ctx)
+    try:
+        seen = Seen()
+        gw = await engine_gateway(config(f"https://localhost:{port}") + f"""
+[gateway.services.unknown-ca]
+instances = ["https://localhost:{port}"]
+
+[[gateway.routes]]
+id = "unknown-ca"
+prefix = "/unknown-ca"
+service = "unknown-ca"
+
+[services.echo]
+tls_ca = "{tls_files.ca_cert}"
+""", plugins=[seen])
+        assert await handshake_status(gw, "/unknown-ca") == 502
+        assert echo.sessions == 0
+        assert seen.outcomes == [(f"https://localhost:{port}", "connect_error", None)]
+
+        large = os.urandom(2 * 1024 * 1024)
+        async with gw.session.ws_connect(gw.proxy_url + "/ws/tls", protocols=("chat",),
+                                         max_msg_size=0) as ws:
+            assert ws.protocol == "chat"
+            await ws.send_str("over wss")
+            assert (await ws.receive(timeout=10)).data == "over wss"
+            await ws.send_bytes(large)
+            assert (await ws.receive(timeout=30)).data == large
+            await ws.close()
+        assert ws.close_code == 1000
+        (handshake,) = echo.handshakes
+        assert handshake.secure and handshake.path == "/ws/tls"  # it came over TLS
+        assert names[-1] == "localhost"
+        await wait_until(lambda: echo.close_codes == [1000], message="the upstream's close")
+        assert seen.outcomes[-1] == (f"https://localhost:{port}", "success", 101)
+    finally:
+        await runner.cleanup()
+
