@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,18 @@ def load_upstream(name: str, service: ServiceConfig, base: Path | None,
         service.tls_verify, service.tls_server_name, service.tls_ca, service.tls_cert,
         service.tls_key, digests)
     return UpstreamTLS(ctx, service.tls_server_name, fingerprint)
+
+
+def warn_unmatched(names: Iterable[str], known: Callable[[str], bool]) -> list[str]:
+    """Log a warning for each ``[services.<name>]`` table that names no service
+    ``known`` (to the config or the registry): its settings would apply to nothing,
+    most likely a misspelt name. The names warned about."""
+    unmatched = [name for name in names if not known(name)]
+    for name in unmatched:
+        log.warning("services.%s: no service %r is in the config or the registry, so "
+                    "these TLS settings apply to nothing yet; is the name misspelt?",
+                    name, name)
+    return unmatched
 
 
 # -- both, per config load --------------------------------------------------------

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from lucid.config import ConfigError
 from lucid.runtime import load_plugins_and_config
 from lucid.server import serve_forever
-from lucid.testing import wait_until, write_config
+from lucid.testing import run_gateway, wait_until, write_config
 from lucid.testing_http import read_response
 from lucid.testing_internal import TLSFiles, make_tls, route
 from lucid.tls import load_tls
@@ -557,3 +557,42 @@ retries = {{ attempts = 1 }}
 
 async def _is(probe: Any, expected: int) -> bool:
     return await probe() == expected
+
+
+async def test_a_services_table_naming_no_service_is_warned_about(tls_files, tmp_path,
+                                                                  caplog):
+    """``[services.<name>]`` is matched to a service by name only: a table naming no
+    service of the config (``[gateway.services]``, ``[registry.services]``) nor of the
+    registry at start (one registered through the admin API before a restart counts)
+    is logged as a likely misspelling; the others are not."""
+    data_dir = str(tmp_path / "data")
+    async with run_gateway(route("https://localhost:9"), tmp_path / "first",
+                           data_dir=data_dir) as first:
+        async with first.session.post(first.admin_url + "/registry/services", json={
+                "id": "orders", "instances": [{"id": "o1", "url": "https://localhost:9"}]},
+                                      ) as response:
+            assert response.status == 201, await response.text()
+    text = route("https://localhost:9", f"""
+[registry.services.billing]
+instances = ["https://localhost:9"]
+
+[services.svc]
+tls_ca = "{tls_files.ca_cert}"
+
+[services.billing]
+tls_ca = "{tls_files.ca_cert}"
+
+[services.biling]
+tls_ca = "{tls_files.ca_cert}"
+
+[services.orders]
+tls_ca = "{tls_files.ca_cert}"
+""")
+    with caplog.at_level(logging.WARNING, logger="lucid.tls"):
+        async with run_gateway(text, tmp_path / "second", data_dir=data_dir) as second:
+            assert [i.url for i in second.runtime.instances("orders")] == [
+                "https://localhost:9"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lucid.tls"]
+    assert warnings == ["services.biling: no service 'biling' is in the config or the "
+                        "registry, so these TLS settings apply to nothing yet; is the name "
+                        "misspelt?"]
