@@ -60,7 +60,7 @@ from lucid.definitions import (
 from lucid.model import Event, Generation, Instance
 from lucid.passive import PassiveHealth
 from lucid.plugins import Hooks, PluginSet, choose_plugins
-from lucid.tls import Termination, load_tls
+from lucid.tls import Termination, load_tls, warn_unmatched
 
 log = logging.getLogger("lucid")
 
@@ -214,6 +214,10 @@ class Runtime:
             raise
         await self.hooks.activate(first)
         self.started = True
+        if self.config.services and self.worker_index == 0:  # once, not per worker
+            list_instances = self.plugin_set.pm.hook.lucid_list_instances  # None: unknown
+            warn_unmatched(self.config.services, lambda name: list_instances(
+                service=name, generation=first) is not None)
         if cluster.shared:
             self.background(self._follow_cluster())
             await asyncio.sleep(0)  # the follower asks for its channel

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,12 @@ def _load_pair(ctx: ssl.SSLContext, cert_key: str, cert: str, key_key: str, key:
     if key_pem is not None:
         try:
             private = serialization.load_pem_private_key(key_pem, password=None)
-        except TypeError:
-            problems.append(f"{key_key} = {key!r}: the key is encrypted; expected a PEM "
-                            "private key without a passphrase")
+        except TypeError:  # "password was not given but private key is encrypted"
+            problems.append(f"{key_key} = {key!r}: the private key in "
+                            f"{_resolve(key, base)} is encrypted (passphrase-protected) "
+                            "and Lucid has no passphrase option; expected a PEM private "
+                            "key without a passphrase (openssl pkey -in KEY -out "
+                            "PLAIN_KEY writes one)")
         except ValueError:
             problems.append(f"{key_key} = {key!r}: no PEM private key in "
                             f"{_resolve(key, base)}; expected a PEM private key")
@@ -89,11 +92,18 @@ def _load_pair(ctx: ssl.SSLContext, cert_key: str, cert: str, key_key: str, key:
                         "expected the private key of that certificate")
         return []
     try:
-        ctx.load_cert_chain(_resolve(cert, base), _resolve(key, base))
-    except (OSError, ssl.SSLError) as exc:  # read a moment ago: changed in between
+        # never OpenSSL's passphrase prompt on the terminal, should the key have been
+        # replaced by an encrypted one since it was checked: it fails instead
+        ctx.load_cert_chain(_resolve(cert, base), _resolve(key, base),
+                            password=_no_passphrase)
+    except (OSError, ssl.SSLError, ValueError) as exc:  # changed since it was read
         problems.append(f"{cert_key} = {cert!r}: cannot be loaded ({exc})")
         return []
     return chain
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the private key is encrypted")
 
 
 def _dns_names(certificate: x509.Certificate) -> list[str]:
@@ -260,6 +270,18 @@ def load_upstream(name: str, service: ServiceConfig, base: Path | None,
         service.tls_verify, service.tls_server_name, service.tls_ca, service.tls_cert,
         service.tls_key, digests)
     return UpstreamTLS(ctx, service.tls_server_name, fingerprint)
+
+
+def warn_unmatched(names: Iterable[str], known: Callable[[str], bool]) -> list[str]:
+    """Log a warning for each ``[services.<name>]`` table that names no service
+    ``known`` (to the config or the registry): its settings would apply to nothing,
+    most likely a misspelt name. The names warned about."""
+    unmatched = [name for name in names if not known(name)]
+    for name in unmatched:
+        log.warning("services.%s: no service %r is in the config or the registry, so "
+                    "these TLS settings apply to nothing yet; is the name misspelt?",
+                    name, name)
+    return unmatched
 
 
 # -- both, per config load --------------------------------------------------------

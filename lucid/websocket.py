@@ -66,6 +66,8 @@ GOING_AWAY = 1001  # RFC 6455 §7.4.1: the server goes down, or the session idle
 MAX_REFUSAL_BODY = 1024 * 1024  # what an upstream's non-101 answer may carry
 CLOSE_WAIT = 5.0  # after sending close frames, how long the peers get to answer
 _SCHEMES = {"ws": "http", "wss": "https"}
+WRONG_ACCEPT = ("upstream answered the WebSocket handshake 101 with a wrong "
+                "Sec-WebSocket-Accept")
 _NOT_RELAYED_ON_ACCEPT = frozenset({
     b"upgrade", b"connection", b"sec-websocket-accept", b"sec-websocket-protocol",
     b"sec-websocket-extensions", b"content-length", b"transfer-encoding", b"date",
@@ -235,21 +237,22 @@ async def call(app: ProxyApp, exchange: Exchange, instance: Instance,
     status = upstream.status
     if status == 101 and upstream.accept != accept_token(exchange.headers[
             "sec-websocket-key"].strip().encode("latin-1")):
+        # not an answer to this handshake (RFC 6455 §4.1): the client would refuse it
+        # anyway; an upstream failure like a broken reply, and nothing is relayed
         upstream.transport.abort()
-        status = 502
-        outcome = Outcome("upstream_error", None, time.perf_counter() - started,
-                          "upstream 101 with a wrong Sec-WebSocket-Accept")
-    else:
-        outcome = Outcome("error_status" if status >= 500 else "success", status,
-                          time.perf_counter() - started)
+        rejection = await app.attempt_failed(
+            exchange, instance, Outcome("upstream_error", None, time.perf_counter() - started,
+                                        WRONG_ACCEPT), "WebSocket handshake ")
+        rejection.reason = WRONG_ACCEPT
+        return rejection
+    outcome = Outcome("error_status" if status >= 500 else "success", status,
+                      time.perf_counter() - started)
     exchange.outcome = outcome
     recording = hooks.record_outcome(exchange, instance, outcome)
     if recording is not None:
         await recording
-    if status >= 500 or outcome.kind == "upstream_error":
+    if status >= 500:
         app.passive.record(exchange, instance, outcome)
-    if outcome.kind == "upstream_error":
-        return Rejection(502, reason="upstream answered the WebSocket handshake wrongly")
     if status != 101:
         upstream.transport.close()
         exchange.upstream_duration = time.perf_counter() - started

@@ -22,11 +22,12 @@ import aiohttp
 import pytest
 import tomli_w
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 
 from lucid.config import ConfigError
 from lucid.runtime import load_plugins_and_config
 from lucid.server import serve_forever
-from lucid.testing import wait_until, write_config
+from lucid.testing import run_gateway, wait_until, write_config
 from lucid.testing_http import read_response
 from lucid.testing_internal import TLSFiles, make_tls, route
 from lucid.tls import load_tls
@@ -210,12 +211,23 @@ def _serial(url: str, ctx: ssl.SSLContext) -> str:
     return asyncio.run(get())
 
 
-def test_sighup_swaps_the_certificate_and_a_bad_one_is_refused(lucid_process, tmp_path):
-    """New connections get the renewed certificate (and a new minimum version) after
-    SIGHUP, without a restart; a key that does not match keeps the running
+def _encrypted(key: Path, destination: Path,
+               form: Any = serialization.PrivateFormat.PKCS8) -> Path:
+    """``key`` protected by a passphrase, written to ``destination``: PKCS#8
+    ("ENCRYPTED PRIVATE KEY") or OpenSSL's traditional form (Proc-Type: 4,ENCRYPTED)."""
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    destination.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, form, serialization.BestAvailableEncryption(b"secret")))
+    return destination
+
+
+def test_sighup_swaps_the_certificate_and_a_bad_one_is_refused(engine_process, tmp_path):
+    """On each engine, new connections get the renewed certificate and the new minimum
+    version after SIGHUP, without a restart (a TLS 1.2-only client refused once the
+    minimum is 1.3); a key that does not match, or an encrypted one, keeps the running
     certificate, and the log says why."""
     files = make_tls(tmp_path / "tls")
-    process = lucid_process(route("http://127.0.0.1:9", _tls_server(files)))
+    process = engine_process(route("http://127.0.0.1:9", _tls_server(files)))
     assert process.proxy_url.startswith("https://")
     ctx = files.client_context()
     first = _serial(process.proxy_url, ctx)
@@ -246,6 +258,21 @@ def test_sighup_swaps_the_certificate_and_a_bad_one_is_refused(lucid_process, tm
     assert "does not match server.tls.cert" in process.output
     assert _serial(process.proxy_url, ctx) == second
 
+    # a renewed certificate whose (matching) key came encrypted: Lucid cannot read it
+    renewed = files.ca.issue_cert("localhost", "127.0.0.1")
+    renewed.cert_chain_pems[0].write_to_path(str(files.server_cert))
+    renewed.private_key_pem.write_to_path(str(tmp_path / "plain.key"))
+    _encrypted(tmp_path / "plain.key", files.server_key)
+    rejected = len(process.output.split("reload rejected")) - 1
+    process.signal(signal.SIGHUP)
+    process.wait_for_line(f"server.tls.key = '{files.server_key}': the private key in "
+                          f"{files.server_key} is encrypted".replace(".", r"\."))
+    assert len(process.output.split("reload rejected")) - 1 == rejected + 1
+    assert "Lucid has no passphrase option" in process.output
+    assert _serial(process.proxy_url, ctx) == second
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):  # and its minimum too
+        _serial(process.proxy_url, only_12)
+
 
 def test_bad_certificates_stop_lucid_serve_with_exit_2(tmp_path, capsys):
     """``lucid serve``'s own entry point, in process: it stops before binding."""
@@ -266,6 +293,40 @@ key = "{files.server_key}"
     assert "server.tls.key" in out and "does not match server.tls.cert" in out
     assert "server.tls.certificates[0].cert = 'missing.pem': cannot read" in out
     assert "expected a PEM certificate chain" in out
+
+
+def test_an_encrypted_key_stops_lucid_serve_with_exit_2(lucid_process, tmp_path):
+    """``lucid serve`` in a subprocess: a passphrase-protected key, for the listener
+    or for a service's client certificate, is refused before anything binds (and
+    OpenSSL never asks for the passphrase on a terminal); the message names the key
+    and the file, and says it is encrypted."""
+    files = make_tls(tmp_path / "tls")
+    server_key = _encrypted(files.server_key, tmp_path / "server-encrypted.key")
+    client_key = _encrypted(files.client_key, tmp_path / "client-encrypted.key",
+                            serialization.PrivateFormat.TraditionalOpenSSL)
+    text = route("https://localhost:9", f"""
+[server.tls]
+cert = "{files.server_cert}"
+key = "{server_key}"
+
+[services.svc]
+tls_ca = "{files.ca_cert}"
+tls_cert = "{files.client_cert}"
+tls_key = "{client_key}"
+""")
+    process = lucid_process(text, wait=False)
+    assert process.wait() == 2
+    assert process.output.startswith(f"lucid: invalid config {process.config_path}:")
+    assert "listening on" not in process.output
+    for name, key in (("server.tls.key", server_key), ("services.svc.tls_key", client_key)):
+        assert (f"{name} = '{key}': the private key in {key} is encrypted "
+                "(passphrase-protected) and Lucid has no passphrase option; expected a "
+                "PEM private key without a passphrase") in process.output
+
+    # the same keys unencrypted: it starts
+    process = lucid_process(text.replace(str(server_key), str(files.server_key))
+                            .replace(str(client_key), str(files.client_key)))
+    assert process.proxy_url.startswith("https://")
 
 
 def _check(text: str, path: Path) -> list[str]:
@@ -496,3 +557,42 @@ retries = {{ attempts = 1 }}
 
 async def _is(probe: Any, expected: int) -> bool:
     return await probe() == expected
+
+
+async def test_a_services_table_naming_no_service_is_warned_about(tls_files, tmp_path,
+                                                                  caplog):
+    """``[services.<name>]`` is matched to a service by name only: a table naming no
+    service of the config (``[gateway.services]``, ``[registry.services]``) nor of the
+    registry at start (one registered through the admin API before a restart counts)
+    is logged as a likely misspelling; the others are not."""
+    data_dir = str(tmp_path / "data")
+    async with run_gateway(route("https://localhost:9"), tmp_path / "first",
+                           data_dir=data_dir) as first:
+        async with first.session.post(first.admin_url + "/registry/services", json={
+                "id": "orders", "instances": [{"id": "o1", "url": "https://localhost:9"}]},
+                                      ) as response:
+            assert response.status == 201, await response.text()
+    text = route("https://localhost:9", f"""
+[registry.services.billing]
+instances = ["https://localhost:9"]
+
+[services.svc]
+tls_ca = "{tls_files.ca_cert}"
+
+[services.billing]
+tls_ca = "{tls_files.ca_cert}"
+
+[services.biling]
+tls_ca = "{tls_files.ca_cert}"
+
+[services.orders]
+tls_ca = "{tls_files.ca_cert}"
+""")
+    with caplog.at_level(logging.WARNING, logger="lucid.tls"):
+        async with run_gateway(text, tmp_path / "second", data_dir=data_dir) as second:
+            assert [i.url for i in second.runtime.instances("orders")] == [
+                "https://localhost:9"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lucid.tls"]
+    assert warnings == ["services.biling: no service 'biling' is in the config or the "
+                        "registry, so these TLS settings apply to nothing yet; is the name "
+                        "misspelt?"]

@@ -5,6 +5,7 @@ rate limit, breaker), then messages both ways; idle timeout, drain, failures."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from lucid.model import Exchange
 from lucid.plugins import hookimpl
 from lucid.testing import wait_until
 from lucid.testing_http import read_response
+from lucid.websocket import close_frame
 
 SECRET = "w" * 40
 FLOOD, MB = 64, b"m" * (1024 * 1024)  # 64 MiB in 1 MiB messages
@@ -469,3 +471,164 @@ async def test_a_pipelined_handshake_is_refused_by_the_fast_engine(lucid_gateway
         writer.close()
     assert (first.status, second.status, second.closed) == (200, 400, True)
     assert echo.sessions == 0
+
+
+async def _serve_tls(handler: Any, ctx: Any) -> tuple[web.AppRunner, int]:
+    """``handler`` for every path over TLS on loopback (``ctx``): (runner, port)."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_a_session_is_proxied_to_an_https_instance(engine_gateway, tls_files):
+    """``wss`` from Lucid to an ``https://`` instance, its certificate verified with the
+    service's ``tls_ca`` (without it, the system's CAs refuse it: 502 and no session);
+    messages both ways, through TLS on the upstream side."""
+    echo = Echo()
+    ctx = tls_files.server_context()
+    names: list[str | None] = []  # the SNI names it was sent
+    ctx.sni_callback = lambda _, name, __: names.append(name)
+    runner, port = await _serve_tls(echo, ctx)
+    try:
+        seen = Seen()
+        gw = await engine_gateway(config(f"https://localhost:{port}") + f"""
+[gateway.services.unknown-ca]
+instances = ["https://localhost:{port}"]
+
+[[gateway.routes]]
+id = "unknown-ca"
+prefix = "/unknown-ca"
+service = "unknown-ca"
+
+[services.echo]
+tls_ca = "{tls_files.ca_cert}"
+""", plugins=[seen])
+        assert await handshake_status(gw, "/unknown-ca") == 502
+        assert echo.sessions == 0
+        assert seen.outcomes == [(f"https://localhost:{port}", "connect_error", None)]
+
+        large = os.urandom(2 * 1024 * 1024)
+        async with gw.session.ws_connect(gw.proxy_url + "/ws/tls", protocols=("chat",),
+                                         max_msg_size=0) as ws:
+            assert ws.protocol == "chat"
+            await ws.send_str("over wss")
+            assert (await ws.receive(timeout=10)).data == "over wss"
+            await ws.send_bytes(large)
+            assert (await ws.receive(timeout=30)).data == large
+            await ws.close()
+        assert ws.close_code == 1000
+        (handshake,) = echo.handshakes
+        assert handshake.secure and handshake.path == "/ws/tls"  # it came over TLS
+        assert names[-1] == "localhost"
+        await wait_until(lambda: echo.close_codes == [1000], message="the upstream's close")
+        assert seen.outcomes[-1] == (f"https://localhost:{port}", "success", 101)
+    finally:
+        await runner.cleanup()
+
+
+class WrongAccept:
+    """An instance that answers every handshake 101 with a ``Sec-WebSocket-Accept``
+    that is not the one for the client's key, then at once sends a text frame; it
+    records what arrives after each handshake, and when each connection ends."""
+
+    FRAME = b"\x81\x05hello"  # an unmasked text frame, as a server sends
+
+    def __init__(self) -> None:
+        self.after: list[bytes] = []  # per connection: the bytes after the head
+        self.ended = 0
+        self.server: asyncio.Server | None = None
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + base64.b64encode(b"x" * 20)
+                         + b"\r\n\r\n" + self.FRAME)
+            self.after.append(b"")
+            while data := await reader.read(65536):
+                self.after[-1] += data
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.ended += 1
+            writer.close()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_wrong_accept_is_a_failure_and_nothing_is_tunnelled(engine_gateway,
+                                                                    lucid_upstream):
+    """An instance's 101 whose ``Sec-WebSocket-Accept`` is not the one for the key (it
+    did not understand the handshake, or something in between answered): 502 to the
+    client with a JSON body naming the problem, an upstream failure
+    (its outcome recorded, the next instance tried when there is one), and no byte
+    relayed either way: the instance's connection is cut."""
+    wrong = WrongAccept()
+    url = await wrong.start()
+    try:
+        echo = Echo()
+        upstream = await lucid_upstream(echo)
+        seen = Seen()
+        gw = await engine_gateway(config(upstream.url, url) + f"""
+[gateway.services.wrong]
+instances = ["{url}"]
+
+[[gateway.routes]]
+id = "wrong"
+prefix = "/wrong"
+service = "wrong"
+""", plugins=[seen])
+        host, _, port = gw.proxy_url.removeprefix("http://").rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /wrong HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader, closed_wait=None), 10)
+            assert response.status == 502
+            assert response.header("upgrade") is None
+            body = json.loads(response.body)  # Hypercorn's denial response carries it too
+            assert body["error"] == ("upstream answered the WebSocket handshake 101 with "
+                                     "a wrong Sec-WebSocket-Accept")
+            assert body["request_id"] == response.header("x-request-id")
+            assert WrongAccept.FRAME not in response.body
+            await wait_until(lambda: wrong.ended == 1, message="the instance's connection cut")
+            # the client's connection is no tunnel: a frame sent now is not relayed,
+            # and the instance's frame never arrives (the connection reads as HTTP, or
+            # it has ended)
+            writer.write(close_frame(1000, "bye", masked=True))
+            rest = await asyncio.wait_for(reader.read(), 10)
+            assert WrongAccept.FRAME not in rest
+        finally:
+            writer.close()
+        assert wrong.after == [b""]
+        assert seen.outcomes == [(url, "upstream_error", None)]
+        (exchange,) = [e for e in seen.exchanges if e.route_id == "wrong"]
+        assert exchange.status == 502
+        assert gw.runtime.counters.get("websockets", 0) == 0  # no session was opened
+
+        # aiohttp's client sees the 502 too; with a good instance next, the handshake
+        # is retried there: one of two handshakes meets the wrong instance first
+        assert await handshake_status(gw, "/wrong") == 502
+        seen.outcomes.clear()
+        assert [await handshake_status(gw, "/flaky") for _ in range(2)] == [101, 101]
+        assert sorted(seen.outcomes) == sorted([
+            (url, "upstream_error", None), (upstream.url, "success", 101),
+            (upstream.url, "success", 101)])
+        assert echo.sessions == 2 and set(wrong.after) == {b""}
+    finally:
+        wrong.close()
