@@ -120,9 +120,10 @@ def build_state(
         ]
         for name, service in config.services.items()
     }
+    policies = tuple(policy_for(r) for r in routes)
     return GatewayState(
-        Router(routes),
-        tuple(policy_for(r) for r in routes),
+        Router(routes, policies, overrides),
+        policies,
         tuple(overrides),
         instances,
         shared,
@@ -222,14 +223,14 @@ def lucid_admit_request(exchange: Exchange) -> Rejection | None | Awaitable[Reje
     guard = exchange.overrides.get("gateway")
     if guard is None:
         return None
-    return guard.admit(exchange)  # type: ignore[no-any-return]
+    return guard.check(exchange)  # type: ignore[no-any-return]
 
 
 @hookimpl
 def lucid_match_route(exchange: Exchange, generation: Generation) -> Route | None:
     state: GatewayState = generation.state["gateway"]
-    match = state.router.match(exchange.method, exchange.host, exchange.path, exchange.headers)
-    if match is None:
+    found = state.router.find(exchange.method, exchange.host, exchange.path, exchange.headers)
+    if found is None:
         if exchange.method != "OPTIONS" or "origin" not in exchange.headers:
             return None
         # A CORS preflight for a route that does not list OPTIONS: match it as the
@@ -237,18 +238,17 @@ def lucid_match_route(exchange: Exchange, generation: Generation) -> Route | Non
         requested = exchange.headers.get("access-control-request-method")
         if requested is None:
             return None
-        match = state.router.match(requested.upper(), exchange.host, exchange.path,
-                                   exchange.headers)
-        if match is None or match.route.cors is None:
+        found = state.router.find(requested.upper(), exchange.host, exchange.path,
+                                  exchange.headers)
+        if found is None or found[0].route.cors is None:
             return None
-    exchange.route = match.route
-    exchange.route_id = match.route_id
-    exchange.service = match.route.service
-    exchange.path_params = match.params
-    exchange.upstream_path = match.upstream_path
-    exchange.policy = state.policies[match.index]
-    exchange.overrides = state.overrides[match.index]
-    return match.route
+    entry, exchange.path_params, exchange.upstream_path = found
+    route = exchange.route = entry.route
+    exchange.route_id = entry.route_id
+    exchange.service = entry.service
+    exchange.policy = entry.policy
+    exchange.overrides = entry.overrides
+    return route
 
 
 @hookimpl(trylast=True)

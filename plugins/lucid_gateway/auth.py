@@ -41,6 +41,7 @@ from lucid_gateway.jwks import (
 )
 
 log = logging.getLogger("lucid.gateway.auth")
+_now = time.time
 
 _HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 _MAX_HYPHENS = 8  # lucid.http.underscore_twins lists every spelling up to this
@@ -173,6 +174,12 @@ class Issuer:
         return self.jwks.version if self.jwks is not None else 0
 
 
+# A verified token as the cache keeps it: its claims, the issuer that signed it, that
+# issuer's JWKS (None: static keys only) and the key-set version it was checked
+# against, when it expires (``exp`` plus the issuer's leeway), ``nbf``, the leeway.
+Verified = tuple[dict[str, Any], Issuer, JwksCache | None, int, float, float, float]
+
+
 @dataclass(eq=False)
 class Verifier:
     """Every issuer of one generation, and the verified-token cache."""
@@ -181,19 +188,17 @@ class Verifier:
     by_iss: dict[str, list[Issuer]]
     cache_size: int
     tasks: set[Any]
-    cache: dict[str, tuple[dict[str, Any], Issuer, int, float, float]] = field(
-        default_factory=dict)
+    cache: dict[str, Verified] = field(default_factory=dict)
 
     def verify(self, token: str, allowed: tuple[Issuer, ...]) -> dict[str, Any] | Awaitable[Any]:
         """Claims, or an awaitable of them when a key must be fetched first; raises
         AuthFailure."""
         hit = self.cache.get(token)
         if hit is not None:
-            claims, issuer, version, exp, nbf = hit
-            now = time.time()
-            if issuer.key_version == version and issuer in allowed:
-                leeway = issuer.config.leeway
-                if now > exp + leeway:
+            claims, issuer, jwks, version, expires, nbf, leeway = hit
+            if issuer in allowed and (jwks is None or jwks.version == version):
+                now = time.time()
+                if now > expires:
                     raise AuthFailure("token expired")
                 if now + leeway < nbf:
                     raise AuthFailure("token not yet valid")
@@ -268,7 +273,9 @@ class Verifier:
         if self.cache_size:
             if len(self.cache) >= self.cache_size:
                 self.cache.pop(next(iter(self.cache)))
-            self.cache[token] = (payload, issuer, issuer.key_version, exp, nbf)
+            leeway = issuer.config.leeway
+            self.cache[token] = (payload, issuer, issuer.jwks, issuer.key_version,
+                                 exp + leeway, nbf, leeway)
         return payload
 
     @staticmethod
@@ -345,6 +352,16 @@ class RouteAuthGuard:
     roles_path: tuple[str, ...]
     scopes_path: tuple[str, ...]
     claim_headers: frozenset[str] = frozenset()  # forward_claims' header names
+    # the verifier's token cache (the same dict, never replaced)
+    cache: dict[str, Verified] = field(init=False)
+    # nothing to check or change past the identity (no roles, scopes, claim headers,
+    # nor credential to strip): the route's admission is settled by a valid token
+    plain: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.cache = self.verifier.cache
+        self.plain = not (s.roles or s.scopes or s.forward_claims or s.strip_authorization)
 
     def token_of(self, exchange: Exchange) -> tuple[str, str] | None:
         """The token and where it was found: ``"header"``, ``"cookie"`` or ``"query"``."""
@@ -366,6 +383,34 @@ class RouteAuthGuard:
         return None
 
     def admit(self, exchange: Exchange) -> Rejection | None | Awaitable[Rejection | None]:
+        """Nothing, a rejection, or an awaitable of either when a key must be fetched.
+
+        A bearer token the cache holds (the usual request) is settled here: the same
+        checks as :meth:`Verifier.verify` makes on a hit, then :meth:`authorize`, which
+        a plain route needs only for the identity. A cached token is canonical base64url
+        (nothing else verifies), so the text after ``Bearer `` is found in the cache
+        only when it is exactly the token :meth:`token_of` would take. Anything else
+        takes the general path."""
+        header = exchange.headers.get("authorization")
+        if header is not None and header[:7] == "Bearer ":
+            hit = self.cache.get(header[7:])
+            if hit is not None:
+                claims, issuer, jwks, version, expires, nbf, leeway = hit
+                if issuer in self.allowed and (jwks is None or jwks.version == version):
+                    now = _now()
+                    if now > expires:
+                        return unauthorized("token expired")
+                    if now + leeway < nbf:
+                        return unauthorized("token not yet valid")
+                    if self.plain:
+                        exchange.identity = dict(claims)  # a copy, as authorize makes
+                        return None
+                    return self.authorize(exchange, claims, "header")
+        return self.admit_any(exchange)
+
+    def admit_any(self, exchange: Exchange
+                  ) -> Rejection | None | Awaitable[Rejection | None]:
+        """:meth:`admit` for any request: the token wherever it is, verified or cached."""
         found = self.token_of(exchange)
         if found is None:
             if "authorization" in exchange.headers:

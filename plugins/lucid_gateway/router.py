@@ -45,6 +45,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lucid_gateway.config import Route
 
@@ -84,12 +85,19 @@ class _Entry:
         "names",
         "template",
         "sort_key",
+        "service",
+        "policy",
+        "overrides",
     )
 
-    def __init__(self, route: Route, index: int) -> None:
+    def __init__(self, route: Route, index: int, policy: Any = None,
+                 overrides: Any = None) -> None:
         self.route = route
         self.index = index
         self.route_id = route.id or f"routes[{index}]"  # as lucid_gateway.route_id
+        self.service = route.service
+        self.policy = policy  # what the owner of the router keeps per route, read
+        self.overrides = overrides  # back with the match (Router.find)
         self.methods = frozenset(route.methods) or None
         exact = frozenset(h for h in route.hosts if not h.startswith("*."))
         wild = frozenset(h[2:] for h in route.hosts if h.startswith("*."))
@@ -186,13 +194,18 @@ class Router:
         "_host_keys",
     )
 
-    def __init__(self, routes: Sequence[Route]) -> None:
+    def __init__(self, routes: Sequence[Route], policies: Sequence[Any] = (),
+                 overrides: Sequence[Any] = ()) -> None:
+        """``policies`` and ``overrides``, if given, hold one value per route that
+        :meth:`find` hands back with the route's entry (``entry.policy``,
+        ``entry.overrides``)."""
         self.routes = tuple(routes)
         self._exact: dict[str, _Node] = {}
         self._prefixes = _Node()
         self._patterns = _Node()
         for index, route in enumerate(self.routes):
-            entry = _Entry(route, index)
+            entry = _Entry(route, index, policies[index] if policies else None,
+                           overrides[index] if overrides else None)
             if route.path is not None:
                 self._exact.setdefault(route.path, _Node()).add(entry)
             elif route.prefix is not None:
@@ -228,6 +241,17 @@ class Router:
         :param path: the normalised, percent-decoded path, starting with "/"
         :param headers: request headers with lower-case names
         """
+        found = self.find(method, host, path, headers)
+        if found is None:
+            return None
+        entry, params, upstream = found
+        return Match(entry.route, entry.index, entry.route_id, params, upstream)
+
+    def find(self, method: str, host: str, path: str, headers: Mapping[str, str]
+             ) -> tuple[_Entry, dict[str, str], str] | None:
+        """:meth:`match` for the data path: the route's entry (``route``, ``index``,
+        ``route_id``, ``service``, ``policy``, ``overrides``), the path parameters and
+        the upstream path, without building a :class:`Match`."""
         if self._has_hosts:
             key = self._host_keys.get(host)
             if key is None:
@@ -239,36 +263,31 @@ class Router:
         if node is not None:
             entry = node.plain or _first(node, method, host, headers)
             if entry is not None:
-                return Match(
-                    entry.route,
-                    entry.index,
-                    entry.route_id,
-                    {},
-                    path if entry.whole is None else entry.whole,
-                )
-        segments = path[1:].split("/")
+                return entry, {}, path if entry.whole is None else entry.whole
+        segments = None
         if self._has_prefixes:
-            deepest = self._prefixes if self._prefixes.entries is not None else None
-            children = self._prefixes.children
-            for segment in segments:
-                node = children.get(segment)
-                if node is None:
-                    break
-                if node.entries is not None:
-                    deepest = node
-                children = node.children
+            root = self._prefixes
+            deepest = root if root.entries is not None else None
+            if root.children:  # else only "/" routes: no segment to walk
+                segments = path[1:].split("/")
+                children = root.children
+                for segment in segments:
+                    node = children.get(segment)
+                    if node is None:
+                        break
+                    if node.entries is not None:
+                        deepest = node
+                    children = node.children
             while deepest is not None:
                 entry = deepest.plain or _first(deepest, method, host, headers)
                 if entry is not None:
-                    return Match(
-                        entry.route,
-                        entry.index,
-                        entry.route_id,
-                        {},
-                        _upstream_for_prefix(entry, path),
-                    )
+                    if entry.base is None:
+                        return entry, {}, path
+                    return entry, {}, _upstream_for_prefix(entry, path)
                 deepest = deepest.fallback
         if self._has_patterns:
+            if segments is None:
+                segments = path[1:].split("/")
             end = len(segments)
             if end > 1 and not segments[-1]:
                 end -= 1  # one trailing slash is ignored
@@ -281,7 +300,7 @@ class Router:
                 else:
                     params = dict(zip(names, values, strict=False))  # strict costs ~50%
                 upstream = path if entry.template is None else entry.template.format_map(params)
-                return Match(entry.route, entry.index, entry.route_id, params, upstream)
+                return entry, params, upstream
         return None
 
 
