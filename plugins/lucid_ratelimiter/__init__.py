@@ -203,6 +203,16 @@ class Table:
     # plans by (route, tier) with a tier claim, by route without one (one tier)
     plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
     by_route: dict[str, Plan] = field(default_factory=dict)
+    # the config's settings each request reads, as plain attributes (a pydantic
+    # model's attribute costs several times a plain one's)
+    style: str = field(init=False)
+    tier_claim: str = field(init=False)
+    default_tier: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.style = self.config.headers
+        self.tier_claim = self.config.tier_claim
+        self.default_tier = self.config.default_tier
 
     def plan(self, route_id: str, tier: str) -> Plan:
         applicable = [
@@ -215,7 +225,7 @@ class Table:
         lease = self.shared and bool(chosen) and not slots and all(c.lease for c in chosen)
         single = chosen[0] if len(chosen) == 1 and not slots and not self.shared else None
         plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots, lease, single)
-        if self.config.tier_claim:
+        if self.tier_claim:
             if len(self.plans) < 10_000:
                 self.plans[(route_id, tier)] = plan
         elif len(self.by_route) < 10_000:
@@ -468,24 +478,24 @@ class RateLimiterPlugin:
         table = self.table
         if table is None:
             return None
-        config = table.config
         settings = exchange.overrides.get("ratelimiter")
         if settings is None:
             cost = 1
-            style = config.headers
+            style = table.style
         else:
             if not settings.enabled:
                 return None
             cost = settings.cost
-            style = settings.headers or config.headers
+            style = settings.headers or table.style
         route_id = exchange.route_id
-        if config.tier_claim:
-            tier = config.default_tier
+        claim = table.tier_claim
+        if claim:
+            tier = table.default_tier
             if exchange.identity:
-                tier = str(exchange.identity.get(config.tier_claim, tier))
+                tier = str(exchange.identity.get(claim, tier))
             plan = table.plans.get((route_id, tier)) or table.plan(route_id, tier)
         else:
-            plan = table.by_route.get(route_id) or table.plan(route_id, config.default_tier)
+            plan = table.by_route.get(route_id) or table.plan(route_id, table.default_tier)
         single = plan.single
         if single is not None:
             # the usual case, one rate limit in memory: _admit_local's work, in line
@@ -499,8 +509,13 @@ class RateLimiterPlugin:
                 single.dirty.add(key)
             self.admitted += 1
             if style != "none":
-                exchange.response_headers += plan.headers(style, single, remaining,
-                                                          limiter.reset)
+                # Plan.headers, its usual answer in line: the same as last time
+                reset = limiter.reset
+                if (remaining == plan.shown_left and style == plan.shown_style
+                        and (_ceil(reset - 1e-6) if reset > 0 else 0) == plan.shown_seconds):
+                    exchange.response_headers += plan.shown
+                else:
+                    exchange.response_headers += plan.headers(style, single, remaining, reset)
             return None
         if not plan.limits and not plan.slots:
             return None
