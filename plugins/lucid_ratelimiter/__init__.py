@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from math import ceil as _ceil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,10 +110,10 @@ def signature(spec: Limit) -> str:
 class CompiledLimit:
     """One live limit: its definition, its counters and its rejection tally."""
 
-    __slots__ = ("id", "spec", "source", "revision", "limiter", "key_of", "quota", "concurrent",
-                 "signature", "rejections", "limit", "policy", "ietf_prefix", "x_limit",
-                 "dirty", "shared_prefix", "shared_rejections", "shared_args", "fallback",
-                 "lease", "slices", "seen", "seeded")
+    __slots__ = ("id", "spec", "source", "revision", "limiter", "key_of", "by_ip", "quota",
+                 "concurrent", "signature", "rejections", "limit", "policy", "ietf_prefix",
+                 "x_limit", "dirty", "shared_prefix", "shared_rejections", "shared_args",
+                 "fallback", "lease", "slices", "seen", "seeded")
 
     def __init__(self, spec: Limit, source: str, limiter: Limiter, api_key_header: str,
                  revision: int = 0):
@@ -122,6 +123,7 @@ class CompiledLimit:
         self.revision = revision  # of its definition; 0 if static
         self.limiter = limiter
         self.key_of = key_function(spec, api_key_header)
+        self.by_ip = spec.key == "ip"  # the usual key: read in line, without a call
         self.quota = spec.quota
         self.concurrent = spec.concurrent
         self.signature = signature(spec)
@@ -162,6 +164,29 @@ class Plan:
     # every limit sync = "lease" (and no concurrency limit), counted in Redis: decided
     # from this worker's slices; any other plan is decided in Redis, request by request
     lease: bool = False
+    # the usual plan, one rate limit counted in this process's memory and no
+    # concurrency limit: that limit, decided in line by lucid_admit_request
+    single: CompiledLimit | None = None
+    # the headers last announced for this plan, and what they said (style, limit,
+    # requests left, whole seconds until reset): while those stay the same (as they do
+    # for a key far from its limit), a request reuses the list instead of a new one
+    shown: list[tuple[str, str]] = field(default_factory=list)
+    shown_style: str = ""
+    shown_limit: CompiledLimit | None = None
+    shown_left: int = -1
+    shown_seconds: int = -1
+
+    def headers(self, style: str, compiled: CompiledLimit, remaining: int,
+                reset: float) -> list[tuple[str, str]]:
+        """:func:`_headers` of an admitted request (``style`` not "none"), reused while
+        the values stay the same; callers copy it (``+=``), never keep it."""
+        seconds = _ceil(reset - 1e-6) if reset > 0 else 0
+        if (remaining != self.shown_left or seconds != self.shown_seconds
+                or compiled is not self.shown_limit or style != self.shown_style):
+            self.shown = _headers(style, self.policy, compiled, remaining, reset)
+            self.shown_style, self.shown_limit = style, compiled
+            self.shown_left, self.shown_seconds = remaining, seconds
+        return self.shown
 
 
 @dataclass
@@ -175,7 +200,19 @@ class Table:
     config: RateLimiterConfig
     limits: dict[str, CompiledLimit] = field(default_factory=dict)
     shared: bool = False  # counted in Redis (a Redis [cluster] backend)
+    # plans by (route, tier) with a tier claim, by route without one (one tier)
     plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
+    by_route: dict[str, Plan] = field(default_factory=dict)
+    # the config's settings each request reads, as plain attributes (a pydantic
+    # model's attribute costs several times a plain one's)
+    style: str = field(init=False)
+    tier_claim: str = field(init=False)
+    default_tier: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.style = self.config.headers
+        self.tier_claim = self.config.tier_claim
+        self.default_tier = self.config.default_tier
 
     def plan(self, route_id: str, tier: str) -> Plan:
         applicable = [
@@ -186,9 +223,13 @@ class Table:
         chosen = tuple(c for c in applicable if not c.concurrent)
         slots = tuple(c for c in applicable if c.concurrent)
         lease = self.shared and bool(chosen) and not slots and all(c.lease for c in chosen)
-        plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots, lease)
-        if len(self.plans) < 10_000:
-            self.plans[(route_id, tier)] = plan
+        single = chosen[0] if len(chosen) == 1 and not slots and not self.shared else None
+        plan = Plan(chosen, ", ".join(c.policy for c in chosen), slots, lease, single)
+        if self.tier_claim:
+            if len(self.plans) < 10_000:
+                self.plans[(route_id, tier)] = plan
+        elif len(self.by_route) < 10_000:
+            self.by_route[route_id] = plan
         return plan
 
 
@@ -245,6 +286,9 @@ class RateLimiterPlugin:
         self._tasks: list[asyncio.Task[Any]] = []
         self.admitted = 0
         self.rejected = 0
+        # exchanges that took concurrency slots and have not ended yet (an exchange
+        # noted twice only makes lucid_observe_exchange look when it need not)
+        self.holding = 0
         self.flushes = 0
         self.flushed_rows = 0
         self.last_flush_at: float | None = None
@@ -432,24 +476,48 @@ class RateLimiterPlugin:
     @hookimpl
     def lucid_admit_request(self, exchange: Exchange) -> Rejection | None:
         table = self.table
-        if table is None or not table.limits:
+        if table is None:
             return None
-        config = table.config
-        style = config.headers
-        cost = 1
         settings = exchange.overrides.get("ratelimiter")
-        if settings is not None:
+        if settings is None:
+            cost = 1
+            style = table.style
+        else:
             if not settings.enabled:
                 return None
             cost = settings.cost
-            style = settings.headers or style
-        tier = config.default_tier
-        if config.tier_claim and exchange.identity:
-            tier = str(exchange.identity.get(config.tier_claim, tier))
-        plan = table.plans.get((exchange.route_id, tier)) or table.plan(exchange.route_id, tier)
-        limits = plan.limits
-        slots = plan.slots
-        if not limits and not slots:
+            style = settings.headers or table.style
+        route_id = exchange.route_id
+        claim = table.tier_claim
+        if claim:
+            tier = table.default_tier
+            if exchange.identity:
+                tier = str(exchange.identity.get(claim, tier))
+            plan = table.plans.get((route_id, tier)) or table.plan(route_id, tier)
+        else:
+            plan = table.by_route.get(route_id) or table.plan(route_id, table.default_tier)
+        single = plan.single
+        if single is not None:
+            # the usual case, one rate limit in memory: _admit_local's work, in line
+            limiter = single.limiter
+            key = exchange.client_ip if single.by_ip else single.key_of(exchange)
+            remaining = limiter.hit(key, cost, self.clock())
+            if remaining < 0:
+                return self._reject(exchange, single, key, style, plan,
+                                    limiter.retry_after, limiter.reset)
+            if single.quota:
+                single.dirty.add(key)
+            self.admitted += 1
+            if style != "none":
+                # Plan.headers, its usual answer in line: the same as last time
+                reset = limiter.reset
+                if (remaining == plan.shown_left and style == plan.shown_style
+                        and (_ceil(reset - 1e-6) if reset > 0 else 0) == plan.shown_seconds):
+                    exchange.response_headers += plan.shown
+                else:
+                    exchange.response_headers += plan.headers(style, single, remaining, reset)
+            return None
+        if not plan.limits and not plan.slots:
             return None
         if table.shared and self.shared is not None:
             if self.shared.closed:
@@ -493,8 +561,8 @@ class RateLimiterPlugin:
                 return refusal
         self.admitted += 1
         if style != "none" and chosen is not None:
-            exchange.response_headers += _headers(
-                style, plan.policy, chosen, chosen_remaining, chosen_reset)
+            exchange.response_headers += plan.headers(style, chosen, chosen_remaining,
+                                                      chosen_reset)
         return None
 
     def _take_slots(self, exchange: Exchange, slots: tuple[CompiledLimit, ...],
@@ -517,6 +585,7 @@ class RateLimiterPlugin:
                                     limiter.retry_after, limiter.reset)
             taken.append((limiter, key, cost))
         exchange.attributes[IN_FLIGHT] = taken
+        self.holding += 1
         return None
 
     @hookimpl
@@ -524,8 +593,11 @@ class RateLimiterPlugin:
         """Give back the in-flight units the exchange took: this hook runs at the end of
         every exchange, whether it succeeded, failed upstream, fell back, was refused by
         a later plugin, or lost its client."""
+        if not self.holding:  # no exchange holds a slot (no concurrency limit): done
+            return
         taken = exchange.attributes.pop(IN_FLIGHT, None)
         if taken is not None:
+            self.holding -= 1
             for limiter, key, cost in taken:
                 limiter.release(key, cost)
 
@@ -577,15 +649,15 @@ class RateLimiterPlugin:
                 shared.held[lease] = key
                 taken.append((shared, key, lease))
             exchange.attributes[IN_FLIGHT] = taken
+            self.holding += 1
         self.admitted += 1
         if style != "none" and plan.limits:
             best = 0
             for i in range(1, len(plan.limits)):
                 if reply[1 + 3 * i] < reply[1 + 3 * best]:
                     best = i
-            exchange.response_headers += _headers(
-                style, plan.policy, plan.limits[best], int(reply[1 + 3 * best]),
-                reply[2 + 3 * best] / MICRO)
+            exchange.response_headers += plan.headers(
+                style, plan.limits[best], int(reply[1 + 3 * best]), reply[2 + 3 * best] / MICRO)
         return None
 
     def _admit_lease(self, exchange: Exchange, plan: Plan, cost: int,
@@ -627,9 +699,8 @@ class RateLimiterPlugin:
                 best, chosen = piece, compiled
         if best is None:
             return
-        exchange.response_headers += _headers(
-            style, plan.policy, chosen, best.remaining + best.tokens,
-            max(0.0, best.reset_at - now))
+        exchange.response_headers += plan.headers(
+            style, chosen, best.remaining + best.tokens, max(0.0, best.reset_at - now))
 
     async def _take_slices(self, exchange: Exchange, plan: Plan, keys: list[str], cost: int,
                            style: str, now: float) -> Rejection | None:
