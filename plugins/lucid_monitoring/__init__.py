@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 from lucid.config import ConfigError
 from lucid.definitions import BackendUnavailable
 from lucid.plugins import hookimpl
-from lucid_monitoring.accesslog import FLUSH_INTERVAL, AccessLogWriter, entry
+from lucid_monitoring.accesslog import FLUSH_INTERVAL, AccessLogWriter
 from lucid_monitoring.alerts import AlertEngine, alertmanager_payload, make_notifier
 from lucid_monitoring.clustered import ClusterFigures, ClusterMonitor, WindowSums, node_figures
 from lucid_monitoring.config import ALERT_RULE as KIND
@@ -242,31 +243,76 @@ class MonitoringPlugin:
             self.store = None
 
     # data path ------------------------------------------------------------------
+    # Both hooks below run once per request (per attempt, for the outcome) and do
+    # their work inline: Recorder.observe / Recorder.outcome and accesslog.entry are
+    # the same code as functions, each call saved is about a thousand instructions.
+    # Change them together (test_monitoring_hotpath checks that they agree).
     @hookimpl
     def lucid_observe_exchange(self, exchange: Any) -> None:
         recorder = self.recorder
-        if recorder is not None:
-            recorder.observe(exchange)
+        if recorder is not None:  # Recorder.observe
+            status = exchange.status
+            key = (exchange.route_id, exchange.service, exchange.method, status)
+            tally = recorder.entries.get(key)
+            if tally is None:
+                tally = recorder.entry(key)
+            duration = exchange.duration
+            bounds = recorder.bounds
+            tally[0] += 1
+            tally[1] += duration
+            tally[3] += exchange.bytes_in
+            tally[4] += exchange.bytes_out
+            tally[6 + bisect_left(bounds, duration)] += 1
+            if 500 <= status < 600:
+                tally[5] += 1
+            if exchange.instance is not None:
+                upstream = exchange.upstream_duration
+                tally[2] += upstream
+                tally[recorder.upstream_head + bisect_left(bounds, upstream)] += 1
+                if exchange.attempts > 1:
+                    recorder.retried(exchange)
+            clients = recorder.clients
+            ckey = (exchange.service, exchange.client_ip)
+            n = clients.get(ckey)
+            if n is not None:
+                clients[ckey] = n + 1
+            else:
+                recorder.new_client(ckey)
         ring = self.ring
-        if ring is not None:
-            override = exchange.overrides.get("monitoring") if exchange.overrides else None
+        put = self._put
+        if ring is None and put is None:
+            return
+        if exchange.overrides:
+            override = exchange.overrides.get("monitoring")
             if override is not None and not override.access_log:
                 return
-            fields = entry(exchange, time.time())
+        identity = exchange.identity  # accesslog.entry
+        instance = exchange.instance
+        fields = (time.time(), exchange.request_id, exchange.route_id, exchange.service,
+                  instance.id if instance else "", exchange.method, exchange.path,
+                  exchange.status, exchange.duration, exchange.upstream_duration,
+                  exchange.bytes_in, exchange.bytes_out, exchange.client_ip,
+                  (identity.get("sub") or identity.get("subject") or "") if identity else "",
+                  exchange.attempts, exchange.error)
+        if ring is not None:
             ring.append(fields)
-            put = self._put
-            if put is not None:
-                put(fields)
-        elif self._put is not None:
-            override = exchange.overrides.get("monitoring") if exchange.overrides else None
-            if override is None or override.access_log:
-                self._put(entry(exchange, time.time()))
+        if put is not None:
+            put(fields)
 
     @hookimpl
     def lucid_record_outcome(self, exchange: Any, instance: Any, outcome: Any) -> None:
         recorder = self.recorder
-        if recorder is not None:
-            recorder.outcome(exchange.service, instance.id, outcome)
+        if recorder is not None:  # Recorder.outcome
+            ikey = (exchange.service, instance.id)
+            tally = recorder.instances.get(ikey)
+            if tally is None:
+                tally = recorder.instances[ikey] = [0] * (3 + recorder.nb)
+            duration = outcome.duration
+            tally[0] += 1
+            tally[2] += duration
+            tally[3 + bisect_left(recorder.bounds, duration)] += 1
+            if outcome.kind != "success":
+                recorder.failed(ikey, outcome.kind)
 
     @hookimpl
     def lucid_observe_event(self, event: Any) -> None:

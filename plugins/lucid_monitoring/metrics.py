@@ -54,8 +54,11 @@ class Recorder:
         self.nb = len(self.bounds) + 1
         self.width = HEAD + 2 * self.nb
         self.max_clients = max_clients
+        self.upstream_head = HEAD + self.nb  # where the upstream buckets start
         # (route, service, method, status class index) -> entry
         self.routes: dict[tuple[str, str, str, int], list[float]] = {}
+        # the same entries by the exchange's own (route id, service, method, status)
+        self.entries: dict[tuple[str, str, str, int], list[float]] = {}
         # (service, instance id) -> [attempts, failed, time-to-headers sum, *its buckets]
         self.instances: dict[tuple[str, str], list[float]] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}  # (service, kind)
@@ -89,18 +92,14 @@ class Recorder:
     def observe(self, ex: Any) -> None:
         """Record one finished exchange. Called on the request path: keep it cheap
         (entry indices are literals here: COUNT=0, DURATION_SUM=1, UPSTREAM_SUM=2,
-        BYTES_IN=3, BYTES_OUT=4, ERRORS=5, HEAD=6)."""
-        method = ex.method
-        if method not in METHODS:
-            method = "OTHER"
+        BYTES_IN=3, BYTES_OUT=4, ERRORS=5, HEAD=6). The plugin's
+        ``lucid_observe_exchange`` does the same inline (a call less per request):
+        change both together."""
         status = ex.status
-        klass = status // 100 if 0 < status < 600 else 0
-        route = ex.route_id or UNMATCHED
-        service = ex.service
-        key = (route, service, method, klass)
-        entry = self.routes.get(key)
+        key = (ex.route_id, ex.service, ex.method, status)
+        entry = self.entries.get(key)
         if entry is None:
-            entry = self.routes[key] = [0] * self.width
+            entry = self.entry(key)
         duration = ex.duration
         bounds = self.bounds
         entry[0] += 1
@@ -108,29 +107,56 @@ class Recorder:
         entry[3] += ex.bytes_in
         entry[4] += ex.bytes_out
         entry[6 + bisect_left(bounds, duration)] += 1
-        if klass == 5:
+        if 500 <= status < 600:
             entry[5] += 1
-        instance = ex.instance
-        if instance is not None:
+        if ex.instance is not None:
             upstream = ex.upstream_duration
-            bucket = bisect_left(bounds, upstream)
             entry[2] += upstream
-            entry[6 + self.nb + bucket] += 1
+            entry[self.upstream_head + bisect_left(bounds, upstream)] += 1
             if ex.attempts > 1:
-                rkey = (route, service)
-                self.retries[rkey] = self.retries.get(rkey, 0) + ex.attempts - 1
+                self.retried(ex)
         clients = self.clients
-        ckey = (service, ex.client_ip)
-        if ckey in clients:
-            clients[ckey] += 1
-        elif len(clients) < self.max_clients:
+        ckey = (ex.service, ex.client_ip)
+        n = clients.get(ckey)
+        if n is not None:
+            clients[ckey] = n + 1
+        else:
+            self.new_client(ckey)
+
+    def entry(self, key: tuple[str, str, str, int]) -> list[float]:
+        """The route entry of an exchange's (route id, service, method, status): its
+        labels bounded (see the module's doc). Remembered by that raw key when the
+        method is a standard one, so the request path finds it in one lookup (route
+        ids, services and status codes are few; a client's odd methods are not)."""
+        route, service, method, status = key
+        normal = method in METHODS
+        labels = (route or UNMATCHED, service, method if normal else "OTHER",
+                  status // 100 if 0 < status < 600 else 0)
+        entry = self.routes.get(labels)
+        if entry is None:
+            entry = self.routes[labels] = [0] * self.width
+        if normal:
+            self.entries[key] = entry
+        return entry
+
+    def retried(self, ex: Any) -> None:
+        """An exchange that took more than one attempt (not the common case)."""
+        rkey = (ex.route_id or UNMATCHED, ex.service)
+        self.retries[rkey] = self.retries.get(rkey, 0) + ex.attempts - 1
+
+    def new_client(self, ckey: tuple[str, str]) -> None:
+        """A (service, client ip) not counted yet in this rollup: counted under its
+        own key while there are fewer than ``max_clients``, else under (other)."""
+        clients = self.clients
+        if len(clients) < self.max_clients:
             clients[ckey] = 1
         else:
-            ckey = (service, OTHER_CLIENTS)
+            ckey = (ckey[0], OTHER_CLIENTS)
             clients[ckey] = clients.get(ckey, 0) + 1
 
     def outcome(self, service: str, instance_id: str, outcome: Any) -> None:
-        """Record one upstream attempt (every attempt, retries included)."""
+        """Record one upstream attempt (every attempt, retries included). The
+        plugin's ``lucid_record_outcome`` does the same inline: change both together."""
         ikey = (service, instance_id)
         ientry = self.instances.get(ikey)
         if ientry is None:
@@ -140,9 +166,13 @@ class Recorder:
         ientry[2] += duration
         ientry[3 + bisect_left(self.bounds, duration)] += 1
         if outcome.kind != "success":
-            ientry[1] += 1
-            ekey = (service, outcome.kind)
-            self.upstream_errors[ekey] = self.upstream_errors.get(ekey, 0) + 1
+            self.failed(ikey, outcome.kind)
+
+    def failed(self, ikey: tuple[str, str], kind: str) -> None:
+        """An attempt that failed (``kind``: its outcome's)."""
+        self.instances[ikey][1] += 1
+        ekey = (ikey[0], kind)
+        self.upstream_errors[ekey] = self.upstream_errors.get(ekey, 0) + 1
 
     # events ------------------------------------------------------------------
     def observe_event(self, kind: str, data: dict[str, Any]) -> None:
