@@ -38,7 +38,7 @@ from lucid_circuitbreaker.config import (
     Thresholds,
     resolve,
 )
-from lucid_circuitbreaker.machine import Breaker
+from lucid_circuitbreaker.machine import CLOSED, METRICS_ONLY, Breaker
 from lucid_circuitbreaker.shared import Shared
 from lucid_circuitbreaker.store import ModeStore, SQLiteStore
 
@@ -52,6 +52,7 @@ log = logging.getLogger("lucid.circuitbreaker")
 _SET_BY_CORE = frozenset({"content-length", "date"})
 FALLBACK_BODY_LIMIT = 1 << 20
 RECENT_TRANSITIONS = 100
+PERMITTING = frozenset({CLOSED, METRICS_ONLY})  # states whose permit is a plain yes
 
 
 def static_circuits(config: Any) -> dict[str, CircuitSpec]:
@@ -299,24 +300,26 @@ class CircuitBreakerPlugin:
                 pass
 
     # the data path --------------------------------------------------------
-    def _circuit_for(self, exchange: Exchange) -> Circuit | None:
-        overrides = exchange.overrides
-        if overrides:
-            route = overrides.get("circuitbreaker")
-            if route is not None and route.circuit is not None:
-                return self.circuits.get(route.circuit)
-        return self.by_service.get(exchange.service)
-
+    # Both hooks find the circuit inline (the route's named circuit, else the
+    # service's) and answer the usual case, a closed circuit, without a call: a
+    # permit reads the breaker's state, a fast success adds one to its window.
     @hookimpl
     def lucid_permit_call(self, exchange: Exchange, instance: Instance) -> Rejection | None:
         if not self.circuits:
             return None
-        circuit = (self._circuit_for(exchange) if exchange.overrides
-                   else self.by_service.get(exchange.service))
+        overrides = exchange.overrides
+        route = overrides.get("circuitbreaker") if overrides else None
+        circuit = (self.by_service.get(exchange.service) if route is None or route.circuit is None
+                   else self.circuits.get(route.circuit))
         if circuit is None:
             return None
-        if circuit.breaker is None and instance.id not in circuit.instances:
-            self._learn_instances(circuit, exchange)
+        breaker = circuit.breaker
+        if breaker is None:
+            breaker = circuit.instances.get(instance.id)
+            if breaker is None:
+                self._learn_instances(circuit, exchange)
+        if breaker is not None and breaker.state in PERMITTING:
+            return None  # what circuit.permit answers: closed permits, shared or not
         refused = circuit.permit(instance)
         if refused is not None:
             exchange.attributes["circuitbreaker"] = circuit
@@ -334,10 +337,25 @@ class CircuitBreakerPlugin:
                              outcome: Outcome) -> None:
         if not self.circuits:
             return
-        circuit = (self._circuit_for(exchange) if exchange.overrides
-                   else self.by_service.get(exchange.service))
-        if circuit is not None:
-            circuit.record(instance, outcome)
+        overrides = exchange.overrides
+        route = overrides.get("circuitbreaker") if overrides else None
+        circuit = (self.by_service.get(exchange.service) if route is None or route.circuit is None
+                   else self.circuits.get(route.circuit))
+        if circuit is None:
+            return
+        breaker = circuit.breaker
+        if breaker is None:
+            breaker = circuit.instances.get(instance.id)
+            if breaker is None:
+                return
+        if breaker.quiet and outcome.status not in circuit.not_success and (
+                outcome.duration < circuit.slow_threshold) and (
+                outcome.kind == "success" or outcome.kind == "error_status"):
+            # a fast success where no success can trip: what Breaker.record does with it
+            breaker.window.pending += 1  # type: ignore[union-attr]  # quiet: a CountWindow
+            breaker.consecutive = 0
+            return
+        circuit.record(instance, outcome)
 
     @hookimpl
     def lucid_fallback_response(

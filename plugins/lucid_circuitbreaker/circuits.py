@@ -36,7 +36,8 @@ class Circuit:
 
     __slots__ = ("id", "spec", "resolved", "static", "clock", "notify", "mode", "breaker",
                  "instances", "ejected", "suppressed", "service", "slow_threshold",
-                 "failure_statuses", "ignored_statuses", "revision", "shared", "_answers")
+                 "failure_statuses", "ignored_statuses", "not_success", "revision", "shared",
+                 "_answers")
 
     def __init__(self, circuit_id: str, spec: CircuitSpec, resolved: Resolved, static: bool,
                  clock: Callable[[], float], notify: Notify, mode: str = NORMAL):
@@ -53,6 +54,8 @@ class Circuit:
         self.slow_threshold = resolved.settings.slow_call_duration_threshold
         self.failure_statuses = resolved.failure_statuses
         self.ignored_statuses = resolved.ignored_statuses
+        # an answer with any other status is a success (the data path's one test)
+        self.not_success = resolved.failure_statuses | resolved.ignored_statuses
         self.instances: dict[str, Breaker] = {}
         self.ejected: set[str] = set()
         self.suppressed = 0  # refusals waived because of max_ejection_percent

@@ -55,9 +55,13 @@ class Settings:
 
 
 class CountWindow:
-    """The last N recorded calls (Resilience4j COUNT_BASED), in a ring of flag bytes."""
+    """The last N recorded calls (Resilience4j COUNT_BASED), in a ring of flag bytes.
 
-    __slots__ = ("size", "ring", "pos", "calls", "failures", "slows")
+    Successes may be counted in ``pending`` (one integer add on the data path) and are
+    written into the ring by the next :meth:`add` or :meth:`totals`, which then answer
+    exactly what adding each one in turn would have."""
+
+    __slots__ = ("size", "ring", "pos", "calls", "failures", "slows", "pending")
 
     def __init__(self, size: int):
         self.size = size
@@ -66,8 +70,40 @@ class CountWindow:
         self.calls = 0
         self.failures = 0
         self.slows = 0
+        self.pending = 0  # successes counted but not yet in the ring
+
+    def _settle(self) -> None:
+        """Write the ``pending`` successes into the ring, oldest flags out first."""
+        k, self.pending = self.pending, 0
+        size, pos, calls = self.size, self.pos, self.calls
+        if calls < size:
+            # Until the ring is full, ``pos == calls`` and the slots from ``pos`` on
+            # hold zeros: a success is already written there.
+            grow = min(k, size - calls)
+            self.calls = calls + grow
+            k -= grow
+            pos += grow
+            if pos == size:
+                pos = 0
+        if k and (self.failures or self.slows):  # an all-zero ring has nothing to drop
+            ring = self.ring
+            if k >= size:
+                ring[:] = bytes(size)
+                self.failures = self.slows = 0
+            else:
+                end = pos + k
+                spans = ((pos, end),) if end <= size else ((pos, size), (0, end - size))
+                for a, b in spans:
+                    dropped = ring[a:b]
+                    both = dropped.count(FAILURE | SLOW)
+                    self.failures -= dropped.count(FAILURE) + both
+                    self.slows -= dropped.count(SLOW) + both
+                    ring[a:b] = bytes(b - a)
+        self.pos = (pos + k) % size
 
     def add(self, flags: int, now: float) -> None:
+        if self.pending:
+            self._settle()
         pos = self.pos
         if self.calls == self.size:
             old = self.ring[pos]
@@ -86,6 +122,8 @@ class CountWindow:
         self.pos = 0 if pos == self.size else pos
 
     def totals(self, now: float) -> tuple[int, int, int]:
+        if self.pending:
+            self._settle()
         return self.calls, self.failures, self.slows
 
 
@@ -159,6 +197,7 @@ class Breaker:
         "settings", "state", "since", "window", "consecutive", "trips", "open_until",
         "half_open_until", "probes_issued", "probe_calls", "probe_failures", "probe_slows",
         "transitions", "last_reason", "on_transition", "key", "time_based", "minimum_calls",
+        "quiet",
     )
 
     def __init__(self, settings: Settings, now: float, on_transition: Transition | None = None,
@@ -181,6 +220,11 @@ class Breaker:
         self.key = key
         self.time_based = settings.sliding_window_type == "time_based"
         self.minimum_calls = settings.minimum_number_of_calls
+        # A fast success needs only be counted (``window.pending += 1``, the consecutive
+        # failures reset): closed or metrics-only, a count window, and (closed) at
+        # least minimum_number_of_calls in it, so no success can raise a rate or reach
+        # the minimum. Kept by record() and _move(); the plugin's data path reads it.
+        self.quiet = False
 
     # the data path -----------------------------------------------------------
     def permit(self, now: float) -> float | None:
@@ -206,15 +250,22 @@ class Breaker:
     def record(self, failure: bool, slow: bool, now: float) -> None:
         state = self.state
         if state == CLOSED or state == METRICS_ONLY:
-            self.window.add((FAILURE if failure else 0) | (SLOW if slow else 0), now)
+            if self.quiet and not failure and not slow:
+                self.window.pending += 1  # type: ignore[union-attr]  # quiet: a CountWindow
+                self.consecutive = 0
+                return
+            window = self.window
+            window.add((FAILURE if failure else 0) | (SLOW if slow else 0), now)
             if failure:
                 self.consecutive += 1
             else:
                 self.consecutive = 0
+            if not self.time_based and window.calls >= self.minimum_calls:
+                self.quiet = True  # a trip below makes it False again
             # In a count window a fast success cannot raise either rate, except by
             # bringing the window up to minimum_number_of_calls: skip the check then.
             if state == CLOSED and (failure or slow or self.time_based
-                                    or self.window.calls == self.minimum_calls):
+                                    or window.calls == self.minimum_calls):
                 self._check_closed(now)
         elif state == HALF_OPEN:
             self.probe_calls += 1
@@ -316,6 +367,8 @@ class Breaker:
         before = self.state
         self.state = to
         self.last_reason = reason
+        self.quiet = not self.time_based and (to == METRICS_ONLY or (
+            to == CLOSED and self.window.totals(now)[0] >= self.minimum_calls))
         if before == to:
             return
         self.since = now

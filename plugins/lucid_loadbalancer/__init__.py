@@ -27,7 +27,7 @@ from lucid.definitions import BackendUnavailable, legacy_rows
 from lucid.model import Event, Exchange, Generation, Instance
 from lucid.plugins import hookimpl
 from lucid_loadbalancer.config import LoadBalancerConfig, PoolSpec
-from lucid_loadbalancer.pool import Pool
+from lucid_loadbalancer.pool import BALANCER, ID, INDEX, POOL, Pool
 from lucid_loadbalancer.store import SQLiteStore, cluster_affinity_key
 
 if TYPE_CHECKING:
@@ -281,13 +281,53 @@ class LoadBalancerPlugin:
         pool = self.by_service.get(exchange.service)
         if pool is None:
             return None
-        return pool.select(exchange, candidates)
+        # The usual request, inline (what Pool.select does with it): a first attempt
+        # under the pool's current candidate list, no hash key or affinity cookie to
+        # read, no instance ramping up. Anything else goes through Pool.select.
+        state = pool.state
+        source = exchange.instances
+        attributes = exchange.attributes
+        if (state is None or not state.plain or pool.ramping or "loadbalancer" in attributes
+                or state.source is not (candidates if source is None else source)):
+            return pool.select(exchange, candidates)
+        balancer = state.balancer
+        index = balancer.fixed
+        if index < 0:
+            index = balancer.pick(0)
+        instance_id = balancer.ids[index]
+        attributes["loadbalancer"] = [pool, balancer, index, instance_id, None, None]
+        load = pool.load  # Pool._charge
+        counts = load.counts
+        counts[instance_id] = counts.get(instance_id, 0) + 1
+        load.total += 1
+        if balancer.tracks_release:
+            balancer.charged(index)
+        picks = pool.picks
+        picks[instance_id] = picks.get(instance_id, 0) + 1
+        return balancer.instances[index]
 
     @hookimpl
     def lucid_observe_exchange(self, exchange: Exchange) -> None:
         pick = exchange.attributes.get("loadbalancer")
-        if pick is not None:
-            pool: Pool = pick[0]
+        if pick is None:
+            return
+        pool: Pool = pick[POOL]
+        if pool.successor is not None or pick[BALANCER].tracks_release:
             while pool.successor is not None:  # redefined since: same counters, new state
                 pool = pool.successor
             pool.release(pick)
+            return
+        if pick[INDEX] < 0:  # released already (a retry found nothing left)
+            return
+        # Pool.release, inline: the in-flight count drops
+        instance_id = pick[ID]
+        load = pool.load
+        counts = load.counts
+        left = counts.get(instance_id, 0) - 1
+        if left > 0:
+            counts[instance_id] = left
+        else:
+            counts.pop(instance_id, None)
+        if load.total > 0:
+            load.total -= 1
+        pick[INDEX] = -1

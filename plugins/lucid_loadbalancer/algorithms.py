@@ -89,7 +89,7 @@ class Load:
 class Balancer:
     """Shared by every algorithm: the list it balances and the pool's load counters."""
 
-    __slots__ = ("instances", "ids", "weights", "n", "inflight", "load", "rng")
+    __slots__ = ("instances", "ids", "weights", "n", "inflight", "load", "rng", "fixed")
     tracks_release = False
 
     def __init__(self, instances: Sequence[Instance], load: Load,
@@ -101,6 +101,9 @@ class Balancer:
         self.inflight = load.counts
         self.load = load
         self.rng = rng
+        # The index every pick answers, when that is known without asking (one
+        # instance, and an algorithm whose pick then changes nothing); else -1.
+        self.fixed = -1
 
     def pick(self, h: int) -> int:
         raise NotImplementedError
@@ -134,6 +137,8 @@ class RoundRobin(Balancer):
                  rng: random.Random):
         super().__init__(instances, load, rng)
         self.next = rng.randrange(self.n) if self.n else 0  # workers do not start in step
+        if self.n == 1:
+            self.fixed = 0
 
     def pick(self, h: int) -> int:
         index = self.next
@@ -217,6 +222,8 @@ class WeightedRandom(Balancer):
         self.cumulative = list(accumulate(self.weights))
         self.total = self.cumulative[-1] if self.cumulative else 0
         self.uniform = len(set(self.weights)) <= 1
+        if self.n == 1:
+            self.fixed = 0
 
     def pick(self, h: int) -> int:
         if self.uniform:
@@ -229,20 +236,36 @@ class LeastRequest(Balancer):
     weight), the one with the fewest requests in flight per unit of weight wins
     (the first drawn on a tie)."""
 
-    __slots__ = ("draw", "choices")
+    __slots__ = ("choices", "cumulative", "total", "uniform")
 
     def __init__(self, instances: Sequence[Instance], load: Load,
                  rng: random.Random, choice_count: int = 2):
         super().__init__(instances, load, rng)
-        self.draw = WeightedRandom(instances, load, rng).pick
         self.choices = choice_count
+        # each draw is WeightedRandom's, inline
+        self.cumulative = list(accumulate(self.weights))
+        self.total = self.cumulative[-1] if self.cumulative else 0
+        self.uniform = len(set(self.weights)) <= 1
+        if self.n == 1:
+            self.fixed = 0
 
     def pick(self, h: int) -> int:
-        draw, inflight, ids, weights = self.draw, self.inflight, self.ids, self.weights
-        best = draw(0)
+        inflight, ids, weights, random = self.inflight, self.ids, self.weights, self.rng.random
+        if self.uniform:
+            n = self.n
+            best = int(random() * n)
+            best_load = inflight.get(ids[best], 0) / weights[best]
+            for _ in range(self.choices - 1):
+                other = int(random() * n)
+                load = inflight.get(ids[other], 0) / weights[other]
+                if load < best_load:
+                    best, best_load = other, load
+            return best
+        cumulative, total = self.cumulative, self.total
+        best = bisect_right(cumulative, random() * total)
         best_load = inflight.get(ids[best], 0) / weights[best]
         for _ in range(self.choices - 1):
-            other = draw(0)
+            other = bisect_right(cumulative, random() * total)
             load = inflight.get(ids[other], 0) / weights[other]
             if load < best_load:
                 best, best_load = other, load

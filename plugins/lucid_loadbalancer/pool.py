@@ -77,7 +77,8 @@ KEY_CACHE = 16384  # key -> hash, per pool: repeat clients skip the hash functio
 class State:
     """Everything derived from one candidate list."""
 
-    __slots__ = ("source", "balancer", "panic", "tokens", "cookies", "healthy", "everyone")
+    __slots__ = ("source", "balancer", "panic", "tokens", "cookies", "healthy", "everyone",
+                 "plain")
 
     def __init__(self, source: Sequence[Instance], balancer: Balancer, panic: bool,
                  healthy: int, everyone: int):
@@ -88,6 +89,8 @@ class State:
         self.cookies: list[tuple[str, str]] = []
         self.healthy = healthy
         self.everyone = everyone
+        # a first pick needs no hash key and no affinity cookie (set by Pool.state_for)
+        self.plain = False
 
 
 class Pool:
@@ -165,6 +168,7 @@ class Pool:
                 token = self.token(instance.id)
                 state.tokens[token] = index
                 state.cookies.append(("set-cookie", self._cookie(token)))
+        state.plain = not self.hashing and not state.tokens
         self._track(source)
         if panic != self.was_panic:
             self.was_panic = panic
@@ -251,13 +255,22 @@ class Pool:
             if token is not None:
                 index = state.tokens.get(token, -1)
         if index < 0:
-            index = balancer.pick(h)
+            index = balancer.fixed
+            if index < 0:
+                index = balancer.pick(h)
             if self.ramping:
                 index = self._ramp(balancer, index, h, None)
         instance_id = balancer.ids[index]
         pick = [self, balancer, index, instance_id, None, None]
         attributes["loadbalancer"] = pick
-        self._charge(balancer, index, instance_id)
+        load = self.load  # _charge, inline
+        counts = load.counts
+        counts[instance_id] = counts.get(instance_id, 0) + 1
+        load.total += 1
+        if balancer.tracks_release:
+            balancer.charged(index)
+        picks = self.picks
+        picks[instance_id] = picks.get(instance_id, 0) + 1
         if state.tokens:
             self._set_cookie(exchange, state, pick, index)
         return balancer.instances[index]

@@ -260,3 +260,51 @@ def test_backoff_overflow_is_capped() -> None:
                         max_wait_duration_in_open_state=600)
     assert settings.open_wait(1000) == 600
     assert not math.isinf(settings.open_wait(10_000))
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 100])
+def test_count_window_pending_successes_match_adding_them_one_by_one(size: int) -> None:
+    """Successes counted in ``pending`` (the data path's fast success) are settled into
+    the ring as if each had been added in turn, whatever the ring held."""
+    import random
+
+    rng = random.Random(size)
+    lazy, eager = CountWindow(size), CountWindow(size)
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            for _ in range(rng.choice((1, 1, 2, size - 1, size, size + 1, 3 * size + 2))):
+                lazy.pending += 1
+                eager.add(0, 0.0)
+        else:
+            flags = rng.choice((0, 1, 2, 3))
+            lazy.add(flags, 0.0)
+            eager.add(flags, 0.0)
+        if rng.random() < 0.3:
+            assert lazy.totals(0.0) == eager.totals(0.0)
+            assert (lazy.pos, bytes(lazy.ring)) == (eager.pos, bytes(eager.ring))
+
+
+@pytest.mark.parametrize("settings", [
+    TABLE_SETTINGS,
+    Settings(sliding_window_size=10, minimum_number_of_calls=5, failure_rate_threshold=30,
+             slow_call_rate_threshold=40, slow_call_duration_threshold=1.0,
+             wait_duration_in_open_state=3, permitted_number_of_calls_in_half_open_state=2),
+    Settings(sliding_window_size=10, minimum_number_of_calls=10, consecutive_failures=4,
+             wait_duration_in_open_state=3, permitted_number_of_calls_in_half_open_state=3),
+])
+def test_quiet_successes_change_nothing_the_machine_decides(settings: Settings) -> None:
+    """A breaker counting fast successes the quiet way moves, refuses and reports exactly
+    as one that takes every outcome through the whole check."""
+    import random
+
+    rng = random.Random(7)
+    quick, full = Driver(settings), Driver(settings)
+    for _ in range(4000):
+        step = rng.choices(["S", "S", "S", "S", "F", "W", "P", "I", "+1", "D", "R"],
+                           [40, 40, 40, 40, 20, 10, 30, 3, 10, 1, 2])[0]
+        full.breaker.quiet = False  # the reference never takes the short cut
+        quick.run(step)
+        full.run(step)
+        assert quick.moves == full.moves
+        assert quick.permits == full.permits
+        assert quick.breaker.snapshot(quick.now) == full.breaker.snapshot(full.now)

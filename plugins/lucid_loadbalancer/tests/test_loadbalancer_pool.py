@@ -217,3 +217,42 @@ def test_two_pools_for_one_service_are_refused() -> None:
     with pytest.raises(ValidationError, match="both balance service"):
         LoadBalancerConfig.model_validate({"pools": {"a": {"service": "s"},
                                                      "b": {"service": "s"}}})
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "weighted_round_robin",
+                                       "least_connections", "least_request", "random"])
+@pytest.mark.parametrize("weights", [[1], [1, 1, 1], [1, 3, 2, 1]])
+def test_the_plugins_inline_pick_is_pool_select(algorithm: str, weights: list[int]) -> None:
+    """The selection and observation hooks answer a first attempt themselves; they pick
+    and count exactly as Pool.select and Pool.release, retries and overlapping requests
+    included."""
+    from lucid_loadbalancer import Entry, LoadBalancerPlugin, Plan
+
+    spec = PoolSpec.model_validate({"service": "svc", "algorithm": algorithm})
+    plugin = LoadBalancerPlugin(clock=Clock(), rng=random.Random(3))
+    plugin.adopt(Plan(LoadBalancerConfig(), (Entry("p", spec, True),)))
+    reference = Pool("p", spec, True, 50.0, None, Clock(), random.Random(3))
+    source = [Instance(id=f"i{k}", url=f"http://127.0.0.1:{9000 + k}", service="svc",
+                       weight=w) for k, w in enumerate(weights)]
+    rng = random.Random(11)
+    open_: list[tuple[Exchange, Exchange]] = []
+    for _ in range(400):
+        mine, theirs = exchange(source), exchange(source)
+        got = plugin.lucid_select_instance(mine, source)
+        want = reference.select(theirs, source)
+        assert got is not None and want is not None and got.id == want.id
+        if rng.random() < 0.2:  # a retry: the second attempt goes through Pool.select
+            got = plugin.lucid_select_instance(mine, source)
+            want = reference.select(theirs, source)
+            assert (got and got.id) == (want and want.id)
+        open_.append((mine, theirs))
+        while open_ and rng.random() < 0.6:
+            mine, theirs = open_.pop(rng.randrange(len(open_)))
+            plugin.lucid_observe_exchange(mine)
+            plugin.lucid_observe_exchange(mine)  # a second release changes nothing
+            reference.release(theirs.attributes["loadbalancer"])
+        pool = plugin.pools["p"]
+        assert pool.load.counts == reference.load.counts
+        assert pool.load.total == reference.load.total
+        assert pool.picks == reference.picks
+    assert pool.status(source) == reference.status(source)
