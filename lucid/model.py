@@ -1,7 +1,8 @@
 """The objects hooks receive and return on the data path.
 
-They are plain slotted classes rather than pydantic models: one of each is made per
-request, and validation already happened when the config or admin payload was read.
+They are plain classes rather than pydantic models (slotted, but for
+:class:`Exchange`): one of each is made per request, and validation already happened
+when the config or admin payload was read.
 """
 
 from __future__ import annotations
