@@ -733,6 +733,8 @@ class RateLimiterPlugin:
                      compiled.shared_rejections, key)
             state.append(state_key(compiled.shared_prefix, key))
             asked.append((compiled, key, piece))
+        for _, _, piece in asked:
+            piece.taking += 1
         try:
             reply = await shared.take(args, state)
         except BackendUnavailable:
@@ -741,6 +743,9 @@ class RateLimiterPlugin:
             table = self.table
             assert table is not None
             return self._degraded(exchange, table, plan, cost, style)
+        finally:
+            for _, _, piece in asked:
+                piece.taking -= 1
         refused: tuple[CompiledLimit, str, float, float] | None = None
         wall = self.clock()
         for n, (compiled, key, piece) in enumerate(asked):
@@ -787,7 +792,8 @@ class RateLimiterPlugin:
                                 [state_key(compiled.shared_prefix, name)]))
                     piece.tokens = 0
                     piece.want = max(1, piece.want // 2)
-                if every or (key is None and piece.deadline <= now - 10 * LEASE_SECONDS):
+                if every or (key is None and not piece.taking
+                             and piece.deadline <= now - 10 * LEASE_SECONDS):
                     del slices[name]
         return ops
 

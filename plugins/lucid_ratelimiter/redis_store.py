@@ -355,7 +355,7 @@ class Slice:
     it may admit without asking Redis until ``deadline`` (monotonic seconds), and what
     Redis said when it gave them (``remaining`` elsewhere, ``reset_at``) for headers."""
 
-    __slots__ = ("tokens", "remaining", "reset_at", "deadline", "mark", "want")
+    __slots__ = ("tokens", "remaining", "reset_at", "deadline", "mark", "want", "taking")
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -364,6 +364,9 @@ class Slice:
         self.deadline = 0.0
         self.mark = 0  # a fixed window's start (µs, Redis's clock): where to give back
         self.want = FIRST_SLICE
+        # requests waiting for Redis to add to this slice: it must not be dropped
+        # meanwhile, or what Redis grants would be held by nobody until its window ends
+        self.taking = 0
 
 
 @dataclass(slots=True)
