@@ -284,7 +284,7 @@ async def test_ejection_is_capped_for_the_whole_cluster(
     ejected = (await status(one))["ejected"]
     assert len(ejected) == 1
     # the second trip reached Redis, which refused to eject it (the cap, cluster-wide)
-    await wait_until(lambda: "max_ejection_percent reached" in caplog.text, timeout=5,
+    await wait_until(lambda: "max_ejection_percent reached" in caplog.text, timeout=15,
                      message="the cluster refusing the second ejection")
 
     async def ejected_on_two() -> bool:
@@ -292,7 +292,7 @@ async def test_ejection_is_capped_for_the_whole_cluster(
             await r.read()
         return bool((await status(two))["ejected"] == ejected)
 
-    await wait_until(ejected_on_two, timeout=5, message="the ejection on the second gateway")
+    await wait_until(ejected_on_two, timeout=15, message="the ejection on the second gateway")
     # the second gateway trips the other instance too: still one ejected for the cluster
     for _ in range(3):
         async with two.session.get(two.proxy_url + "/") as r:
@@ -302,7 +302,7 @@ async def test_ejection_is_capped_for_the_whole_cluster(
     # an operator mode set through one gateway is the other's too (kept for a redefinition)
     async with one.session.post(one.admin_url + "/circuitbreaker/circuits/cb/force-open") as r:
         assert r.status == 200
-    await wait_until(lambda: plugin_of(two).modes == {"cb": "forced_open"}, timeout=5,
+    await wait_until(lambda: plugin_of(two).modes == {"cb": "forced_open"}, timeout=15,
                      message="the mode on the second gateway")
     assert (await status(two))["state"] == "forced_open"
 
